@@ -1,0 +1,19 @@
+"""nanoseek: train small DeepSeek-style language models (MLA, MoE, MTP) that never blow up silently."""
+
+from nanoseek.config import PRESETS, DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
+from nanoseek.model import ModelOutput, Transformer
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "DataConfig", "GuardConfig", "ModelConfig", "ModelOutput", "RunConfig", "TrainConfig",
+           "Transformer", "load_checkpoint", "__version__"]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a model from a checkpoint directory or a run directory (its latest checkpoint).
+
+    Returns (model, config): the Transformer in eval mode and its ModelConfig.
+    """
+    from nanoseek.train.loading import load_model
+
+    return load_model(path, map_location)

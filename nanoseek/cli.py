@@ -1,0 +1,258 @@
+"""The `nanoseek` command line: one subcommand per job, each a dataclass that tyro turns into flags.
+
+Config precedence for `train`: preset (or --config TOML, or the run's own config.toml with
+--resume) < dotted section flags (--model.dim, --train.lr, --data.seq-len, --guard.window ...) <
+the shortcuts (--data, --out, --max-steps, --seed, --device, --inject).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from nanoseek.config import PRESETS, DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
+
+
+@dataclass
+class Train:
+    """Train a model. With no arguments: the `tiny` MLA+MoE+MTP model on the built-in corpus
+    (CPython's reference docs), on CPU in a few minutes, ending with a generated sample."""
+
+    preset: str = "tiny"
+    """Model preset: tiny, tiny-dense, tiny-gqa, small, medium, large, xl, smoldeepseek-135m."""
+    data: str | None = None
+    """Corpus: builtin:pydocs | builtin:stdlib | a file, directory or glob of .txt/.md/.jsonl/.parquet |
+    hf:NAME | a directory written by `nanoseek prepare`. Shortcut for --data.source."""
+    out: str | None = None
+    """Run directory (default: runs/PRESET-TIMESTAMP)."""
+    max_steps: int | None = None
+    """Training steps (data batches). Shortcut for --train.max-steps."""
+    resume: bool = False
+    """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU)."""
+    seed: int | None = None
+    """Random seed (weights, data order)."""
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    """Where to train (auto: cuda if available)."""
+    config: Path | None = None
+    """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
+    inject: tuple[str, ...] = ()
+    """Fault injection to test the stability guard: KIND@STEP, repeatable. Kinds: nan-loss, nan-grad,
+    inf-grad, inf-act:MODULE, lr-spike:FACTOR, bad-batch."""
+    sample: bool = True
+    """Print a generated sample at the end."""
+    progress: bool = True
+    """Show a progress bar."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data_section: Annotated[DataConfig, tyro.conf.arg(name="data")] = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def run_config(self) -> RunConfig:
+        guard = self.guard
+        if self.inject:
+            guard = dataclasses.replace(guard, inject=tuple(guard.inject) + tuple(self.inject))
+        data = dataclasses.replace(self.data_section, source=self.data) if self.data else self.data_section
+        train = dataclasses.replace(self.train, max_steps=self.max_steps) if self.max_steps else self.train
+        base = RunConfig(model=self.model, data=data, train=train, guard=guard, preset=self.preset)
+        return dataclasses.replace(base, out=self.out or base.out, seed=self.seed if self.seed is not None else base.seed,
+                                   device=self.device or base.device)
+
+
+@dataclass
+class Prepare:
+    """Tokenise a corpus into shard files (+ tokenizer and meta.json) that `train --data DIR` reads."""
+
+    out: str
+    """Directory to write."""
+    data: str = "builtin:pydocs"
+    """Corpus (same forms as `train --data`)."""
+    tokenizer: str = "bpe"
+    """char | byte | bpe | path/to/tokenizer.json"""
+    vocab_size: int = 2048
+    """BPE vocabulary size."""
+    seq_len: int = 128
+    """Sequence length the shards must hold at least a few windows of."""
+    val_fraction: float = 0.05
+
+
+@dataclass
+class Generate:
+    """Sample text from a trained run or checkpoint."""
+
+    path: tyro.conf.Positional[str]
+    """A run directory (its latest checkpoint) or a checkpoint directory."""
+    prompt: str = "\n"
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int = 0
+    ema: bool = False
+    """Use the EMA weights when the checkpoint has them."""
+
+
+@dataclass
+class Diagnose:
+    """Replay a saved bad batch of a run and name the first module that went non-finite."""
+
+    run_dir: tyro.conf.Positional[str]
+    step: int | None = None
+    """The bad batch's step (default: the latest saved)."""
+
+
+@dataclass
+class Export:
+    """Write a checkpoint as a Hugging Face transformers folder (DeepseekV3 / DeepseekV2 / Llama)."""
+
+    path: tyro.conf.Positional[str]
+    """A run directory (latest checkpoint) or a checkpoint directory."""
+    out: str
+    """Folder to write (config.json, model.safetensors, tokenizer files)."""
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of `--flag VALUE` or `--flag=VALUE` in argv, if present (read before tyro parses,
+    because the preset, config file or resumed run decides every other default)."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def train_defaults(argv: list[str]) -> Train:
+    resume = "--resume" in argv
+    out, preset, config = _flag_value(argv, "--out"), _flag_value(argv, "--preset"), _flag_value(argv, "--config")
+    if resume and not out:
+        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+    if resume and config is None and out and (Path(out) / "config.toml").exists():
+        config = str(Path(out) / "config.toml")
+    if config:
+        base = RunConfig.load_toml(config)
+    else:
+        name = preset or "tiny"
+        base = RunConfig(model=ModelConfig.from_preset(name), preset=name)
+    if preset and config and preset != base.preset:
+        base = dataclasses.replace(base, model=ModelConfig.from_preset(preset), preset=preset)
+    return Train(preset=base.preset, model=base.model, data_section=base.data, train=base.train,
+                 guard=dataclasses.replace(base.guard, inject=()), out=base.out or None, seed=base.seed,
+                 device=base.device, inject=tuple(base.guard.inject))
+
+
+def cmd_train(args: Train) -> int:
+    from nanoseek.train.trainer import Trainer, default_run_dir
+
+    cfg = args.run_config()
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.preset)
+    cfg = dataclasses.replace(cfg, out=str(run_dir))
+    trainer = Trainer(cfg, run_dir, resume=args.resume, show_progress=args.progress)
+    model = trainer.model
+    print(f"nanoseek train: preset {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters "
+          f"({model.num_params(active=True) / 1e6:.2f}M active), {trainer.data.vocab_size} vocab, "
+          f"device {trainer.device}, run dir {run_dir}")
+    result = trainer.train()
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}, val loss {val}, "
+          f"{result.n_skips} skipped steps, {result.n_rollbacks} rollbacks; checkpoints in {run_dir / 'checkpoints'}")
+    if args.sample and cfg.train.sample_tokens and result.status != "aborted":
+        from nanoseek.generate import generate
+        import torch
+
+        tok = trainer.data.tokenizer
+        prompt = torch.tensor([tok.encode("The ")], device=trainer.device)
+        text = tok.decode(generate(model, prompt, cfg.train.sample_tokens, eos_id=tok.eos_id)[0].tolist())
+        (run_dir / "samples.txt").write_text(text)
+        print("--- sample ---\n" + text + "\n--------------")
+    if result.status == "aborted":
+        print(f"aborted: the stability guard ran out of rollbacks; see {run_dir / 'metrics.jsonl'} "
+              f"and run: nanoseek diagnose {run_dir}", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_prepare(args: Prepare) -> int:
+    from nanoseek.data import prepare_data
+
+    cfg = DataConfig(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                     val_fraction=args.val_fraction)
+    prepared = prepare_data(cfg, Path(args.out))
+    meta = prepared.meta
+    print(f"prepared {args.data} -> {args.out}: vocab {prepared.vocab_size}, "
+          f"{len(prepared.train_shards)} train / {len(prepared.val_shards)} val shards, meta {meta.get('hash', '')}")
+    return 0
+
+
+def cmd_generate(args: Generate) -> int:
+    import torch
+
+    from nanoseek.generate import generate
+    from nanoseek.train.loading import load_model, load_run_tokenizer
+
+    model, _ = load_model(args.path, use_ema=args.ema)
+    tok = load_run_tokenizer(args.path)
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.tensor([tok.encode(args.prompt)])
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id, gen)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_diagnose(args: Diagnose) -> int:
+    from nanoseek.diagnose import diagnose_run
+
+    path, finding, meta = diagnose_run(args.run_dir, args.step)
+    print(f"bad batch {path}: step {meta['step']}, cause: {meta['cause']}, action: {meta['action']}")
+    if meta.get("injected"):
+        print(f"injected faults at that step: {', '.join(meta['injected'])}")
+    print(finding.line())
+    return 0
+
+
+def cmd_export(args: Export) -> int:
+    from nanoseek.interop import export_hf
+    from nanoseek.train.loading import load_model, load_run_tokenizer
+
+    model, _ = load_model(args.path)
+    try:
+        tok = load_run_tokenizer(args.path)
+    except ValueError:
+        tok = None
+    out = export_hf(model, args.out, tokenizer=tok)
+    print(f"exported to {out}")
+    return 0
+
+
+COMMANDS = {"train": (Train, cmd_train), "prepare": (Prepare, cmd_prepare), "generate": (Generate, cmd_generate),
+            "diagnose": (Diagnose, cmd_diagnose), "export": (Export, cmd_export)}
+
+
+DESCRIPTION = "Train small DeepSeek-style language models that never blow up silently."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            cls, handler = COMMANDS[argv[0]]
+            default = train_defaults(argv) if cls is Train else None
+            args = tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}", default=default)
+            return handler(args)
+        # No (or an unknown) subcommand: tyro prints the overview or the error.
+        tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, prog="nanoseek",
+                                             args=argv, description=DESCRIPTION)
+        return 2
+    except ValueError as err:  # errors a user can cause: one line, no traceback
+        print(f"nanoseek: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nanoseek: interrupted; resume with --resume --out RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

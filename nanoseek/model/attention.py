@@ -1,0 +1,258 @@
+"""Attention: GQA (MHA/MQA/GQA) and DeepSeek's Multi-head Latent Attention, with their KV caches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import RMSNorm, RotaryEmbedding, softmax_scale
+
+
+# ---- caches ------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Full keys and values for GQA: 2 * n_kv_heads * head_dim values per token per layer."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: [B, Hkv, T, D] at start_pos; return all keys/values so far [B, Hkv, start_pos+T, D]."""
+        end = start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} does not fit")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class LatentCache:
+    """MLA cache: only the normalised KV latent and the shared rope key (DeepSeek-V2 section 2.1.2).
+
+    kv_lora_rank + qk_rope_head_dim values per token per layer, independent of the number of heads.
+    """
+
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, qk_rope_head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.kv_latent = torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device)
+        self.k_rope = torch.zeros(batch, max_len, qk_rope_head_dim, dtype=dtype, device=device)
+
+    def update(self, start_pos: int, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store kv_latent [B, T, R] and k_rope [B, T, Dr]; return everything so far [B, start_pos+T, ...]."""
+        end = start_pos + kv_latent.shape[1]
+        if end > self.kv_latent.shape[1]:
+            raise ValueError(f"latent cache holds {self.kv_latent.shape[1]} positions; position {end - 1} does not fit")
+        self.kv_latent[:, start_pos:end] = kv_latent
+        self.k_rope[:, start_pos:end] = k_rope
+        return self.kv_latent[:, :end], self.k_rope[:, :end]
+
+    def bytes_per_token(self) -> int:
+        return (self.kv_latent.shape[2] + self.k_rope.shape[2]) * self.kv_latent.element_size()
+
+    def nbytes(self) -> int:
+        return self.kv_latent.nbytes + self.k_rope.nbytes
+
+
+# ---- the attention core shared by both kinds ---------------------------------------------------
+
+
+def allowed_keys(q_len: int, k_len: int, start_pos: int, key_mask: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """Boolean [B or 1, 1, T, S]: query t (at position start_pos+t) may see key s."""
+    q_pos = torch.arange(start_pos, start_pos + q_len, device=device)
+    allowed = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]  # [T, S] causal
+    allowed = allowed[None, None]
+    if key_mask is not None:  # [B, S], True/1 = a real token
+        allowed = allowed & key_mask[:, None, None, :k_len].bool()
+    return allowed
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start_pos: int = 0,
+           key_mask: torch.Tensor | None = None, eager: bool = False) -> torch.Tensor:
+    """Causal attention. q: [B, H, T, Dqk], k: [B, H, S, Dqk], v: [B, H, S, Dv] -> [B, H, T, Dv].
+
+    `eager` computes scores and softmax explicitly in fp32 (for debugging and inspection);
+    otherwise F.scaled_dot_product_attention. Query rows whose keys are all masked (left padding)
+    come out as zeros, never NaN.
+    """
+    q_len, k_len = q.shape[2], k.shape[2]
+    if key_mask is None and start_pos == 0 and q_len == k_len and not eager:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    allowed = allowed_keys(q_len, k_len, start_pos, key_mask, q.device)
+    has_key = allowed.any(-1, keepdim=True)  # [B|1, 1, T, 1]
+    allowed = allowed | ~has_key  # keep softmax defined; those rows are zeroed below
+    if eager:
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return out * has_key.to(out.dtype)
+
+
+@torch.no_grad()
+def max_logit_per_head(q: torch.Tensor, k: torch.Tensor, scale: float, start_pos: int = 0,
+                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Largest causal attention logit of each head, over the batch: q [B,H,T,D], k [B,H,S,D] -> [H] fp32."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    allowed = allowed_keys(q.shape[2], k.shape[2], start_pos, key_mask, q.device)
+    return scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
+
+
+class _AttentionStats(nn.Module):
+    """Shared switches: eager fp32 path, and whether to record the max attention logit per head."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.eager = False
+        self.track_max_logit = False
+        self.register_buffer("max_logit", torch.zeros(n_heads), persistent=False)
+
+
+# ---- GQA ---------------------------------------------------------------------------------------
+
+
+class GQAttention(_AttentionStats):
+    """Grouped-query attention (Ainslie et al. 2023): n_heads queries share n_kv_heads keys/values.
+
+    n_kv_heads == n_heads is MHA, 1 is MQA. Optional QK-norm (Dehghani et al. 2023) normalises each
+    head's query and key before RoPE.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.n_heads)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg)
+        self.scale = softmax_scale(cfg, cfg.head_dim)
+        self.dropout = cfg.dropout
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+        return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]."""
+        bsz, seq_len, _ = x.shape
+        q = self.wq(x).view(bsz, seq_len, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), T, D]
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+        repeat = self.n_heads // self.n_kv_heads
+        if repeat > 1:  # query head h reads kv head h // repeat, as transformers' repeat_kv
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if self.track_max_logit:
+            self.max_logit.copy_(max_logit_per_head(q, k, self.scale, start_pos, key_mask))
+        out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager)  # [B, H, T, D]
+        if self.dropout and self.training:
+            out = F.dropout(out, self.dropout)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
+
+
+# ---- MLA ---------------------------------------------------------------------------------------
+
+
+class MLAttention(_AttentionStats):
+    """Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434, section 2.1).
+
+    Keys and values come from a shared low-rank latent c_kv (kv_lora_rank), normalised, then
+    up-projected per head; positions enter through a decoupled rope key of qk_rope_head_dim
+    shared by all heads. The query may itself be low-rank (q_lora_rank > 0). Only c_kv and the
+    rope key need caching. Head dims need not be powers of two.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.n_heads)
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = cfg.qk_head_dim, cfg.v_head_dim
+        if self.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.dim, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, self.n_heads * self.qk_head_dim, bias=False)
+        # rows: [c_kv (kv_lora_rank) ; k_rope (qk_rope_head_dim)]
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        # rows grouped per head: [k_nope_h (qk_nope_head_dim) ; v_h (v_head_dim)]
+        self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wo = nn.Linear(self.n_heads * self.v_head_dim, cfg.dim, bias=False)
+        self.rotary = RotaryEmbedding(self.qk_rope_head_dim, cfg)
+        self.scale = softmax_scale(cfg, self.qk_head_dim)
+        self.dropout = cfg.dropout
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
+        return LatentCache(batch, max_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype, device)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, dim] -> q: [B, T, H, qk_head_dim]."""
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]."""
+        bsz, seq_len, _ = x.shape
+        q_nope, q_rope = self.query(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rope = self.rotary(q_rope, start_pos)
+        kv_latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv_latent = self.kv_norm(kv_latent)  # [B, T, R]
+        k_rope = self.rotary(k_rope.unsqueeze(2), start_pos).squeeze(2)  # [B, T, Dr], one head for all
+        if cache is not None:
+            kv_latent, k_rope = cache.update(start_pos, kv_latent, k_rope)  # [B, S, ...]
+        kv = self.wkv_b(kv_latent).view(bsz, kv_latent.shape[1], self.n_heads, -1)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, S, H, ...]
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, Dqk]
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B, H, S, Dv]
+        if self.track_max_logit:
+            self.max_logit.copy_(max_logit_per_head(q, k, self.scale, start_pos, key_mask))
+        out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager)  # [B, H, T, Dv]
+        if self.dropout and self.training:
+            out = F.dropout(out, self.dropout)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
+
+    @torch.no_grad()
+    def qk_clip_(self, threshold: float) -> torch.Tensor:
+        """QK-clip (Kimi K2, arXiv 2507.20534 section 2.1): for each head whose recorded max logit
+        passes `threshold`, scale its query/key weights so the logit comes back to the threshold.
+
+        gamma_h = threshold / max_logit_h. The head-specific parts (q_nope rows, k_nope rows of
+        wkv_b) get sqrt(gamma_h) each and the q_rope rows get gamma_h; the rope key is shared by
+        all heads, so it is left alone. Returns the per-head gamma [H] (1 = untouched).
+        """
+        gamma = (threshold / self.max_logit.clamp(min=threshold)).float()  # [H], <= 1
+        if bool((gamma < 1).any()):
+            w_q = (self.wq_b if self.q_lora_rank else self.wq).weight.view(self.n_heads, self.qk_head_dim, -1)
+            w_q[:, :self.qk_nope_head_dim] *= gamma.sqrt().view(-1, 1, 1).to(w_q.dtype)
+            w_q[:, self.qk_nope_head_dim:] *= gamma.view(-1, 1, 1).to(w_q.dtype)
+            w_kv = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+            w_kv[:, :self.qk_nope_head_dim] *= gamma.sqrt().view(-1, 1, 1).to(w_kv.dtype)
+        return gamma
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)

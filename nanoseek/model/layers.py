@@ -1,0 +1,132 @@
+"""Building blocks: RMSNorm, SwiGLU MLP, rotary position embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), statistics in fp32 whatever the input dtype.
+
+    The weight multiplies after the cast back, as transformers' Llama/DeepseekV3 do, so exported
+    models give the same numbers.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., dim] -> [..., dim], same dtype."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): w2(silu(w1 x) * w3 x). Names follow DeepSeek-V3's code."""
+
+    def __init__(self, dim: int, inter_dim: int, clamp: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+        # Opt-in clamp of the SwiGLU pre-activations (seed 000's "clip extreme activations"): never
+        # silent, the number of clamped values is kept in `clamped` for the metrics.
+        self.clamp = clamp
+        self.register_buffer("clamped", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., dim] -> [..., dim]."""
+        gate, up = self.w1(x), self.w3(x)
+        if self.clamp > 0:
+            gate, up = clamp_counted(self.clamped, self.clamp, gate, up)
+        return self.w2(F.silu(gate) * up)
+
+
+def clamp_counted(counter: torch.Tensor, limit: float, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Clamp each tensor to [-limit, limit] and add the number of clamped values to `counter` (no sync)."""
+    with torch.no_grad():
+        counter += sum((t.detach().abs() > limit).sum() for t in tensors)
+    return tuple(t.clamp(-limit, limit) for t in tensors)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature (Peng et al. 2023, eq. 8), in DeepSeek-V3's parameterisation."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig, dim: int) -> torch.Tensor:
+    """Blend interpolated (low-frequency) and extrapolated (high-frequency) dims, YaRN section 3.2."""
+    original_len = cfg.rope_original_max_seq_len or cfg.max_seq_len
+
+    def correction_dim(n_rotations: float) -> float:
+        return dim * math.log(original_len / (n_rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    return inv_freq / cfg.rope_factor * (1 - extrapolate) + inv_freq * extrapolate
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021) in DeepSeek's interleaved layout.
+
+    Pairs (x[2i], x[2i+1]) rotate by frequency i, as DeepSeek-V3's reference code and transformers'
+    `rope_interleave=True`. Inverse frequencies and angles are computed in float64 so long contexts
+    and large theta keep their precision; the tables are cast to the activation dtype at use.
+    """
+
+    def __init__(self, dim: int, cfg: ModelConfig):
+        super().__init__()
+        self.dim = dim
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        # Extra factor on cos/sin; YaRN with mscale_all_dim moves it into the softmax scale instead.
+        self.attention_factor = 1.0
+        if cfg.rope_scaling == "linear":
+            inv_freq = inv_freq / cfg.rope_factor
+        elif cfg.rope_scaling == "yarn":
+            inv_freq = _yarn_inv_freq(inv_freq, cfg, dim)
+            if cfg.mscale_all_dim:
+                self.attention_factor = _yarn_mscale(cfg.rope_factor, cfg.mscale) / _yarn_mscale(
+                    cfg.rope_factor, cfg.mscale_all_dim)
+            else:
+                self.attention_factor = _yarn_mscale(cfg.rope_factor, cfg.mscale)
+        self.inv_freq = inv_freq
+        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)  # [S, dim/2]
+        # Plain attributes, not buffers: model.to(bfloat16) must not round the tables. They follow
+        # the activations' device on first use.
+        self.cos = (angles.cos() * self.attention_factor).float()
+        self.sin = (angles.sin() * self.attention_factor).float()
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Rotate x: [B, T, H, dim] (positions start_pos..start_pos+T-1) -> same shape and dtype."""
+        seq_len = x.shape[1]
+        if start_pos + seq_len > self.cos.shape[0]:
+            raise ValueError(f"position {start_pos + seq_len - 1} is past max_seq_len={self.cos.shape[0]}; "
+                             "raise model.max_seq_len or feed shorter sequences")
+        if self.cos.device != x.device:
+            self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
+        cos = self.cos[start_pos:start_pos + seq_len, None, :].to(x.dtype)  # [T, 1, dim/2]
+        sin = self.sin[start_pos:start_pos + seq_len, None, :].to(x.dtype)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+def softmax_scale(cfg: ModelConfig, head_dim: int) -> float:
+    """1/sqrt(d), times YaRN's mscale^2 when mscale_all_dim is set (DeepSeek-V3's attention temperature)."""
+    scale = head_dim ** -0.5
+    if cfg.rope_scaling == "yarn" and cfg.mscale_all_dim:
+        scale *= _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim) ** 2
+    return scale

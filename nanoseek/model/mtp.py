@@ -1,0 +1,42 @@
+"""Multi-token prediction (DeepSeek-V3, arXiv 2412.19437, section 2.2).
+
+Targets follow the loader's layout: `targets[:, j]` is the token after position j, so
+`targets[:, k:k+T]` are the tokens k+1 ahead of each input position. A [B, T + depth] target
+tensor gives every depth all T positions; a plain [B, T] one loses the last k positions at depth k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import RMSNorm
+
+
+class MTPModule(nn.Module):
+    """Depth-k module: eh_proj([enorm(embed(t_{i+k})) ; hnorm(h^{k-1}_i)]) -> one Block -> norm.
+
+    The embedding comes first in the concatenation, as in DeepSeek-V3's released checkpoint and
+    transformers' MtpLayer (the paper's equation 21 lists h first; the weights are what count).
+    Embedding and output head are the main model's (shared, as in the paper).
+    """
+
+    def __init__(self, cfg: ModelConfig, block: nn.Module):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = block
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, next_embed: [B, L, dim] -> (h^k [B, L, dim] for the next depth, normed output for the head)."""
+        h = self.eh_proj(torch.cat([self.enorm(next_embed), self.hnorm(hidden)], dim=-1))
+        h = self.block(h)
+        return h, self.norm(h)
+
+
+def mtp_length(seq_len: int, target_len: int, k: int) -> int:
+    """Positions that have a target k+1 ahead: min(T, target_len - k)."""
+    return min(seq_len, target_len - k)

@@ -1,0 +1,238 @@
+"""The Transformer: embeddings -> Blocks -> norm -> head, plus MTP modules."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention import GQAttention, MLAttention, build_attention
+from nanoseek.model.layers import MLP, RMSNorm
+from nanoseek.model.moe import MoE, recomputing
+from nanoseek.model.mtp import MTPModule, mtp_length
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, vocab]
+    loss: torch.Tensor | None = None  # total, what backward() is called on
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # ce, mtp_1.., aux, z, logit_z
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(attn_norm(x)), then + ffn(ffn_norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim, cfg.swiglu_clamp)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim] (the residual stream)."""
+        x = x + self.attn(self.attn_norm(x), start_pos, key_mask, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """A DeepSeek-style decoder. `model(idx, targets)` returns a ModelOutput.
+
+    Layers with id < n_dense_layers use a dense SwiGLU MLP, the rest MoE (when n_routed_experts > 0).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        n_modules = cfg.mtp_depth if cfg.mtp_kind == "modules" else 0
+        # MTP blocks reuse the last layer's kind (MoE or dense), as DeepSeek-V3 does.
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers - 1)) for _ in range(n_modules))
+        # A buffer, not a Python float: the trainer ramps it without triggering a recompile.
+        self.register_buffer("mtp_weight", torch.tensor(float(cfg.mtp_weight)), persistent=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+        self.set_stat_tracking(False)
+
+    # ---- initialisation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Truncated normal (std init_std, cut at 3 std); residual output projections scaled by
+        1/sqrt(2 * n_layers) (GPT-2, Radford et al. 2019) so the residual stream's variance does
+        not grow with depth; norms at 1; balance biases at 0."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0)  # RMSNorm weights are the only 1-D parameters
+                continue
+            is_residual_out = name.endswith(("attn.wo.weight", ".w2.weight", "experts.w2"))
+            s = residual_std if is_residual_out else std
+            nn.init.trunc_normal_(param, mean=0.0, std=s, a=-3 * s, b=3 * s)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.gate.balance_bias.zero_()
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache) -> torch.Tensor:
+        if self.activation_checkpointing and self.training and cache is None:
+            # Non-reentrant checkpointing; `recomputing` stops MoE loads being counted twice.
+            return checkpoint(block, x, start_pos, key_mask, None, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), recomputing()))
+        return block(x, start_pos, key_mask, cache)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, caches: list | None = None,
+                start_pos: int = 0) -> ModelOutput:
+        """idx: [B, T] token ids; targets: [B, T] or [B, T + mtp_depth] (targets[:, j] follows
+        position j; IGNORE_INDEX positions are not scored); attention_mask: [B, start_pos + T]
+        with 1 for real tokens and 0 for padding; caches: one per layer from `new_caches`.
+        Returns logits [B, T, vocab] and, with targets, the loss and its named components.
+        """
+        if caches is not None and self.training and self.activation_checkpointing:
+            raise ValueError("KV caches cannot be used while training with activation checkpointing; call model.eval()")
+        x = self.embed(idx)  # [B, T, dim]
+        for i, block in enumerate(self.layers):
+            x = self._run_block(block, x, start_pos, attention_mask, caches[i] if caches else None)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return ModelOutput(logits)
+        losses = {"ce": _cross_entropy(logits, targets[:, :idx.shape[1]])}
+        losses.update(self._mtp_losses(x, logits, targets))
+        cfg = self.config
+        if cfg.logit_z_loss_coef > 0:  # PaLM (arXiv 2204.02311, section 5): keeps log Z near 0
+            losses["logit_z"] = cfg.logit_z_loss_coef * logits.float().logsumexp(-1).pow(2).mean()
+        for name in ("aux", "z"):
+            parts = [m.losses[name] for m in self.modules() if isinstance(m, MoE) and name in m.losses]
+            if parts:
+                losses[name] = torch.stack(parts).sum()
+        total = losses["ce"]
+        mtp = [v for k, v in losses.items() if k.startswith("mtp_")]
+        if mtp:  # DeepSeek-V3 eq. 25: lambda / D * sum_k L_k
+            total = total + self.mtp_weight * torch.stack(mtp).mean()
+        for name in ("logit_z", "aux", "z"):
+            if name in losses:
+                total = total + losses[name]
+        return ModelOutput(logits, total, losses)
+
+    def _mtp_losses(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg, seq_len = self.config, x.shape[1]
+        losses = {}
+        if cfg.mtp_depth == 0:
+            return losses
+        if cfg.mtp_kind == "shared":  # seed 004: the main logits also scored k+1 ahead
+            for k in range(1, cfg.mtp_depth + 1):
+                n = mtp_length(seq_len, targets.shape[1], k)
+                if n > 0:
+                    losses[f"mtp_{k}"] = _cross_entropy(logits[:, :n], targets[:, k:k + n])
+            return losses
+        hidden = x
+        for k, module in enumerate(self.mtp, start=1):
+            n = mtp_length(seq_len, targets.shape[1], k)
+            if n <= 0:
+                break
+            # Token t_{i+k} is targets[:, i+k-1]; ignored (padding) ids are embedded as token 0.
+            next_tokens = targets[:, k - 1:k - 1 + n].clamp(min=0)
+            hidden, normed = module(hidden[:, :n], self.embed(next_tokens))
+            losses[f"mtp_{k}"] = _cross_entropy(self.head(normed), targets[:, k:k + n])
+        return losses
+
+    # ---- caches, sizes, FLOPs ----------------------------------------------------------------
+
+    def new_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list:
+        """One KV cache per layer (full K/V for GQA, latent + rope key for MLA)."""
+        device = self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        max_len = max_len or self.config.max_seq_len
+        return [block.attn.new_cache(batch, max_len, dtype, device) for block in self.layers]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Cache bytes per token over all layers."""
+        return self.config.kv_cache_values_per_token() * self.config.n_layers * torch.tensor([], dtype=dtype).element_size()
+
+    def num_params(self, active: bool = False, include_mtp: bool = True, include_embedding: bool = True) -> int:
+        """Parameter count; `active` counts only the n_activated_experts of each MoE layer."""
+        seen, total = set(), 0
+        for name, param in self.named_parameters():
+            if id(param) in seen or (not include_mtp and name.startswith("mtp.")):
+                continue
+            if not include_embedding and name == "embed.weight":
+                continue
+            seen.add(id(param))
+            total += param.numel()
+        if active:
+            cfg = self.config
+            for name, module in self.named_modules():
+                if isinstance(module, MoE) and (include_mtp or not name.startswith("mtp.")):
+                    inactive = cfg.n_routed_experts - cfg.n_activated_experts
+                    total -= inactive * 3 * cfg.dim * cfg.moe_inter_dim
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 * N_active (no embedding
+        lookup) + 6 * n_layers * n_heads * T * (d_qk + d_v) for the attention scores and mixing."""
+        cfg = self.config
+        seq_len = seq_len or cfg.max_seq_len
+        n_active = self.num_params(active=True, include_embedding=False)
+        if cfg.tie_embeddings:  # the head matmul still costs 2 * dim * vocab per token
+            n_active += cfg.dim * cfg.vocab_size
+        d_qk, d_v = (cfg.qk_head_dim, cfg.v_head_dim) if cfg.attention == "mla" else (cfg.head_dim, cfg.head_dim)
+        n_attn_layers = cfg.n_layers + len(self.mtp)
+        return 6.0 * n_active + 6.0 * n_attn_layers * cfg.n_heads * seq_len * (d_qk + d_v)
+
+    # ---- hooks for the trainer ---------------------------------------------------------------
+
+    def moe_layers(self) -> list[tuple[str, MoE]]:
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
+
+    def attention_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, (MLAttention, GQAttention))]
+
+    @torch.no_grad()
+    def update_balance_bias(self, reduce=None) -> None:
+        """Aux-loss-free balancing step for every MoE layer (call once per optimizer step)."""
+        for _, moe in self.moe_layers():
+            moe.gate.update_balance_bias(reduce)
+
+    @torch.no_grad()
+    def reset_expert_loads(self) -> None:
+        """Forget loads counted since the last update (a skipped step must not move the bias)."""
+        for _, moe in self.moe_layers():
+            moe.gate.load.zero_()
+
+    def set_stat_tracking(self, enabled: bool) -> None:
+        """Record max attention logits and router logit statistics on the next forward passes."""
+        for _, attn in self.attention_layers():
+            attn.track_max_logit = enabled or (self.config.qk_clip_threshold > 0 and isinstance(attn, MLAttention))
+        for _, moe in self.moe_layers():
+            moe.gate.track_stats = enabled
+
+    @torch.no_grad()
+    def apply_qk_clip(self) -> None:
+        """QK-clip every MLA layer whose recorded max logit passed model.qk_clip_threshold."""
+        if self.config.qk_clip_threshold > 0:
+            for _, attn in self.attention_layers():
+                if isinstance(attn, MLAttention):
+                    attn.qk_clip_(self.config.qk_clip_threshold)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32. logits [B, L, V], targets [B, L]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

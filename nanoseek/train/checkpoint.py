@@ -1,0 +1,412 @@
+"""Atomic checkpoints: a crash or kill -9 at any moment leaves only whole checkpoints behind.
+
+Layout of one checkpoint, RUN_DIR/checkpoints/step-00000123/:
+    model.safetensors   weights (tied tensors stored once, see `_split_shared`)
+    ema.safetensors     optional EMA weights
+    trainer_state.pt    torch.save of the trainer's nested dict (optimizer, scaler, RNG, data cursor, guard...)
+    config.json         the run config the trainer passes
+    meta.json           step, val_loss, time, and the size and sha256 of every file above
+    COMPLETE            the commit marker, written last
+
+The protocol (the commit-marker-last scheme of PyTorch DCP's `.metadata` and OLMo-core's `.metadata.json`):
+write everything into `checkpoints/.tmp-step-N`, fsync every file, write COMPLETE, fsync the directory,
+rename it to `step-N` (atomic on POSIX), fsync `checkpoints/`. Readers only look at `step-N` directories
+holding COMPLETE, so an interrupted save is never seen; the next save removes its `.tmp-*` leftovers.
+Deletion is a rename to `.tmp-delete-*` first, so a half-deleted checkpoint is never seen either.
+A plain interrupted `torch.save` leaves a corrupt file (15 of 20 under random SIGKILL, see
+reference/stability_anchors.md); hence all of this.
+
+One writer per run directory (rank 0); readers may run at any time.
+
+trainer_state is loaded with `torch.load(weights_only=True)` (no arbitrary code runs on load) with numpy
+arrays and scalars allowed, so RNG states from `np.random.get_state()` round-trip. `save_checkpoint`
+checks the content first and refuses, naming the key, anything that would not load that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+__all__ = ["Checkpoint", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
+           "best_checkpoint", "CHECKPOINTS_DIR"]
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+TRAINER_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.json"
+META_FILE = "meta.json"
+COMPLETE_FILE = "COMPLETE"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# safetensors metadata keys (values must be strings): tied names and the original key order.
+_ALIASES_KEY = "nanoseek_aliases"
+_ORDER_KEY = "nanoseek_order"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back from disk; tensors are on `map_location`."""
+
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    trainer_state: dict
+    config: dict
+    val_loss: float | None
+    ema_state: dict[str, torch.Tensor] | None
+
+
+# -----------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def _root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest step first (dirs without COMPLETE are skipped)."""
+    root = _root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE_FILE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _val_loss_of(path: Path) -> float | None:
+    try:
+        value = _decode_float(json.loads((path / META_FILE).read_text()).get("val_loss"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _ranked_by_val_loss(found: list[Path]) -> list[Path]:
+    """Checkpoints with a finite val_loss, best (lowest) first; ties go to the newer one."""
+    scored = [(loss, -_step_of(p), p) for p in found if (loss := _val_loss_of(p)) is not None]
+    return [p for _, _, p in sorted(scored, key=lambda item: item[:2])]
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the lowest val_loss, or None if none recorded one."""
+    ranked = _ranked_by_val_loss(list_checkpoints(run_dir))
+    return ranked[0] if ranked else None
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
+                    config: dict, val_loss: float | None = None, ema_state: dict[str, torch.Tensor] | None = None,
+                    keep_last: int = 2, keep_best: int = 1) -> Path:
+    """Write RUN_DIR/checkpoints/step-{step:08d}/ atomically, then prune; returns its path.
+
+    model_state / ema_state: name -> tensor (any device; tied or overlapping tensors are fine).
+    trainer_state: nested dicts/lists/tuples of tensors, numpy arrays, numbers, strings, None.
+    Pruning keeps the newest `keep_last` complete checkpoints, the `keep_best` with the lowest finite
+    val_loss, and always the one just written. A checkpoint already at this step is replaced.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step={step!r}: must be an int >= 0")
+    if keep_last < 1 or keep_best < 0:
+        raise ValueError(f"keep_last={keep_last}, keep_best={keep_best}: need keep_last >= 1 and keep_best >= 0")
+    _check_weights_only_loadable(trainer_state, "trainer_state")
+    root = _root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
+    final = root / f"step-{step:08d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    tmp.mkdir()
+    try:
+        _write_safetensors(tmp / MODEL_FILE, model_state, "model_state")
+        if ema_state is not None:
+            _write_safetensors(tmp / EMA_FILE, ema_state, "ema_state")
+        torch.save(trainer_state, tmp / TRAINER_FILE)
+        _write_text(tmp / CONFIG_FILE, _to_json(config, "config"))
+        files = {}
+        for path in sorted(tmp.iterdir()):
+            _fsync(path)
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        meta = {"step": step, "val_loss": _encode_float(val_loss), "time": time.time(), "files": files}
+        _write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+        _fsync(tmp / META_FILE)
+        _write_text(tmp / COMPLETE_FILE, f"{step}\n")
+        _fsync(tmp / COMPLETE_FILE)
+        _fsync(tmp)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(root, keep_last, keep_best, keep=final)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final` and make the rename durable. An existing `final` (an earlier save of the same
+    step) is first moved aside: between the two renames this step is briefly absent, never half there."""
+    root = final.parent
+    if final.exists():
+        aside = root / f"{TMP_PREFIX}replaced-{final.name}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync(root)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        _fsync(root)
+
+
+def _prune(root: Path, keep_last: int, keep_best: int, keep: Path) -> None:
+    found = list_checkpoints(root.parent)
+    kept = {keep, *found[-keep_last:], *_ranked_by_val_loss(found)[:keep_best]}
+    for path in found:
+        if path not in kept:
+            trash = root / f"{TMP_PREFIX}delete-{path.name}"
+            os.replace(path, trash)
+            _fsync(root)
+            shutil.rmtree(trash, ignore_errors=True)
+    _remove_stale_tmp(root)
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    for path in root.iterdir():
+        if path.name.startswith(TMP_PREFIX):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _split_shared(state: dict[str, torch.Tensor], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Make `state` acceptable to safetensors, which refuses tensors that share memory.
+
+    Returns (tensors to store, aliases {name: stored name}). A tensor that is exactly another one (a tied
+    weight) becomes an alias and is restored as the same tensor object; one that only overlaps another or
+    is a view into a larger buffer is stored as a contiguous copy.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    used_storages: set[tuple] = set()
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{what}[{name!r}] is a {type(tensor).__name__}, not a tensor; pass "
+                             "model.state_dict() (keep other values in trainer_state)")
+        tensor = tensor.detach()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel() and view in seen:
+            aliases[name] = seen[view]
+            continue
+        whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        if storage in used_storages or not whole:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        else:
+            used_storages.add(storage)
+        if tensor.numel():
+            seen[view] = name
+        tensors[name] = tensor.cpu()
+    return tensors, aliases
+
+
+def _write_safetensors(path: Path, state: dict[str, torch.Tensor], what: str) -> None:
+    tensors, aliases = _split_shared(state, what)
+    metadata = {"format": "pt", _ORDER_KEY: json.dumps(list(state))}
+    if aliases:
+        metadata[_ALIASES_KEY] = json.dumps(aliases)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _check_weights_only_loadable(value: Any, where: str) -> None:
+    """Raise ValueError naming the first value that `torch.load(weights_only=True)` would refuse."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES or isinstance(value, np.generic):
+        return
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise ValueError(f"{where} is a numpy array of Python objects; store a numeric array or a list")
+        return
+    if type(value) in (dict, OrderedDict):
+        for key, item in value.items():
+            _check_weights_only_loadable(key, f"{where} key {key!r}")
+            _check_weights_only_loadable(item, f"{where}[{key!r}]")
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_weights_only_loadable(item, f"{where}[{i}]")
+        return
+    raise ValueError(f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) refuses; store "
+                     "it as dicts/lists/tuples of tensors, numpy arrays, numbers, strings or None")
+
+
+_PLAIN_TYPES = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _numpy_safe_globals() -> list:
+    """What pickled numpy arrays and scalars reference, for `torch.serialization.safe_globals`."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by their class
+    if dtypes is not None:
+        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
+    return allowed
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+    """Read a checkpoint dir (RUN/checkpoints/step-N) or a run dir (its latest complete checkpoint).
+
+    verify: check every file's size and sha256 against meta.json before loading (one extra read).
+    Raises ValueError with a one-line reason and the previous checkpoint to use instead when the
+    checkpoint is incomplete, a file is missing, or a file is corrupt.
+    """
+    path = _resolve(Path(path))
+    if not (path / COMPLETE_FILE).is_file():
+        raise ValueError(_broken(path, "is incomplete (no COMPLETE marker: its save was interrupted)"))
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        step, files, val_loss = int(meta["step"]), dict(meta["files"]), _decode_float(meta.get("val_loss"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(_broken(path, f"has a missing or corrupt {META_FILE} ({type(err).__name__})")) from None
+    if verify:
+        _verify_files(path, files)
+    for name in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE):
+        if name not in files or not (path / name).is_file():
+            raise ValueError(_broken(path, f"has no {name}"))
+    device = str(map_location)
+    model_state = _read_safetensors(path, MODEL_FILE, device)
+    ema_state = _read_safetensors(path, EMA_FILE, device) if EMA_FILE in files else None
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            trainer_state = torch.load(path / TRAINER_FILE, map_location=map_location, weights_only=True)
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except Exception as err:  # any unpickling / zip / JSON failure means the same thing: a corrupt file
+        raise ValueError(_broken(path, f"has a corrupt {TRAINER_FILE} or {CONFIG_FILE} ({type(err).__name__}: "
+                                       f"{str(err).splitlines()[0] if str(err) else ''})")) from None
+    return Checkpoint(path=path, step=step, model_state=model_state, trainer_state=trainer_state, config=config,
+                      val_loss=val_loss, ema_state=ema_state)
+
+
+def _resolve(path: Path) -> Path:
+    """A checkpoint dir as given, or the latest complete checkpoint of a run dir."""
+    if not path.exists():
+        raise ValueError(f"checkpoint path {str(path)!r} does not exist; pass RUN_DIR or RUN_DIR/checkpoints/step-N")
+    if _STEP_DIR.match(path.name):
+        return path
+    if (path / CHECKPOINTS_DIR).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"run dir {str(path)!r} has no complete checkpoint in {CHECKPOINTS_DIR}/; "
+                             "train with save_every set, or pass a checkpoint dir")
+        return latest
+    raise ValueError(f"{str(path)!r} is neither a checkpoint dir (step-N) nor a run dir with {CHECKPOINTS_DIR}/; "
+                     "pass RUN_DIR or RUN_DIR/checkpoints/step-N")
+
+
+def _broken(path: Path, reason: str) -> str:
+    """One line: which checkpoint is unusable, why, and which earlier one to use instead."""
+    earlier = []
+    if _STEP_DIR.match(path.name):
+        earlier = [p for p in list_checkpoints(path.parent.parent) if _step_of(p) < _step_of(path)]
+    fix = (f"use the previous checkpoint {str(earlier[-1])!r}" if earlier
+           else "no earlier complete checkpoint exists; restart training without resuming")
+    return f"checkpoint {str(path)!r} {reason}; {fix}"
+
+
+def _verify_files(path: Path, files: dict) -> None:
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(_broken(path, f"is missing {name}"))
+        if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+            raise ValueError(_broken(path, f"has a corrupt {name} (size or sha256 differs from {META_FILE})"))
+
+
+def _read_safetensors(path: Path, name: str, device: str) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path / name), framework="pt", device=device) as file:
+            metadata = file.metadata() or {}
+            stored = {key: file.get_tensor(key) for key in file.keys()}
+    except (OSError, SafetensorError) as err:
+        raise ValueError(_broken(path, f"has a corrupt {name} ({err})")) from None
+    aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+    order = json.loads(metadata.get(_ORDER_KEY, "null")) or list(stored)
+    return {key: stored[aliases.get(key, key)] for key in order}
+
+
+# -----------------------------------------------------------------------------
+# Small file helpers
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's data to disk (directories: so a rename inside survives power loss)."""
+    if path.is_dir() and os.name == "nt":  # Windows cannot open a directory for fsync
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+
+
+def _to_json(value: dict, what: str) -> str:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is a {type(value).__name__}; pass a dict (e.g. RunConfig.to_dict())")
+    try:
+        return json.dumps(value, indent=2)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} is not JSON-serialisable ({err}); pass numbers, strings, lists and dicts") from None
+
+
+def _encode_float(value: float | None) -> float | str | None:
+    """JSON has no NaN/Infinity: write non-finite floats as "nan" / "inf" / "-inf" (as metrics.jsonl does)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def _decode_float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,107 @@
+"""Fault injection (`--inject KIND@STEP`), to prove a setup survives what it claims to survive.
+
+Kinds: nan-loss, nan-grad, inf-grad, inf-act:MODULE_PATH (a `named_modules()` path such as
+`layers.1.attn`), lr-spike:FACTOR, bad-batch (token ids past the vocabulary). Each fires once,
+at the step (data batch index) it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+KINDS = ("nan-loss", "nan-grad", "inf-grad", "inf-act", "lr-spike", "bad-batch")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    arg: str = ""  # module path for inf-act, factor for lr-spike
+
+    def __str__(self) -> str:
+        return f"{self.kind}{':' + self.arg if self.arg else ''}@{self.step}"
+
+
+def parse_fault(spec: str) -> Fault:
+    usage = "write KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5, lr-spike:100@40"
+    head, sep, step = spec.rpartition("@")
+    if not sep or not step.isdigit():
+        raise ValueError(f"--inject {spec!r}: missing @STEP; {usage}")
+    kind, _, arg = head.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"--inject {spec!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "inf-act" and not arg:
+        raise ValueError(f"--inject {spec!r}: inf-act needs a module path, e.g. inf-act:layers.0.attn@5")
+    if kind == "lr-spike":
+        try:
+            if float(arg) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--inject {spec!r}: lr-spike needs a positive factor, e.g. lr-spike:100@40") from None
+    return Fault(kind, int(step), arg)
+
+
+class FaultInjector:
+    """Applies parsed faults at their steps; the trainer calls one method per stage of a step."""
+
+    def __init__(self, specs: tuple[str, ...] | list[str], model: nn.Module):
+        self.faults = [parse_fault(s) for s in specs]
+        modules = dict(model.named_modules())
+        for fault in self.faults:
+            if fault.kind == "inf-act" and fault.arg not in modules:
+                near = [name for name in modules if name and fault.arg.split(".")[-1] in name][:5]
+                raise ValueError(f"--inject {fault}: model has no module {fault.arg!r}"
+                                 f"{'; similar: ' + ', '.join(near) if near else ''}")
+        self.modules = modules
+
+    def _at(self, step: int, *kinds: str) -> list[Fault]:
+        return [f for f in self.faults if f.step == step and f.kind in kinds]
+
+    def active(self, step: int) -> list[str]:
+        return [str(f) for f in self.faults if f.step == step]
+
+    def batch(self, step: int, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        if self._at(step, "bad-batch"):
+            x = x.clone()
+            x[:, ::2] = vocab_size + 7  # garbage ids past the vocabulary, as a corrupt shard would give
+        return x
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if self._at(step, "nan-loss") else loss
+
+    @torch.no_grad()
+    def grads(self, step: int, model: nn.Module) -> None:
+        for fault in self._at(step, "nan-grad", "inf-grad"):
+            value = float("nan") if fault.kind == "nan-grad" else float("inf")
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.view(-1)[0] = value
+                    break
+
+    def lr_factor(self, step: int) -> float:
+        factor = 1.0
+        for fault in self._at(step, "lr-spike"):
+            factor *= float(fault.arg)
+        return factor
+
+    @contextlib.contextmanager
+    def activations(self, step: int) -> Iterator[None]:
+        """While active, the named modules' outputs get an inf in their first element."""
+        handles = [self.modules[f.arg].register_forward_hook(_poison_output) for f in self._at(step, "inf-act")]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _poison_output(module: nn.Module, args, output):
+    tensor = output[0] if isinstance(output, tuple) else output
+    poisoned = tensor.clone()
+    poisoned.view(-1)[0] = float("inf")
+    return (poisoned, *output[1:]) if isinstance(output, tuple) else poisoned

@@ -1,0 +1,136 @@
+"""StabilityGuard: judge every step before it touches the weights.
+
+The trainer calls `check()` after backward and before clipping, the optimizer, the GradScaler
+update or the MoE bias update. The verdict is one of:
+
+- ok       -- apply the step.
+- skip     -- non-finite loss or gradient, an out-of-range batch, or a loss / grad-norm spike
+              (more than `spike_sigma` std above the rolling window, OLMo-core style; spikes are
+              kept out of the window). Nothing changes but the data position.
+- rollback -- `max_skips` skips inside `window` steps, or two spikes in a row (the loss stays high,
+              so the weights, not the data, are bad): restore the last verified-good snapshot,
+              lower the LR by `rollback_lr_factor`, and leave the data window that led into the
+              trouble behind (PaLM, arXiv 2204.02311, section 5.1).
+- abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
+- overflow -- fp16 only: the GradScaler saw inf gradients; it lowers its scale and the step is
+              dropped. That is the scaler working, not a fault.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from nanoseek.config import GuardConfig
+
+
+@dataclass
+class Verdict:
+    action: str  # ok | skip | rollback | abort | overflow
+    cause: str = ""
+    value: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.action == "ok"
+
+
+class RollingStats:
+    """Mean and std of the last `size` healthy values (plain floats; no tensors, no syncs)."""
+
+    def __init__(self, size: int):
+        self.values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    def z_score(self, value: float) -> float:
+        n = len(self.values)
+        mean = sum(self.values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / max(n - 1, 1))
+        # A floor on the std: a flat window must not turn noise into a "spike".
+        return (value - mean) / max(std, 0.02 * abs(mean), 1e-6)
+
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+
+class StabilityGuard:
+    """Keeps the statistics and counters behind each verdict; its state is saved in checkpoints."""
+
+    # A spike must also be this far above the window mean, so a tight window cannot flag noise.
+    MIN_SPIKE_RATIO = {"loss": 1.1, "grad_norm": 2.0}
+
+    def __init__(self, cfg: GuardConfig, precision: str = "fp32"):
+        self.cfg = cfg
+        self.precision = precision
+        self.stats = {name: RollingStats(cfg.window) for name in ("loss", "grad_norm")}
+        self.recent_skips: deque[int] = deque()  # steps of recent skips
+        self.consecutive_spikes = 0
+        self.n_skips = 0
+        self.n_rollbacks = 0
+        self.lr_scale = 1.0
+
+    def check(self, step: int, loss: float, grad_norm: float, batch_ok: bool = True) -> Verdict:
+        """Judge one step from its (unclipped) total grad norm and loss; update counters."""
+        if not self.cfg.enabled:
+            return Verdict("ok")
+        if not batch_ok:
+            return self._skip(step, "bad batch: token ids outside [0, vocab_size)", math.nan)
+        if not math.isfinite(loss):
+            return self._skip(step, "non-finite loss", loss)
+        if not math.isfinite(grad_norm):
+            if self.precision == "fp16":
+                return Verdict("overflow", "fp16 gradient overflow (GradScaler lowers its scale)", grad_norm)
+            return self._skip(step, "non-finite gradient", grad_norm)
+        for name, value in (("loss", loss), ("grad_norm", grad_norm)):
+            window = self.stats[name]
+            if len(window.values) >= max(self.cfg.warmup, 2):
+                z = window.z_score(value)
+                if z > self.cfg.spike_sigma and value > self.MIN_SPIKE_RATIO[name] * window.mean():
+                    self.consecutive_spikes += 1
+                    verdict = self._skip(step, f"{name} spike ({z:.1f} sigma above the last {len(window.values)} steps)", value)
+                    if verdict.action == "skip" and self.consecutive_spikes >= 2:
+                        return self._escalate(f"{name} stays high ({self.consecutive_spikes} spikes in a row)", value)
+                    return verdict
+        self.consecutive_spikes = 0
+        self.stats["loss"].add(loss)
+        self.stats["grad_norm"].add(grad_norm)
+        return Verdict("ok")
+
+    def _skip(self, step: int, cause: str, value: float) -> Verdict:
+        self.n_skips += 1
+        self.recent_skips.append(step)
+        while self.recent_skips and self.recent_skips[0] <= step - self.cfg.window:
+            self.recent_skips.popleft()
+        if len(self.recent_skips) >= self.cfg.max_skips:
+            return self._escalate(f"{len(self.recent_skips)} skips within {self.cfg.window} steps, last: {cause}", value)
+        return Verdict("skip", cause, value)
+
+    def _escalate(self, cause: str, value: float) -> Verdict:
+        if self.n_rollbacks >= self.cfg.max_rollbacks:
+            return Verdict("abort", f"{cause}; rollbacks exhausted ({self.n_rollbacks}/{self.cfg.max_rollbacks})", value)
+        return Verdict("rollback", cause, value)
+
+    def rolled_back(self) -> None:
+        """Called by the trainer once a rollback is done: lower the LR, start fresh counters."""
+        self.n_rollbacks += 1
+        self.lr_scale *= self.cfg.rollback_lr_factor
+        self.recent_skips.clear()
+        self.consecutive_spikes = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "loss": list(self.stats["loss"].values), "grad_norm": list(self.stats["grad_norm"].values),
+            "recent_skips": list(self.recent_skips), "consecutive_spikes": self.consecutive_spikes,
+            "n_skips": self.n_skips, "n_rollbacks": self.n_rollbacks, "lr_scale": self.lr_scale,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("loss", "grad_norm"):
+            self.stats[name].values = deque(state[name], maxlen=self.cfg.window)
+        self.recent_skips = deque(state["recent_skips"])
+        self.consecutive_spikes = state["consecutive_spikes"]
+        self.n_skips, self.n_rollbacks = state["n_skips"], state["n_rollbacks"]
+        self.lr_scale = state["lr_scale"]

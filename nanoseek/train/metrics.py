@@ -1,0 +1,264 @@
+"""Where numbers go: metrics.jsonl (always), TensorBoard, optional wandb, a progress bar, the console.
+
+Plus the figures a log line needs: tokens/s (`Throughput`), peak memory, MFU against the GPU's dense peak.
+
+metrics.jsonl has one JSON object per line, appended (a resumed run continues the same file) and flushed
+line by line, so a crash loses at most the line being written. JSON has no NaN or Infinity, and the
+stability events this project exists for are exactly where they show up, so non-finite floats are written
+as the strings "nan", "inf" and "-inf": `float(value)` reads them back, and NaN stays distinct from Inf
+(null would lose that).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+__all__ = ["MetricsLogger", "Throughput", "peak_memory_gb", "device_peak_flops", "mfu", "jsonable"]
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+_WANDB_ID_FILE = "wandb_id.txt"  # so a resumed run logs into the same wandb run
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with tensors and numpy scalars made Python numbers and non-finite floats made strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+        return jsonable(value)
+    if isinstance(value, (np.ndarray, np.generic)):
+        return jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf", "-inf"
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class MetricsLogger:
+    """Writes training/eval records and stability events; a no-op when `enabled` is False (ranks > 0).
+
+    Each record is a dict with a `kind` ("train" if absent; e.g. "eval", "event") and, for `log`, a `step`.
+    TensorBoard gets every numeric field as the scalar `{kind}/{field}`; wandb the same names.
+    """
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False,
+                 wandb_project: str = "nanoseek", config: dict | None = None, enabled: bool = True,
+                 total_steps: int = 0, start_step: int = 0, show_progress: bool = True):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.total_steps, self.start_step, self.show_progress = total_steps, start_step, show_progress
+        self._file = self._tensorboard = self._wandb = self._bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        if tensorboard:
+            self._tensorboard = self._open_tensorboard()
+        if wandb:
+            self._wandb = self._open_wandb(wandb_project, config)
+
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.write("tensorboard is not installed: logging to metrics.jsonl only (pip install tensorboard)")
+            return None
+        return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+
+    def _open_wandb(self, project: str, config: dict | None):
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("wandb=True but wandb is not installed; pip install 'nanoseek[wandb]' "
+                               "or set train.wandb=false") from None
+        id_file = self.run_dir / _WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        return wandb.init(project=project, name=self.run_dir.name, id=run_id, resume="allow",
+                          dir=str(self.run_dir), config=config)
+
+    # ---- records --------------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        """Append a training/eval record (must carry `step`) to every enabled sink."""
+        if not self.enabled:
+            return
+        if "step" not in record:
+            raise ValueError(f"metrics record {sorted(record)} has no 'step'; add step=<optimizer step>")
+        record = {"kind": "train", **record}
+        self._append(record)
+        scalars = {f"{record['kind']}/{key}": float(value) for key, value in record.items()
+                   if key not in ("kind", "step", "time") and _is_number(value)}
+        if self._tensorboard is not None:
+            for name, value in scalars.items():
+                self._tensorboard.add_scalar(name, value, record["step"])
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=int(record["step"]))
+
+    def event(self, record: dict, line: str) -> None:
+        """A guard/stability event: a JSON record (kind "event" unless given) plus one console line."""
+        if not self.enabled:
+            return
+        self._append({"kind": "event", **record})
+        self.write(line)
+
+    def _append(self, record: dict) -> None:
+        record = {**record, "time": round(time.time(), 3)} if "time" not in record else record
+        self._file.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
+        self._file.flush()
+
+    # ---- console --------------------------------------------------------------------------------
+
+    def progress(self, step: int, **postfix: Any) -> None:
+        """Move the progress bar to `step` (steps done = step + 1) and show `postfix` (loss=..., tok_s=...)."""
+        if not (self.enabled and self.show_progress):
+            return
+        if self._bar is None:
+            # disable=None: no bar when stdout is not a terminal (log files would fill with redraws).
+            self._bar = tqdm(total=self.total_steps or None, initial=self.start_step, unit="step",
+                             dynamic_ncols=True, disable=None, file=sys.stdout)
+        self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+        self._bar.update(step + 1 - self._bar.n)
+
+    def write(self, line: str) -> None:
+        """Print one console line above the progress bar without breaking it."""
+        if self.enabled:
+            tqdm.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        """Flush and close every sink; safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._file is not None:
+            self._file.close()
+        self._file = self._tensorboard = self._wandb = self._bar = None
+        self.enabled = False
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# -----------------------------------------------------------------------------
+# Throughput, memory, MFU
+
+
+class Throughput:
+    """Tokens per second over the interval since the last `rate()` call.
+
+    No `cuda.synchronize()` per step: the interval ends wherever the host is, which lags the GPU by at most
+    the queued work; logging reads loss.item() anyway, which syncs once per interval.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new interval (e.g. after eval or a checkpoint, which are not training throughput)."""
+        self._start = time.perf_counter()
+        self._tokens = 0
+        self._steps = 0
+
+    def add(self, tokens: int) -> None:
+        """Count the tokens of one optimizer step."""
+        self._tokens += tokens
+        self._steps += 1
+
+    def rate(self) -> float:
+        """Tokens/s since the last reset, then reset. 0.0 if no time has passed."""
+        elapsed = time.perf_counter() - self._start
+        tokens = self._tokens
+        self.reset()
+        return tokens / elapsed if elapsed > 0 else 0.0
+
+
+def peak_memory_gb(device: str | torch.device) -> float:
+    """Peak memory in GiB (2**30 bytes): CUDA max allocated on `device`, else the process' peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak * 1024 / 2**30  # bytes on macOS, KiB on Linux
+
+
+# Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets: bf16, fp16, tf32, and plain
+# fp32 (CUDA cores; what fp32 matmuls run on unless TF32 is allowed). fp16/bf16 with fp32 accumulation,
+# which is what torch uses (the RTX 4090 does twice that with fp16 accumulation).
+# Matched in order against torch.cuda.get_device_name, so specific names come before general ones.
+_PEAK_TFLOPS = [
+    (r"H200 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
+    (r"H200", dict(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),
+    (r"H100 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
+    (r"H100 PCIe", dict(bf16=756.0, fp16=756.0, tf32=378.0, fp32=51.2)),
+    (r"H100", dict(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),  # SXM5 ("H100 80GB HBM3")
+    (r"A100", dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5)),
+    (r"RTX 4090", dict(bf16=165.2, fp16=165.2, tf32=82.6, fp32=82.6)),
+    (r"\bL4\b", dict(bf16=121.0, fp16=121.0, tf32=60.0, fp32=30.3)),
+    (r"\bA10\b", dict(bf16=125.0, fp16=125.0, tf32=62.5, fp32=31.2)),
+]
+
+
+def device_peak_flops(device: str | torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of `device` for `precision` ("bf16", "fp16", "fp32"); None on CPU or unknown GPUs.
+
+    fp32 uses the TF32 tensor-core peak when torch allows TF32 matmuls
+    (torch.get_float32_matmul_precision() != "highest"), the CUDA-core peak otherwise.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision={precision!r}: must be 'bf16', 'fp16' or 'fp32'")
+    if precision == "fp32" and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"
+    name = torch.cuda.get_device_name(device)
+    for pattern, peaks in _PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return peaks[precision] * 1e12
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation, a fraction (0.4 = 40%): achieved FLOP/s over `peak`; None without a peak.
+
+    flops_per_token: training FLOPs per token (PaLM appendix B: 6 * N_active + attention), from the model.
+    """
+    if peak is None or peak <= 0:
+        return None
+    return flops_per_token * tokens_per_sec / peak

@@ -1,0 +1,305 @@
+"""Optimizers (AdamW, Lion, Muon), their parameter groups, and the learning-rate schedule.
+
+`build_optimizer` returns ONE `torch.optim.Optimizer` whatever `cfg.optimizer` says: one `.step()`, one
+`state_dict()`. Every param group carries
+  - `name`: "decay", "no_decay" or "muon" (what the group is, for logs and per-group LR),
+  - `base_lr`: its peak LR (cfg.lr, or cfg.muon_lr for the Muon group).
+The trainer sets `group["lr"] = group["base_lr"] * lr_factor(step, cfg)` before each step (`apply_lr_factor`).
+
+Weight decay goes on 2-D+ weight matrices only. Norm gains, biases, other 1-D parameters and embeddings
+(parameters owned by an `nn.Embedding`) are not decayed: decaying a norm gain or a bias pulls it towards a
+value with no special meaning, and decaying embeddings of rare tokens shrinks them between their rare
+gradients (nanoGPT `configure_optimizers`; Loshchilov & Hutter 2019 for the decoupled form).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from nanoseek.config import TrainConfig
+
+__all__ = ["build_optimizer", "lr_factor", "apply_lr_factor", "param_groups", "Lion", "Muon",
+           "newton_schulz"]
+
+# Modules whose weight is an output projection onto the vocabulary. Muon leaves them to AdamW
+# (Jordan et al. 2024: "embedding and final classifier head ... should be optimized by AdamW").
+OUTPUT_HEAD_NAMES = ("head", "lm_head", "output")
+
+# Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks": quintic Newton-Schulz
+# coefficients chosen to maximise the slope at 0 while keeping singular values in roughly [0.7, 1.2];
+# 5 iterations suffice, and Nesterov momentum 0.95.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+MUON_MOMENTUM = 0.95
+
+
+# -----------------------------------------------------------------------------
+# Parameter groups
+
+
+def _embedding_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+
+
+def _head_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES
+            for p in m.parameters(recurse=False)}
+
+
+def _is_no_decay(name: str, p: nn.Parameter, embedding_ids: set[int]) -> bool:
+    return p.ndim < 2 or id(p) in embedding_ids or name.rsplit(".", 1)[-1] == "bias"
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Split the trainable parameters of `model` into tagged groups for `cfg.optimizer`.
+
+    Tied parameters appear once (`named_parameters` deduplicates), classified by the module that owns them
+    first, except that anything owned by an `nn.Embedding` counts as an embedding. Parameters with
+    `requires_grad=False` are left out. Empty groups are dropped.
+    """
+    embedding_ids = _embedding_param_ids(model)
+    head_ids = _head_param_ids(model)
+    decay, no_decay, muon = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if _is_no_decay(name, p, embedding_ids):
+            no_decay.append(p)
+        elif cfg.optimizer == "muon" and id(p) not in head_ids:
+            muon.append(p)
+        else:
+            decay.append(p)
+
+    common = dict(betas=(cfg.beta1, cfg.beta2))
+    groups = [
+        dict(name="decay", params=decay, lr=cfg.lr, base_lr=cfg.lr, weight_decay=cfg.weight_decay, **common),
+        dict(name="no_decay", params=no_decay, lr=cfg.lr, base_lr=cfg.lr, weight_decay=0.0, **common),
+    ]
+    if cfg.optimizer == "muon":
+        for group in groups:
+            group.update(use_muon=False, eps=cfg.eps)
+        groups.insert(0, dict(name="muon", params=muon, lr=cfg.muon_lr, base_lr=cfg.muon_lr,
+                              weight_decay=cfg.weight_decay, use_muon=True, momentum=MUON_MOMENTUM,
+                              nesterov=True, ns_steps=NS_STEPS))
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """One optimizer over all trainable parameters of `model`, its groups tagged `name` and `base_lr`.
+
+    adamw: `torch.optim.AdamW` (decoupled weight decay). lion: `Lion` with betas (cfg.beta1, cfg.beta2).
+    muon: `Muon` for 2-D+ hidden matrices, AdamW for embeddings, the output head and 1-D parameters.
+    """
+    groups = param_groups(model, cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False); "
+                         "unfreeze some parameters before building the optimizer")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lion":
+        return Lion(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":
+        return Muon(groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer={cfg.optimizer!r}: unknown; choose 'adamw', 'lion' or 'muon'")
+
+
+def apply_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's LR to its `base_lr` times `factor` (from `lr_factor`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+# -----------------------------------------------------------------------------
+# Lion
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675, Alg. 2).
+
+    update = sign(beta1 * m + (1 - beta1) * g);  p <- p * (1 - lr * wd) - lr * update;
+    m <- beta2 * m + (1 - beta2) * g.
+    Every coordinate moves by exactly lr, so the paper uses an LR 3-10x smaller than AdamW's and a weight
+    decay 3-10x larger (keeping lr * wd) -- set cfg.lr / cfg.weight_decay accordingly. One state tensor
+    (`exp_avg`) per parameter instead of AdamW's two.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"Lion lr={lr}: must be > 0")
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg = state["exp_avg"]
+                update = exp_avg.lerp(p.grad, 1 - beta1).sign_()
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr)
+                exp_avg.lerp_(p.grad, 1 - beta2)
+        return loss
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+
+def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+    """Approximately orthogonalise the last two dims of `grad`: U S V^T -> U S' V^T with S' near 1.
+
+    grad: [..., rows, cols]; leading dims are a batch (e.g. stacked experts [E, out, in]), each matrix done
+    on its own. Returns the same shape and dtype. The quintic iteration X <- aX + (bA + cA^2)X with A = XX^T
+    pushes every singular value of X (scaled so the largest is <= 1) towards ~1 without an SVD (Jordan et
+    al. 2024). It runs on the wide orientation so A is the smaller Gram matrix. On CUDA it runs in bf16 as
+    in the paper (tensor cores, and the iteration tolerates the rounding); on CPU, where bf16 matmul has no
+    fast kernel (about 20x slower than fp32, measured on this project's machines), in fp32.
+    """
+    a, b, c = NS_COEFFICIENTS
+    work_dtype = torch.bfloat16 if grad.is_cuda else torch.float32
+    x = grad.to(work_dtype)
+    transposed = grad.size(-2) > grad.size(-1)
+    if transposed:
+        x = x.mT
+    # The Frobenius norm bounds the spectral norm, so every singular value starts in [0, 1].
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    return x.to(grad.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for groups with `use_muon=True`, AdamW for the others, in one optimizer.
+
+    Muon: m <- momentum * m + (1 - momentum) * g (an EMA; the orthogonalisation removes its scale);
+    update = NS(g + momentum * (m - g)) with Nesterov, else NS(m); p <- p * (1 - lr * wd) - lr * s * update,
+    s = sqrt(max(1, rows / cols)) so tall matrices get the same per-entry RMS step as wide ones. For
+    [..., rows, cols] parameters (stacked experts) every matrix is orthogonalised on its own.
+    AdamW groups need `betas` and `eps`; they keep `exp_avg`, `exp_avg_sq` and `step` (an int) per parameter.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.02, weight_decay: float = 0.0,
+                 momentum: float = MUON_MOMENTUM, nesterov: bool = True, ns_steps: int = NS_STEPS,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, betas=betas, eps=eps, use_muon=True)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["use_muon"] and any(p.ndim < 2 for p in group["params"]):
+                raise ValueError(f"Muon group {group.get('name', '?')!r} holds a 1-D parameter; Muon needs "
+                                 "matrices -- put 1-D parameters in a group with use_muon=False")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group: dict) -> None:
+        lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            direction = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            update = newton_schulz(direction, group["ns_steps"])
+            scale = math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(update, alpha=-lr * scale)
+
+    def _adamw_step(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0  # a Python int: reading a device tensor every step would sync the GPU
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = state["step"]
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(p.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            # Kingma & Ba 2015 bias correction, folded into the step size and the denominator.
+            bias_correction1 = 1 - beta1 ** step
+            bias_correction2 = 1 - beta2 ** step
+            denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+# -----------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0 = the first step); a pure function.
+
+    Warmup (all schedules): (step + 1) / warmup_steps for step < warmup_steps, so step 0 already moves.
+    Then, with m = min_lr_ratio and T = max_steps:
+      cosine:   m + (1 - m) * (1 + cos(pi * t)) / 2, t going 0 -> 1 from the end of warmup to step T
+                (Loshchilov & Hutter 2017), m from step T on;
+      wsd:      1 until the last decay_fraction * T steps, then linear to m at step T
+                (warmup-stable-decay, Hu et al. 2024 MiniCPM, arXiv 2404.06395);
+      constant: 1;
+      cyclic:   cosine cycles of cycle_steps steps, 1 -> m -> 1, starting at 1 right after warmup. Smooth
+                like Smith 2017's triangular cycles, without SGDR's jump from m back to 1, an LR jump
+                being a classic trigger of loss spikes.
+    """
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+        decay_start = cfg.max_steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / decay_steps)
+        return 1.0 - (1 - floor) * progress
+    if cfg.schedule == "cyclic":
+        phase = ((step - warmup) % cfg.cycle_steps) / cfg.cycle_steps
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(2 * math.pi * phase))
+    raise ValueError(f"schedule={cfg.schedule!r}: unknown; choose 'cosine', 'wsd', 'constant' or 'cyclic'")

@@ -1,0 +1,413 @@
+"""The training loop: one code path for CPU and GPU, fp32/bf16/fp16, with the stability guard.
+
+A step (one data batch per micro-batch, `grad_accum` micro-batches):
+  forward under autocast -> backward (GradScaler in fp16) -> one fused host read of the loss
+  components and the total grad norm -> StabilityGuard verdict -> only if ok: clip, optimizer
+  step, scaler update, MoE balance-bias update, QK-clip, EMA -> metrics -> eval / checkpoint.
+
+Two counters: `step` counts data batches consumed (always advances, so data moves on past a bad
+batch) and `opt_step` counts applied updates (drives the LR schedule and MTP ramp, so a skipped
+step leaves the schedule exactly where it was).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoseek.config import RunConfig
+from nanoseek.diagnose import locate_and_save, nonfinite_grads
+from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
+from nanoseek.model import Transformer
+from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from nanoseek.train.faults import FaultInjector
+from nanoseek.train.guard import StabilityGuard, Verdict
+from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
+from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
+from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    opt_step: int
+    train_loss: float
+    val_loss: float | None
+    status: str  # finished | early-stopped | aborted
+    n_skips: int
+    n_rollbacks: int
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status != "aborted" else 3
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+class Trainer:
+    """Builds data, model, optimizer and guard for a RunConfig and runs the loop."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals make CPU matmuls crawl late in training
+        tc = cfg.train
+        if tc.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision='bf16' needs an Ampere or newer GPU; use --train.precision fp16")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+
+        self.data = self._prepare_data()
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size, derived={})
+        self.lookahead = 1 + (cfg.model.mtp_depth if cfg.model.mtp_depth else 0)
+        self.train_loader = TokenLoader(self.data.train_shards, tc.batch_size, cfg.data.seq_len,
+                                        lookahead=self.lookahead, seed=cfg.seed, vocab_size=self.data.vocab_size)
+
+        self.model = Transformer(cfg.model).to(self.device)
+        self.model.activation_checkpointing = tc.activation_checkpointing
+        self.forward_model = torch.compile(self.model) if tc.compile else self.model
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if tc.ema_decay > 0 else None
+        self.guard = StabilityGuard(cfg.guard, tc.precision)
+        self.faults = FaultInjector(cfg.guard.inject, self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.last_bad_grads: list[str] = []
+
+        self.step = self.opt_step = 0
+        self.best_val, self.evals_since_best = math.inf, 0
+        self.last_val: float | None = None
+        self.snapshots: dict[str, dict | None] = {"good": None, "pending": None}
+        if resume:
+            self._resume()
+        else:
+            cfg.save_toml(self.run_dir / "config.toml")
+        self.logger = MetricsLogger(self.run_dir, tensorboard=tc.tensorboard, wandb=tc.wandb,
+                                    wandb_project=tc.wandb_project, config=cfg.to_dict(), total_steps=tc.max_steps,
+                                    start_step=self.step, show_progress=show_progress)
+        self.throughput = Throughput()
+        self.peak_flops = device_peak_flops(self.device, tc.precision)
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def _prepare_data(self) -> PreparedData:
+        data_dir = self.run_dir / "data"
+        data_cfg = self.cfg.data
+        if (data_dir / "meta.json").exists():  # a resumed run reuses its own prepared shards
+            data_cfg = dataclasses.replace(data_cfg, source=str(data_dir))
+        return prepare_data(data_cfg, data_dir)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise ValueError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; "
+                             "start without --resume (or point --out at the run to continue)")
+        ckpt = read_checkpoint(path)
+        self.model.load_state_dict(ckpt.model_state)
+        state = ckpt.trainer_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, fresh in zip(self.optimizer.param_groups, build_optimizer(self.model, self.cfg.train).param_groups):
+            group["base_lr"] = fresh["base_lr"]  # an LR given on the command line at resume wins
+        self.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(state["guard"])
+        if self.ema is not None and ckpt.ema_state is not None:
+            self.ema.load_state_dict(ckpt.ema_state)
+        self.step, self.opt_step = state["step"], state["opt_step"]
+        self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
+        self.last_val = state.get("last_val")
+        set_rng_state(state["rng"])
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step, "opt_step": self.opt_step, "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(),
+            "guard": self.guard.state_dict(), "best_val": self.best_val,
+            "evals_since_best": self.evals_since_best, "last_val": self.last_val, "rng": rng_state(),
+        }
+
+    def save(self, val_loss: float | None = None) -> Path:
+        tc = self.cfg.train
+        return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.trainer_state(),
+                               self.cfg.to_dict(), val_loss=val_loss,
+                               ema_state=self.ema.state_dict() if self.ema is not None else None,
+                               keep_last=tc.keep_last, keep_best=tc.keep_best)
+
+    def _snapshot(self) -> dict:
+        """An in-memory copy of everything a rollback restores (on CPU, so GPU memory is spared)."""
+        def to_cpu(obj):
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().to("cpu", copy=True)
+            if isinstance(obj, dict):
+                return {k: to_cpu(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(to_cpu(v) for v in obj)
+            return copy.deepcopy(obj)
+        return to_cpu({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "scaler": self.scaler.state_dict(), "opt_step": self.opt_step, "step": self.step,
+                       "ema": self.ema.state_dict() if self.ema is not None else None})
+
+    def _maybe_snapshot(self) -> None:
+        # A snapshot becomes "good" only after it has survived snapshot_every healthy steps, so a
+        # bad update that looked fine when applied (an LR spike) is never what we roll back to.
+        if not self.cfg.guard.enabled or self.step % self.cfg.guard.snapshot_every:
+            return
+        if self.snapshots["pending"] is not None:
+            self.snapshots["good"] = self.snapshots["pending"]
+        self.snapshots["pending"] = self._snapshot()
+        if self.snapshots["good"] is None:
+            self.snapshots["good"] = self.snapshots["pending"]
+
+    def _rollback(self) -> int:
+        """Restore the last good snapshot; the data cursor stays where it is (the bad window is skipped)."""
+        snap = self.snapshots["good"]
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scaler.load_state_dict(snap["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(snap["ema"])
+        self.opt_step = snap["opt_step"]
+        self.snapshots["pending"] = None
+        self.guard.rolled_back()
+        if self.cfg.guard.rollback_skip_batches:
+            self.train_loader.skip(self.cfg.guard.rollback_skip_batches)
+            self.step += self.cfg.guard.rollback_skip_batches
+        return snap["step"]
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> tuple[Verdict, dict[str, float], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Forward/backward over grad_accum micro-batches; judge; apply or drop. Returns the verdict,
+        the step's scalar values and the batches (kept for the bad-batch record)."""
+        tc, step = self.cfg.train, self.step
+        model = self.model
+        sample_stats = step % self.cfg.guard.stats_every == 0
+        model.set_stat_tracking(sample_stats)
+        model.mtp_weight.fill_(self.cfg.model.mtp_weight * min(1.0, (self.opt_step + 1) / max(tc.mtp_rampup_steps, 1)))
+        factor = lr_factor(self.opt_step, tc) * self.guard.lr_scale * self.faults.lr_factor(step)
+        apply_lr_factor(self.optimizer, factor)
+
+        batches, sums, batch_ok = [], {}, True
+        logit_max = None
+        for _ in range(tc.grad_accum):
+            x, y = self.train_loader.next_batch()
+            x = self.faults.batch(step, x, self.data.vocab_size)
+            batches.append((x, y))
+            if int(x.max()) >= self.data.vocab_size or int(x.min()) < 0:  # checked on the host copy
+                batch_ok = False  # an out-of-range id would crash the embedding (a device assert on GPU)
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast(), self.faults.activations(step):
+                out = self.forward_model(x, y)
+            loss = self.faults.loss(step, out.loss) / tc.grad_accum
+            self.scaler.scale(loss).backward()
+            for name, value in out.losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / tc.grad_accum
+            sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+            if sample_stats:
+                logit_max = out.logits.detach().abs().max().float()
+        self.faults.grads(step, model)
+
+        if batch_ok:
+            self.scaler.unscale_(self.optimizer)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+            names = list(sums)
+            # The one host sync of the step: loss components and grad norm together.
+            values = dict(zip(names + ["grad_norm"], torch.stack([sums[n] for n in names] + [grad_norm]).tolist()))
+            if logit_max is not None:
+                values["logit_max"] = float(logit_max)
+        else:
+            values = {"loss": math.nan, "grad_norm": math.nan}
+        verdict = self.guard.check(step, values["loss"], values["grad_norm"], batch_ok)
+
+        if verdict.ok:
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, tc.grad_clip, grad_norm)
+            if tc.grad_noise > 0:  # Neelakantan et al. 2015, sigma^2 = eta / (1 + t)^0.55
+                sigma = math.sqrt(tc.grad_noise / (1 + self.opt_step) ** 0.55)
+                for g in grads:
+                    g.add_(torch.randn_like(g), alpha=sigma)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            model.update_balance_bias()
+            model.apply_qk_clip()
+            if self.ema is not None:
+                self._update_ema()
+            self.opt_step += 1
+        else:
+            if verdict.action == "overflow":
+                self.scaler.update()  # lowers the scale; the step itself is dropped
+            self.last_bad_grads = nonfinite_grads(model) if verdict.cause.startswith("non-finite") else []
+            model.reset_expert_loads()
+        self.optimizer.zero_grad(set_to_none=True)
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.step += 1
+        return verdict, values, batches
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.train.ema_decay
+        for ema_t, t in zip(self.ema.state_dict().values(), self.model.state_dict().values()):
+            if ema_t.dtype.is_floating_point:
+                ema_t.lerp_(t, 1 - decay)
+            else:
+                ema_t.copy_(t)
+
+    # ---- eval ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model: Transformer | None = None) -> dict[str, float]:
+        """Mean loss components over the first eval_batches validation batches (always the same ones)."""
+        model = model or self.model
+        windows = count_windows(self.data.val_shards, self.cfg.data.seq_len, self.lookahead)
+        loader = TokenLoader(self.data.val_shards, min(self.cfg.train.batch_size, windows), self.cfg.data.seq_len,
+                             lookahead=self.lookahead, vocab_size=self.data.vocab_size, shuffle=False)
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        n = min(self.cfg.train.eval_batches, max(loader.batches_per_epoch, 1))
+        for _ in range(n):
+            x, y = loader.next_batch()
+            with self._autocast():
+                out = model(x.to(self.device), y.to(self.device))
+            for name, value in out.losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value) / n
+        model.train(was_training)
+        return sums
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def _log_event(self, verdict: Verdict, module: str | None = None, **extra) -> None:
+        record = {"kind": "event", "event": verdict.action, "step": self.step - 1, "cause": verdict.cause,
+                  "module": module, "action": verdict.action, "value": verdict.value, **extra}
+        where = f" in {module}" if module else ""
+        line = f"[guard] step {self.step - 1}: {verdict.cause}{where} -> {verdict.action}"
+        if extra.get("detail"):
+            line += f" ({extra['detail']})"
+        self.logger.event(record, line)
+
+    def _on_fault(self, verdict: Verdict, batches) -> str | None:
+        """Record the batch and (first time a value goes non-finite) locate the module. Returns it."""
+        if verdict.action == "overflow" or not self.cfg.guard.save_bad_batches:
+            return None
+        return locate_and_save(self, verdict, batches)
+
+    def train(self) -> TrainResult:
+        tc = self.cfg.train
+        self.model.train()
+        status, last_values = "finished", {"loss": math.nan}
+        tokens_per_step = tc.batch_size * tc.grad_accum * self.cfg.data.seq_len
+        self._maybe_snapshot()
+        while self.step < tc.max_steps:
+            verdict, values, batches = self.train_step()
+            self.throughput.add(tokens_per_step)
+            if not verdict.ok:
+                module = self._on_fault(verdict, batches)
+                if verdict.action == "rollback":
+                    to_step = self._rollback()
+                    self._log_event(verdict, module, detail=f"restored step {to_step}, lr x{self.guard.lr_scale:g}",
+                                    restored_step=to_step, lr_scale=self.guard.lr_scale)
+                elif verdict.action == "abort":
+                    self._log_event(verdict, module)
+                    status = "aborted"
+                    self._rollback_for_abort()
+                    break
+                else:
+                    self._log_event(verdict, module)
+            else:
+                last_values = values
+                self._maybe_snapshot()
+            self._log_step(values, verdict)
+            if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+                if self._eval_and_maybe_stop():
+                    status = "early-stopped"
+                    break
+            elif self.step % tc.save_every == 0:
+                self.save(None)
+        self.save(self.last_val)
+        result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("loss", math.nan), self.last_val,
+                             status, self.guard.n_skips, self.guard.n_rollbacks)
+        self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
+                         "val_loss": self.last_val, "skips": self.guard.n_skips, "rollbacks": self.guard.n_rollbacks})
+        self.logger.close()
+        return result
+
+    def _rollback_for_abort(self) -> None:
+        if self.snapshots["good"] is not None:  # the final checkpoint holds the last good weights
+            snap = self.snapshots["good"]
+            self.model.load_state_dict(snap["model"])
+            self.optimizer.load_state_dict(snap["optimizer"])
+            self.opt_step = snap["opt_step"]
+
+    def _log_step(self, values: dict[str, float], verdict: Verdict) -> None:
+        record = {"kind": "train", "step": self.step - 1, "opt_step": self.opt_step, "action": verdict.action,
+                  "skipped_steps": self.guard.n_skips, **values}
+        if (self.step - 1) % self.cfg.guard.stats_every == 0:
+            record.update(self._health_stats())
+        if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.max_steps:
+            tps = self.throughput.rate()
+            record["tokens_per_sec"] = tps
+            record["mfu"] = mfu(self.flops_per_token, tps, self.peak_flops)
+            record["peak_mem_gb"] = peak_memory_gb(self.device)
+        self.logger.log(record)
+        self.logger.progress(self.step, loss=values.get("loss"), tok_s=record.get("tokens_per_sec"))
+
+    def _health_stats(self) -> dict[str, float]:
+        stats = {}
+        for name, attn in self.model.attention_layers():
+            if attn.track_max_logit:
+                stats[f"attn_logit_max/{name}"] = float(attn.max_logit.max())
+        for name, moe in self.model.moe_layers():
+            load = moe.gate.last_load
+            if float(load.sum()) > 0:
+                stats[f"expert_load_imbalance/{name}"] = float(load.max() / load.mean())
+            stats[f"router_logit_max/{name}"] = float(moe.gate.logit_stats[0])
+            stats[f"router_z/{name}"] = float(moe.gate.logit_stats[1])
+        return stats
+
+    def _eval_and_maybe_stop(self) -> bool:
+        tc = self.cfg.train
+        losses = self.evaluate()
+        val = losses["ce"]
+        record = {"kind": "eval", "step": self.step, "val_loss": val, **{f"val_{k}": v for k, v in losses.items()}}
+        if self.ema is not None:
+            record["val_loss_ema"] = self.evaluate(self.ema)["ce"]
+        self.logger.log(record)
+        self.logger.write(f"step {self.step}: val loss {val:.4f}" +
+                          (f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""))
+        self.last_val = val
+        if val < self.best_val:
+            self.best_val, self.evals_since_best = val, 0
+        else:
+            self.evals_since_best += 1
+        self.save(val)
+        return bool(tc.early_stop_patience) and self.evals_since_best >= tc.early_stop_patience
+
+
+def default_run_dir(preset: str) -> Path:
+    return Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
