@@ -302,7 +302,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     optimizer: Literal["adamw", "lion", "muon"] = "adamw"
-    lr: float = 3e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9

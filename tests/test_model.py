@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.attention import GQAttention, KVCache, LatentCache, MLAttention

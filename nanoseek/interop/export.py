@@ -83,6 +83,10 @@ def export_hf(model: nn.Module | str | Path, out_dir: str | Path, tokenizer=None
     model_type = hf_model_type(cfg)
     dtype = _resolve_dtype(dtype, model)
     _check_numerics(model, cfg, model_type)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and vocab > cfg.vocab_size:
+        raise ValueError(f"tokenizer vocab_size={vocab} is larger than the model's vocab_size={cfg.vocab_size}: "
+                         "this tokenizer does not belong to this model")
     tensors = hf_state_dict(model, model_type, dtype)
 
     out = Path(out_dir)
@@ -310,8 +314,8 @@ def _check_numerics(model: nn.Module, cfg: ModelConfig, model_type: str) -> None
             # DeepseekV2 rotates with view_as_complex on slices of q and of the kv_a output; an odd
             # per-head or per-token stride makes that raise when no dtype cast copies the tensor first.
             warnings.warn(f"qk_nope_head_dim={cfg.qk_nope_head_dim}, kv_lora_rank={cfg.kv_lora_rank}: transformers' "
-                          "DeepseekV2 fails in float32 when either is odd ('Tensor must have a stride divisible by 2'); "
-                          "the export loads and runs in bfloat16/float16", stacklevel=3)
+                          "DeepseekV2 fails in float32 when either is odd ('Tensor must have a stride divisible "
+                          "by 2'); the export loads and runs in bfloat16/float16", stacklevel=3)
     if cfg.attention == "mla" and cfg.norm_eps != HF_LATENT_NORM_EPS:
         warnings.warn(f"norm_eps={cfg.norm_eps}: transformers builds DeepSeek's latent norms (q_a_layernorm, "
                       f"kv_a_layernorm) with eps={HF_LATENT_NORM_EPS}, so its logits will differ slightly from "
@@ -327,10 +331,6 @@ def _write_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> tuple[int | None
         warnings.warn(f"tokenizer {type(tokenizer).__name__} has no to_hf_files(); exported without tokenizer files",
                       stacklevel=3)
         return None, None
-    vocab = getattr(tokenizer, "vocab_size", None)
-    if vocab is not None and vocab > cfg.vocab_size:
-        raise ValueError(f"tokenizer vocab_size={vocab} is larger than the model's vocab_size={cfg.vocab_size}: "
-                         "this tokenizer does not belong to this model")
     try:
         tokenizer.to_hf_files(out, model_max_length=cfg.max_seq_len)
     except ValueError as err:  # e.g. a char tokenizer: the weights are still worth having

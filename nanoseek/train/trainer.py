@@ -69,6 +69,9 @@ class Trainer:
         tc = cfg.train
         if tc.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("precision='bf16' needs an Ampere or newer GPU; use --train.precision fp16")
+        if not resume and latest_checkpoint(self.run_dir) is not None:
+            raise ValueError(f"{self.run_dir} already holds a run with checkpoints; continue it with --resume, "
+                             "or choose a new --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
 
