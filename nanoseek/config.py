@@ -104,7 +104,7 @@ class ModelConfig:
     router_fp32: bool = True  # router scores in fp32 even under autocast (DeepSeek-V3, ST-MoE)
     swiglu_clamp: float = 0.0  # clamp SwiGLU pre-activations to +-this (opt-in; counted and logged)
     # What __post_init__ derived (kv_head_ratio, embd_scale), for the record; not a setting.
-    derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict)
+    derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "rope_theta",
@@ -133,6 +133,12 @@ class ModelConfig:
             self._check_moe()
 
     def _derive_gqa(self) -> None:
+        # Values derived by an earlier validation (a preset, or the CLI's defaults) are derived again,
+        # so `from_preset("tiny-gqa", dim=256)` or `--model.dim 256` does not keep a stale head_dim.
+        if self.derived.get("auto_head_dim") == self.head_dim:
+            self.head_dim = None
+        if self.derived.get("auto_n_kv_heads") == self.n_kv_heads:
+            self.n_kv_heads = None
         if self.embd_scale != 1.0 and "dim" not in self.derived:
             # Seed 004: widen the residual stream with the memory GQA frees; keep it a multiple of n_heads,
             # and of 2 * n_heads when head_dim = dim // n_heads is derived (RoPE needs it even: 768 * 1.12
@@ -152,13 +158,13 @@ class ModelConfig:
             self.n_kv_heads = n_kv
             self.kv_head_ratio = None
         if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+            self.n_kv_heads = self.derived["auto_n_kv_heads"] = self.n_heads
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
             _fail("n_kv_heads", self.n_kv_heads, f"must be a positive divisor of n_heads={self.n_heads}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 _fail("dim", self.dim, f"must be divisible by n_heads={self.n_heads}, or set head_dim explicitly")
-            self.head_dim = self.dim // self.n_heads
+            self.head_dim = self.derived["auto_head_dim"] = self.dim // self.n_heads
         if self.head_dim <= 0 or self.head_dim % 2:
             _fail("head_dim", self.head_dim, "must be a positive even number (rotary embeddings rotate pairs)")
 
@@ -219,7 +225,7 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         if name not in PRESETS:
             raise ValueError(f"preset={name!r}: unknown; choose one of {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], derived={}, **overrides)
+        return dataclasses.replace(PRESETS[name], derived=dict(PRESETS[name].derived), **overrides)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "derived"}
@@ -255,14 +261,16 @@ PRESETS: dict[str, ModelConfig] = {
                           q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
                           v_head_dim=64, inter_dim=2048, n_routed_experts=32, n_activated_experts=4,
                           moe_inter_dim=384, route_scale=2.0),
+    # ~0.9B total / 0.26B active: the top of the range one 80 GB GPU trains comfortably.
     "large": ModelConfig(vocab_size=32768, dim=1024, n_layers=20, n_heads=16, max_seq_len=2048,
                          q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                         v_head_dim=64, inter_dim=2816, n_routed_experts=64, n_activated_experts=6,
+                         v_head_dim=64, inter_dim=2816, n_routed_experts=32, n_activated_experts=4,
                          moe_inter_dim=384, n_expert_groups=4, n_limited_groups=2, route_scale=2.5),
-    "xl": ModelConfig(vocab_size=49152, dim=1536, n_layers=24, n_heads=16, max_seq_len=2048,
-                      q_lora_rank=768, kv_lora_rank=384, qk_nope_head_dim=96, qk_rope_head_dim=32,
-                      v_head_dim=96, inter_dim=4096, n_routed_experts=64, n_activated_experts=6,
-                      moe_inter_dim=512, n_expert_groups=8, n_limited_groups=4, route_scale=2.5),
+    # ~1.5B total / 0.44B active.
+    "xl": ModelConfig(vocab_size=49152, dim=1280, n_layers=20, n_heads=16, max_seq_len=2048,
+                      q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=96, qk_rope_head_dim=32,
+                      v_head_dim=96, inter_dim=3456, n_routed_experts=32, n_activated_experts=4,
+                      moe_inter_dim=512, n_expert_groups=4, n_limited_groups=2, route_scale=2.5),
     # SmolLM2-135M's shape (576 dim, 30 layers, 9 heads, vocab 49152) as MLA + MoE, seed 001:
     # 1 shared + 7 routed experts, top-2; each expert a third of SmolLM2's 1536-wide MLP.
     "smoldeepseek-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, max_seq_len=2048,

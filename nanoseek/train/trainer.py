@@ -76,7 +76,7 @@ class Trainer:
         seed_everything(cfg.seed)
 
         self.data = self._prepare_data()
-        cfg.model = dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size, derived={})
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size, derived=dict(cfg.model.derived))
         self.lookahead = 1 + (cfg.model.mtp_depth if cfg.model.mtp_depth else 0)
         self.train_loader = TokenLoader(self.data.train_shards, tc.batch_size, cfg.data.seq_len,
                                         lookahead=self.lookahead, seed=cfg.seed, vocab_size=self.data.vocab_size)
