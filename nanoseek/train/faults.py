@@ -8,6 +8,8 @@ at the step (data batch index) it names.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -37,9 +39,11 @@ def parse_fault(spec: str) -> Fault:
         raise ValueError(f"--inject {spec!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "inf-act" and not arg:
         raise ValueError(f"--inject {spec!r}: inf-act needs a module path, e.g. inf-act:layers.0.attn@5")
+    if arg and kind not in ("inf-act", "lr-spike"):
+        raise ValueError(f"--inject {spec!r}: {kind} takes no argument; write {kind}@{step}")
     if kind == "lr-spike":
         try:
-            if float(arg) <= 0:
+            if not 0 < float(arg) < math.inf:  # also rejects nan
                 raise ValueError
         except ValueError:
             raise ValueError(f"--inject {spec!r}: lr-spike needs a positive factor, e.g. lr-spike:100@40") from None
@@ -54,7 +58,9 @@ class FaultInjector:
         modules = dict(model.named_modules())
         for fault in self.faults:
             if fault.kind == "inf-act" and fault.arg not in modules:
-                near = [name for name in modules if name and fault.arg.split(".")[-1] in name][:5]
+                names = [name for name in modules if name]
+                near = (difflib.get_close_matches(fault.arg, names, n=5, cutoff=0.6)
+                        or [name for name in names if fault.arg.split(".")[-1] in name][:5])
                 raise ValueError(f"--inject {fault}: model has no module {fault.arg!r}"
                                  f"{'; similar: ' + ', '.join(near) if near else ''}")
         self.modules = modules
@@ -101,7 +107,13 @@ class FaultInjector:
 
 
 def _poison_output(module: nn.Module, args, output):
-    tensor = output[0] if isinstance(output, tuple) else output
-    poisoned = tensor.clone()
-    poisoned.view(-1)[0] = float("inf")
-    return (poisoned, *output[1:]) if isinstance(output, tuple) else poisoned
+    # Every floating-point tensor of a tuple output, not just the first: an MTP module returns
+    # (h for the next depth, normed output), and at the last depth h is never used, so poisoning
+    # only output[0] would inject nothing.
+    def poison(tensor):
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            return tensor
+        poisoned = tensor.clone()
+        poisoned[(0,) * poisoned.dim()] = float("inf")  # indexing, not view(-1): any strides
+        return poisoned
+    return tuple(poison(t) for t in output) if isinstance(output, tuple) else poison(output)

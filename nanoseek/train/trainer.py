@@ -94,6 +94,7 @@ class Trainer:
         self.last_bad_grads: list[str] = []
 
         self.step = self.opt_step = 0
+        self.saved_step = -1
         self.best_val, self.evals_since_best = math.inf, 0
         self.last_val: float | None = None
         self.snapshots: dict[str, dict | None] = {"good": None, "pending": None}
@@ -134,6 +135,7 @@ class Trainer:
         if self.ema is not None and ckpt.ema_state is not None:
             self.ema.load_state_dict(ckpt.ema_state)
         self.step, self.opt_step = state["step"], state["opt_step"]
+        self.saved_step = self.step
         self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
         self.last_val = state.get("last_val")
         set_rng_state(state["rng"])
@@ -150,6 +152,7 @@ class Trainer:
 
     def save(self, val_loss: float | None = None) -> Path:
         tc = self.cfg.train
+        self.saved_step = self.step
         return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.trainer_state(),
                                self.cfg.to_dict(), val_loss=val_loss,
                                ema_state=self.ema.state_dict() if self.ema is not None else None,
@@ -172,7 +175,10 @@ class Trainer:
     def _maybe_snapshot(self) -> None:
         # A snapshot becomes "good" only after it has survived snapshot_every healthy steps, so a
         # bad update that looked fine when applied (an LR spike) is never what we roll back to.
-        if not self.cfg.guard.enabled or self.step % self.cfg.guard.snapshot_every:
+        # With no snapshot yet (a run resumed between snapshot steps), take one now, or a rollback
+        # before the next snapshot step would have nothing to restore.
+        due = self.step % self.cfg.guard.snapshot_every == 0 or self.snapshots["good"] is None
+        if not self.cfg.guard.enabled or not due:
             return
         if self.snapshots["pending"] is not None:
             self.snapshots["good"] = self.snapshots["pending"]
@@ -352,7 +358,8 @@ class Trainer:
                     break
             elif self.step % tc.save_every == 0:
                 self.save(None)
-        self.save(self.last_val)
+        if self.saved_step != self.step:
+            self.save(self.last_val)
         result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("loss", math.nan), self.last_val,
                              status, self.guard.n_skips, self.guard.n_rollbacks)
         self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
