@@ -158,7 +158,7 @@ def cmd_train(args: Train) -> int:
           f"device {trainer.device}, run dir {run_dir}")
     result = trainer.train()
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    print(f"{result.status} at step {result.step}: train loss {result.train_loss:.4f}, val loss {val}, "
+    print(f"{result.status} at step {result.step}: train ce {result.train_loss:.4f}, val loss {val}, "
           f"{result.n_skips} skipped steps, {result.n_rollbacks} rollbacks; checkpoints in {run_dir / 'checkpoints'}")
     if args.sample and cfg.train.sample_tokens and result.status != "aborted":
         from nanoseek.generate import generate

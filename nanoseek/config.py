@@ -324,6 +324,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still computed for the guard)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    fp8: bool = False  # torchao float8 linears (CUDA >= 8.9); MLA projections, router, head stay high
     activation_checkpointing: bool = False
     mtp_rampup_steps: int = 50  # seed 004: ramp the MTP weight linearly from 0
     eval_every: int = 100
@@ -348,6 +349,8 @@ class TrainConfig:
         _one_of(self, "optimizer", ("adamw", "lion", "muon"))
         _one_of(self, "schedule", ("cosine", "wsd", "constant", "cyclic"))
         _one_of(self, "precision", ("fp32", "bf16", "fp16"))
+        if self.fp8 and self.precision != "bf16":
+            _fail("fp8", True, "needs precision='bf16' (fp8 matmuls run inside a bf16 autocast)")
         if self.keep_last < 1:
             _fail("keep_last", self.keep_last, "must be >= 1 (the newest checkpoint is what --resume uses)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

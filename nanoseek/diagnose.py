@@ -102,8 +102,8 @@ def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultIn
         model.train(was_training)
         return found[0]
     loss = injector.loss(step, out.loss) if injector else out.loss
-    if not math.isfinite(float(loss)):
-        bad = {k: float(v) for k, v in out.losses.items() if not math.isfinite(float(v))}
+    if not math.isfinite(float(loss.detach())):
+        bad = {k: float(v.detach()) for k, v in out.losses.items() if not math.isfinite(float(v.detach()))}
         model.reset_expert_loads()
         model.train(was_training)
         return Finding("loss", None, "loss", {"components": bad or "all finite; the total is not"})

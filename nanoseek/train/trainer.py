@@ -28,6 +28,7 @@ from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from nanoseek.train.faults import FaultInjector
+from nanoseek.train.fp8 import enable_fp8
 from nanoseek.train.guard import StabilityGuard, Verdict
 from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
@@ -83,6 +84,8 @@ class Trainer:
 
         self.model = Transformer(cfg.model).to(self.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
+        if tc.fp8:
+            enable_fp8(self.model, self.device)
         self.forward_model = torch.compile(self.model) if tc.compile else self.model
         self.optimizer = build_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
@@ -360,7 +363,7 @@ class Trainer:
                 self.save(None)
         if self.saved_step != self.step:
             self.save(self.last_val)
-        result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("loss", math.nan), self.last_val,
+        result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("ce", math.nan), self.last_val,
                              status, self.guard.n_skips, self.guard.n_rollbacks)
         self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
                          "val_loss": self.last_val, "skips": self.guard.n_skips, "rollbacks": self.guard.n_rollbacks})
@@ -389,6 +392,8 @@ class Trainer:
 
     def _health_stats(self) -> dict[str, float]:
         stats = {}
+        if self.cfg.model.swiglu_clamp > 0:  # the opt-in clamp is never silent: values clamped so far
+            stats["swiglu_clamped"] = float(sum(b for n, b in self.model.named_buffers() if n.endswith("clamped")))
         for name, attn in self.model.attention_layers():
             if attn.track_max_logit:
                 stats[f"attn_logit_max/{name}"] = float(attn.max_logit.max())

@@ -1,0 +1,37 @@
+"""Float8 training by module (torchao), with the fragile parts kept in high precision.
+
+Which linears go to fp8 is a stability decision (seed 000: fp8 in the MLA projections made early
+layers unstable): the MLA projections (wq/wq_a/wq_b, wkv_a, wkv_b), the router and the output head
+stay in bf16/fp32, as do layers whose dims are not multiples of 16 (an fp8 GEMM requirement).
+Real fp8 matmuls need CUDA compute capability >= 8.9 (Ada, Hopper); elsewhere we refuse clearly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# named_modules() suffixes kept out of fp8.
+HIGH_PRECISION = ("attn.wq", "attn.wq_a", "attn.wq_b", "attn.wkv_a", "attn.wkv_b", "gate", "head", "eh_proj")
+
+
+def fp8_eligible(module: nn.Module, name: str) -> bool:
+    """True for an nn.Linear that may run in fp8: not a high-precision module, 16-aligned dims."""
+    if not isinstance(module, nn.Linear) or name.endswith(HIGH_PRECISION):
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def enable_fp8(model: nn.Module, device: torch.device, recipe: str = "tensorwise") -> list[str]:
+    """Swap eligible linears for torchao Float8Linear in place; returns their names."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("train.fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper); "
+                         "use --train.precision bf16 on this device")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise ValueError("train.fp8 needs torchao: pip install 'nanoseek[fp8]'") from None
+    converted = [name for name, module in model.named_modules() if fp8_eligible(module, name)]
+    convert_to_float8_training(model, module_filter_fn=lambda module, name: fp8_eligible(module, name),
+                               config=Float8LinearConfig.from_recipe_name(recipe))
+    return converted
