@@ -165,8 +165,8 @@ def cmd_train(args: Train) -> int:
         import torch
 
         tok = trainer.data.tokenizer
-        prompt = torch.tensor([tok.encode("The ")], device=trainer.device)
-        text = tok.decode(generate(model, prompt, cfg.train.sample_tokens, eos_id=tok.eos_id)[0].tolist())
+        prompt = torch.tensor([[tok.eos_id]], device=trainer.device)  # a document boundary: any tokenizer has it
+        text = tok.decode(generate(model, prompt, cfg.train.sample_tokens, eos_id=tok.eos_id)[0, 1:].tolist())
         (run_dir / "samples.txt").write_text(text)
         print("--- sample ---\n" + text + "\n--------------")
     if result.status == "aborted":

@@ -31,9 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, AT = 8, 3  # run length and the step every fault here fires at
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """One thread: OpenMP threads spin-waiting against other processes on 2 cores are 100x slower."""
+    """One thread: OpenMP threads spin-waiting against other processes on 2 cores are 100x slower.
+    Module-scoped, so it is in force before the module-scoped runs below (they also ask for it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -131,7 +132,7 @@ def run_training(cfg: RunConfig, run_dir: Path) -> Run:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(one_thread, tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
 
 

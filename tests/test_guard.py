@@ -23,9 +23,10 @@ from nanoseek.train.optim import lr_factor
 from nanoseek.train.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """One thread: OpenMP threads spin-waiting against other processes on 2 cores are 100x slower."""
+    """One thread: OpenMP threads spin-waiting against other processes on 2 cores are 100x slower.
+    Module-scoped, so it is in force before the module-scoped runs below (they also ask for it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -208,7 +209,7 @@ def tiny_config(corpus: Path, max_steps: int, inject=(), train: dict | None = No
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(one_thread, tmp_path_factory) -> Path:
     """~17 KB of deterministic pseudo-sentences over a small word list (about 30 distinct characters)."""
     words = ("the quick brown fox jumps over a lazy dog while seven small cats sleep near warm stones "
              "and rain falls on quiet green hills").split()
@@ -295,9 +296,10 @@ class Run:
         return {r["step"]: r for r in self.records("train")}
 
 
-def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False, patch=None) -> Run:
+def run_training(cfg: RunConfig, run_dir: Path, resume: bool = False, patch=None, watch: bool = True) -> Run:
     trainer = Trainer(cfg, run_dir, resume=resume, show_progress=False)
-    watch_steps(trainer)
+    if watch:
+        watch_steps(trainer)
     if patch is not None:
         patch(trainer)
     return Run(run_dir, trainer, trainer.train())
@@ -368,7 +370,7 @@ def test_skip_equals_leaving_the_batch_out(skip_runs, kind, grad_accum):
 
 # ---- an LR spike is rolled back, and the run recovers -------------------------------------------------
 
-SPIKE_AT, SPIKE_STEPS = 60, 120
+SPIKE_AT, SPIKE_STEPS = 59, 120  # the spiked update lands in the snapshot taken at step 60
 
 
 @pytest.fixture(scope="module")
@@ -382,11 +384,11 @@ def spike_runs(corpus, tmp_path_factory) -> dict[str, Run]:
     spike = [f"lr-spike:100@{SPIKE_AT}"]
     return {
         "clean": run_training(tiny_config(corpus, SPIKE_STEPS, train=train, guard=guard),
-                              tmp_path_factory.mktemp("clean")),
+                              tmp_path_factory.mktemp("clean"), watch=False),
         "guarded": run_training(tiny_config(corpus, SPIKE_STEPS, spike, train=train, guard=guard),
                                 tmp_path_factory.mktemp("guarded")),
         "unguarded": run_training(tiny_config(corpus, SPIKE_STEPS, spike, train=train, guard={"enabled": False}),
-                                  tmp_path_factory.mktemp("unguarded")),
+                                  tmp_path_factory.mktemp("unguarded"), watch=False),
     }
 
 
@@ -397,7 +399,8 @@ def test_lr_spike_is_caught_within_two_steps_and_rolled_back(spike_runs):
     assert events and events[0]["step"] <= SPIKE_AT + 2 and "spike" in events[0]["cause"], events
     rollback = [e for e in events if e["action"] == "rollback"]
     assert len(rollback) == 1 and rollback[0]["step"] <= SPIKE_AT + 2
-    # The snapshot it restores is from before the spiked update (snapshot k = the state after k updates).
+    # The snapshot it restores is from before the spiked update (snapshot k = the state after k updates),
+    # not the newer one that already holds it.
     assert rollback[0]["restored_step"] <= SPIKE_AT and rollback[0]["lr_scale"] == 0.5
 
     steps, clean_steps = run.steps(), clean.steps()
@@ -516,10 +519,15 @@ def test_rollback_right_after_resume_restores_the_checkpoint(corpus, tmp_path):
     assert not differences(restored["optimizer"]["state"], saved.trainer_state["optimizer"]["state"])
 
 
-def test_rollback_can_skip_extra_batches(corpus, tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_rollback_can_skip_extra_batches(corpus, tmp_path, grad_accum):
     faults = ["nan-loss@3", "nan-loss@4", "nan-loss@5"]
-    cfg = tiny_config(corpus, 10, faults, guard={"max_skips": 3, "rollback_skip_batches": 2})
+    cfg = tiny_config(corpus, 10, faults, train={"grad_accum": grad_accum},
+                      guard={"max_skips": 3, "rollback_skip_batches": 2})
     run = run_training(cfg, tmp_path / "run")
     assert run.result.status == "finished" and run.result.step == 10
-    assert sorted(run.steps()) == [0, 1, 2, 3, 4, 5, 8, 9]  # batches 6 and 7 were stepped over
-    assert run.trainer.train_loader.state_dict()["position"] == 10 * cfg.train.batch_size
+    events = run.records("event")
+    assert [(e["step"], e["action"]) for e in events] == [(3, "skip"), (4, "skip"), (5, "rollback")]
+    assert sorted(run.steps()) == [0, 1, 2, 3, 4, 5, 8, 9]  # the data of steps 6 and 7 was stepped over
+    # Every step's data was consumed or stepped over, no more: the cursor is where 10 steps put it.
+    assert run.trainer.train_loader.state_dict()["position"] == 10 * grad_accum * cfg.train.batch_size

@@ -200,9 +200,6 @@ class Trainer:
         self.opt_step = snap["opt_step"]
         self.snapshots["pending"] = None
         self.guard.rolled_back()
-        if self.cfg.guard.rollback_skip_batches:
-            self.train_loader.skip(self.cfg.guard.rollback_skip_batches)
-            self.step += self.cfg.guard.rollback_skip_batches
         return snap["step"]
 
     # ---- one step ------------------------------------------------------------------------------
@@ -225,12 +222,15 @@ class Trainer:
 
         batches, sums, batch_ok = [], {}, True
         logit_max = None
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             x, y = self.train_loader.next_batch()
             x = self.faults.batch(step, x, self.data.vocab_size)
             batches.append((x, y))
             if int(x.max()) >= self.data.vocab_size or int(x.min()) < 0:  # checked on the host copy
                 batch_ok = False  # an out-of-range id would crash the embedding (a device assert on GPU)
+                # The step is dropped whole: pass over its other micro-batches too, so the data moves on
+                # exactly as after any other skipped step.
+                self.train_loader.skip(tc.grad_accum - 1 - micro)
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast(), self.faults.activations(step):
@@ -355,6 +355,11 @@ class Trainer:
                 last_values = values
                 self._maybe_snapshot()
             self._log_step(values, verdict)
+            if verdict.action == "rollback" and self.cfg.guard.rollback_skip_batches:
+                # Only now, so the event and the record above name the step that faulted. A "batch" here
+                # is a step's data: grad_accum loader batches, so steps and data stay in line.
+                self.train_loader.skip(self.cfg.guard.rollback_skip_batches * tc.grad_accum)
+                self.step += self.cfg.guard.rollback_skip_batches
             if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
                 if self._eval_and_maybe_stop():
                     status = "early-stopped"
