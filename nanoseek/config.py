@@ -384,6 +384,10 @@ class GuardConfig:
     def __post_init__(self) -> None:
         _positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every", "stats_every")
         _non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches")
+        from nanoseek.train.faults import parse_fault  # a bad --inject fails before any data is prepared
+
+        for spec in self.inject:
+            parse_fault(spec)
         if self.rollback_lr_factor > 1:
             _fail("rollback_lr_factor", self.rollback_lr_factor, "must be in (0, 1]: the LR is multiplied by it")
 
