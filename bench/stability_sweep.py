@@ -13,7 +13,6 @@ loss. LR sensitivity = mean over LRs of (score - best score of that variant); lo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import tempfile
 import time

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from nanoseek.config import PRESETS, DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
+from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
 
 
 @dataclass

@@ -20,15 +20,6 @@ from nanoseek.train.checkpoint import (best_checkpoint, latest_checkpoint, list_
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: OpenMP threads spin-waiting against other processes on 2 cores are 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_same(a, b, where="state"):
     """Exact equality of nested dicts/lists/tuples of tensors, numpy arrays and plain values."""
     assert type(a) is type(b), (where, type(a), type(b))

@@ -13,16 +13,6 @@ from nanoseek import PRESETS, DataConfig, GuardConfig, ModelConfig, RunConfig, T
 GQA = dict(attention="gqa")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and 2-thread torch stalls badly when another process shares the
-    2-core machine (DESIGN.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("kwargs,field", [
     # sizes
     (dict(vocab_size=0), "vocab_size"),

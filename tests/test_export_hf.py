@@ -25,15 +25,6 @@ VOCAB = 97
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny; with another process on a 2-core machine, 2-thread torch runs 10-40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mla(**overrides) -> ModelConfig:
     # Odd head dims on purpose: nothing may assume powers of two.
     base = dict(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=2, max_seq_len=32, attention="mla",

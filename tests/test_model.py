@@ -16,16 +16,6 @@ from nanoseek.model.transformer import IGNORE_INDEX
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and 2-thread torch stalls badly when another process shares the
-    2-core machine (DESIGN.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def mla_config(**overrides) -> ModelConfig:
     base = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, max_seq_len=64, attention="mla",
                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, inter_dim=64,

@@ -13,16 +13,6 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.model.moe import Experts, Gate, MoE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and 2-thread torch stalls badly when another process shares the
-    2-core machine (DESIGN.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def moe_config(**overrides) -> ModelConfig:
     base = dict(vocab_size=64, dim=16, n_layers=2, n_heads=2, max_seq_len=32, kv_lora_rank=8,
                 qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, inter_dim=32, n_dense_layers=1,

@@ -45,16 +45,6 @@ class Toy(nn.Module):
         return self.head(self.norm(x))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread, because OpenMP threads spin-waiting against other processes on a 2-core
-    machine make these steps 100x slower (DESIGN.md, "Facts worth knowing")."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _names(model, group):
     ids = {id(p) for p in group["params"]}
     return sorted(n for n, p in model.named_parameters() if id(p) in ids)

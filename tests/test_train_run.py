@@ -3,7 +3,6 @@ not), runs are not overwritten, checkpoints load back, and the CLI works from a 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,14 +19,6 @@ from nanoseek.train.trainer import Trainer
 
 SMALL_MODEL = dict(dim=32, n_heads=2, n_layers=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                    v_head_dim=8, inter_dim=64, moe_inter_dim=16, n_routed_experts=4, max_seq_len=32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
