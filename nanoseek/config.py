@@ -384,6 +384,9 @@ class GuardConfig:
     def __post_init__(self) -> None:
         _positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every", "stats_every")
         _non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches")
+        if self.warmup > self.window:
+            _fail("warmup", self.warmup, f"must be <= window={self.window}: the window could never fill, "
+                  "so spike detection would be off")
         from nanoseek.train.faults import parse_fault  # a bad --inject fails before any data is prepared
 
         for spec in self.inject:

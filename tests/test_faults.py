@@ -31,21 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, AT = 8, 3  # run length and the step every fault here fires at
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: OpenMP threads spin-waiting against other processes on 2 cores are 100x slower.
-    Module-scoped, so it is in force before the module-scoped runs below (they also ask for it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- tiny runs --------------------------------------------------------------------------------------
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    """MLA + MoE (1 dense layer, 4 routed experts, 1 shared) + one MTP module; ~30K parameters."""
+    """MLA + MoE (1 dense layer, 4 routed experts, 1 shared) + one MTP module; ~35K parameters."""
     return ModelConfig.from_preset("tiny", dim=32, n_heads=2, n_layers=2, kv_lora_rank=16, qk_nope_head_dim=8,
                                    qk_rope_head_dim=8, v_head_dim=8, inter_dim=64, moe_inter_dim=16,
                                    n_routed_experts=4, n_dense_layers=1, n_shared_experts=1, mtp_depth=1,
@@ -132,7 +122,7 @@ def run_training(cfg: RunConfig, run_dir: Path) -> Run:
 
 
 @pytest.fixture(scope="module")
-def corpus(one_thread, tmp_path_factory) -> Path:
+def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
 
 
@@ -258,7 +248,8 @@ def test_inf_act_poisons_every_float_tensor_of_a_tuple_output():
 def test_fault_is_caught_named_and_skipped(faulted, spec, cause, module, bad_grads):
     run = faulted(spec)
     assert run.result.status == "finished" and run.result.exit_code == 0
-    assert (run.result.step, run.result.opt_step, run.result.n_skips, run.result.n_rollbacks) == (STEPS, STEPS - 1, 1, 0)
+    result = run.result
+    assert (result.step, result.opt_step, result.n_skips, result.n_rollbacks) == (STEPS, STEPS - 1, 1, 0)
     # watch_steps checked every step: finite state, and the faulted step left everything untouched.
     assert run.seen == [(step, "skip" if step == AT else "ok") for step in range(STEPS)]
     assert not nonfinite(state_tensors(run.trainer))
@@ -365,6 +356,7 @@ def test_diagnose_run_without_a_bad_batch_is_a_clear_error(faulted, tmp_path, ca
     # A bad-batch fault saves the batch but no model state: there is nothing non-finite to replay.
     with pytest.raises(ValueError, match="no bad batch with a saved model state"):
         diagnose_run(faulted(f"bad-batch@{AT}").run_dir)
+    capsys.readouterr()  # drop what a training run above may have printed
     assert cli_main(["diagnose", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nanoseek: error: no bad batch"), err

@@ -23,16 +23,6 @@ from nanoseek.train.optim import lr_factor
 from nanoseek.train.trainer import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: OpenMP threads spin-waiting against other processes on 2 cores are 100x slower.
-    Module-scoped, so it is in force before the module-scoped runs below (they also ask for it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- StabilityGuard.check ---------------------------------------------------------------------------
 
 LOSSES = [2.0, 2.1, 1.9, 2.05, 1.95, 2.0, 2.1, 1.9, 2.02, 1.98]  # a healthy, noisy plateau
@@ -209,7 +199,7 @@ def tiny_config(corpus: Path, max_steps: int, inject=(), train: dict | None = No
 
 
 @pytest.fixture(scope="module")
-def corpus(one_thread, tmp_path_factory) -> Path:
+def corpus(tmp_path_factory) -> Path:
     """~17 KB of deterministic pseudo-sentences over a small word list (about 30 distinct characters)."""
     words = ("the quick brown fox jumps over a lazy dog while seven small cats sleep near warm stones "
              "and rain falls on quiet green hills").split()
@@ -438,7 +428,8 @@ def test_exhausted_rollbacks_abort_with_a_finite_checkpoint(corpus, tmp_path, ma
     assert run.result.status == "aborted" and run.result.exit_code != 0
     expected = (["skip", "skip", "rollback"] * max_rollbacks) + ["skip", "skip", "abort"]
     events = run.records("event")
-    assert [e["action"] for e in events] == expected and [e["step"] for e in events] == list(range(3, 3 + len(expected)))
+    assert [e["action"] for e in events] == expected
+    assert [e["step"] for e in events] == list(range(3, 3 + len(expected)))
     assert "rollbacks exhausted" in events[-1]["cause"]
     assert run.result.step == 3 + len(expected) < 20  # it stopped there
     summary = run.records("summary")

@@ -7,8 +7,8 @@ update or the MoE bias update. The verdict is one of:
 - skip     -- non-finite loss or gradient, an out-of-range batch, or a loss / grad-norm spike
               (more than `spike_sigma` std above the rolling window, OLMo-core style; spikes are
               kept out of the window). Nothing changes but the data position.
-- rollback -- `max_skips` skips inside `window` steps, or two spikes in a row (the loss stays high,
-              so the weights, not the data, are bad): restore the last verified-good snapshot,
+- rollback -- `max_skips` skips inside `window` steps, or two loss spikes in a row (the loss stays
+              high, so the weights, not the data, are bad): restore the last verified-good snapshot,
               lower the LR by `rollback_lr_factor`, and leave the data window that led into the
               trouble behind (PaLM, arXiv 2204.02311, section 5.1).
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
@@ -89,10 +89,13 @@ class StabilityGuard:
             if len(window.values) >= max(self.cfg.warmup, 2):
                 z = window.z_score(value)
                 if z > self.cfg.spike_sigma and value > self.MIN_SPIKE_RATIO[name] * window.mean():
-                    self.consecutive_spikes += 1
                     verdict = self._skip(step, f"{name} spike ({z:.1f} sigma above the last {len(window.values)} steps)", value)
-                    if verdict.action == "skip" and self.consecutive_spikes >= 2:
-                        return self._escalate(f"{name} stays high ({self.consecutive_spikes} spikes in a row)", value)
+                    # Only a loss that stays high says the weights are damaged; a grad-norm spike alone
+                    # (common while the loss leaves its initial plateau) is skipped, never rolled back.
+                    if name == "loss":
+                        self.consecutive_spikes += 1
+                        if verdict.action == "skip" and self.consecutive_spikes >= 2:
+                            return self._escalate(f"loss stays high ({self.consecutive_spikes} spikes in a row)", value)
                     return verdict
         self.consecutive_spikes = 0
         self.stats["loss"].add(loss)
