@@ -134,6 +134,8 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """torch._grouped_mm wants 16-byte aligned strides; otherwise we take the batched path."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False  # eager CPU accepts fp32, but the op's compile-time (meta) check demands bf16
     align = 16 // x.element_size()
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
