@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from nanoseek.config import RunConfig
 from nanoseek.diagnose import locate_and_save, nonfinite_grads
 from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
 from nanoseek.model import Transformer
+from nanoseek.model.transformer import ModelOutput
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
@@ -59,11 +61,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Trainer:
-    """Builds data, model, optimizer and guard for a RunConfig and runs the loop."""
+Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], ModelOutput]
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True):
+
+def next_token_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+    """The default objective: the model's own next-token (+ MTP, aux, z) loss."""
+    return model(x, y)
+
+
+class Trainer:
+    """Builds data, model, optimizer and guard for a RunConfig and runs the loop.
+
+    `model` (a Transformer built elsewhere: a converted or imported model, or one carrying adapters)
+    replaces the one built from `cfg.model`; only its parameters with requires_grad train.
+    `objective(model, x, y) -> ModelOutput` replaces the next-token loss (distillation against a
+    teacher, say); its `losses` dict is logged, and `losses["ce"]` (else the total) is the eval metric.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
+                 model: Transformer | None = None, objective: Objective = next_token_objective):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.objective = objective
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals make CPU matmuls crawl late in training
@@ -77,12 +95,17 @@ class Trainer:
         seed_everything(cfg.seed)
 
         self.data = self._prepare_data()
-        cfg.model = dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size, derived=dict(cfg.model.derived))
+        if model is not None and model.config.vocab_size < self.data.vocab_size:
+            raise ValueError(f"the data's vocabulary ({self.data.vocab_size}) is larger than the model's "
+                             f"({model.config.vocab_size}); tokenize with the model's own tokenizer "
+                             "(--data.tokenizer path/to/tokenizer.json)")
+        cfg.model = model.config if model is not None else dataclasses.replace(
+            cfg.model, vocab_size=self.data.vocab_size, derived=dict(cfg.model.derived))
         self.lookahead = 1 + (cfg.model.mtp_depth if cfg.model.mtp_depth else 0)
         self.train_loader = TokenLoader(self.data.train_shards, tc.batch_size, cfg.data.seq_len,
                                         lookahead=self.lookahead, seed=cfg.seed, vocab_size=self.data.vocab_size)
 
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = (model if model is not None else Transformer(cfg.model)).to(self.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
         if tc.fp8:
             enable_fp8(self.model, self.device)
@@ -234,7 +257,7 @@ class Trainer:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast(), self.faults.activations(step):
-                out = self.forward_model(x, y)
+                out = self.objective(self.forward_model, x, y)
             loss = self.faults.loss(step, out.loss) / tc.grad_accum
             self.scaler.scale(loss).backward()
             for name, value in out.losses.items():
@@ -306,8 +329,8 @@ class Trainer:
         for _ in range(n):
             x, y = loader.next_batch()
             with self._autocast():
-                out = model(x.to(self.device), y.to(self.device))
-            for name, value in out.losses.items():
+                out = self.objective(model, x.to(self.device), y.to(self.device))
+            for name, value in {"loss": out.loss, **out.losses}.items():
                 sums[name] = sums.get(name, 0.0) + float(value) / n
         model.train(was_training)
         return sums
@@ -413,10 +436,11 @@ class Trainer:
     def _eval_and_maybe_stop(self) -> bool:
         tc = self.cfg.train
         losses = self.evaluate()
-        val = losses["ce"]
-        record = {"kind": "eval", "step": self.step, "val_loss": val, **{f"val_{k}": v for k, v in losses.items()}}
+        val = losses.get("ce", losses["loss"])
+        record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
         if self.ema is not None:
-            record["val_loss_ema"] = self.evaluate(self.ema)["ce"]
+            ema_losses = self.evaluate(self.ema)
+            record["val_loss_ema"] = ema_losses.get("ce", ema_losses["loss"])
         self.logger.log(record)
         self.logger.write(f"step {self.step}: val loss {val:.4f}" +
                           (f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""))
