@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import tyro
 
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
+from nanoseek.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
 
 
 @dataclass
@@ -78,22 +79,6 @@ class Prepare:
     seq_len: int = 128
     """Sequence length the shards must hold at least a few windows of."""
     val_fraction: float = 0.05
-
-
-@dataclass
-class Generate:
-    """Sample text from a trained run or checkpoint."""
-
-    path: tyro.conf.Positional[str]
-    """A run directory (its latest checkpoint) or a checkpoint directory."""
-    prompt: str = "\n"
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 1.0
-    seed: int = 0
-    ema: bool = False
-    """Use the EMA weights when the checkpoint has them."""
 
 
 @dataclass
@@ -187,21 +172,6 @@ def cmd_prepare(args: Prepare) -> int:
     return 0
 
 
-def cmd_generate(args: Generate) -> int:
-    import torch
-
-    from nanoseek.generate import generate
-    from nanoseek.train.loading import load_model, load_run_tokenizer
-
-    model, _ = load_model(args.path, use_ema=args.ema)
-    tok = load_run_tokenizer(args.path)
-    gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.tensor([tok.encode(args.prompt)])
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id, gen)
-    print(tok.decode(out[0].tolist()))
-    return 0
-
-
 def cmd_diagnose(args: Diagnose) -> int:
     from nanoseek.diagnose import diagnose_run
 
@@ -228,6 +198,7 @@ def cmd_export(args: Export) -> int:
 
 
 COMMANDS = {"train": (Train, cmd_train), "prepare": (Prepare, cmd_prepare), "generate": (Generate, cmd_generate),
+            "eval": (Eval, cmd_eval), "check": (Check, cmd_check),
             "diagnose": (Diagnose, cmd_diagnose), "export": (Export, cmd_export)}
 
 

@@ -4,6 +4,7 @@ not), runs are not overwritten, checkpoints load back, and the CLI works from a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -168,8 +169,21 @@ def test_cli_end_to_end(corpus, tmp_path):
     resumed = run_cli("train", "--resume", "--out", "run", "--max-steps", "9", "--no-sample", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(train_losses(run)) == list(range(9))
-    generated = run_cli("generate", "run", "--max-new-tokens", "10", cwd=tmp_path)
+    generated = run_cli("generate", "--ckpt", "run", "--max-new-tokens", "10", cwd=tmp_path)
     assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
+    (tmp_path / "prompts.txt").write_text("alpha beta\n\nriver \n")
+    greedy = ["--prompt-file", "prompts.txt", "--max-new-tokens", "12", "--temperature", "0"]
+    plain = run_cli("generate", "--ckpt", "run", *greedy, cwd=tmp_path)
+    drafted = run_cli("generate", "--ckpt", "run", *greedy, "--speculative", cwd=tmp_path)
+    assert plain.returncode == 0 and drafted.returncode == 0, plain.stderr + drafted.stderr
+    assert plain.stdout.startswith("alpha beta") and "\nriver " in plain.stdout  # each prompt, continued in turn
+    assert plain.stderr.count("tokens/s") == 2
+    assert drafted.stdout == plain.stdout and "drafts accepted" in drafted.stderr
+    scored = run_cli("eval", "--ckpt", "run", "--json", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    result = json.loads(scored.stdout)
+    assert result["tokens"] > 0 and math.isfinite(result["bits_per_byte"])
+    assert result["weights"] == "raw"  # this run keeps no EMA (train.ema_decay 0)
 
 
 @pytest.mark.parametrize("args, message", [

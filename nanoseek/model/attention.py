@@ -101,6 +101,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, star
     return out * has_key.to(out.dtype)
 
 
+def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None,
+                 eager: bool) -> torch.Tensor:
+    """Attention under an explicit boolean mask (None: every key visible). q [B, 1, N, D], k [B, 1, S, D],
+    v [B, 1, S, Dv] -> [B, 1, N, Dv]; rows with no visible key come out as zeros."""
+    has_key = None
+    if allowed is not None:
+        has_key = allowed.any(-1, keepdim=True)
+        allowed = allowed | ~has_key
+    if eager:
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return out if has_key is None else out * has_key.to(out.dtype)
+
+
 @torch.no_grad()
 def max_logit_per_head(q: torch.Tensor, k: torch.Tensor, scale: float, start_pos: int = 0,
                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,6 +221,9 @@ class MLAttention(_AttentionStats):
         self.rotary = RotaryEmbedding(self.qk_rope_head_dim, cfg)
         self.scale = softmax_scale(cfg, self.qk_head_dim)
         self.dropout = cfg.dropout
+        # With a cache, attend from the latent directly (weight absorption); False expands K/V per
+        # head as in training (kept for comparison and benchmarks).
+        self.absorb = True
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
         return LatentCache(batch, max_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype, device)
@@ -223,6 +244,9 @@ class MLAttention(_AttentionStats):
         k_rope = self.rotary(k_rope.unsqueeze(2), start_pos).squeeze(2)  # [B, T, Dr], one head for all
         if cache is not None:
             kv_latent, k_rope = cache.update(start_pos, kv_latent, k_rope)  # [B, S, ...]
+            if self.absorb:
+                out = self._absorbed(q_nope, q_rope, kv_latent, k_rope, start_pos, key_mask)
+                return self.wo(out.reshape(bsz, seq_len, -1))
         kv = self.wkv_b(kv_latent).view(bsz, kv_latent.shape[1], self.n_heads, -1)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, S, H, ...]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, Dqk]
@@ -234,6 +258,36 @@ class MLAttention(_AttentionStats):
         if self.dropout and self.training:
             out = F.dropout(out, self.dropout)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
+                  start_pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention straight from the latent cache, K and V never expanded (DeepSeek-V2 section 2.1.3).
+
+        With W_UK_h, W_UV_h the key/value rows of wkv_b for head h:
+          q_h . k_h = (W_UK_h^T q_nope_h) . c_s + q_rope_h . k_rope_s   (W_UK absorbed into the query)
+          o_h = W_UV_h (sum_s p_hs c_s)                                  (W_UV applied after mixing)
+        so every head attends over the same [c ; k_rope] keys: multi-query attention with key width
+        kv_lora_rank + qk_rope_head_dim and value width kv_lora_rank.
+
+        q_nope: [B, T, H, Dn], q_rope: [B, T, H, Dr], kv_latent: [B, S, R], k_rope: [B, S, Dr]
+        -> [B, T, H, Dv].
+        """
+        w_kv = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, Dn, R], [H, Dv, R]
+        bsz, seq_len, heads, _ = q_nope.shape
+        q_latent = torch.einsum("bthd,hdr->bhtr", q_nope, w_uk)  # [B, H, T, R]
+        # Heads x positions become the rows of one query matrix against a single shared key head:
+        # one batched matmul per sequence, no per-head copy of the cache.
+        q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1).reshape(bsz, 1, heads * seq_len, -1)
+        k = torch.cat([kv_latent, k_rope], dim=-1).unsqueeze(1)  # [B, 1, S, R + Dr]
+        v = kv_latent.unsqueeze(1)  # [B, 1, S, R]
+        mask = None
+        if seq_len > 1 or key_mask is not None:  # a single new token with no padding sees every key
+            allowed = allowed_keys(seq_len, k.shape[2], start_pos, key_mask, q.device)  # [B|1, 1, T, S]
+            mask = allowed.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)  # [B|1, 1, H*T, S]
+        # The scale stays that of qk_head_dim: these are the same logits, computed in another order.
+        out = _attend_rows(q, k, v, self.scale, mask, self.eager).view(bsz, heads, seq_len, -1)  # [B, H, T, R]
+        return torch.einsum("bhtr,hvr->bthv", out, w_uv)
 
     @torch.no_grad()
     def qk_clip_(self, threshold: float) -> torch.Tensor:

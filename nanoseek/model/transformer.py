@@ -25,6 +25,7 @@ class ModelOutput:
     logits: torch.Tensor  # [B, T, vocab]
     loss: torch.Tensor | None = None  # total, what backward() is called on
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # ce, mtp_1.., aux, z, logit_z
+    hidden: torch.Tensor | None = None  # [B, T, dim] last layer's output before the final norm (no targets)
 
 
 class Block(nn.Module):
@@ -113,7 +114,7 @@ class Transformer(nn.Module):
             x = self._run_block(block, x, start_pos, attention_mask, caches[i] if caches else None)
         logits = self.head(self.norm(x))
         if targets is None:
-            return ModelOutput(logits)
+            return ModelOutput(logits, hidden=x)
         losses = {"ce": _cross_entropy(logits, targets[:, :idx.shape[1]])}
         losses.update(self._mtp_losses(x, logits, targets))
         cfg = self.config

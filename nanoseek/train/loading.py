@@ -8,20 +8,33 @@ import torch
 
 from nanoseek.config import ModelConfig, RunConfig
 from nanoseek.model import Transformer
-from nanoseek.train.checkpoint import read_checkpoint
+from nanoseek.train.checkpoint import best_checkpoint, read_checkpoint
+
+
+def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """A checkpoint directory as given; for a run directory its `which` checkpoint: "latest", or "best"
+    (lowest validation loss; the latest when no checkpoint recorded one)."""
+    path = Path(path)
+    if which not in ("latest", "best"):
+        raise ValueError(f"which={which!r}: must be 'latest' or 'best'")
+    if which == "best" and (path / "checkpoints").is_dir():
+        return best_checkpoint(path) or path
+    return path
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu",
-               use_ema: bool = False) -> tuple[Transformer, ModelConfig]:
-    """path: a checkpoint directory, or a run directory (its latest checkpoint).
+               use_ema: bool = False, which: str = "latest") -> tuple[Transformer, ModelConfig]:
+    """path: a checkpoint directory, or a run directory (its `which` checkpoint, see resolve_checkpoint).
 
+    use_ema loads the EMA weights when the checkpoint has them (`model.uses_ema` says which were loaded).
     Returns (model in eval mode, its ModelConfig).
     """
-    ckpt = read_checkpoint(path, map_location=map_location)
+    ckpt = read_checkpoint(resolve_checkpoint(path, which), map_location=map_location)
     cfg = RunConfig.from_dict(ckpt.config).model
     model = Transformer(cfg)
-    state = ckpt.ema_state if use_ema and ckpt.ema_state is not None else ckpt.model_state
-    model.load_state_dict(state)
+    model.uses_ema = use_ema and ckpt.ema_state is not None
+    model.checkpoint_path = ckpt.path
+    model.load_state_dict(ckpt.ema_state if model.uses_ema else ckpt.model_state)
     return model.to(map_location).eval(), cfg
 
 

@@ -1,0 +1,114 @@
+"""Held-out evaluation of a trained model: loss, perplexity and bits per byte.
+
+Bits per byte compares models with different tokenizers: the summed next-token loss (nats) over a
+text, divided by ln 2 and by the UTF-8 bytes of the text those tokens spell. Perplexity = exp(loss)
+depends on the tokenizer; bits per byte does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanoseek.data.corpus import is_prepared_dir, iter_documents
+from nanoseek.data.shards import load_prepared, read_shard
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.model import Transformer
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean next-token cross-entropy, nats per token
+    perplexity: float
+    bits_per_byte: float
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes those tokens decode to
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"loss {self.loss:.4f} | perplexity {self.perplexity:.3f} | bits/byte {self.bits_per_byte:.4f} | "
+                f"{self.tokens:,} tokens, {self.bytes:,} bytes")
+
+
+def token_stream(source: str | None, tokenizer: Tokenizer, run_data: Path | None = None,
+                 max_tokens: int | None = None) -> np.ndarray:
+    """The ids to score, 1-D.
+
+    source None: the validation split of the run's own prepared data (`run_data`); a prepared directory:
+    its validation split; anything `nanoseek train --data` accepts: its documents, encoded with the
+    model's tokenizer and joined by eos (as training saw documents).
+    """
+    if source is None or is_prepared_dir(source):
+        prepared = load_prepared(run_data if source is None else source)
+        if prepared.vocab_size > tokenizer.vocab_size:
+            raise ValueError(f"{prepared.out_dir} was tokenised with {prepared.vocab_size} ids but the model's "
+                             f"tokenizer has {tokenizer.vocab_size}; evaluate on text instead (--data FILE)")
+        ids = np.concatenate([np.asarray(read_shard(p)) for p in prepared.val_shards]).astype(np.int64)
+        return ids[:max_tokens] if max_tokens else ids
+    chunks, total = [], 0
+    for doc in iter_documents(source):
+        chunks.append(np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=np.int64))
+        total += len(chunks[-1])
+        if max_tokens and total >= max_tokens:
+            break
+    ids = np.concatenate(chunks)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def _windows(ids: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive windows: inputs [b, T] and targets [b, T] (shifted by one), every token after the
+    first scored once; the shorter last window comes in a batch of its own."""
+    rows = [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+    full = [r for r in rows if len(r) == seq_len + 1]
+    for i in range(0, len(full), batch_size):
+        yield from _as_batch(full[i:i + batch_size])
+    yield from _as_batch([r for r in rows if len(r) != seq_len + 1])
+
+
+def _as_batch(rows: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if rows and len(rows[0]) > 1:
+        batch = torch.from_numpy(np.stack(rows))
+        yield batch[:, :-1], batch[:, 1:]
+
+
+@torch.no_grad()
+def evaluate_ids(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, seq_len: int | None = None,
+                 batch_size: int = 8, autocast_dtype: torch.dtype | None = None, progress: bool = False) -> EvalResult:
+    """Score every token of `ids` after the first, in windows of seq_len (default: the model's context)."""
+    if len(ids) < 2:
+        raise ValueError("the evaluation text has fewer than 2 tokens; pass a longer text")
+    if int(ids.max()) >= model.config.vocab_size:
+        raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary ({model.config.vocab_size}); "
+                         "the data was tokenised with another tokenizer")
+    seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    device = model.embed.weight.device
+    was_training = model.training
+    model.eval()
+    nats, tokens, n_bytes = 0.0, 0, 0
+    n_full, tail = divmod(len(ids) - 1, seq_len)
+    n_batches = math.ceil(n_full / batch_size) + (1 if tail else 0)
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    for x, y in tqdm(_windows(ids, seq_len, batch_size), total=n_batches, desc="eval", unit="batch",
+                     disable=not progress):
+        with autocast:
+            out = model(x.to(device), y.to(device))
+        n = y.numel()
+        nats += float(out.losses["ce"]) * n
+        tokens += n
+        # eos ends a document but spells no text: it is scored, its bytes are not counted
+        n_bytes += sum(len(tokenizer.decode([t for t in row.tolist() if t != tokenizer.eos_id]).encode("utf-8"))
+                       for row in y)
+    model.train(was_training)
+    loss = nats / tokens
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)),
+                      bits_per_byte=nats / (math.log(2) * max(n_bytes, 1)), tokens=tokens, bytes=n_bytes)

@@ -1,0 +1,208 @@
+"""The `generate`, `eval` and `check` subcommands: using a trained model rather than training one.
+
+Only the generated text goes to stdout (pipe it anywhere); what was loaded, speeds and acceptance
+rates go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Generate:
+    """Sample text from a trained run, a checkpoint, or the output of `nanoseek convert`/`heal`."""
+
+    ckpt: str
+    """A run directory (its best checkpoint, else its latest; see --which) or a checkpoint directory."""
+    prompt: str = "\n"
+    """The text to continue."""
+    prompt_file: Path | None = None
+    """Read prompts from this file instead, one per line (blank lines skipped); each is continued in turn."""
+    max_new_tokens: int = 200
+    """Tokens to generate per prompt (fewer at the end-of-text token or the model's context, max_seq_len)."""
+    temperature: float = 0.8
+    """0 is greedy decoding."""
+    top_k: int = 50
+    """Sample among the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens with this much probability (1: all)."""
+    seed: int = 0
+    """Random seed of the sampler: the same seed gives the same text."""
+    cache: bool = True
+    """Decode from the KV cache (--no-cache re-runs the whole sequence for every token: slow, for checking)."""
+    speculative: bool = False
+    """Self-speculative decoding: the MTP modules draft, the model verifies (greedy only; needs MTP modules).
+    Prints the draft acceptance rate."""
+    truncate: bool = False
+    """Keep the last max_seq_len - 1 tokens of a prompt that is too long (otherwise that is an error)."""
+    ema: bool = False
+    """Use the EMA weights when the checkpoint has them."""
+    which: Literal["best", "latest"] = "best"
+    """For a run directory: the checkpoint with the lowest validation loss, or the newest."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    stream: bool = True
+    """Print tokens as they are generated."""
+
+
+def _prompts(args: Generate) -> list[str]:
+    if args.prompt_file is None:
+        return [args.prompt]
+    if not args.prompt_file.is_file():
+        raise ValueError(f"--prompt-file {args.prompt_file}: no such file")
+    prompts = [line for line in args.prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {args.prompt_file} has no non-blank line; write one prompt per line")
+    return prompts
+
+
+def cmd_generate(args: Generate) -> int:
+    import torch
+
+    from nanoseek.generate import Sampling, check_prompt, stream
+    from nanoseek.speculative import speculative_generate
+    from nanoseek.train.loading import load_model, load_run_tokenizer
+    from nanoseek.train.trainer import resolve_device
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.speculative and args.temperature != 0:
+        raise ValueError("--speculative decodes greedily; add --temperature 0")
+    device = resolve_device(args.device)
+    prompts = _prompts(args)
+    model, cfg = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
+    tok = load_run_tokenizer(args.ckpt)
+    _log(f"nanoseek generate: {model.checkpoint_path}{' (EMA weights)' if model.uses_ema else ''}, "
+         f"{cfg.attention}, {model.num_params() / 1e6:.2f}M parameters, on {device}")
+    generator = torch.Generator().manual_seed(args.seed)
+    for text in prompts:
+        prompt = check_prompt(model, torch.tensor([tok.encode(text)], device=device), args.truncate)
+        start, n_new = time.perf_counter(), 0
+        sys.stdout.write(text)
+        if args.speculative:
+            tokens, stats = speculative_generate(model, prompt, args.max_new_tokens, tok.eos_id)
+            new = tokens[0, prompt.shape[1]:].tolist()
+            n_new = len(new)
+            sys.stdout.write(tok.decode([t for t in new if t != tok.eos_id]))
+            _log(f"speculative: {stats.accepted}/{stats.drafted} drafts accepted "
+                 f"({100 * stats.acceptance_rate:.1f}%), {stats.tokens_per_pass:.2f} tokens per model pass")
+        else:
+            printer = _StreamPrinter(tok, live=args.stream)
+            for nxt in stream(model, prompt, args.max_new_tokens, sampling, tok.eos_id, generator,
+                              use_cache=args.cache):
+                n_new += 1
+                if int(nxt[0, 0]) == tok.eos_id:
+                    break
+                printer.add(int(nxt[0, 0]))
+            printer.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        seconds = time.perf_counter() - start
+        _log(f"{n_new} tokens in {seconds:.2f}s ({n_new / max(seconds, 1e-9):.1f} tokens/s)")
+    return 0
+
+
+class _StreamPrinter:
+    """Writes decoded text as tokens arrive. Decodes the whole continuation each time and prints what
+    is new, holding back a trailing replacement character (half of a multi-byte character)."""
+
+    def __init__(self, tokenizer, live: bool = True):
+        self.tokenizer, self.live = tokenizer, live
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        if self.live:
+            self._emit(final=False)
+
+    def flush(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) > self.printed:
+            sys.stdout.write(text[self.printed:])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+
+@dataclass
+class Eval:
+    """Validation loss, perplexity and bits per byte of a trained model on held-out text."""
+
+    ckpt: str
+    """A run directory (its best checkpoint, else its latest; see --which) or a checkpoint directory."""
+    data: str | None = None
+    """Text to score: anything `train --data` accepts (builtin:pydocs, a file, directory, glob, hf:NAME) or a
+    prepared directory (its validation split). Default: the run's own validation split."""
+    seq_len: int | None = None
+    """Window length (default: the model's max_seq_len)."""
+    batch_size: int = 8
+    max_tokens: int | None = None
+    """Score at most this many tokens (default: all)."""
+    ema: bool = True
+    """Use the EMA weights when the checkpoint has them (--no-ema for the raw weights)."""
+    which: Literal["best", "latest"] = "best"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    json: bool = False
+    """Print the result as one JSON object."""
+
+
+def cmd_eval(args: Eval) -> int:
+    import torch
+
+    from nanoseek.evaluate import evaluate_ids, token_stream
+    from nanoseek.train.loading import load_model, load_run_tokenizer
+    from nanoseek.train.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
+    tok = load_run_tokenizer(args.ckpt)
+    run_dir = Path(model.checkpoint_path).parent.parent
+    ids = token_stream(args.data, tok, run_data=run_dir / "data", max_tokens=args.max_tokens)
+    result = evaluate_ids(model, tok, ids, args.seq_len, args.batch_size,
+                          torch.bfloat16 if args.precision == "bf16" else None, progress=True)
+    source = args.data or "the run's validation split"
+    weights = "EMA" if model.uses_ema else "raw"
+    if args.json:
+        print(json.dumps({"checkpoint": str(model.checkpoint_path), "data": source, "weights": weights,
+                          **result.as_dict()}))
+    else:
+        _log(f"nanoseek eval: {model.checkpoint_path} ({weights} weights) on {source}")
+        print(result.line())
+    return 0
+
+
+@dataclass
+class Check:
+    """Build every preset at tiny width and run forward, backward and 20 decoded tokens; pass/fail per preset."""
+
+    presets: tuple[str, ...] = ()
+    """Presets to check (default: all)."""
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+
+def cmd_check(args: Check) -> int:
+    from nanoseek.check import check_presets
+    from nanoseek.train.trainer import resolve_device
+
+    results = check_presets(list(args.presets) or None, resolve_device(args.device))
+    print(f"{'preset':<20} {'':<5} {'params':>9} {'time':>7}  detail")
+    for result in results:
+        print(result.row())
+    failed = [r.preset for r in results if not r.ok]
+    print(f"{len(results) - len(failed)}/{len(results)} presets pass" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
