@@ -54,12 +54,13 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """x: [N, dim] (N = batch * T) -> weights [N, k], indices [N, k], losses {'aux', 'z'} (scalars)."""
+        score_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a float64 model
         if self.fp32:
             # Autocast would cast F.linear back to bf16/fp16 whatever its inputs; switch it off here.
             with torch.autocast(x.device.type, enabled=False):
-                logits = F.linear(x.float(), self.weight.float())
+                logits = F.linear(x.to(score_dtype), self.weight.to(score_dtype))
         else:
-            logits = F.linear(x, self.weight.to(x.dtype)).float()
+            logits = F.linear(x, self.weight.to(x.dtype)).to(score_dtype)
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(-1)  # [N, E]
         choice = scores.detach() + self.balance_bias
         if self.n_groups > 1:
