@@ -1,0 +1,258 @@
+"""`nanoseek convert` and `nanoseek heal`: the command-line side of convert.py and heal.py.
+
+A converted model is written as a nanoseek run directory, so every other command reads it:
+
+    OUT/config.toml                  run config (the converted ModelConfig, the data it was measured on)
+    OUT/data/                        the source's tokenizer, and the text tokenised into train/val shards
+    OUT/checkpoints/step-00000000/   the converted weights (an ordinary checkpoint)
+    OUT/conversion.json              the source, the options and the ConversionReport
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import tyro
+
+from nanoseek.config import DataConfig, GuardConfig, RunConfig, TrainConfig
+
+CONVERSION_FILE = "conversion.json"
+HEAL_FILE = "heal.json"
+
+
+@dataclass
+class Convert:
+    """Convert a dense Llama-style model (GQA/MHA/MQA) into DeepSeek's MLA, and its MLPs into DeepSeekMoE;
+    report per-layer approximation errors, initial expert loads and the held-out KL / perplexity."""
+
+    from_: Annotated[str, tyro.conf.arg(name="from")]
+    """A transformers folder (config.json + safetensors + tokenizer.json, e.g. SmolLM2-135M) or a nanoseek
+    GQA run / checkpoint directory."""
+    out: str
+    """Run directory to write (generate, eval, export and heal read it)."""
+    to: Literal["mla-moe", "mla"] = "mla-moe"
+    """mla-moe: MLA attention and MoE MLPs (after --dense-layers); mla: MLA attention, MLPs kept dense."""
+    kv_lora_rank: int | None = None
+    """Latent rank (default n_kv_heads * head_dim: half of GQA's K+V cache). >= dim is exact for MQA."""
+    rope_dims: int | None = None
+    """Dims per head that keep RoPE, in the shared rope key (even; default head_dim / 4)."""
+    experts: int = 7
+    """Routed experts per MoE layer."""
+    shared: int = 1
+    """Shared (always-on) experts per MoE layer."""
+    top_k: int = 2
+    """Routed experts active per token."""
+    moe: Literal["split", "upcycle"] = "split"
+    """split: partition the MLP's neurons into shared + routed experts (inter_dim / (shared + experts) each);
+    upcycle: every expert a copy of the MLP (exact for any routing, more parameters)."""
+    dense_layers: int = 1
+    """The first layers keep their dense MLP (DeepSeek's first_k_dense_replace)."""
+    router_std: float = 0.02
+    """Spread of the initial router logits (small: top-k weights stay ~equal)."""
+    latent_init: Literal["activations", "weights"] = "activations"
+    """Below full rank: SVD of the K/V projections weighted by the calibration inputs, or of the bare weights."""
+    data: str = "builtin:pydocs"
+    """Text for calibration (its train split) and the held-out report (its val split); any `train --data` form
+    (a prepared directory must have been tokenised with the model's tokenizer)."""
+    seq_len: int = 256
+    """Sequence length of calibration / held-out windows (and of `heal`'s training data)."""
+    calib_tokens: int = 4096
+    """Calibration tokens."""
+    eval_tokens: int = 4096
+    """Held-out tokens for the KL / perplexity report."""
+    seed: int = 0
+    """Seed of the expert clustering and the upcycled router."""
+
+
+def _heal_train_defaults() -> TrainConfig:
+    return TrainConfig(max_steps=200, lr=1e-4, warmup_steps=10, weight_decay=0.0, batch_size=8, eval_every=50,
+                       save_every=100, eval_batches=4, sample_tokens=0)
+
+
+@dataclass
+class Heal:
+    """Distil the original model into a converted one (KL on logits, optionally hidden states) with the usual
+    trainer and stability guard; report KL and perplexity on held-out text before and after."""
+
+    ckpt: str
+    """The converted run directory (written by `nanoseek convert`) or one of its checkpoints."""
+    out: str | None = None
+    """Run directory for the healed model (default: CKPT-healed)."""
+    teacher: str | None = None
+    """The original model (default: the conversion's source, from conversion.json)."""
+    steps: int | None = None
+    """Training steps (shortcut for --train.max-steps)."""
+    data: str | None = None
+    """Training text (default: the converted run's prepared data)."""
+    seq_len: int | None = None
+    """Training sequence length (default: the conversion's --seq-len)."""
+    temperature: float = 1.0
+    """Distillation temperature (the KL is scaled by T^2)."""
+    hidden_weight: float = 0.0
+    """Weight of the per-layer hidden-state MSE (normalised by the teacher's mean square); 0 = logits only."""
+    ce_weight: float = 0.0
+    """Weight of a next-token cross-entropy term on the data."""
+    eval_tokens: int = 4096
+    """Held-out tokens (the converted run's val split) for the before/after report."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train (auto: cuda if available)."""
+    seed: int = 1337
+    """Random seed (data order)."""
+    progress: bool = True
+    """Show a progress bar."""
+    train: TrainConfig = field(default_factory=_heal_train_defaults)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def load_source(path: str | Path):
+    """(dense model, tokenizer spec for DataConfig.tokenizer) from a transformers folder or a nanoseek run."""
+    from nanoseek.interop.importer import is_hf_folder, import_hf
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"--from {path}: does not exist; pass a transformers folder or a nanoseek run directory")
+    if is_hf_folder(path):
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"{path} has no tokenizer.json; convert needs the model's tokenizer to measure it "
+                             "on text (save it next to config.json with tokenizer.save_pretrained)")
+        return import_hf(path), str(path / "tokenizer.json")
+    from nanoseek.train.loading import load_model
+
+    model, _ = load_model(path)
+    return model, _run_tokenizer_spec(path)
+
+
+def _run_dir(path: Path) -> Path:
+    return path.parent.parent if path.parent.name == "checkpoints" else path
+
+
+def _run_tokenizer_spec(path: Path) -> str:
+    from nanoseek.train.loading import load_run_tokenizer
+
+    tok = load_run_tokenizer(path)
+    if tok.kind == "byte":
+        return "byte"
+    for candidate in (path, *path.parents):
+        if (candidate / "data" / "tokenizer.json").is_file():
+            return str(candidate / "data" / "tokenizer.json")
+    raise ValueError(f"the run at {path} uses a {tok.kind!r} tokenizer; convert needs a tokenizer.json or byte one")
+
+
+def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
+    from nanoseek.data.shards import load_prepared, read_shard
+
+    prepared = load_prepared(data_dir)
+    shards = prepared.train_shards if split == "train" else prepared.val_shards
+    ids = np.concatenate([np.asarray(read_shard(p)) for p in shards]).astype(np.int64)
+    return ids[:n_tokens]
+
+
+def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"only {len(ids)} calibration tokens for seq_len={seq_len}; give more text or lower "
+                         "--seq-len")
+    return torch.from_numpy(ids[:n * seq_len].reshape(n, seq_len))
+
+
+# ---- convert -------------------------------------------------------------------------------------
+
+
+def cmd_convert(args: Convert) -> int:
+    from nanoseek.data.corpus import is_prepared_dir
+    from nanoseek.data.shards import prepare_data
+    from nanoseek.interop.convert import convert_to_mla_moe, target_config
+    from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
+
+    out = Path(args.out)
+    if latest_checkpoint(out) is not None:
+        raise ValueError(f"--out {out} already holds checkpoints; choose a new directory")
+    dense, tokenizer_spec = load_source(args.from_)
+    src = dense.config
+    if src.attention != "gqa":
+        raise ValueError(f"--from {args.from_}: attention={src.attention!r}; convert takes a dense GQA/MHA/MQA model")
+    kv_rank = args.kv_lora_rank or src.n_kv_heads * src.head_dim
+    rope_dims = args.rope_dims or max(2, src.head_dim // 4 // 2 * 2)
+    experts = args.experts if args.to == "mla-moe" else 0
+    options = dict(kv_lora_rank=kv_rank, rope_dims=rope_dims, n_routed_experts=experts, n_shared_experts=args.shared,
+                   n_activated_experts=args.top_k, moe=args.moe, n_dense_layers=args.dense_layers)
+    target_config(src, **options)  # bad options fail before the data is tokenised
+    seq_len = min(args.seq_len, src.max_seq_len)
+    data_cfg = DataConfig(source=args.data, tokenizer=tokenizer_spec, seq_len=seq_len)
+    if is_prepared_dir(args.data):  # already tokenised (with the model's tokenizer): copy it in
+        shutil.copytree(args.data, out / "data", dirs_exist_ok=True)
+        data_cfg = dataclasses.replace(data_cfg, source=str(out / "data"))
+    prepared = prepare_data(data_cfg, out / "data")
+    if prepared.vocab_size > src.vocab_size:
+        raise ValueError(f"the tokenizer has {prepared.vocab_size} ids but the model only {src.vocab_size}; "
+                         "pass the model's own tokenizer")
+    calib = _windows(_split_ids(out / "data", "train", args.calib_tokens), seq_len)
+    held_out = torch.from_numpy(_split_ids(out / "data", "val", args.eval_tokens))
+    torch.manual_seed(args.seed)
+    print(f"nanoseek convert: {args.from_} ({src.n_layers} layers, {src.n_heads} heads, {src.n_kv_heads} KV heads, "
+          f"head_dim {src.head_dim}) -> {args.to}; {calib.numel()} calibration, {held_out.numel()} held-out tokens",
+          file=sys.stderr)
+    model, report = convert_to_mla_moe(dense, calib, **options, router_std=args.router_std,
+                                       latent_init=args.latent_init, eval_ids=held_out, seed=args.seed)
+    run_cfg = RunConfig(model=model.config, data=data_cfg, out=str(out), seed=args.seed)
+    run_cfg.save_toml(out / "config.toml")
+    save_checkpoint(out, 0, model.state_dict(), {}, run_cfg.to_dict())
+    record = {"source": str(Path(args.from_).expanduser().resolve()), "options": dataclasses.asdict(args),
+              "report": report.as_dict()}
+    (out / CONVERSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    c = report.comparison
+    print(f"converted: KL {c['kl']:.4f} nats/token, perplexity {c['ppl_teacher']:.3f} -> {c['ppl_student']:.3f}, "
+          f"KV cache {report.cache_change()}; saved to {out} (next: nanoseek heal --ckpt {out})")
+    return 0
+
+
+# ---- heal ----------------------------------------------------------------------------------------
+
+
+def cmd_heal(args: Heal) -> int:
+    from nanoseek.interop.heal import heal
+    from nanoseek.train.loading import load_model
+
+    ckpt = Path(args.ckpt)
+    run = _run_dir(ckpt)
+    record_path = run / CONVERSION_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    teacher_path = args.teacher or record.get("source")
+    if teacher_path is None:
+        raise ValueError(f"{run} has no {CONVERSION_FILE}; pass --teacher (the original model)")
+    student, cfg = load_model(ckpt)
+    teacher, _ = load_source(teacher_path)
+    if teacher.config.vocab_size != cfg.vocab_size:
+        raise ValueError(f"--teacher {teacher_path} has vocab_size {teacher.config.vocab_size}, the converted model "
+                         f"{cfg.vocab_size}; pass the model it was converted from")
+    out = Path(args.out or f"{str(run).rstrip('/')}-healed")
+    base = RunConfig.load_toml(run / "config.toml")
+    if args.data is None:  # train on the conversion's own shards, copied so the healed run is self-contained
+        if not (out / "data" / "meta.json").is_file():
+            shutil.copytree(run / "data", out / "data", dirs_exist_ok=True)
+        data_cfg = dataclasses.replace(base.data, source=str(out / "data"))
+    else:
+        data_cfg = dataclasses.replace(base.data, source=args.data)
+    data_cfg = dataclasses.replace(data_cfg, seq_len=args.seq_len or data_cfg.seq_len)
+    train = dataclasses.replace(args.train, max_steps=args.steps) if args.steps else args.train
+    run_cfg = RunConfig(model=cfg, data=data_cfg, train=train, guard=args.guard, out=str(out), seed=args.seed,
+                        device=args.device)
+    held_out = torch.from_numpy(_split_ids(run / "data", "val", args.eval_tokens))
+    result = heal(student, teacher, run_cfg, out, held_out, args.temperature, args.hidden_weight, args.ce_weight,
+                  show_progress=args.progress)
+    (out / HEAL_FILE).write_text(json.dumps({"teacher": str(teacher_path), **result.as_dict()}, indent=1) + "\n")
+    print(f"before heal: {result.before.line()}")
+    print(f"after heal ({result.steps} steps, {result.status}): {result.after.line()}")
+    print(f"healed model saved in {out}")
+    return 0 if result.status != "aborted" else 3

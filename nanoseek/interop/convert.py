@@ -1,0 +1,328 @@
+"""Convert a dense GQA Transformer (Llama, SmolLM2, ...) into an MLA (+ DeepSeekMoE) Transformer.
+
+    converted, report = convert_to_mla_moe(dense, calib_ids, kv_lora_rank=192, rope_dims=16,
+                                           n_routed_experts=7, n_shared_experts=1, n_activated_experts=2)
+
+Model to model: `dense` is a nanoseek Transformer with attention="gqa" (build one, load a checkpoint, or
+`nanoseek.interop.import_hf` a transformers folder); the result is an ordinary nanoseek MLA Transformer that
+trains, generates, and exports to transformers' DeepseekV3. The attention surgery is in `convert_mla.py`, the
+MLP -> MoE split in `convert_moe.py`; this module runs the dense model on calibration tokens to collect each
+layer's inputs, builds the new config and weights layer by layer, and measures what changed:
+per layer the approximation errors, the attention output's relative error on the calibration inputs, the
+initial expert loads, and on held-out tokens the logit KL divergence and both perplexities.
+
+When is the result exact? With one KV group (MQA), every RoPE pair kept (rope_dims = head_dim), a latent of
+rank >= dim and all routed experts active (or upcycled ones), up to the attention norm's eps (max logit
+error ~5e-5 on logits ~3, KL ~1e-8 in tests/test_convert.py). What remains otherwise: partial RoPE (the
+pairs that lose their rotation, MHA2MLA's main loss), the one rope key shared by G > 1 KV groups (its
+principal component per frequency), the truncated latent, the latent RMSNorm's per-token scale once the
+latent no longer holds all of u, and top-k routing over split experts. `nanoseek heal` (`heal.py`) distils
+the original back into the converted model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.interop.convert_mla import (RopeChoice, choose_rope_pairs, convert_attention, kv_cache_saving,
+                                          pair_scores, rope_config)
+from nanoseek.interop.convert_moe import split_mlp, upcycle_mlp
+from nanoseek.interop.heal import compare
+from nanoseek.model import Transformer
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    rope_kept: float  # share of this layer's query/key 2-norm score in the kept RoPE pairs
+    rope_error: float  # energy share of the kept pairs' keys the shared rope key misses
+    svd_error: float  # relative Frobenius error of the rank-R [W_k(nope); W_v]
+    kv_error: float  # relative error of NoPE keys and values on calibration tokens (kv_norm included)
+    attn_error: float  # relative error of the attention output on calibration inputs
+    expert_load: list[float] | None = None  # fraction of tokens per routed expert (sums to top_k)
+
+    def line(self) -> str:
+        text = (f"layer {self.layer:3d}: attn out rel err {self.attn_error:.3e} | rope kept {self.rope_kept:.1%}, "
+                f"shared-key miss {self.rope_error:.2%} | latent svd err {self.svd_error:.3e}, "
+                f"kv err {self.kv_error:.3e}")
+        if self.expert_load is not None:
+            text += f" | load max/mean {max(self.expert_load) / (sum(self.expert_load) / len(self.expert_load)):.2f}"
+        return text
+
+
+@dataclass
+class ConversionReport:
+    config: dict  # the converted ModelConfig as a dict
+    rope: dict  # RopeChoice fields and the rope config that expresses them
+    kv_values_per_token: tuple[int, int]  # per layer: (original, converted)
+    kv_cache_saving: float
+    layers: list[LayerReport] = field(default_factory=list)
+    comparison: dict | None = None  # heal.Comparison.as_dict() on held-out tokens
+
+    def lines(self) -> list[str]:
+        before, after = self.kv_values_per_token
+        rope = self.rope
+        out = [f"rope: kept pairs {rope['pairs']} (offset {rope['offset']}, stride {rope['stride']}): "
+               f"{rope['kept_score']:.1%} of the 2-norm score (best unconstrained {rope['best_score']:.1%}); "
+               f"rope_theta {rope['rope_theta']:.6g}, linear factor {rope['rope_factor']:.6g}",
+               f"KV cache per token per layer: {before} -> {after} values ({self.cache_change()})"]
+        out += [layer.line() for layer in self.layers]
+        if self.comparison:
+            c = self.comparison
+            out.append(f"held-out ({c['tokens']} tokens): KL(original || converted) {c['kl']:.4f} nats/token, "
+                       f"perplexity {c['ppl_teacher']:.3f} -> {c['ppl_student']:.3f}, top-1 agreement {c['top1']:.1%}")
+        return out
+
+    def cache_change(self) -> str:
+        saving = self.kv_cache_saving
+        return f"{saving:.1%} smaller" if saving >= 0 else f"{-saving:.1%} larger"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _log_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _check_source(cfg: ModelConfig) -> None:
+    if cfg.attention != "gqa":
+        raise ValueError(f"attention={cfg.attention!r}: convert takes a GQA/MHA/MQA model (a Llama-style one); "
+                         "this one is already MLA")
+    if cfg.uses_moe:
+        raise ValueError(f"n_routed_experts={cfg.n_routed_experts}: convert takes a dense model")
+    if cfg.qk_norm:
+        raise ValueError("qk_norm=True: a per-head query/key RMSNorm before RoPE has no MLA equivalent; "
+                         "convert a model without QK-norm")
+    if cfg.rope_scaling not in ("none", "linear"):
+        raise ValueError(f"rope_scaling={cfg.rope_scaling!r}: YaRN's per-frequency blend cannot be re-expressed "
+                         "over a subset of frequencies; convert a model with rope_scaling 'none' or 'linear'")
+
+
+def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_routed_experts: int,
+                  n_shared_experts: int, n_activated_experts: int, moe: str, n_dense_layers: int,
+                  choice: RopeChoice | None = None) -> ModelConfig:
+    """The converted model's config (validated: a bad option fails here, before any work)."""
+    head_dim = dense.head_dim
+    if not isinstance(rope_dims, int) or rope_dims < 2 or rope_dims % 2 or rope_dims > head_dim:
+        raise ValueError(f"rope_dims={rope_dims!r}: must be an even number in [2, head_dim={head_dim}]")
+    if kv_lora_rank < 1:
+        raise ValueError(f"kv_lora_rank={kv_lora_rank}: must be >= 1")
+    if moe not in ("split", "upcycle"):
+        raise ValueError(f"moe={moe!r}: choose 'split' (fine-grained experts) or 'upcycle' (copies)")
+    moe_inter = dense.inter_dim
+    if n_routed_experts and moe == "split":
+        parts = n_shared_experts + n_routed_experts
+        if dense.inter_dim % parts:
+            raise ValueError(f"inter_dim={dense.inter_dim} is not divisible by shared + routed experts = {parts}: "
+                             "choose counts whose sum divides it, or --moe upcycle")
+        moe_inter = dense.inter_dim // parts
+    theta, factor = dense.rope_theta, dense.rope_factor if dense.rope_scaling == "linear" else 1.0
+    if choice is not None:
+        theta, factor = rope_config(theta, factor, head_dim, choice)
+    values = dense.to_dict()
+    values.update(
+        attention="mla", n_kv_heads=None, head_dim=None, kv_head_ratio=None, embd_scale=1.0, qk_norm=False,
+        q_lora_rank=0, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=head_dim - rope_dims,
+        qk_rope_head_dim=rope_dims, v_head_dim=head_dim,
+        rope_theta=theta, rope_scaling="linear" if factor != 1.0 else "none", rope_factor=factor,
+        n_routed_experts=n_routed_experts, n_shared_experts=n_shared_experts if n_routed_experts else 0,
+        n_activated_experts=n_activated_experts if n_routed_experts else 1, moe_inter_dim=moe_inter,
+        # split: each picked expert gets weight ~1 (top-k weights sum to route_scale); upcycle: they sum to 1.
+        route_scale=float(n_activated_experts) if moe == "split" else 1.0, score_func="sigmoid",
+        n_expert_groups=1, n_limited_groups=1,
+        n_dense_layers=min(n_dense_layers, dense.n_layers), mtp_depth=0)
+    return ModelConfig(**values)
+
+
+@torch.no_grad()
+def collect_inputs(model: Transformer, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Run `model`'s blocks on ids [B, T]; per layer: `resid` (attn_norm input), `attn_out`, `ffn_in` (MLP input),
+    each [B, T, dim] float32 on CPU."""
+    records: list[dict[str, list[torch.Tensor]]] = [{} for _ in model.layers]
+    handles = []
+    for i, block in enumerate(model.layers):
+        def keep(name, index=i, output=False):
+            def hook(module, args, result=None):
+                records[index].setdefault(name, []).append((result if output else args[0]).detach().float().cpu())
+            return hook
+        handles.append(block.attn_norm.register_forward_pre_hook(keep("resid")))
+        handles.append(block.attn.register_forward_hook(keep("attn_out", output=True)))
+        handles.append(block.ffn.register_forward_pre_hook(keep("ffn_in")))
+    try:
+        _run_trunk(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [{name: torch.cat(parts) for name, parts in rec.items()} for rec in records]
+
+
+@torch.no_grad()
+def _run_trunk(model: Transformer, ids: torch.Tensor) -> None:
+    """Embeddings and blocks only, in eval mode, a few rows at a time: ids [B, T] (the hooks want the
+    activations; a vocabulary-sized head over thousands of tokens would only cost memory)."""
+    was_training = model.training
+    model.eval()
+    device = model.embed.weight.device
+    try:
+        for start in range(0, ids.shape[0], 8):
+            x = model.embed(ids[start:start + 8].to(device))
+            for block in model.layers:
+                x = block(x)
+    finally:
+        model.train(was_training)
+
+
+def _unit_rms(resid: torch.Tensor, eps: float) -> torch.Tensor:
+    """What attn_norm computes before its weight: [..., dim] -> float64 [..., dim] at unit RMS."""
+    x = resid.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@torch.no_grad()
+def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_rank: int, rope_dims: int,
+                       n_routed_experts: int = 0, n_shared_experts: int = 1, n_activated_experts: int = 2,
+                       moe: Literal["split", "upcycle"] = "split", n_dense_layers: int = 1, router_std: float = 0.02,
+                       latent_init: Literal["activations", "weights"] = "activations",
+                       eval_ids: torch.Tensor | None = None, seed: int = 0,
+                       log: Callable[[str], None] | None = _log_stderr) -> tuple[Transformer, ConversionReport]:
+    """dense GQA Transformer -> (MLA Transformer, ConversionReport). n_routed_experts=0 keeps the MLPs dense.
+
+    calib_ids: [B, T] token ids whose activations drive the RoPE choice, the shared rope key, kv_norm's scale,
+        the expert split and the router (a few thousand tokens of ordinary text are plenty).
+    latent_init: below full rank, truncate the SVD of the key/value projections weighted by the calibration
+        inputs ("activations") or of the bare weights ("weights", MHA2MLA's); see convert_mla.latent_projections.
+    eval_ids: optional held-out ids [B, T] (or 1-D) for the KL / perplexity comparison (heal.compare).
+    The converted model is on CPU in `dense`'s dtype, in eval mode; `dense` is not modified.
+    log: receives one line per layer and the summary (None: silent).
+    """
+    src = dense.config
+    _check_source(src)
+    if calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise ValueError(f"calib_ids has shape {tuple(calib_ids.shape)}: pass token ids [batch, seq_len]")
+    if latent_init not in ("activations", "weights"):
+        raise ValueError(f"latent_init={latent_init!r}: choose 'activations' or 'weights'")
+    if router_std <= 0:
+        raise ValueError(f"router_std={router_std}: must be > 0 (the spread of the initial router logits)")
+    target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe,
+                  n_dense_layers)  # fail on bad options before any work
+    say = log or (lambda line: None)
+    n_heads, n_groups, head_dim = src.n_heads, src.n_kv_heads, src.head_dim
+    records = collect_inputs(dense, calib_ids)
+    layers = list(dense.layers)
+
+    # One rope config serves every layer: score pairs per layer, normalise, sum.
+    scores = []
+    for block, rec in zip(layers, records):
+        weight = block.attn_norm.weight.double().cpu()
+        u = _unit_rms(rec["resid"].flatten(0, 1), src.norm_eps)
+        s = pair_scores(block.attn.wq.weight.double().cpu() * weight, block.attn.wk.weight.double().cpu() * weight,
+                        u, n_heads, n_groups)
+        scores.append(s / s.sum().clamp(min=1e-30))
+    scores = torch.stack(scores)  # [L, P]
+    choice = choose_rope_pairs(scores.sum(0), rope_dims // 2)
+    cfg = target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts,
+                        moe, n_dense_layers, choice)
+    dtype = dense.embed.weight.dtype
+    model = Transformer(cfg).to(dtype)
+    model.load_state_dict({k: v for k, v in dense.state_dict().items()
+                           if k in ("embed.weight", "norm.weight", "head.weight")}, strict=False)
+    report = ConversionReport(
+        config=cfg.to_dict(),
+        rope={**dataclasses.asdict(choice), "pairs": choice.pairs, "rope_theta": cfg.rope_theta,
+              "rope_factor": cfg.rope_factor},
+        kv_values_per_token=(src.kv_cache_values_per_token(), cfg.kv_cache_values_per_token()),
+        kv_cache_saving=kv_cache_saving(n_groups, head_dim, kv_lora_rank, rope_dims))
+    say(report.lines()[0])
+    say(report.lines()[1])
+
+    for i, (old, new, rec) in enumerate(zip(layers, model.layers, records)):
+        u = _unit_rms(rec["resid"], src.norm_eps)  # [B, T, dim]
+        attn = old.attn
+        weights = convert_attention(attn.wq.weight.double().cpu(), attn.wk.weight.double().cpu(),
+                                    attn.wv.weight.double().cpu(), attn.wo.weight.double().cpu(),
+                                    old.attn_norm.weight.double().cpu(), u.flatten(0, 1), n_heads, n_groups,
+                                    choice.pairs, kv_lora_rank, cfg.norm_eps, latent_init == "activations")
+        new.attn_norm.weight.fill_(1.0)  # folded into the projections
+        for name in ("wq", "wkv_a", "wkv_b", "wo"):
+            getattr(new.attn, name).weight.copy_(getattr(weights, name))
+        new.attn.kv_norm.weight.copy_(weights.kv_norm)
+        new.ffn_norm.weight.copy_(old.ffn_norm.weight)
+        layer = LayerReport(i, float(scores[i, choice.pairs].sum()), weights.rope_error, weights.svd_error,
+                            weights.kv_error, _attention_error(new.attn, u, rec["attn_out"]))
+        _convert_ffn(old.ffn, new.ffn, rec["ffn_in"].flatten(0, 1).double(), cfg, moe, router_std, seed + i)
+        report.layers.append(layer)
+        say(layer.line())
+
+    model.eval()
+    loads = _expert_loads(model, eval_ids if eval_ids is not None else calib_ids)
+    for layer in report.layers:
+        layer.expert_load = loads.get(layer.layer)
+    if loads:
+        say("initial expert loads (fraction of tokens per routed expert): " + "; ".join(
+            f"layer {i}: " + " ".join(f"{x:.2f}" for x in load) for i, load in loads.items()))
+    if eval_ids is not None:
+        report.comparison = compare(dense, model, eval_ids).as_dict()
+        say(report.lines()[-1])
+    return model, report
+
+
+@torch.no_grad()
+def _attention_error(attn: torch.nn.Module, u: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative error of the converted attention (run in float64) on the calibration inputs u [B, T, dim]."""
+    out = copy.deepcopy(attn).double().eval()(u)
+    return float((out - reference.double()).norm() / reference.double().norm().clamp(min=1e-30))
+
+
+@torch.no_grad()
+def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cfg: ModelConfig, moe: str,
+                 router_std: float, seed: int) -> None:
+    w1, w2, w3 = (getattr(old, n).weight.double().cpu() for n in ("w1", "w2", "w3"))
+    if not hasattr(new, "gate"):  # a dense layer stays as it is
+        for name in ("w1", "w2", "w3"):
+            getattr(new, name).weight.copy_(getattr(old, name).weight)
+        return
+    if moe == "split":
+        weights = split_mlp(w1, w2, w3, x, cfg.n_shared_experts, cfg.n_routed_experts, cfg.n_activated_experts,
+                            router_std, seed)
+    else:
+        weights = upcycle_mlp(w1, w2, w3, x, cfg.n_shared_experts, cfg.n_routed_experts, router_std, seed)
+    for name in ("w1", "w2", "w3"):
+        getattr(new.experts, name).copy_(getattr(weights, name))
+        if new.shared_experts is not None:
+            getattr(new.shared_experts, name).weight.copy_(getattr(weights, f"shared_{name}"))
+    new.gate.weight.copy_(weights.gate)
+    new.gate.balance_bias.copy_(weights.balance_bias)
+
+
+@torch.no_grad()
+def _expert_loads(model: Transformer, ids: torch.Tensor) -> dict[int, list[float]]:
+    """Fraction of tokens routed to each expert per MoE layer (sums to top_k) on ids [B, T] or [N]."""
+    counts: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(model.layers):
+        if hasattr(block.ffn, "gate"):
+            def hook(module, args, result, index=i):
+                found = torch.bincount(result[1].flatten(), minlength=module.n_experts).double()
+                counts[index] = counts.get(index, 0) + found
+            handles.append(block.ffn.gate.register_forward_hook(hook))
+    if not handles:
+        return {}
+    if ids.dim() == 1:
+        seq_len = min(model.config.max_seq_len, 256, ids.numel())
+        ids = ids[:ids.numel() // seq_len * seq_len].view(-1, seq_len)
+    try:
+        _run_trunk(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_tokens = ids.numel()
+    return {i: (c / n_tokens).tolist() for i, c in sorted(counts.items())}

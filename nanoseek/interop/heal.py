@@ -1,0 +1,169 @@
+"""Heal a converted model: distil the original (teacher) back into it, and measure how close they are.
+
+`compare(teacher, student, ids)` scores held-out tokens with both: KL(teacher || student) of the next-token
+distributions, both perplexities and top-1 agreement. `heal(...)` fine-tunes the student with the ordinary
+Trainer (stability guard, checkpoints, metrics) under `distill_objective`: KL on the logits (Hinton et al.
+2015; end-to-end distillation is what X-EcoMLA, arXiv 2503.11132, uses after an MLA conversion), optionally
+plus a normalised MSE between the two models' per-layer hidden states and a next-token CE term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model.transformer import ModelOutput
+
+
+@dataclass
+class Comparison:
+    kl: float  # mean KL(teacher || student) per scored token, nats
+    ppl_teacher: float
+    ppl_student: float
+    top1: float  # share of tokens where both argmaxes agree
+    tokens: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        return (f"KL {self.kl:.4f} nats/token | perplexity original {self.ppl_teacher:.3f}, converted "
+                f"{self.ppl_student:.3f} | top-1 agreement {self.top1:.1%} | {self.tokens} tokens")
+
+
+def _windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
+    """ids [N] -> consecutive windows [seq_len + 1] overlapping by one token (every token after the first is
+    a target once); the shorter tail is a window of its own."""
+    if ids.numel() < 2:
+        raise ValueError(f"{ids.numel()} held-out tokens: need at least 2; give more held-out text")
+    return [ids[s:s + seq_len + 1] for s in range(0, ids.numel() - 1, seq_len)]
+
+
+@torch.no_grad()
+def compare(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tensor, seq_len: int | None = None,
+            batch_size: int = 2) -> Comparison:
+    """Score ids with both models. ids: [N] (cut into windows of seq_len, default min(512, max_seq_len))
+    or [B, T] (each row a sequence; all but the last position are scored). Vocabulary-sized temporaries are
+    made for `batch_size` windows at a time."""
+    if ids.dim() == 1:
+        seq_len = min(seq_len or 512, student.config.max_seq_len, teacher.config.max_seq_len)
+        windows = _windows(ids, seq_len)
+        full = [w for w in windows if w.numel() == seq_len + 1]
+        batches = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+        batches += [w[None] for w in windows if w.numel() != seq_len + 1]
+    else:
+        batches = list(ids.split(batch_size))
+    was = teacher.training, student.training
+    teacher.eval(), student.eval()
+    kl = ce_t = ce_s = agree = 0.0
+    count = 0
+    device, teacher_device = next(student.parameters()).device, next(teacher.parameters()).device
+    for batch in batches:
+        batch = batch.to(device)
+        x, y = batch[:, :-1], batch[:, 1:].flatten()
+        log_t = F.log_softmax(teacher(x.to(teacher_device)).logits.float().to(device), -1).flatten(0, 1)
+        log_s = F.log_softmax(student(x).logits.float(), -1).flatten(0, 1)
+        kl += float((log_t.exp() * (log_t - log_s)).sum())
+        ce_t += float(F.nll_loss(log_t, y, reduction="sum"))
+        ce_s += float(F.nll_loss(log_s, y, reduction="sum"))
+        agree += float((log_t.argmax(-1) == log_s.argmax(-1)).sum())
+        count += y.numel()
+    teacher.train(was[0]), student.train(was[1])
+    return Comparison(kl / count, math.exp(ce_t / count), math.exp(ce_s / count), agree / count, count)
+
+
+def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0,
+                      ce_weight: float = 0.0):
+    """An `objective(model, x, y) -> ModelOutput` for Trainer: T^2 * KL(teacher_T || student_T) per token
+    (+ hidden_weight * mean over layers of MSE(h_student, h_teacher) / mean(h_teacher^2), + ce_weight * CE).
+
+    x, y: [B, T] and [B, >= T] token ids. The teacher runs without gradients on x's device (moved there on
+    first use). Logged components: kl, hidden (when on), student_ce; the eval metric is the total.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0")
+    teacher.requires_grad_(False).eval()
+
+    def layer_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[ModelOutput, list[torch.Tensor]]:
+        outputs: list[torch.Tensor] = []
+        inner = getattr(model, "_orig_mod", model)  # torch.compile keeps the module's blocks here
+        handles = [block.register_forward_hook(lambda m, a, out: outputs.append(out)) for block in inner.layers]
+        try:
+            return model(x), outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+        if next(teacher.parameters()).device != x.device:
+            teacher.to(x.device)
+        with torch.no_grad():
+            if hidden_weight:
+                teacher_out, teacher_hidden = layer_outputs(teacher, x)
+            else:
+                teacher_out, teacher_hidden = teacher(x), []
+        if hidden_weight:
+            out, hidden = layer_outputs(model, x)
+        else:
+            out, hidden = model(x), []
+        logits = out.logits.float()
+        log_s = F.log_softmax(logits / temperature, -1)
+        log_t = F.log_softmax(teacher_out.logits.float() / temperature, -1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
+        ce = F.cross_entropy(logits.flatten(0, 1), y[:, :x.shape[1]].flatten(), ignore_index=-100)
+        losses = {"kl": kl, "student_ce": ce.detach()}
+        total = kl
+        if hidden_weight:
+            parts = [(h.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=1e-12)
+                     for h, t in zip(hidden, teacher_hidden)]
+            losses["hidden"] = torch.stack(parts).mean()
+            total = total + hidden_weight * losses["hidden"]
+        if ce_weight:
+            total = total + ce_weight * ce
+        inner = getattr(model, "_orig_mod", model)
+        for name in ("aux", "z"):  # MoE router losses, when the config turns them on
+            parts = [m.losses[name] for _, m in inner.moe_layers() if name in m.losses]
+            if parts:
+                losses[name] = torch.stack(parts).sum()
+                total = total + losses[name]
+        return ModelOutput(out.logits, total, losses)
+
+    return objective
+
+
+@dataclass
+class HealResult:
+    before: Comparison
+    after: Comparison
+    run_dir: Path
+    status: str
+    steps: int
+
+    def as_dict(self) -> dict:
+        return {"before": self.before.as_dict(), "after": self.after.as_dict(), "run_dir": str(self.run_dir),
+                "status": self.status, "steps": self.steps}
+
+
+def heal(student: torch.nn.Module, teacher: torch.nn.Module, run_cfg, run_dir: str | Path, eval_ids: torch.Tensor,
+         temperature: float = 1.0, hidden_weight: float = 0.0, ce_weight: float = 0.0,
+         show_progress: bool = True) -> HealResult:
+    """Distil `teacher` into `student` for run_cfg.train.max_steps steps with the usual Trainer and guard.
+
+    run_cfg: a RunConfig whose data section tokenises with the student's tokenizer (its model section is
+    replaced by the student's config). eval_ids: held-out ids [N] for the before/after `compare`.
+    The healed student is saved as the run's checkpoints in run_dir (generate/eval/export read it).
+    """
+    from nanoseek.train.trainer import Trainer
+
+    before = compare(teacher, student, eval_ids)
+    trainer = Trainer(run_cfg, run_dir, show_progress=show_progress, model=student,
+                      objective=distill_objective(teacher, temperature, hidden_weight, ce_weight))
+    result = trainer.train()
+    student = trainer.model
+    after = compare(teacher.to(next(student.parameters()).device), student, eval_ids)
+    return HealResult(before, after, Path(run_dir), result.status, result.step)
