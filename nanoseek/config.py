@@ -326,6 +326,7 @@ class TrainConfig:
     compile: bool = False
     fp8: bool = False  # torchao float8 linears (CUDA >= 8.9); MLA projections, router, head stay high
     activation_checkpointing: bool = False
+    loss_chunk: int = 0  # tokens per chunk of head + cross-entropy, recomputed in backward (no full logits); 0 = off
     mtp_rampup_steps: int = 50  # seed 004: ramp the MTP weight linearly from 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -340,15 +341,21 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "nanoseek"
+    # Data parallelism under torchrun (README "Multiple GPUs"): none | ddp | fsdp (FSDP2 fully_shard).
+    # batch_size stays per process: the global batch is batch_size * grad_accum * world_size.
+    dist: Literal["none", "ddp", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
         _positive(self, "max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
                   "save_every", "log_every", "cycle_steps", "muon_lr")
         _non_negative(self, "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
-                      "early_stop_patience", "grad_noise", "keep_best", "sample_tokens")
+                      "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk")
         _one_of(self, "optimizer", ("adamw", "lion", "muon"))
         _one_of(self, "schedule", ("cosine", "wsd", "constant", "cyclic"))
         _one_of(self, "precision", ("fp32", "bf16", "fp16"))
+        _one_of(self, "dist", ("none", "ddp", "fsdp"))
+        if self.dist == "fsdp":
+            self._check_fsdp()
         if self.fp8 and self.precision != "bf16":
             _fail("fp8", True, "needs precision='bf16' (fp8 matmuls run inside a bf16 autocast)")
         if self.keep_last < 1:
@@ -362,6 +369,22 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 _fail(name, getattr(self, name), "must be in [0, 1)")
+
+    def _check_fsdp(self) -> None:
+        # What sharded training here does not do (each needs whole tensors, or is untested on shards), and the fix.
+        why = {"optimizer": (self.optimizer == "muon", "Muon orthogonalises whole matrices and FSDP holds "
+                             "row shards; use --train.dist ddp with Muon, or adamw/lion with fsdp"),
+               "ema_decay": (self.ema_decay > 0, "the EMA copy is not sharded; use --train.dist ddp for EMA "
+                             "weights, or --train.ema-decay 0"),
+               "precision": (self.precision == "fp16", "the fp16 GradScaler is not wired to sharded gradients; "
+                             "use --train.precision bf16 (or fp32) with fsdp"),
+               "fp8": (self.fp8, "float8 linears on sharded weights are untested in nanoseek; use --train.dist "
+                       "ddp with fp8"),
+               "grad_noise": (self.grad_noise > 0, "gradient noise is drawn per whole gradient, not per shard; use "
+                              "--train.dist ddp, or --train.grad-noise 0")}
+        for name, (refused, fix) in why.items():
+            if refused:
+                _fail(name, getattr(self, name), f"does not work with dist='fsdp': {fix}")
 
 
 @dataclass
@@ -412,6 +435,9 @@ class RunConfig:
         _one_of(self, "device", ("auto", "cpu", "cuda"))
         if self.data.seq_len > self.model.max_seq_len:
             _fail("data.seq_len", self.data.seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}")
+        if self.train.dist == "fsdp" and self.model.qk_clip_threshold > 0:
+            _fail("model.qk_clip_threshold", self.model.qk_clip_threshold, "QK-clip rescales per-head rows that "
+                  "FSDP shards across ranks; use --train.dist ddp with QK-clip")
 
     def to_dict(self) -> dict:
         return {

@@ -8,6 +8,10 @@ A step (one data batch per micro-batch, `grad_accum` micro-batches):
 Two counters: `step` counts data batches consumed (always advances, so data moves on past a bad
 batch) and `opt_step` counts applied updates (drives the LR schedule and MTP ramp, so a skipped
 step leaves the schedule exactly where it was).
+
+Under torchrun the same loop runs on every rank (`distributed.py`: DDP or FSDP2): the host read above
+becomes one all-reduce of the loss components and grad norm, so every rank's guard judges the global
+step and all ranks apply or drop it together; rank 0 logs and writes checkpoints of full state.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import RunConfig
-from nanoseek.diagnose import locate_and_save, nonfinite_grads
+from nanoseek.diagnose import locate_and_save
 from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import ModelOutput
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from nanoseek.train.distributed import Distributed, launched_by_torchrun, local
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
 from nanoseek.train.guard import StabilityGuard, Verdict
@@ -82,10 +87,12 @@ class Trainer:
                  model: Transformer | None = None, objective: Objective = next_token_objective):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.objective = objective
-        self.device = resolve_device(cfg.device)
+        tc = cfg.train
+        # The process group first: it decides this rank's device (cuda:LOCAL_RANK under torchrun).
+        self.dist = Distributed.setup(tc.dist, resolve_device(cfg.device))
+        self.device = self.dist.device
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals make CPU matmuls crawl late in training
-        tc = cfg.train
         if tc.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("precision='bf16' needs an Ampere or newer GPU; use --train.precision fp16")
         if not resume and latest_checkpoint(self.run_dir) is not None:
@@ -94,7 +101,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
 
-        self.data = self._prepare_data()
+        with self.dist.main_first():  # rank 0 tokenizes into run_dir/data; the others then read it
+            self.data = self._prepare_data()
         if model is not None and model.config.vocab_size < self.data.vocab_size:
             raise ValueError(f"the data's vocabulary ({self.data.vocab_size}) is larger than the model's "
                              f"({model.config.vocab_size}); tokenize with the model's own tokenizer "
@@ -103,19 +111,25 @@ class Trainer:
             cfg.model, vocab_size=self.data.vocab_size, derived=dict(cfg.model.derived))
         self.lookahead = 1 + (cfg.model.mtp_depth if cfg.model.mtp_depth else 0)
         self.train_loader = TokenLoader(self.data.train_shards, tc.batch_size, cfg.data.seq_len,
-                                        lookahead=self.lookahead, seed=cfg.seed, vocab_size=self.data.vocab_size)
+                                        lookahead=self.lookahead, rank=self.dist.rank,
+                                        world_size=self.dist.world_size, seed=cfg.seed,
+                                        vocab_size=self.data.vocab_size)
 
+        self.built_model = model is None
         self.model = (model if model is not None else Transformer(cfg.model)).to(self.device)
         self.model.activation_checkpointing = tc.activation_checkpointing
+        self.model.loss_chunk = tc.loss_chunk
         if tc.fp8:
             enable_fp8(self.model, self.device)
-        self.forward_model = torch.compile(self.model) if tc.compile else self.model
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if tc.ema_decay > 0 else None
+        # DDP wraps; FSDP shards self.model in place, so the optimizer is built after this, on the shards.
+        wrapped = self.dist.wrap(self.model, tc.precision)
+        self.forward_model = torch.compile(wrapped) if tc.compile else wrapped
         self.optimizer = build_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if tc.ema_decay > 0 else None
         self.guard = StabilityGuard(cfg.guard, tc.precision)
-        self.faults = FaultInjector(cfg.guard.inject, self.model)
+        self.faults = FaultInjector(cfg.guard.inject, self.model, self.dist.rank, self.dist.world_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.last_bad_grads: list[str] = []
 
@@ -124,15 +138,18 @@ class Trainer:
         self.best_val, self.evals_since_best = math.inf, 0
         self.last_val: float | None = None
         self.snapshots: dict[str, dict | None] = {"good": None, "pending": None}
-        if resume:
-            self._resume()
-        else:
+        resume_note = self._resume() if resume else ""
+        if not resume and self.dist.is_main:
             cfg.save_toml(self.run_dir / "config.toml")
         self.logger = MetricsLogger(self.run_dir, tensorboard=tc.tensorboard, wandb=tc.wandb,
                                     wandb_project=tc.wandb_project, config=cfg.to_dict(), total_steps=tc.max_steps,
-                                    start_step=self.step, show_progress=show_progress)
+                                    start_step=self.step, show_progress=show_progress, enabled=self.dist.is_main)
+        for note in (self.dist.note, resume_note):
+            if note:
+                self.logger.write(note)
         self.throughput = Throughput()
-        self.peak_flops = device_peak_flops(self.device, tc.precision)
+        peak = device_peak_flops(self.device, tc.precision)
+        self.peak_flops = peak * self.dist.world_size if peak is not None else None  # tokens/s are global
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
 
     # ---- setup -------------------------------------------------------------------------------
@@ -144,15 +161,16 @@ class Trainer:
             data_cfg = dataclasses.replace(data_cfg, source=str(data_dir))
         return prepare_data(data_cfg, data_dir)
 
-    def _resume(self) -> None:
+    def _resume(self) -> str:
+        """Load the latest checkpoint (full state: any mode and world size). Returns a note for the console."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise ValueError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; "
                              "start without --resume (or point --out at the run to continue)")
         ckpt = read_checkpoint(path)
-        self.model.load_state_dict(ckpt.model_state)
+        self.dist.load_model_state(self.model, ckpt.model_state)
         state = ckpt.trainer_state
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         for group, fresh in zip(self.optimizer.param_groups, build_optimizer(self.model, self.cfg.train).param_groups):
             group["base_lr"] = fresh["base_lr"]  # an LR given on the command line at resume wins
         self.scaler.load_state_dict(state["scaler"])
@@ -164,39 +182,51 @@ class Trainer:
         self.saved_step = self.step
         self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
         self.last_val = state.get("last_val")
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"])  # rank 0's; the ranks draw in lock-step, so it is every rank's
+        saved_world, saved_batch = state.get("world_size", 1), state.get("global_batch")
+        if saved_world != self.dist.world_size or saved_batch not in (None, self.global_batch):
+            was = f"{saved_batch} sequences" if saved_batch is not None else "unknown"
+            return (f"resuming a run saved by {saved_world} process(es) on {self.dist.world_size}: the data cursor "
+                    f"re-strides over the ranks; global batch {self.global_batch} sequences per step (was {was})")
+        return ""
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.dist.world_size
 
     # ---- state ---------------------------------------------------------------------------------
 
     def trainer_state(self) -> dict:
+        """Everything but the weights that exact resume needs (under FSDP a collective: call on every rank)."""
         return {
-            "step": self.step, "opt_step": self.opt_step, "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "opt_step": self.opt_step,
+            "optimizer": self.dist.full_optimizer_state(self.model, self.optimizer),
             "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(),
             "guard": self.guard.state_dict(), "best_val": self.best_val,
             "evals_since_best": self.evals_since_best, "last_val": self.last_val, "rng": rng_state(),
+            "world_size": self.dist.world_size, "global_batch": self.global_batch,
         }
 
     def save(self, val_loss: float | None = None) -> Path:
+        """Write a checkpoint (every rank calls this; rank 0 writes full, unsharded state)."""
         tc = self.cfg.train
         self.saved_step = self.step
-        return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.trainer_state(),
-                               self.cfg.to_dict(), val_loss=val_loss,
-                               ema_state=self.ema.state_dict() if self.ema is not None else None,
-                               keep_last=tc.keep_last, keep_best=tc.keep_best)
+        model_state, trainer_state = self.dist.full_model_state(self.model), self.trainer_state()
+        if self.dist.is_main:
+            path = save_checkpoint(self.run_dir, self.step, model_state, trainer_state,
+                                   self.cfg.to_dict(), val_loss=val_loss,
+                                   ema_state=self.ema.state_dict() if self.ema is not None else None,
+                                   keep_last=tc.keep_last, keep_best=tc.keep_best)
+        self.dist.barrier()  # every rank returns once the checkpoint is complete on disk
+        return path if self.dist.is_main else latest_checkpoint(self.run_dir)
 
     def _snapshot(self) -> dict:
-        """An in-memory copy of everything a rollback restores (on CPU, so GPU memory is spared)."""
-        def to_cpu(obj):
-            if isinstance(obj, torch.Tensor):
-                return obj.detach().to("cpu", copy=True)
-            if isinstance(obj, dict):
-                return {k: to_cpu(v) for k, v in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(to_cpu(v) for v in obj)
-            return copy.deepcopy(obj)
-        return to_cpu({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                       "scaler": self.scaler.state_dict(), "opt_step": self.opt_step, "step": self.step,
-                       "ema": self.ema.state_dict() if self.ema is not None else None})
+        """An in-memory copy of everything a rollback restores (on CPU, so GPU memory is spared; under FSDP
+        each rank keeps its own shards)."""
+        return self.dist.offload({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                  "scaler": self.scaler.state_dict(), "opt_step": self.opt_step, "step": self.step,
+                                  "ema": self.ema.state_dict() if self.ema is not None else None})
 
     def _maybe_snapshot(self) -> None:
         # A snapshot becomes "good" only after it has survived snapshot_every healthy steps, so a
@@ -215,8 +245,8 @@ class Trainer:
     def _rollback(self) -> int:
         """Restore the last good snapshot; the data cursor stays where it is (the bad window is skipped)."""
         snap = self.snapshots["good"]
-        self.model.load_state_dict(snap["model"])
-        self.optimizer.load_state_dict(snap["optimizer"])
+        self.model.load_state_dict(self.dist.restore(snap["model"]))
+        self.optimizer.load_state_dict(self.dist.restore(snap["optimizer"]))
         self.scaler.load_state_dict(snap["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(snap["ema"])
@@ -243,37 +273,51 @@ class Trainer:
         factor = lr_factor(self.opt_step, tc) * self.guard.lr_scale * self.faults.lr_factor(step)
         apply_lr_factor(self.optimizer, factor)
 
-        batches, sums, batch_ok = [], {}, True
-        logit_max = None
+        # Read and check the whole step's data first: every rank must know whether any rank holds a bad
+        # batch before the first forward, since DDP/FSDP collectives would otherwise wait forever on a
+        # rank that dropped out of the step.
+        batches, local_ok = [], True
         for micro in range(tc.grad_accum):
             x, y = self.train_loader.next_batch()
             x = self.faults.batch(step, x, self.data.vocab_size)
             batches.append((x, y))
             if int(x.max()) >= self.data.vocab_size or int(x.min()) < 0:  # checked on the host copy
-                batch_ok = False  # an out-of-range id would crash the embedding (a device assert on GPU)
+                local_ok = False  # an out-of-range id would crash the embedding (a device assert on GPU)
                 # The step is dropped whole: pass over its other micro-batches too, so the data moves on
                 # exactly as after any other skipped step.
                 self.train_loader.skip(tc.grad_accum - 1 - micro)
                 break
+        self.local_batch_ok, self.local_values = local_ok, None
+        batch_ok = self.dist.all_ok(local_ok)
+
+        sums, logit_max = {}, None
+        for micro, (x, y) in enumerate(batches if batch_ok else []):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast(), self.faults.activations(step):
-                out = self.objective(self.forward_model, x, y)
-            loss = self.faults.loss(step, out.loss) / tc.grad_accum
-            self.scaler.scale(loss).backward()
+            with self.dist.grad_sync(self.forward_model, micro == tc.grad_accum - 1):
+                with self._autocast(), self.faults.activations(step):
+                    out = self.objective(self.forward_model, x, y)
+                loss = self.faults.loss(step, out.loss) / tc.grad_accum
+                self.scaler.scale(loss).backward()
             for name, value in out.losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / tc.grad_accum
             sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
             if sample_stats:
-                logit_max = out.logits.detach().abs().max().float()
+                logit_max = out.logits.detach().abs().max().float() if out.logits is not None else out.logit_max
         self.faults.grads(step, model)
 
         if batch_ok:
             self.scaler.unscale_(self.optimizer)
-            grads = [p.grad for p in self.params if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+            self.dist.sync_scaler(self.scaler, self.optimizer)
+            # This rank's part of every gradient: the whole gradient in one process or under DDP, the
+            # local shard under FSDP (views, so clipping them in place clips the gradients).
+            grads = [local(p.grad) for p in self.params if p.grad is not None]
+            local_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+            self.local_values = (sums["loss"], local_norm)  # this rank's own, to find a fault's rank
             names = list(sums)
+            # Global means and norm (a no-op in one process), so every rank judges the same numbers.
+            reduced, grad_norm = self.dist.reduce_step([sums[n] for n in names], local_norm)
             # The one host sync of the step: loss components and grad norm together.
-            values = dict(zip(names + ["grad_norm"], torch.stack([sums[n] for n in names] + [grad_norm]).tolist()))
+            values = dict(zip(names + ["grad_norm"], torch.stack(reduced + [grad_norm]).tolist()))
             if logit_max is not None:
                 values["logit_max"] = float(logit_max)
         else:
@@ -281,15 +325,19 @@ class Trainer:
         verdict = self.guard.check(step, values["loss"], values["grad_norm"], batch_ok)
 
         if verdict.ok:
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.params, tc.grad_clip, grad_norm)
+            if tc.grad_clip > 0:  # clip_grads_with_norm_'s arithmetic, on the local parts
+                coef = torch.clamp(tc.grad_clip / (grad_norm + 1e-6), max=1.0)
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
             if tc.grad_noise > 0:  # Neelakantan et al. 2015, sigma^2 = eta / (1 + t)^0.55
                 sigma = math.sqrt(tc.grad_noise / (1 + self.opt_step) ** 0.55)
-                for g in grads:
+                for g in grads:  # ranks draw in lock-step, so DDP replicas add the same noise
                     g.add_(torch.randn_like(g), alpha=sigma)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            model.update_balance_bias()
+            model.update_balance_bias(self.dist.sum_)  # expert loads of the whole global batch
+            if self.cfg.model.qk_clip_threshold > 0:
+                for _, attn in model.attention_layers():
+                    self.dist.max_(attn.max_logit)  # every replica clips the same heads by the same amount
             model.apply_qk_clip()
             if self.ema is not None:
                 self._update_ema()
@@ -297,7 +345,7 @@ class Trainer:
         else:
             if verdict.action == "overflow":
                 self.scaler.update()  # lowers the scale; the step itself is dropped
-            self.last_bad_grads = nonfinite_grads(model) if verdict.cause.startswith("non-finite") else []
+            self.last_bad_grads = self._nonfinite_grads() if verdict.cause.startswith("non-finite") else []
             model.reset_expert_loads()
         self.optimizer.zero_grad(set_to_none=True)
         values["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -319,21 +367,28 @@ class Trainer:
     def evaluate(self, model: Transformer | None = None) -> dict[str, float]:
         """Mean loss components over the first eval_batches validation batches (always the same ones)."""
         model = model or self.model
+        world = self.dist.world_size
         windows = count_windows(self.data.val_shards, self.cfg.data.seq_len, self.lookahead)
-        loader = TokenLoader(self.data.val_shards, min(self.cfg.train.batch_size, windows), self.cfg.data.seq_len,
-                             lookahead=self.lookahead, vocab_size=self.data.vocab_size, shuffle=False)
+        # Ranks split the same global validation batches one process of batch_size * world_size would see.
+        loader = TokenLoader(self.data.val_shards, max(min(self.cfg.train.batch_size, windows // world), 1),
+                             self.cfg.data.seq_len, lookahead=self.lookahead, rank=self.dist.rank, world_size=world,
+                             vocab_size=self.data.vocab_size, shuffle=False)
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         n = min(self.cfg.train.eval_batches, max(loader.batches_per_epoch, 1))
         for _ in range(n):
             x, y = loader.next_batch()
             with self._autocast():
                 out = self.objective(model, x.to(self.device), y.to(self.device))
             for name, value in {"loss": out.loss, **out.losses}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) / n
+                sums[name] = sums.get(name, 0.0) + value.detach().double() / n
         model.train(was_training)
-        return sums
+        names = list(sums)
+        if not names:
+            return {}
+        means = self.dist.mean_(torch.stack([sums[k] for k in names]))  # over ranks; a no-op in one process
+        return dict(zip(names, means.tolist()))
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -350,13 +405,51 @@ class Trainer:
         """Record the batch and (first time a value goes non-finite) locate the module. Returns it."""
         if verdict.action == "overflow" or not self.cfg.guard.save_bad_batches:
             return None
-        return locate_and_save(self, verdict, batches)
+        if not self.dist.active:
+            return locate_and_save(self, verdict, batches)
+        return self._on_fault_distributed(verdict, batches)
+
+    def _nonfinite_grads(self) -> list[str]:
+        """Parameters whose gradient (this rank's part of it) holds a NaN or Inf; only on the fault path."""
+        return [name for name, p in self.model.named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())]
+
+    def _on_fault_distributed(self, verdict: Verdict, batches) -> str | None:
+        """The bad-batch record of a multi-process run: rank 0 writes the batch of the rank where the fault
+        began (its own batch was bad, else its own loss, else its own gradients were non-finite), replayed
+        with that rank's fault injections on an unsharded copy of the weights. A collective: every rank
+        calls it, as every rank holds the same verdict."""
+        if self.dist.mode == "fsdp" and not self.built_model:  # no way to rebuild an unsharded copy of it
+            self.logger.write(f"[guard] step {self.step - 1}: no bad-batch record (FSDP with a model passed to the "
+                              "Trainer cannot be replayed on one rank; use --dist ddp to keep records)")
+            return None
+        loss, grad_norm = self.local_values or (0.0, 0.0)  # None: no forward ran (a bad batch somewhere)
+        mine = {"batch_ok": self.local_batch_ok, "loss_ok": math.isfinite(float(loss)),
+                "grad_ok": math.isfinite(float(grad_norm)), "bad_grads": self.last_bad_grads,
+                "batches": [(x.cpu(), y.cpu()) for x, y in batches]}
+        everyone = self.dist.gather_objects(mine)
+        nonfinite = verdict.cause.startswith("non-finite")
+        state = self.dist.full_model_state(self.model) if nonfinite and self.dist.mode == "fsdp" else None
+        if not self.dist.is_main:
+            return None
+        culprit = next((r for key in ("batch_ok", "loss_ok", "grad_ok") for r, info in enumerate(everyone)
+                        if not info[key]), 0)
+        self.last_bad_grads = sorted({name for info in everyone for name in info["bad_grads"]})
+        model = self.model
+        if state is not None:  # the sharded module cannot run alone on rank 0: replay a whole copy
+            with torch.random.fork_rng(devices=[]):  # its init must not move rank 0's RNG off the others'
+                model = Transformer(self.cfg.model).to(self.device)
+            model.load_state_dict(state)
+        faults = FaultInjector(self.cfg.guard.inject, model, culprit, self.dist.world_size)
+        module = locate_and_save(self, verdict, everyone[culprit]["batches"], model=model, faults=faults)
+        self.logger.write(f"[guard] step {self.step - 1}: the fault began on rank {culprit}")
+        return module
 
     def train(self) -> TrainResult:
         tc = self.cfg.train
         self.model.train()
         status, last_values = "finished", {"loss": math.nan}
-        tokens_per_step = tc.batch_size * tc.grad_accum * self.cfg.data.seq_len
+        tokens_per_step = tc.batch_size * tc.grad_accum * self.cfg.data.seq_len * self.dist.world_size  # global
         self._maybe_snapshot()
         while self.step < tc.max_steps:
             verdict, values, batches = self.train_step()
@@ -396,13 +489,27 @@ class Trainer:
         self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
                          "val_loss": self.last_val, "skips": self.guard.n_skips, "rollbacks": self.guard.n_rollbacks})
         self.logger.close()
+        self._leave_process_group()
         return result
+
+    def _leave_process_group(self) -> None:
+        """After the last step, make this trainer a one-process trainer over an ordinary module: under FSDP
+        the final weights are gathered into a plain Transformer (so a sample or an evaluation needs no other
+        rank; a model passed in stays sharded), then the process group is left if this run started it."""
+        if self.dist.mode == "fsdp" and self.built_model:
+            state = self.dist.full_model_state(self.model, everywhere=True)
+            with torch.random.fork_rng(devices=[]):  # the RNG stays where training left it
+                self.model = Transformer(self.cfg.model).to(self.device)
+            self.model.load_state_dict(state)
+            self.forward_model = self.model
+        self.dist.close()
+        self.dist = self.dist.detached()
 
     def _rollback_for_abort(self) -> None:
         if self.snapshots["good"] is not None:  # the final checkpoint holds the last good weights
             snap = self.snapshots["good"]
-            self.model.load_state_dict(snap["model"])
-            self.optimizer.load_state_dict(snap["optimizer"])
+            self.model.load_state_dict(self.dist.restore(snap["model"]))
+            self.optimizer.load_state_dict(self.dist.restore(snap["optimizer"]))
             self.opt_step = snap["opt_step"]
 
     def _log_step(self, values: dict[str, float], verdict: Verdict) -> None:
@@ -454,4 +561,6 @@ class Trainer:
 
 
 def default_run_dir(preset: str) -> Path:
+    if launched_by_torchrun()[2] > 1:  # each rank would read its own clock and pick its own directory
+        raise ValueError("under torchrun pass --out RUN_DIR: every rank must write to the same run directory")
     return Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,365 @@
+"""Data parallelism on torch.distributed: the process group, DDP / FSDP2 wrapping, and every reduction
+the trainer needs so that all ranks take the same decisions.
+
+Launch (README "Multiple GPUs"): `torchrun --nproc_per_node=N -m nanoseek train --train.dist ddp|fsdp ...`.
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is one process (world size 1).
+NCCL on GPU, gloo on CPU; host-side flags (a bad batch on some rank) travel over a gloo group even
+with NCCL, so deciding them never waits for the GPU.
+
+One code path: a single process is world size 1 with mode "none", and every method here is then a
+no-op that returns its input, so `nanoseek train` without torchrun runs exactly what it always ran.
+
+What must agree across ranks, and how:
+  - the guard's verdict: the step's loss components, the gradient norm and the bad-batch flag are
+    reduced in one fused all-reduce *before* the verdict, clipping or the optimizer. DDP all-reduces
+    gradients during backward, so a NaN on one rank is a NaN everywhere after backward; a NaN put into
+    one rank's gradients after backward (or an FSDP shard) stays local. A SUM carries a NaN or Inf from
+    any rank into the result on every rank, so every rank's guard sees the same numbers and returns
+    the same verdict; a MAX would not (NaN comparisons are order-dependent).
+  - MoE expert loads: summed over ranks before the balance-bias update (`Gate.update_balance_bias`).
+  - QK-clip's per-head max logits (DDP): a MAX over ranks before the weights are rescaled.
+  - the fp16 GradScaler's found-inf flags (DDP): summed, so every rank's scale backs off together.
+  - eval: per-rank means over disjoint slices of the same validation batches, averaged.
+
+Checkpoints are full (unsharded) state written by rank 0: under FSDP the model and optimizer state
+are gathered with torch.distributed.checkpoint.state_dict (full_state_dict=True, cpu_offload=True),
+and the optimizer state is stored keyed by parameter index, exactly what `optimizer.state_dict()` of
+a single process gives. So any checkpoint resumes under any mode and world size; the data cursor
+counts windows, so it re-strides over the new number of ranks (the global batch then changes with
+the world size, and the run says so). Gathering full state is fine for the 1M-1B models nanoseek
+trains; sharded DCP checkpoints would be the way beyond that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MODES = ("none", "ddp", "fsdp")
+
+
+def launched_by_torchrun() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) in a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, else the tensor itself (a view,
+    so in-place changes reach the parameter or gradient it came from)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class Distributed:
+    """The run's place in the process group and the collectives the trainer calls.
+
+    mode: "none" (one process), "ddp" or "fsdp". rank / world_size / local_rank as torchrun numbers them.
+    device: this rank's device (cuda:LOCAL_RANK on GPU).
+    """
+
+    def __init__(self, mode: str, rank: int, world_size: int, local_rank: int, device: torch.device,
+                 owns_group: bool = False, note: str = "", is_main: bool | None = None):
+        self.mode, self.rank, self.world_size, self.local_rank = mode, rank, world_size, local_rank
+        self.is_main = rank == 0 if is_main is None else is_main  # rank 0: logs, prints, writes checkpoints
+        self.device = device
+        self.owns_group = owns_group
+        self.note = note  # one line for the console (rank 0), e.g. why ddp was picked
+        self.cpu_group = None
+        self.mesh = None
+        if mode != "none" and dist.get_backend() != "gloo":
+            # Host flags over gloo: an NCCL collective on them would first wait for the GPU queue.
+            self.cpu_group = dist.new_group(backend="gloo")
+
+    @classmethod
+    def setup(cls, mode: str, device: torch.device) -> "Distributed":
+        """Join (or start) the process group for `mode` on `device` ("cuda" becomes cuda:LOCAL_RANK).
+
+        A run under torchrun with more than one process and mode "none" uses DDP: N copies each
+        training alone on the same run directory would only overwrite one another. DDP or FSDP without
+        torchrun is a process group of one (useful to check that mode on one device).
+        """
+        if mode not in MODES:
+            raise ValueError(f"train.dist={mode!r}: must be one of {', '.join(MODES)}")
+        rank, local_rank, world = launched_by_torchrun()
+        note = ""
+        if world > 1 and mode == "none":
+            mode, note = "ddp", f"{world} processes and train.dist='none': using DDP (--train.dist fsdp shards instead)"
+        if mode == "none":
+            return cls("none", 0, 1, 0, device)
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                                 "launch at most that many processes per node (--nproc_per_node)")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        owns = False
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            kwargs = {"device_id": device} if device.type == "cuda" else {}
+            if "MASTER_ADDR" not in os.environ and world == 1:
+                # --train.dist ddp|fsdp in a plain process: a group of one needs no rendezvous.
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+            else:
+                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
+            owns = True
+        return cls(mode, dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=owns, note=note)
+
+    # ---- who am I ------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(group=self.cpu_group)
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. writes prepared data); the others run it once that is done."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def close(self) -> None:
+        """Leave the process group if this run started it (every rank reaches here together)."""
+        if self.active and self.owns_group and dist.is_initialized():
+            dist.barrier(group=self.cpu_group)
+            dist.destroy_process_group()
+        self.owns_group = False
+
+    def detached(self) -> "Distributed":
+        """This rank on its own after training: no collectives, but still rank 0 or not for printing."""
+        return Distributed("none", 0, 1, 0, self.device, is_main=self.is_main)
+
+    # ---- wrapping ------------------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        """The module the forward pass goes through: `model` itself, DDP(model), or `model` sharded in place.
+
+        DDP: buffers are synced once at start (they are equal then) but not before every forward, because
+        per-rank buffers (MoE expert loads counted since the last bias update, max logits) must stay per
+        rank until our own reductions combine them.
+        FSDP2: every Block and MTP module is one shard group, the root holds embedding, norm and head.
+        bf16 runs gather bf16 parameters (MixedPrecisionPolicy) and reduce gradients in fp32; the MoE
+        routers keep fp32 parameters (DeepSeek-V3 scores experts in fp32), as on one device.
+        """
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       forward_sync_buffers=False, gradient_as_bucket_view=True)
+        if self.mode == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            from nanoseek.model.moe import MoE
+
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+            param_dtype = torch.bfloat16 if precision == "bf16" else None
+            policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+            router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            for block in [*model.layers, *getattr(model, "mtp", [])]:
+                for module in block.modules():
+                    if isinstance(module, MoE) and param_dtype is not None:
+                        fully_shard(module.gate, mesh=self.mesh, mp_policy=router_policy)
+                fully_shard(block, mesh=self.mesh, mp_policy=policy)
+            fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        return model
+
+    def grad_sync(self, forward_model: nn.Module, enabled: bool):
+        """Context for one micro-batch's backward: gradients are synchronised only on the last one."""
+        module = getattr(forward_model, "_orig_mod", forward_model)  # under torch.compile
+        if self.mode == "ddp" and not enabled:
+            return module.no_sync()
+        if self.mode == "fsdp":
+            module.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    # ---- reductions ----------------------------------------------------------------------------
+
+    def all_ok(self, ok: bool) -> bool:
+        """True only if `ok` holds on every rank (a host-side flag; no GPU sync)."""
+        if not self.active or self.world_size == 1:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return int(flag) == 0
+
+    def reduce_step(self, components: list[torch.Tensor],
+                    grad_norm: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The numbers a verdict is made from, the same on every rank. One all-reduce.
+
+        components: scalar tensors, this rank's mean over its share of the global batch (loss, ce, ...).
+        grad_norm: scalar, the 2-norm of this rank's gradients (DDP: the full, already averaged gradient;
+        FSDP: this rank's shards). Returns the global means and the global gradient norm. A non-finite
+        value on any rank makes the corresponding result non-finite on every rank.
+        """
+        if not self.active or self.world_size == 1:
+            return components, grad_norm
+        # DDP ranks hold identical gradients (barring a rank-local fault), so their squared norms are
+        # averaged; FSDP shards partition the gradient, so theirs add up.
+        norm_weight = 1.0 if self.mode == "fsdp" else 1.0 / self.world_size
+        packed = torch.stack([c.float() / self.world_size for c in components]
+                             + [grad_norm.float().square() * norm_weight])
+        dist.all_reduce(packed)
+        return list(packed[:-1].unbind()), packed[-1].sqrt()
+
+    def sum_(self, tensor: torch.Tensor) -> None:
+        """In-place sum over ranks (MoE expert loads)."""
+        if self.active and self.world_size > 1:
+            dist.all_reduce(tensor)
+
+    def max_(self, tensor: torch.Tensor) -> None:
+        """In-place max over ranks of finite values (QK-clip's max logits)."""
+        if self.active and self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
+    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (eval losses); returns `tensor`, reduced in place."""
+        if self.active and self.world_size > 1:
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def sync_scaler(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+        """After `scaler.unscale_`: make the found-inf flags global, so an overflow on one rank backs the
+        scale off on all of them (otherwise the ranks' loss scales, and then their weights, drift apart)."""
+        if not (self.active and self.world_size > 1 and scaler.is_enabled()):
+            return
+        state = scaler._per_optimizer_states[id(optimizer)]  # torch keeps no public handle on these flags
+        for found_inf in state["found_inf_per_device"].values():
+            dist.all_reduce(found_inf)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.active or self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
+    # ---- full state ----------------------------------------------------------------------------
+
+    def full_model_state(self, model: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+        """The unsharded state dict. FSDP (a collective): gathered to CPU on rank 0 and empty elsewhere,
+        or with `everywhere` the whole of it on every rank, on the device."""
+        if self.mode != "fsdp":
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+        return get_model_state_dict(model, options=options)
+
+    def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load an unsharded state dict (every rank passes the whole of it)."""
+        if self.mode != "fsdp":
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """`optimizer.state_dict()` as one process would have it (states keyed by parameter index).
+
+        FSDP: gathered with get_optimizer_state_dict (keyed by parameter name, a collective; full on rank 0)
+        and renumbered in param-group order, which is how `optimizer.state_dict()` numbers parameters.
+        """
+        if self.mode != "fsdp" or not optimizer.state:
+            # An optimizer that has not stepped yet (or was rolled back to before its first step) holds no
+            # tensors to gather; and get_optimizer_state_dict would "initialise" it with a zero-LR step,
+            # which advances Adam's step counter and so changes every later update.
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        named = get_optimizer_state_dict(model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return {}
+        index, state, groups = 0, {}, []
+        for group in named["param_groups"]:
+            ids = []
+            for name in group["params"]:
+                if name in named["state"]:
+                    state[index] = named["state"][name]
+                ids.append(index)
+                index += 1
+            groups.append({**group, "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load a state saved by `full_optimizer_state` (any mode, any world size)."""
+        if self.mode != "fsdp" or not state["state"]:  # nothing to shard (see full_optimizer_state)
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {id(p): name for name, p in model.named_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved_count = sum(len(g["params"]) for g in state["param_groups"])
+        if saved_count != len(params):
+            raise ValueError(f"the checkpoint's optimizer holds {saved_count} parameters but this model trains "
+                             f"{len(params)}; resume with the same model and optimizer settings")
+        named_groups = []
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            named_groups.append({**saved, "params": [names[id(p)] for p in group["params"]]})
+        by_index = [names[id(p)] for p in params]
+        named_state = {by_index[i]: s for i, s in state["state"].items()}
+        set_optimizer_state_dict(model, optimizer, {"state": named_state, "param_groups": named_groups},
+                                 options=StateDictOptions(full_state_dict=True))
+
+    # ---- in-memory snapshots (rollback) ---------------------------------------------------------
+
+    @staticmethod
+    def offload(obj):
+        """A CPU copy of nested state (tensors, dicts, lists); FSDP's DTensors keep their layout."""
+        if _is_dtensor(obj):
+            return _ShardCopy(obj)
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().to("cpu", copy=True)
+        if isinstance(obj, dict):
+            return {k: Distributed.offload(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(Distributed.offload(v) for v in obj)
+        return copy.deepcopy(obj)
+
+    @staticmethod
+    def restore(obj):
+        """The inverse of `offload` for `load_state_dict`: DTensors rebuilt on their mesh, the rest as is."""
+        if isinstance(obj, _ShardCopy):
+            return obj.rebuild()
+        if isinstance(obj, dict):
+            return {k: Distributed.restore(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(Distributed.restore(v) for v in obj)
+        return obj
+
+
+class _ShardCopy:
+    """This rank's shard of a DTensor, copied to CPU, plus what it takes to rebuild the DTensor."""
+
+    def __init__(self, tensor):
+        self.local = tensor.to_local().detach().to("cpu", copy=True)
+        self.device = tensor.to_local().device
+        self.mesh, self.placements = tensor.device_mesh, tensor.placements
+        self.shape, self.stride = tensor.shape, tensor.stride()
+
+    def rebuild(self):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(self.local.to(self.device), self.mesh, self.placements, run_check=False,
+                                  shape=self.shape, stride=self.stride)
