@@ -129,8 +129,14 @@ def nonfinite_grads(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
 
-def locate_and_save(trainer, verdict, batches) -> str | None:
-    """Trainer hook on a fault: save the bad batch and, for non-finite faults, replay to name the module."""
+def locate_and_save(trainer, verdict, batches, model: nn.Module | None = None,
+                    faults: FaultInjector | None = None) -> str | None:
+    """Trainer hook on a fault: save the bad batch and, for non-finite faults, replay to name the module.
+
+    `model` / `faults` replace the trainer's own (a multi-process run replays one rank's batch, with that
+    rank's injections, on an unsharded copy of the weights)."""
+    model = model if model is not None else trainer.model
+    faults = faults if faults is not None else trainer.faults
     step = trainer.step - 1
     out_dir = trainer.run_dir / "bad_batches" / f"step-{step:08d}"
     saved = sorted((trainer.run_dir / "bad_batches").glob("step-*")) if (trainer.run_dir / "bad_batches").exists() else []
@@ -138,7 +144,7 @@ def locate_and_save(trainer, verdict, batches) -> str | None:
     finding = None
     if nonfinite:
         x, y = batches[0]
-        finding = replay(trainer.model, x.to(trainer.device), y.to(trainer.device), trainer.faults, step,
+        finding = replay(model, x.to(trainer.device), y.to(trainer.device), faults, step,
                          trainer._autocast(), trainer.last_bad_grads)
     if len(saved) < MAX_SAVED:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,13 +152,13 @@ def locate_and_save(trainer, verdict, batches) -> str | None:
                    out_dir / "batch.pt")
         torch.save(rng_state(), out_dir / "rng.pt")
         if nonfinite:
-            state = {k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
-            if trainer.model.config.tie_embeddings:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            if model.config.tie_embeddings:
                 state.pop("head.weight", None)
             save_file(state, str(out_dir / "model.safetensors"))
-        meta = {"step": step, "cause": verdict.cause, "action": verdict.action, "injected": trainer.faults.active(step),
+        meta = {"step": step, "cause": verdict.cause, "action": verdict.action, "injected": faults.active(step),
                 "finding": finding.line() if finding else None, "module": finding.module if finding else None,
-                "nonfinite_grads": trainer.last_bad_grads[:20]}
+                "nonfinite_grads": trainer.last_bad_grads[:20], "rank": faults.rank, "world_size": faults.world_size}
         (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return finding.module if finding else None
 
@@ -176,9 +182,13 @@ def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Fi
     meta = json.loads((bad / "meta.json").read_text())
     model = Transformer(cfg.model)
     state = load_file(str(bad / "model.safetensors"))
+    from nanoseek.npt.convert import convert_for_state  # an `nanoseek npt` run saves the base plus its adapters
+
+    convert_for_state(model, state)
     model.load_state_dict(state, strict=not cfg.model.tie_embeddings)
     batch = torch.load(bad / "batch.pt")
-    injector = FaultInjector(meta["injected"], model) if meta.get("injected") else None
+    injector = (FaultInjector(meta["injected"], model, meta.get("rank", 0), meta.get("world_size", 1))
+                if meta.get("injected") else None)
     finding = replay(model, batch["x"][0], batch["y"][0], injector, meta["step"],
                      grad_findings=meta.get("nonfinite_grads"))
     return bad, finding, meta

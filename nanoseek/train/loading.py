@@ -34,7 +34,11 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     model = Transformer(cfg)
     model.uses_ema = use_ema and ckpt.ema_state is not None
     model.checkpoint_path = ckpt.path
-    model.load_state_dict(ckpt.ema_state if model.uses_ema else ckpt.model_state)
+    state = ckpt.ema_state if model.uses_ema else ckpt.model_state
+    from nanoseek.npt.convert import convert_for_state  # here, not at the top: nanoseek.npt imports this module
+
+    convert_for_state(model, state)  # an `nanoseek npt` run's checkpoint holds the base plus NPT adapters
+    model.load_state_dict(state)
     return model.to(map_location).eval(), cfg
 
 

@@ -1,0 +1,188 @@
+"""`nanoseek npt`: train NPT adapters on a frozen base model against the base as teacher.
+
+The run directory is an ordinary nanoseek run (config.toml, metrics.jsonl, checkpoints/ holding the
+student: base weights plus adapters, data/ with the base's tokenizer), so the guard, resume, metrics,
+`nanoseek generate --ckpt RUN` and `nanoseek eval --ckpt RUN` all apply. In addition:
+    npt.json     the adapter layout and distillation settings (what --resume rebuilds)
+    adapters/    the trained adapters alone (adapters.safetensors + adapter_config.json)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import tyro
+
+from nanoseek.npt.config import DEFAULT_RANK
+
+if TYPE_CHECKING:
+    from nanoseek.model import Transformer
+    from nanoseek.npt.convert import Teacher
+
+RUN_FILE = "npt.json"
+
+
+@dataclass
+class Npt:
+    """Train NPT adapters (attention drives a bounded modulation of the MLP gate) on a frozen base model,
+    with the base itself as teacher. Only adapter parameters train."""
+
+    base: str
+    """The frozen base: a nanoseek run or checkpoint directory, or a Hugging Face Llama folder (config.json,
+    model weights, tokenizer.json)."""
+    out: str | None = None
+    """Run directory (default: runs/npt-TIMESTAMP)."""
+    layers: str = "upper"
+    """Layers to convert: 'upper' (upper half of the dense-MLP layers), 'all', or ids/ranges like '2,3' or '1-3'."""
+    rank: int = DEFAULT_RANK
+    """Rank of the adapter's projection of the attention output."""
+    safe_mode: bool = False
+    """Additive gate modulation only (no multiplicative path): the most conservative adapter."""
+    reg_weight: float = 0.01
+    """lambda: weight of the penalty on the adapters' raw outputs."""
+    kl_weight: float = 0.0
+    """Weight of KL(teacher || student) on the next-token distributions (0: hidden states only)."""
+    data: str | None = None
+    """Text to distil on (anything `train --data` takes). Default: the built-in corpus (builtin:pydocs) tokenised
+    with the base's tokenizer (for a base with a char tokenizer: the base run's own prepared data)."""
+    seq_len: int = 128
+    """Tokens per sequence (capped at the base's max_seq_len)."""
+    batch_size: int = 8
+    max_steps: int = 200
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    grad_clip: float = 0.5
+    """Seed 002 clipped adapters hard (0.5); 0 disables clipping."""
+    eval_every: int = 50
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; must stay fp32 with --quantize."""
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    """Load the frozen base quantised with bitsandbytes (CUDA only; compute stays fp32)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1337
+    inject: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """Fault injection, as for `train`, repeatable (e.g. --inject inf-act:layers.3.adapter@5 --inject nan-grad@7)."""
+    resume: bool = False
+    """Continue the run in --out from its latest complete checkpoint."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quantize != "none" and self.precision != "fp32":
+            raise ValueError(f"precision={self.precision!r} with quantize={self.quantize!r}: a quantised base computes "
+                             "in fp32 (mixed precision over quantised weights gave NaNs, seed 002); drop --precision "
+                             "or --quantize")
+        for name in ("rank", "seq_len", "batch_size", "max_steps", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive int")
+        for name in ("reg_weight", "kl_weight", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r}: must be > 0")
+        if self.resume and not self.out:
+            raise ValueError("--resume needs --out RUN_DIR: the NPT run to continue")
+
+
+@dataclass
+class NptResult:
+    run_dir: Path
+    initial_loss: float | None  # validation distillation loss before the first step (None on resume)
+    final_loss: float | None
+    status: str
+    n_skips: int
+    adapters_dir: Path
+    model: "Transformer"  # the trained student: the base with NPT blocks
+    teacher: "Teacher"
+
+
+def _data_config(args: Npt, base, seq_len: int):
+    from nanoseek.config import DataConfig
+    from nanoseek.data import is_prepared_dir
+
+    source = args.data or (str(base.prepared_data) if base.prepared_data else "builtin:pydocs")
+    prepared = Path(source).expanduser().is_dir() and is_prepared_dir(Path(source).expanduser())
+    if base.tokenizer == "char" and not prepared:
+        raise ValueError(f"--data {source}: the base uses a char tokenizer, which cannot encode other text; omit "
+                         f"--data to distil on the base run's own data ({base.prepared_data})")
+    tokenizer = "byte" if base.tokenizer == "char" else base.tokenizer  # unused for a prepared source
+    return DataConfig(source=source, tokenizer=tokenizer, seq_len=seq_len), prepared
+
+
+def run_npt(args: Npt):
+    """Everything `nanoseek npt` does; returns an NptResult."""
+    from nanoseek.config import GuardConfig, RunConfig, TrainConfig
+    from nanoseek.data import load_prepared
+    from nanoseek.npt.base import load_base
+    from nanoseek.npt.config import AdapterConfig, parse_layers
+    from nanoseek.npt.convert import convert_to_npt
+    from nanoseek.npt.objective import DistillationObjective
+    from nanoseek.npt.quantize import check_quantization, quantize_base
+    from nanoseek.npt.storage import save_adapters
+    from nanoseek.train.trainer import Trainer, resolve_device
+
+    device = resolve_device(args.device)
+    check_quantization(args.quantize, device)  # before minutes of loading
+    run_dir = Path(args.out) if args.out else Path("runs") / f"npt-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = load_base(args.base)
+    student = base.model
+    if args.resume:
+        if not (run_dir / RUN_FILE).is_file():
+            raise ValueError(f"--resume: {run_dir} has no {RUN_FILE}; it is not an `nanoseek npt` run")
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        # The layout and loss the checkpoints were written with, whatever the flags say now.
+        adapter_cfg = AdapterConfig.from_dict(record["adapters"])
+        reg_weight, kl_weight = record["reg_weight"], record["kl_weight"]
+    else:
+        adapter_cfg = AdapterConfig(layers=parse_layers(args.layers, student), rank=args.rank, safe_mode=args.safe_mode)
+        reg_weight, kl_weight = args.reg_weight, args.kl_weight
+    teacher = convert_to_npt(student, adapter_cfg)
+    n_quantized = quantize_base(student, args.quantize, device)
+
+    seq_len = min(args.seq_len, student.config.max_seq_len)
+    data, prepared = _data_config(args, base, seq_len)
+    train = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                        weight_decay=0.0, grad_clip=args.grad_clip, precision=args.precision,
+                        eval_every=args.eval_every, save_every=args.eval_every, eval_batches=4, sample_tokens=0,
+                        tensorboard=False, log_every=10)
+    cfg = RunConfig(model=student.config, data=data, train=train, guard=GuardConfig(inject=tuple(args.inject)),
+                    preset=base.preset, out=str(run_dir), seed=args.seed, device=args.device)
+    objective = DistillationObjective(teacher, adapter_cfg.layers, reg_weight, kl_weight)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, show_progress=args.progress, model=student,
+                      objective=objective)
+    if prepared:  # the shards live elsewhere: keep the tokenizer with this run for generate/eval
+        load_prepared(data.source).tokenizer.save(run_dir / "data")
+    if not args.resume:
+        (run_dir / RUN_FILE).write_text(json.dumps({
+            "base": str(args.base), "base_kind": base.kind, "adapters": adapter_cfg.to_dict(),
+            "reg_weight": reg_weight, "kl_weight": kl_weight, "quantize": args.quantize}, indent=1) + "\n")
+
+    n_adapter = sum(p.numel() for p in trainer.params)
+    n_frozen = sum(p.numel() for p in student.parameters() if not p.requires_grad)
+    print(f"nanoseek npt: base {args.base} ({base.kind}), layers {list(adapter_cfg.layers)}, rank {adapter_cfg.rank}"
+          f"{', safe mode' if adapter_cfg.safe_mode else ''}; {n_adapter / 1e6:.3f}M adapter parameters train, "
+          f"{n_frozen / 1e6:.2f}M frozen{f' ({n_quantized} linears {args.quantize})' if n_quantized else ''}; "
+          f"device {trainer.device}, run dir {run_dir}")
+    initial = None
+    if not args.resume:
+        initial = trainer.evaluate()["loss"]
+        print(f"distillation loss before training (validation): {initial:.4f}")
+    result = trainer.train()
+    adapters_dir = save_adapters(student, run_dir / "adapters", base=args.base)
+    final = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(f"{result.status} at step {result.step}: distillation loss (validation) {final}, {result.n_skips} skipped "
+          f"steps; adapters in {adapters_dir}")
+    if n_quantized:  # the checkpoints hold no quantised weights (quantize.py): rebuild the base, then attach
+        print(f"generate with: nanoseek.npt.attach_adapters(<the base, quantised again>, {adapters_dir!r})")
+    else:
+        print(f"generate with: nanoseek generate --ckpt {run_dir}")
+    return NptResult(run_dir, initial, result.val_loss, result.status, result.n_skips, adapters_dir, student, teacher)
+
+
+def cmd_npt(args: Npt) -> int:
+    result = run_npt(args)
+    return 0 if result.status != "aborted" else 3

@@ -1,0 +1,110 @@
+"""Turn a frozen base Transformer into an NPT student, and keep a teacher view of the original blocks.
+
+The base is converted in place and its weights are shared, not copied: the student's converted layers
+are NPTBlocks holding the original blocks' attention, norms and MLP, and the Teacher runs the original
+Block objects over those very modules. A model that does not fit twice in memory still distils.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.model import Transformer
+from nanoseek.model.moe import Gate
+from nanoseek.npt.config import AdapterConfig
+from nanoseek.npt.layer import NPTAdapter, NPTBlock
+
+
+class Teacher:
+    """The base model as it was before conversion: embed -> original blocks -> norm -> head.
+
+    Not an nn.Module on purpose: its weights belong to the student (moving the student moves them), and
+    it must never appear in the student's parameters, state dict or optimizer.
+    """
+
+    def __init__(self, model: Transformer):
+        self.embed, self.norm, self.head = model.embed, model.norm, model.head
+        self.blocks = list(model.layers)
+
+    @torch.no_grad()
+    def __call__(self, idx: torch.Tensor, layer_ids: tuple[int, ...], with_logits: bool = False
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """idx [B, T] -> ({layer id: that block's output [B, T, dim]} for layer_ids, logits [B, T, V] or None)."""
+        x = self.embed(idx)
+        hidden = {}
+        last = len(self.blocks) - 1 if with_logits else max(layer_ids)  # the layers above are not compared
+        for i, block in enumerate(self.blocks[:last + 1]):
+            x = block(x)
+            if i in layer_ids:
+                hidden[i] = x
+        return hidden, (self.head(self.norm(x)) if with_logits else None)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """requires_grad False for every parameter of `model` (the trainer then leaves them out), and MoE
+    balance biases held still: the trainer's aux-loss-free balancing step would otherwise move a frozen
+    base's routing (a buffer, not a parameter) after every step."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, Gate):
+            module.balance_rate = 0.0
+    return model
+
+
+def convert_to_npt(model: Transformer, cfg: AdapterConfig) -> Teacher:
+    """Freeze `model` and replace the blocks named by cfg.layers with NPTBlocks, in place.
+
+    Returns the Teacher (the original blocks); `model` is now the student, whose only trainable
+    parameters are the adapters'.
+    """
+    if any(isinstance(block, NPTBlock) for block in model.layers):
+        raise ValueError("the model already carries NPT adapters; convert the base model, not an NPT student")
+    outside = [i for i in cfg.layers if i >= len(model.layers)]
+    if outside:
+        raise ValueError(f"adapter layer {outside[0]} does not exist (the model has {len(model.layers)} layers); "
+                         "the adapters were trained on a different base")
+    teacher = Teacher(model)
+    freeze(model)
+    for i in cfg.layers:
+        model.layers[i] = NPTBlock(model.layers[i], cfg.rank, cfg.safe_mode)
+    model.npt_config = cfg
+    return teacher
+
+
+def adapters(model: nn.Module) -> dict[int, NPTAdapter]:
+    """{layer id: adapter} of a converted model."""
+    return {i: block.adapter for i, block in enumerate(model.layers) if isinstance(block, NPTBlock)}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' weights alone, under their names in the student's state dict (layers.I.adapter.*)."""
+    return {f"layers.{i}.adapter.{name}": tensor for i, adapter in adapters(model).items()
+            for name, tensor in adapter.state_dict().items()}
+
+
+def adapter_config_from_state(state: dict[str, torch.Tensor]) -> AdapterConfig | None:
+    """Read the adapter layout back from a state dict's names and shapes (None if it holds no adapter):
+    layers from `layers.I.adapter.down.weight` [rank, dim], safe mode from the absence of gate_scale."""
+    downs = {int(name.split(".")[1]): tensor for name, tensor in state.items()
+             if name.startswith("layers.") and name.endswith(".adapter.down.weight")}
+    if not downs:
+        return None
+    layers = tuple(sorted(downs))
+    ranks = {int(t.shape[0]) for t in downs.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapters of different ranks {sorted(ranks)}; every converted layer must share one rank")
+    scaled = {i for i in layers if f"layers.{i}.adapter.gate_scale.weight" in state}
+    if scaled and scaled != set(layers):
+        raise ValueError("some adapters have a multiplicative path and some do not; the state dict is mixed")
+    return AdapterConfig(layers=layers, rank=ranks.pop(), safe_mode=not scaled)
+
+
+def convert_for_state(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
+    """Give a freshly built base `model` the adapters a saved student state dict has (if any), so that
+    `model.load_state_dict(state)` fits: how an `nanoseek npt` run's checkpoints load for generation."""
+    cfg = adapter_config_from_state(state)
+    if cfg is not None:
+        convert_to_npt(model, cfg)
+    return model
