@@ -1,0 +1,112 @@
+"""report.html: one self-contained page (the PNG inlined as base64, inline CSS, no scripts or links),
+so it can be mailed, attached to an issue or opened from a copied run directory."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import time
+
+from nanoseek.report.records import RunLog
+from nanoseek.report.runs import run_status
+from nanoseek.report.summary import format_duration, tokens_per_step
+
+__all__ = ["render_html"]
+
+# config.toml fields worth a glance: (section, key).
+CONFIG_FIELDS = [("", "preset"), ("model", "attention"), ("model", "dim"), ("model", "n_layers"),
+                 ("model", "n_heads"), ("model", "n_routed_experts"), ("model", "n_activated_experts"),
+                 ("model", "mtp_depth"), ("model", "vocab_size"), ("data", "source"), ("data", "tokenizer"),
+                 ("data", "seq_len"), ("train", "max_steps"), ("train", "batch_size"), ("train", "grad_accum"),
+                 ("train", "optimizer"), ("train", "lr"), ("train", "schedule"), ("train", "warmup_steps"),
+                 ("train", "grad_clip"), ("train", "precision"), ("", "device"), ("", "seed"), ("guard", "inject")]
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:0 0 1.2em 0;font-size:0.9em}
+td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}
+th{background:#f2f2f2}h2{margin-top:1.4em}img{max-width:100%}
+.skip{color:#c66a00}.rollback{color:#c00}.abort{color:#000;font-weight:bold}.overflow{color:#777}"""
+
+
+def render_html(logs: list[RunLog], labels: list[str], png: bytes, now: float | None = None) -> str:
+    """The page for `logs` (labelled `labels`, as in the figure) around the report PNG."""
+    now = time.time() if now is None else now
+    title = "nanoseek run report: " + " vs ".join(labels)
+    image = base64.b64encode(png).decode("ascii")
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{_e(title)}</title>",
+             f"<style>{STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>",
+             f"<p>written {_e(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now)))}</p>",
+             f"<img alt='{_e(title)}' src='data:image/png;base64,{image}'>"]
+    for log, label in zip(logs, labels):
+        parts.append(f"<h2>{_e(label)}</h2><p>{_e(str(log.run_dir))}</p>")
+        parts.append(_table("summary", _summary_rows(log, now)))
+        parts.append(_table("config", [(f"{section}.{key}" if section else key, _value(log, section, key))
+                                       for section, key in CONFIG_FIELDS if _value(log, section, key) != ""]))
+        parts.append(_events_table(log))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _summary_rows(log: RunLog, now: float) -> list[tuple[str, str]]:
+    best = log.best_val()
+    last_eval = log.evals[-1] if log.evals else None
+    per_step = tokens_per_step(log)
+    rows = [("status", run_status(log, now)), ("last step", _fmt(log.last_step)),
+            ("optimizer updates kept", _fmt(log.train[-1].get("opt_step")) if log.train else "")]
+    if log.train:
+        ce = log.train[-1].get("ce", log.train[-1].get("loss"))
+        rows.append(("last train ce", _fmt(ce)))
+    rows.append(("best val loss", f"{best[0]:.4f} at step {best[1]}" if best else "no eval yet"))
+    if last_eval is not None:
+        rows.append(("last val loss", f"{_fmt(last_eval.get('val_loss'))} at step {last_eval['step']}"))
+    if per_step:
+        # config.toml does not record the process count: under torchrun multiply by it.
+        rows.append(("tokens (per process)", f"{len(log.train) * per_step:,} ({per_step:,} per step)"))
+    rows.append(("wall time", format_duration(log.elapsed_s)))
+    counts = {}
+    for event in log.events:
+        counts[event.get("action") or event["event"]] = counts.get(event.get("action") or event["event"], 0) + 1
+    rows.append(("guard events", ", ".join(f"{n} {a}" for a, n in counts.items()) or "none"))
+    if log.resumed_at:
+        rows.append(("resumed at steps", ", ".join(map(str, log.resumed_at))))
+    if log.skipped_lines:
+        rows.append(("malformed metrics lines skipped", str(log.skipped_lines)))
+    return rows
+
+
+def _events_table(log: RunLog) -> str:
+    if not log.events:
+        return "<p>no guard events</p>"
+    head = "<tr><th>step</th><th>action</th><th>cause</th><th>module</th><th>value</th><th>detail</th></tr>"
+    rows = []
+    for event in log.events:
+        action = event.get("action") or event["event"]
+        rows.append(f"<tr class='{_e(action)}'><td>{event['step']}</td><td>{_e(action)}</td>"
+                    f"<td>{_e(event.get('cause') or '')}</td><td>{_e(event.get('module') or '')}</td>"
+                    f"<td>{_e(_fmt(event.get('value')))}</td><td>{_e(event.get('detail') or '')}</td></tr>")
+    return f"<table><caption>guard events</caption>{head}{''.join(rows)}</table>"
+
+
+def _table(caption: str, rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return f"<table><caption>{_e(caption)}</caption>{body}</table>"
+
+
+def _value(log: RunLog, section: str, key: str) -> str:
+    value = log.config.get(key) if not section else log.setting(section, key)
+    if value is None or value == [] or value == "":
+        return ""
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) and abs(value) >= 1e-3 else f"{value:.4g}"
+    return str(value)
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text), quote=True)

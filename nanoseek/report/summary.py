@@ -1,0 +1,120 @@
+"""The few lines `nanoseek train` ends with: what the run did, where its results are, what went wrong.
+
+Everything comes from the run directory (metrics.jsonl, config.toml, checkpoints/), so the same text
+can be rebuilt for any run later; a TrainResult, when given, only fills in what the log cannot know
+yet (the applied-update count of a run that just ended).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from nanoseek.report.records import RunLog
+from nanoseek.report.runs import run_status
+from nanoseek.train.checkpoint import best_checkpoint, latest_checkpoint, list_checkpoints
+
+__all__ = ["summary_text", "format_duration", "tokens_per_step"]
+
+MAX_EVENT_LINES = 5  # the rest are one `nanoseek report` (or metrics.jsonl) away
+
+
+def tokens_per_step(log: RunLog, world_size: int = 1) -> int | None:
+    """batch_size x grad_accum x seq_len (x world_size: processes under torchrun) from config.toml;
+    None when the config is missing. config.toml does not record the process count, so the caller says."""
+    values = [log.setting("train", "batch_size"), log.setting("train", "grad_accum", 1), log.setting("data", "seq_len")]
+    return math.prod(values) * world_size if all(isinstance(v, int) for v in values) else None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def summary_text(log: RunLog, result=None, report: str | None = None, now: float | None = None,
+                 world_size: int = 1) -> str:
+    """The end-of-run summary of `log`'s run.
+
+    result: the TrainResult of the run that just ended (status and update count), or None.
+    report: the line's text for the report (where it was written, or how to make it), or None.
+    world_size: processes that trained it (tokens count over all of them).
+    """
+    status = result.status if result is not None else run_status(log, time.time() if now is None else now)
+    run_dir = log.run_dir
+    lines = [f"run summary: {run_dir} ({status})"]
+
+    steps = log.last_step + 1 if log.last_step is not None else 0
+    steps = max(steps, result.step) if result is not None else steps
+    updates = result.opt_step if result is not None else (log.train[-1].get("opt_step") if log.train else None)
+    lines.append(_row("steps", f"{steps}" + (f" ({updates} optimizer updates kept)" if updates is not None else "")))
+
+    per_step = tokens_per_step(log, world_size)
+    rate = ""
+    if per_step and log.elapsed_s > 0:
+        rate = f", {len(log.train) * per_step / log.elapsed_s:,.0f} tokens/s"
+    tokens = f"{len(log.train) * per_step:,} ({per_step:,} per step) in " if per_step else ""
+    lines.append(_row("tokens" if per_step else "time", f"{tokens}{format_duration(log.elapsed_s)}{rate}"))
+
+    if log.train:
+        last = log.train[-1]
+        ce = last.get("ce", last.get("loss"))
+        if isinstance(ce, float):
+            lines.append(_row("train ce", f"{ce:.4f} at step {last['step']}"))
+    best = log.best_val()
+    lines.append(_row("best val", f"{best[0]:.4f} at step {best[1]} ({len(log.evals)} evals)" if best
+                      else "no evaluation yet (every train.eval_every steps)"))
+
+    lines.append(_row("checkpoints", _checkpoints(run_dir)))
+
+    counts: dict[str, int] = {}
+    for event in log.events:
+        action = event.get("action") or event["event"]
+        counts[action] = counts.get(action, 0) + 1
+    if not counts:
+        lines.append(_row("guard", "no events"))
+    else:
+        total = sum(counts.values())
+        lines.append(_row("guard", f"{total} event{'s' if total > 1 else ''}: "
+                          + ", ".join(f"{n} {action}" for action, n in counts.items())))
+        for event in log.events[:MAX_EVENT_LINES]:
+            where = f" in {event['module']}" if event.get("module") else ""
+            lines.append(_row("", f"step {event['step']} {event.get('action') or event['event']}: "
+                              f"{event.get('cause', '')}{where}"))
+        if total > MAX_EVENT_LINES:
+            lines.append(_row("", f"... {total - MAX_EVENT_LINES} more in {run_dir / 'metrics.jsonl'}"))
+    if report is not None:
+        lines.append(_row("report", report))
+    return "\n".join(lines)
+
+
+def _checkpoints(run_dir: Path) -> str:
+    found = list_checkpoints(run_dir)
+    if not found:
+        return f"none in {run_dir / 'checkpoints'}"
+    best, latest = best_checkpoint(run_dir), latest_checkpoint(run_dir)
+    described = []
+    for path in found:
+        tags = [tag for tag, match in (("latest", path == latest), ("best", path == best)) if match]
+        val = _val_loss(path)
+        detail = ", ".join(([f"val {val:.4f}"] if val is not None else []) + tags)
+        described.append(f"{path.name}" + (f" ({detail})" if detail else ""))
+    return f"{len(found)} kept in {run_dir / 'checkpoints'}: " + ", ".join(described)
+
+
+def _val_loss(path: Path) -> float | None:
+    try:
+        value = json.loads((path / "meta.json").read_text()).get("val_loss")
+        value = None if value is None else float(value)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _row(name: str, text: str) -> str:
+    return f"  {name:<12} {text}"
