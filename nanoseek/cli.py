@@ -17,6 +17,9 @@ import tyro
 
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
 from nanoseek.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
+from nanoseek.interop.cli_convert import Convert, Heal, cmd_convert, cmd_heal
+from nanoseek.npt.cli import Npt, cmd_npt
+from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
 
 
 @dataclass
@@ -39,11 +42,17 @@ class Train:
     """Random seed (weights, data order)."""
     device: Literal["auto", "cpu", "cuda"] | None = None
     """Where to train (auto: cuda if available)."""
+    dist: Literal["none", "ddp", "fsdp"] | None = None
+    """Data parallelism under `torchrun --nproc_per_node=N -m nanoseek train`: ddp, or fsdp (FSDP2 shards
+    weights, gradients and optimizer state). Shortcut for --train.dist."""
+    hardware: Literal["manual", "auto"] = "manual"
+    """auto: set --train.precision/--train.fp8 for the device (H100/H200: bf16 + fp8 with torchao; A100,
+    RTX 4090: bf16; other GPUs: fp16 + GradScaler; CPU: fp32) and print why; manual: as configured."""
     config: Path | None = None
     """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
-    inject: tuple[str, ...] = ()
+    inject: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """Fault injection to test the stability guard: KIND@STEP, repeatable. Kinds: nan-loss, nan-grad,
-    inf-grad, inf-act:MODULE, lr-spike:FACTOR, bad-batch."""
+    inf-grad, inf-act:MODULE, lr-spike:FACTOR, bad-batch. Under torchrun, KIND@STEP:rankN fires on rank N only."""
     sample: bool = True
     """Print a generated sample at the end."""
     progress: bool = True
@@ -59,6 +68,7 @@ class Train:
             guard = dataclasses.replace(guard, inject=tuple(guard.inject) + tuple(self.inject))
         data = dataclasses.replace(self.data_section, source=self.data) if self.data else self.data_section
         train = dataclasses.replace(self.train, max_steps=self.max_steps) if self.max_steps else self.train
+        train = dataclasses.replace(train, dist=self.dist) if self.dist else train
         base = RunConfig(model=self.model, data=data, train=train, guard=guard, preset=self.preset)
         return dataclasses.replace(base, out=self.out or base.out, seed=self.seed if self.seed is not None else base.seed,
                                    device=self.device or base.device)
@@ -92,12 +102,14 @@ class Diagnose:
 
 @dataclass
 class Export:
-    """Write a checkpoint as a Hugging Face transformers folder (DeepseekV3 / DeepseekV2 / Llama)."""
+    """Write a model as a Hugging Face transformers folder (DeepseekV3 / DeepseekV2 / Llama / Qwen3)."""
 
     path: tyro.conf.Positional[str]
-    """A run directory (latest checkpoint) or a checkpoint directory."""
+    """A run directory (latest checkpoint), a checkpoint directory, or a transformers folder (re-exported)."""
     out: str
     """Folder to write (config.json, model.safetensors, tokenizer files)."""
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """Weight dtype on disk (default: the source's)."""
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -134,17 +146,24 @@ def cmd_train(args: Train) -> int:
     from nanoseek.train.trainer import Trainer, default_run_dir
 
     cfg = args.run_config()
+    if args.hardware == "auto":
+        from nanoseek.train.hardware import apply_hardware
+        from nanoseek.train.trainer import resolve_device
+
+        cfg, choice = apply_hardware(cfg, resolve_device(cfg.device))
+        print(f"nanoseek train: --hardware auto -> {choice.precision}{' + fp8' if choice.fp8 else ''}: {choice.reason}")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.preset)
     cfg = dataclasses.replace(cfg, out=str(run_dir))
     trainer = Trainer(cfg, run_dir, resume=args.resume, show_progress=args.progress)
     model = trainer.model
-    print(f"nanoseek train: preset {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters "
-          f"({model.num_params(active=True) / 1e6:.2f}M active), {trainer.data.vocab_size} vocab, "
-          f"device {trainer.device}, run dir {run_dir}")
+    if trainer.dist.is_main:
+        print(f"nanoseek train: preset {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters "
+              f"({model.num_params(active=True) / 1e6:.2f}M active), {trainer.data.vocab_size} vocab, "
+              f"device {trainer.device}, run dir {run_dir}")
     result = trainer.train()
-    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    print(f"{result.status} at step {result.step}: train ce {result.train_loss:.4f}, val loss {val}, "
-          f"{result.n_skips} skipped steps, {result.n_rollbacks} rollbacks; checkpoints in {run_dir / 'checkpoints'}")
+    if not trainer.dist.is_main:  # under torchrun rank 0 speaks for the run
+        return result.exit_code
+    model = trainer.model  # under FSDP: an unsharded copy of the final weights
     if args.sample and cfg.train.sample_tokens and result.status != "aborted":
         from nanoseek.generate import generate
         import torch
@@ -154,6 +173,9 @@ def cmd_train(args: Train) -> int:
         text = tok.decode(generate(model, prompt, cfg.train.sample_tokens, eos_id=tok.eos_id)[0, 1:].tolist())
         (run_dir / "samples.txt").write_text(text)
         print("--- sample ---\n" + text + "\n--------------")
+    from nanoseek.report import finish_train
+
+    print(finish_train(run_dir, result))  # steps, tokens, time, best val, checkpoints, guard events, report
     if result.status == "aborted":
         print(f"aborted: the stability guard ran out of rollbacks; see {run_dir / 'metrics.jsonl'} "
               f"and run: nanoseek diagnose {run_dir}", file=sys.stderr)
@@ -184,22 +206,48 @@ def cmd_diagnose(args: Diagnose) -> int:
 
 
 def cmd_export(args: Export) -> int:
-    from nanoseek.interop import export_hf
-    from nanoseek.train.loading import load_model, load_run_tokenizer
+    from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, load_hf_tokenizer
+    from nanoseek.train.loading import load_model
 
-    model, _ = load_model(args.path)
-    try:
-        tok = load_run_tokenizer(args.path)
-    except ValueError:
-        tok = None
-    out = export_hf(model, args.out, tokenizer=tok)
-    print(f"exported to {out}")
+    source = Path(args.path)
+    if source.exists() and Path(args.out).resolve() == source.resolve():
+        raise ValueError(f"--out {args.out} is the source folder itself; write the export to a new folder")
+    dtype = args.dtype
+    if is_hf_folder(source):  # re-export: e.g. a folder `nanoseek convert` or transformers wrote
+        model, tok = import_hf(source), load_hf_tokenizer(source)
+        saved = model.hf_config.get("torch_dtype") or model.hf_config.get("dtype")
+        dtype = dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(saved, "fp32")
+    else:
+        model, _ = load_model(source)
+        tok = _checkpoint_tokenizer(source)
+    out = export_hf(model, args.out, tokenizer=tok, dtype=dtype)
+    print(f"exported {hf_model_type(model.config)} ({model.num_params() / 1e6:.2f}M parameters) to {out}; "
+          f"tokenizer: {'tokenizer.json + tokenizer_config.json' if tok is not None else 'none found'}")
     return 0
+
+
+def _checkpoint_tokenizer(path: Path):
+    """The tokenizer of a run or checkpoint directory: the run's prepared data, else tokenizer files saved in the
+    checkpoint or run directory (or its tokenizer/ folder); None when there is none."""
+    from nanoseek.data import load_tokenizer
+    from nanoseek.train.loading import load_run_tokenizer
+
+    try:
+        return load_run_tokenizer(path)
+    except ValueError:
+        pass
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+    for folder in (path, run_dir, run_dir / "tokenizer"):
+        if (folder / "tokenizer_meta.json").is_file() or (folder / "tokenizer.json").is_file():
+            return load_tokenizer(folder)
+    return None
 
 
 COMMANDS = {"train": (Train, cmd_train), "prepare": (Prepare, cmd_prepare), "generate": (Generate, cmd_generate),
             "eval": (Eval, cmd_eval), "check": (Check, cmd_check),
-            "diagnose": (Diagnose, cmd_diagnose), "export": (Export, cmd_export)}
+            "diagnose": (Diagnose, cmd_diagnose), "export": (Export, cmd_export), "npt": (Npt, cmd_npt),
+            "report": (Report, cmd_report), "runs": (Runs, cmd_runs),
+            "convert": (Convert, cmd_convert), "heal": (Heal, cmd_heal)}
 
 
 DESCRIPTION = "Train small DeepSeek-style language models that never blow up silently."

@@ -1,0 +1,65 @@
+"""`--hardware auto`: pick the training precision for the device at hand.
+
+The choice is a pure function of what can be read off the device (`choose_precision`), so it is tested
+on any machine with made-up devices; `detect` reads the real one and `apply_hardware` rewrites a RunConfig.
+
+| device | precision | why |
+|---|---|---|
+| H100 / H200 (Hopper, sm_90) | bf16 + fp8 linears if torchao is installed, else bf16 | fp8 tensor cores double the bf16 peak (989 -> 1979 TF dense on H100 SXM); MLA projections, router and head stay bf16 (train/fp8.py) |
+| A100 (sm_80) | bf16 | bf16 tensor cores, fp32's range: no loss scaling |
+| RTX 4090 (sm_89) | bf16 | bf16 runs at the fp16 tensor-core rate; fp8 is possible on Ada, but its gain at our model sizes is unmeasured |
+| other CUDA GPUs | fp16 + GradScaler | fp16 tensor cores are on every GPU since Volta; bf16 is missing before Ampere |
+| CPU | fp32 | bf16 autocast on CPU is opt-in: it changes the numerics and helps only where the CPU has bf16 units |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class HardwareChoice:
+    precision: str  # "fp32" | "bf16" | "fp16"
+    fp8: bool
+    reason: str  # one line for the console
+
+
+def choose_precision(device_name: str | None, capability: tuple[int, int] | None,
+                     torchao_available: bool) -> HardwareChoice:
+    """(CUDA device name or None for CPU, its compute capability, whether torchao imports) -> the choice."""
+    if device_name is None:
+        return HardwareChoice("fp32", False, "no CUDA GPU: fp32 on CPU (--train.precision bf16 is opt-in there)")
+    name = device_name.upper()
+    sm = f"sm_{capability[0]}{capability[1]}" if capability else "unknown capability"
+    if "H100" in name or "H200" in name or capability == (9, 0):  # sm_90 is Hopper: H100, H200, GH200, H20
+        if torchao_available:
+            return HardwareChoice("bf16", True, f"{device_name} ({sm}): bf16 autocast + torchao fp8 linears "
+                                  "(MLA projections, router and head stay bf16)")
+        return HardwareChoice("bf16", False, f"{device_name} ({sm}): bf16 autocast; fp8 would need torchao "
+                              "(pip install 'nanoseek[fp8]')")
+    if "A100" in name:
+        return HardwareChoice("bf16", False, f"{device_name} ({sm}): bf16 autocast (no loss scaling needed)")
+    if "4090" in name:
+        return HardwareChoice("bf16", False, f"{device_name} ({sm}): bf16 autocast")
+    hint = "; bf16 also runs here (sm >= 80): --train.precision bf16" if capability and capability >= (8, 0) else ""
+    return HardwareChoice("fp16", False, f"{device_name} ({sm}): fp16 autocast with a GradScaler "
+                          f"(no tested recipe for this GPU; fp16 runs on every CUDA GPU since Volta{hint})")
+
+
+def detect(device: torch.device) -> HardwareChoice:
+    """The choice for `device` (a resolved torch.device)."""
+    if device.type != "cuda":
+        return choose_precision(None, None, False)
+    return choose_precision(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                            importlib.util.find_spec("torchao") is not None)
+
+
+def apply_hardware(cfg, device: torch.device):
+    """cfg (a RunConfig) with train.precision and train.fp8 set for `device`; returns (cfg, choice)."""
+    choice = detect(device)
+    train = dataclasses.replace(cfg.train, precision=choice.precision, fp8=choice.fp8)
+    return dataclasses.replace(cfg, train=train), choice
