@@ -72,7 +72,7 @@ class Gate(nn.Module):
         weights = weights * self.route_scale
         if self.training and not _recomputing:
             with torch.no_grad():
-                self.load += torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.load.dtype)
+                self.load += expert_counts(indices.flatten(), self.n_experts).to(self.load.dtype)
         if self.track_stats:
             with torch.no_grad():
                 self.logit_stats.copy_(torch.stack([logits.abs().max(), logits.logsumexp(-1).pow(2).mean()]))
@@ -131,12 +131,25 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def expert_counts(flat_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Rows routed to each expert: flat_indices [M] (expert ids) -> [n_experts] int64.
+
+    A scatter-add of ones rather than torch.bincount: bincount's output size depends on the data, so it
+    reads the maximum back to the host (a device sync on CUDA) and breaks torch.compile graphs."""
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat_indices.device)
+    return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
+
+
 def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """torch._grouped_mm wants 16-byte aligned strides; otherwise we take the batched path."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False  # float64 (reference checks) takes the batched path
-    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-        return False  # eager CPU accepts fp32, but the op's compile-time (meta) check demands bf16
+    if x.dtype != torch.bfloat16 and (torch.compiler.is_compiling() or x.is_cuda):
+        # Eager CPU accepts fp32/fp16, but the op's compile-time (meta) check and the CUDA kernels demand
+        # bf16 (torch.nn.functional.grouped_mm docs: "bfloat16 ... on CUDA devices with SM >= 80").
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
     align = 16 // x.element_size()
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
@@ -166,14 +179,14 @@ class Experts(nn.Module):
         flat = indices.flatten()  # [N*k]
         order = flat.argsort(stable=True)
         token_of = order // top_k  # which token each sorted row belongs to
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = expert_counts(flat, self.n_experts)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
         rows = x[token_of].to(dtype)  # [N*k, dim], grouped by expert
         if self.use_grouped_mm and _grouped_mm_ok(rows, w1, w2):
             out = self._grouped(rows, counts, w1, w2, w3)
         else:
-            out = self._batched(rows, flat[order], counts, w1, w2, w3)
+            out = self._batched(rows, flat[order], counts, w1, w2, w3, top_k)
         out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
 
@@ -190,15 +203,37 @@ class Experts(nn.Module):
         hidden = _ContiguousGrad.apply(self._swiglu(gate, up))
         return torch._grouped_mm(hidden, w2.transpose(-1, -2), offs=offsets)  # [N*k, dim]
 
-    def _batched(self, rows, sorted_experts, counts, w1, w2, w3) -> torch.Tensor:
+    def _batched(self, rows, sorted_experts, counts, w1, w2, w3, top_k: int) -> torch.Tensor:
         # Slot of each row inside its expert's group, then one [E, capacity, dim] batched matmul.
         starts = counts.cumsum(0) - counts
         slot = torch.arange(rows.shape[0], device=rows.device) - starts[sorted_experts]
-        capacity = int(counts.max()) if rows.shape[0] else 0  # one host sync
+        if torch.compiler.is_compiling():
+            # A token's top-k experts are distinct, so no expert gets more than N = rows / k rows: a static
+            # capacity keeps the graph whole (reading counts.max() would break it) at the price of padding.
+            capacity = rows.shape[0] // top_k
+        else:
+            capacity = int(counts.max()) if rows.shape[0] else 0  # one host sync (free on CPU)
         padded = rows.new_zeros(self.n_experts, max(capacity, 1), rows.shape[1])
         padded = padded.index_put((sorted_experts, slot), rows)
         hidden = self._swiglu(torch.bmm(padded, w1.transpose(1, 2)), torch.bmm(padded, w3.transpose(1, 2)))
         return torch.bmm(hidden, w2.transpose(1, 2))[sorted_experts, slot]  # [N*k, dim]
+
+
+def per_expert_loop(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The obvious dispatch, kept as the reference for tests and bench/bench_fastpaths.py: for each expert,
+    find its rows with a mask, run its SwiGLU on them, add them back. Same arguments and result as
+    `Experts.forward` (x [N, dim], weights/indices [N, k] -> [N, dim]), but a Python loop of E small
+    matmuls and one host sync (`nonzero`) per expert."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out = torch.zeros_like(x)
+    for e in range(experts.n_experts):
+        token, slot = (indices == e).nonzero(as_tuple=True)
+        rows = x[token].to(dtype)
+        w1, w2, w3 = (w[e].to(dtype) for w in (experts.w1, experts.w2, experts.w3))
+        hidden = experts._swiglu(rows @ w1.T, rows @ w3.T)
+        y = (hidden @ w2.T) * weights[token, slot, None].to(dtype)
+        out = out.index_add(0, token, y.to(x.dtype))
+    return out
 
 
 class MoE(nn.Module):

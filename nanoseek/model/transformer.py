@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -22,10 +23,11 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: torch.Tensor | None  # [B, T, vocab]; None when the loss was computed in chunks (loss_chunk > 0)
     loss: torch.Tensor | None = None  # total, what backward() is called on
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # ce, mtp_1.., aux, z, logit_z
     hidden: torch.Tensor | None = None  # [B, T, dim] last layer's output before the final norm (no targets)
+    logit_max: torch.Tensor | None = None  # max |logit| (scalar), chunked loss with stat tracking on only
 
 
 class Block(nn.Module):
@@ -67,6 +69,9 @@ class Transformer(nn.Module):
         # A buffer, not a Python float: the trainer ramps it without triggering a recompile.
         self.register_buffer("mtp_weight", torch.tensor(float(cfg.mtp_weight)), persistent=False)
         self.activation_checkpointing = False
+        # Tokens per chunk of the fused head + cross-entropy when targets are given (0: plain, full logits).
+        self.loss_chunk = 0
+        self.track_logit_max = False
         self.reset_parameters()
         self.set_stat_tracking(False)
 
@@ -105,21 +110,35 @@ class Transformer(nn.Module):
         """idx: [B, T] token ids; targets: [B, T] or [B, T + mtp_depth] (targets[:, j] follows
         position j; IGNORE_INDEX positions are not scored); attention_mask: [B, start_pos + T]
         with 1 for real tokens and 0 for padding; caches: one per layer from `new_caches`.
-        Returns logits [B, T, vocab] and, with targets, the loss and its named components.
+        Returns logits [B, T, vocab] and, with targets, the loss and its named components. With targets
+        and `loss_chunk` > 0 the logits are never formed (ModelOutput.logits is None): see chunked_cross_entropy.
         """
         if caches is not None and self.training and self.activation_checkpointing:
             raise ValueError("KV caches cannot be used while training with activation checkpointing; call model.eval()")
         x = self.embed(idx)  # [B, T, dim]
         for i, block in enumerate(self.layers):
             x = self._run_block(block, x, start_pos, attention_mask, caches[i] if caches else None)
+        cfg = self.config
+        if targets is not None and self.loss_chunk > 0:  # no [B, T, vocab] logits: see chunked_cross_entropy
+            normed = self.norm(x)
+            ce, lse_sq, logit_max = chunked_cross_entropy(
+                self.head, normed, targets[:, :idx.shape[1]], self.loss_chunk,
+                logsumexp_sq=cfg.logit_z_loss_coef > 0, logit_max=self.track_logit_max)
+            losses = {"ce": ce, **self._mtp_losses(x, normed, targets)}
+            if cfg.logit_z_loss_coef > 0:
+                losses["logit_z"] = cfg.logit_z_loss_coef * lse_sq
+            return self._total(ModelOutput(None, logit_max=logit_max), losses)
         logits = self.head(self.norm(x))
         if targets is None:
             return ModelOutput(logits, hidden=x)
         losses = {"ce": _cross_entropy(logits, targets[:, :idx.shape[1]])}
         losses.update(self._mtp_losses(x, logits, targets))
-        cfg = self.config
         if cfg.logit_z_loss_coef > 0:  # PaLM (arXiv 2204.02311, section 5): keeps log Z near 0
-            losses["logit_z"] = cfg.logit_z_loss_coef * logits.float().logsumexp(-1).pow(2).mean()
+            losses["logit_z"] = cfg.logit_z_loss_coef * _loss_dtype(logits).logsumexp(-1).pow(2).mean()
+        return self._total(ModelOutput(logits), losses)
+
+    def _total(self, out: ModelOutput, losses: dict[str, torch.Tensor]) -> ModelOutput:
+        """Adds the router losses of this forward pass, and the weighted sum of everything as `loss`."""
         for name in ("aux", "z"):
             parts = [m.losses[name] for m in self.modules() if isinstance(m, MoE) and name in m.losses]
             if parts:
@@ -131,9 +150,12 @@ class Transformer(nn.Module):
         for name in ("logit_z", "aux", "z"):
             if name in losses:
                 total = total + losses[name]
-        return ModelOutput(logits, total, losses)
+        out.loss, out.losses = total, losses
+        return out
 
     def _mtp_losses(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: [B, T, dim] the last layer's output; logits: the main [B, T, vocab] logits, or with loss_chunk
+        the normed final hidden [B, T, dim] they come from (never materialised then)."""
         cfg, seq_len = self.config, x.shape[1]
         losses = {}
         if cfg.mtp_depth == 0:
@@ -142,7 +164,8 @@ class Transformer(nn.Module):
             for k in range(1, cfg.mtp_depth + 1):
                 n = mtp_length(seq_len, targets.shape[1], k)
                 if n > 0:
-                    losses[f"mtp_{k}"] = _cross_entropy(logits[:, :n], targets[:, k:k + n])
+                    losses[f"mtp_{k}"] = self._head_loss(logits[:, :n], targets[:, k:k + n],
+                                                         is_hidden=self.loss_chunk > 0)
             return losses
         hidden = x
         for k, module in enumerate(self.mtp, start=1):
@@ -152,8 +175,17 @@ class Transformer(nn.Module):
             # Token t_{i+k} is targets[:, i+k-1]; ignored (padding) ids are embedded as token 0.
             next_tokens = targets[:, k - 1:k - 1 + n].clamp(min=0)
             hidden, normed = module(hidden[:, :n], self.embed(next_tokens))
-            losses[f"mtp_{k}"] = _cross_entropy(self.head(normed), targets[:, k:k + n])
+            losses[f"mtp_{k}"] = self._head_loss(normed, targets[:, k:k + n], is_hidden=True)
         return losses
+
+    def _head_loss(self, x: torch.Tensor, targets: torch.Tensor, is_hidden: bool) -> torch.Tensor:
+        """Mean CE of head(x) (x: [B, L, dim] normed hidden, is_hidden) or of x itself ([B, L, vocab] logits)."""
+        if not is_hidden:
+            return _cross_entropy(x, targets)
+        if self.loss_chunk > 0:
+            # The shared-MTP kind recomputes the head per depth here: one more head matmul, no full logits.
+            return chunked_cross_entropy(self.head, x, targets, self.loss_chunk)[0]
+        return _cross_entropy(self.head(x), targets)
 
     # ---- caches, sizes, FLOPs ----------------------------------------------------------------
 
@@ -224,6 +256,7 @@ class Transformer(nn.Module):
             attn.track_max_logit = enabled or (self.config.qk_clip_threshold > 0 and isinstance(attn, MLAttention))
         for _, moe in self.moe_layers():
             moe.gate.track_stats = enabled
+        self.track_logit_max = enabled
 
     @torch.no_grad()
     def apply_qk_clip(self) -> None:
@@ -234,6 +267,55 @@ class Transformer(nn.Module):
                     attn.qk_clip_(self.config.qk_clip_threshold)
 
 
+def _loss_dtype(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least fp32 (bf16/fp16 up, a float64 reference model stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32. logits [B, L, V], targets [B, L]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean token cross-entropy in at least fp32. logits [B, L, V], targets [B, L]."""
+    return F.cross_entropy(_loss_dtype(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, logsumexp_sq: bool,
+                logit_max: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk: hidden [C, dim], targets [C] -> (summed CE, summed logsumexp^2, max |logit|), >= fp32 scalars.
+    The last two are zeros unless asked for."""
+    logits = _loss_dtype(head(hidden))  # [C, vocab]: the only full-vocabulary tensor, alive for one chunk
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    zero = logits.new_zeros(())
+    lse_sq = logits.logsumexp(-1).pow(2).sum() if logsumexp_sq else zero
+    peak = logits.detach().abs().amax() if logit_max else zero
+    return ce, lse_sq, peak
+
+
+def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          logsumexp_sq: bool = False, logit_max: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean token cross-entropy of head(hidden) without materialising the [B*L, vocab] logits.
+
+    hidden: [B, L, dim] (the normed final hidden state), targets: [B, L] (IGNORE_INDEX not scored).
+    The tokens are cut into chunks of `chunk` rows; each chunk's logits are computed, reduced to a summed
+    loss and dropped, and recomputed in backward (non-reentrant activation checkpointing), so the loss
+    step's extra memory is O(chunk x vocab) in place of O(B*L x vocab) -- the idea of Liger Kernel's
+    fused linear cross-entropy, done with plain torch ops. The cost is one more head matmul in backward.
+    Returns (mean CE like F.cross_entropy's mean over scored tokens, mean logsumexp^2 over all B*L
+    positions if `logsumexp_sq` (the logit z-loss) else None, max |logit| if `logit_max` else None).
+    """
+    flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
+    fn = functools.partial(_chunk_loss, head, logsumexp_sq=logsumexp_sq, logit_max=logit_max)
+    ce_sum = lse_sum = peak = None
+    for start in range(0, flat_hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            # No RNG stash: head + CE draw no random numbers, and the stash costs time per chunk.
+            ce, lse_sq, chunk_peak = checkpoint(fn, flat_hidden[rows], flat_targets[rows], use_reentrant=False,
+                                                preserve_rng_state=False)
+        else:
+            ce, lse_sq, chunk_peak = fn(flat_hidden[rows], flat_targets[rows])
+        ce_sum = ce if ce_sum is None else ce_sum + ce
+        lse_sum = lse_sq if lse_sum is None else lse_sum + lse_sq
+        peak = chunk_peak if peak is None else torch.maximum(peak, chunk_peak)
+    n_scored = (flat_targets != IGNORE_INDEX).sum()
+    return (ce_sum / n_scored, lse_sum / flat_targets.numel() if logsumexp_sq else None,
+            peak if logit_max else None)

@@ -3,13 +3,15 @@
 The choice is a pure function of what can be read off the device (`choose_precision`), so it is tested
 on any machine with made-up devices; `detect` reads the real one and `apply_hardware` rewrites a RunConfig.
 
-| device | precision | why |
-|---|---|---|
-| H100 / H200 (Hopper, sm_90) | bf16 + fp8 linears if torchao is installed, else bf16 | fp8 tensor cores double the bf16 peak (989 -> 1979 TF dense on H100 SXM); MLA projections, router and head stay bf16 (train/fp8.py) |
-| A100 (sm_80) | bf16 | bf16 tensor cores, fp32's range: no loss scaling |
-| RTX 4090 (sm_89) | bf16 | bf16 runs at the fp16 tensor-core rate; fp8 is possible on Ada, but its gain at our model sizes is unmeasured |
-| other CUDA GPUs | fp16 + GradScaler | fp16 tensor cores are on every GPU since Volta; bf16 is missing before Ampere |
-| CPU | fp32 | bf16 autocast on CPU is opt-in: it changes the numerics and helps only where the CPU has bf16 units |
+- H100 / H200 (Hopper, sm_90): bf16, plus torchao fp8 linears when torchao is installed. fp8 tensor
+  cores double the dense peak (989 -> 1979 TF on H100 SXM); the MLA projections, router and head stay
+  bf16 (train/fp8.py).
+- A100 (sm_80): bf16. bf16 tensor cores with fp32's exponent range: no loss scaling.
+- RTX 4090 (sm_89): bf16. Ada has fp8 too, but its gain at our model sizes is unmeasured.
+- Other CUDA GPUs: fp16 + GradScaler. fp16 tensor cores exist on every GPU since Volta; bf16 not before
+  Ampere (on sm >= 80 the printed line says bf16 is an option).
+- CPU: fp32. bf16 autocast runs on CPU but changes the numerics and was not faster at our sizes
+  (bench/RESULTS.md).
 """
 
 from __future__ import annotations

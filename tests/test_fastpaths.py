@@ -1,0 +1,232 @@
+"""Fast paths compute what the simple paths compute: chunked cross-entropy vs full logits, grouped-mm
+MoE dispatch vs a per-expert loop (forward and backward), no graph breaks under torch.compile, and the
+`--hardware auto` precision choice on made-up devices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model.moe import Experts, expert_counts, per_expert_loop
+from nanoseek.model.transformer import IGNORE_INDEX, chunked_cross_entropy
+from nanoseek.train.hardware import HardwareChoice, choose_precision
+
+
+def small_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=97, dim=32, n_layers=2, n_heads=2, max_seq_len=32, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, inter_dim=64, n_dense_layers=1,
+                n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16, mtp_depth=1)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def loss_and_grads(model: Transformer, idx, targets, loss_chunk: int):
+    model.zero_grad(set_to_none=True)
+    model.loss_chunk = loss_chunk
+    out = model(idx, targets)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+# ---- chunked cross-entropy -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),                                                   # MLA + MoE + one MTP module
+    dict(mtp_kind="shared", mtp_depth=2, n_routed_experts=0),  # seed 004's shared-head MTP
+    dict(logit_z_loss_coef=1e-2, tie_embeddings=True, mtp_depth=0),
+])
+@pytest.mark.parametrize("chunk", [7, 64, 1000])  # ragged last chunk, even chunks, one chunk
+def test_chunked_ce_matches_full_logits(overrides, chunk):
+    torch.manual_seed(0)
+    model = Transformer(small_config(**overrides)).double().train()
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 97, (3, 16), generator=gen)
+    targets = torch.randint(0, 97, (3, 16 + model.config.mtp_depth), generator=gen)
+    targets[0, :5] = IGNORE_INDEX  # padding positions are not scored on either path
+    plain, plain_grads = loss_and_grads(model, idx, targets, loss_chunk=0)
+    chunked, chunked_grads = loss_and_grads(model, idx, targets, loss_chunk=chunk)
+    assert chunked.logits is None
+    assert set(chunked.losses) == set(plain.losses)
+    for name in plain.losses:
+        torch.testing.assert_close(chunked.losses[name], plain.losses[name], rtol=1e-12, atol=1e-12, msg=name)
+    torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-12, atol=1e-12)
+    assert set(chunked_grads) == set(plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_chunked_ce_function_against_f_cross_entropy_and_logit_max():
+    gen = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(8, 50, bias=False).double()
+    hidden = torch.randn(2, 9, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9), generator=gen)
+    targets[1, -3:] = IGNORE_INDEX
+    ce, lse_sq, peak = chunked_cross_entropy(head, hidden, targets, chunk=4, logsumexp_sq=True, logit_max=True)
+    logits = head(hidden)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(ce, ref)
+    torch.testing.assert_close(lse_sq, logits.logsumexp(-1).pow(2).mean())
+    torch.testing.assert_close(peak, logits.abs().max().detach())
+    (g_chunk,) = torch.autograd.grad(ce + lse_sq, hidden)
+    (g_ref,) = torch.autograd.grad(ref + logits.logsumexp(-1).pow(2).mean(), hidden)
+    torch.testing.assert_close(g_chunk, g_ref)
+
+
+def test_chunked_ce_under_bf16_autocast_is_close_to_plain():
+    torch.manual_seed(0)
+    model = Transformer(small_config(dim=64, moe_inter_dim=16, mtp_depth=0)).train()
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = loss_and_grads(model, idx, idx, loss_chunk=0)
+        chunked, chunked_grads = loss_and_grads(model, idx, idx, loss_chunk=5)
+    # The same bf16 head matmul row by row, so the loss agrees to fp32 summation order. The head's weight
+    # gradient is a bf16 matmul per chunk, each rounded to bf16 before the chunks are summed: bf16-level
+    # agreement (8 mantissa bits: ~0.4% per element), checked as a relative norm.
+    torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        assert (chunked_grads[name] - grad).norm() <= 1e-2 * grad.norm() + 1e-8, name
+
+
+# ---- MoE dispatch: grouped matmul vs a per-expert loop -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,use_grouped_mm", [(torch.float32, True), (torch.float32, False), (torch.float64, True)])
+def test_grouped_dispatch_matches_per_expert_loop(dtype, use_grouped_mm):
+    cfg = small_config(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2)
+    experts = Experts(cfg).to(dtype)
+    experts.use_grouped_mm = use_grouped_mm
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.3)
+    n = 40
+    x = torch.randn(n, 32, generator=gen, dtype=dtype)
+    # Random distinct top-2 per token, with expert 3 never chosen (an empty group).
+    choices = torch.tensor([0, 1, 2, 4, 5, 6, 7])
+    indices = torch.stack([choices[torch.randperm(7, generator=gen)[:2]] for _ in range(n)])
+    weights = torch.rand(n, 2, generator=gen, dtype=dtype)
+    grad_out = torch.randn(n, 32, generator=gen, dtype=dtype)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, weights)]
+        experts.zero_grad(set_to_none=True)
+        out = fn(experts, leaves[0], leaves[1], indices)
+        (out * grad_out).sum().backward()
+        return out.detach(), [t.grad for t in leaves] + [getattr(experts, w).grad.clone() for w in ("w1", "w2", "w3")]
+
+    fast, fast_grads = run(lambda e, *args: e(*args))
+    ref, ref_grads = run(per_expert_loop)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, ref, **tol)
+    for got, want, name in zip(fast_grads, ref_grads, ("x", "weights", "w1", "w2", "w3")):
+        torch.testing.assert_close(got, want, **tol, msg=name)
+    assert torch.all(experts.w1.grad[3] == 0)
+
+
+def test_expert_counts_match_bincount():
+    flat = torch.tensor([3, 0, 3, 5, 5, 5, 0])
+    torch.testing.assert_close(expert_counts(flat, 7), torch.bincount(flat, minlength=7))
+
+
+@pytest.mark.slow
+def test_moe_and_mtp_compile_without_graph_breaks():
+    """torch._dynamo.explain traces the whole training forward (MLA, MoE, MTP, loss) as one graph."""
+    torch.manual_seed(0)
+    model = Transformer(small_config()).train()
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 17))
+    for loss_chunk in (0, 8):
+        model.loss_chunk = loss_chunk
+        for autocast in (False, True):  # fp32 takes the batched expert path, bf16 torch._grouped_mm
+            torch._dynamo.reset()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                explanation = torch._dynamo.explain(lambda i, t: model(i, t).loss)(idx, targets)
+            reasons = [r.reason.splitlines()[0] for r in explanation.break_reasons]
+            assert explanation.graph_break_count == 0, (loss_chunk, autocast, reasons)
+            assert explanation.graph_count == 1
+
+
+# ---- --hardware auto ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,capability,torchao,precision,fp8", [
+    (None, None, True, "fp32", False),
+    ("NVIDIA H100 80GB HBM3", (9, 0), True, "bf16", True),
+    ("NVIDIA H100 80GB HBM3", (9, 0), False, "bf16", False),
+    ("NVIDIA H200", (9, 0), True, "bf16", True),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), True, "bf16", False),
+    ("NVIDIA GeForce RTX 4090", (8, 9), True, "bf16", False),
+    ("Tesla V100-SXM2-16GB", (7, 0), True, "fp16", False),
+    ("Tesla T4", (7, 5), False, "fp16", False),
+])
+def test_hardware_choice(name, capability, torchao, precision, fp8):
+    choice = choose_precision(name, capability, torchao)
+    assert isinstance(choice, HardwareChoice)
+    assert (choice.precision, choice.fp8) == (precision, fp8)
+    assert choice.reason and "\n" not in choice.reason
+    if name is not None:
+        assert name in choice.reason
+    if name and "H100" in name and not torchao:
+        assert "torchao" in choice.reason  # says what would turn fp8 on
+
+
+def test_hardware_auto_on_this_machine_sets_a_valid_train_config():
+    from nanoseek.config import RunConfig
+    from nanoseek.train.hardware import apply_hardware
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, choice = apply_hardware(RunConfig(), device)
+    assert cfg.train.precision == choice.precision and cfg.train.fp8 == choice.fp8
+    if device.type == "cpu":
+        assert choice.precision == "fp32"
+
+
+# ---- GPU-only checks ----------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_grouped_dispatch_on_cuda_matches_loop_without_host_sync():
+    cfg = small_config(dim=64, moe_inter_dim=32, n_routed_experts=8)
+    experts = Experts(cfg).cuda()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.1)
+    x = torch.randn(256, 64, device="cuda")
+    weights, indices = torch.rand(256, 8, device="cuda").topk(2, dim=-1)
+    # Before Hopper torch's grouped_mm itself falls back to a loop with a host sync (pytorch #186620).
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = per_expert_loop(experts, x, weights, indices)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if hopper else "default")  # a device-to-host sync raises
+        try:
+            fast = experts(x, weights, indices)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp8_on_hopper_keeps_mla_router_and_head_high_precision():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    pytest.importorskip("torchao")
+    from nanoseek.train.fp8 import HIGH_PRECISION, enable_fp8
+
+    model = Transformer(ModelConfig.from_preset("tiny", dim=128, moe_inter_dim=128, inter_dim=256)).cuda()
+    converted = enable_fp8(model, torch.device("cuda"))
+    assert converted and not any(name.endswith(HIGH_PRECISION) for name in converted)
+    modules = dict(model.named_modules())
+    assert type(modules["head"]) is torch.nn.Linear and type(modules["layers.0.attn.wkv_a"]) is torch.nn.Linear
+    idx = torch.randint(0, 2048, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(idx, idx)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
