@@ -88,13 +88,12 @@ def check_config(name: str, cfg: ModelConfig, device: str | torch.device = "cpu"
 
 
 def _cache_mismatch(model: Transformer, tokens: torch.Tensor, prompt_len: int) -> int | None:
-    """Index of the first generated token that is not the full forward's argmax (near-ties excused)."""
+    """Index of the first generated token that is not the full forward's argmax (near-ties excused: a
+    token whose logit is within 1e-4 of the best one is rounding, not a cache bug)."""
     with torch.no_grad():
         logits = model(tokens).logits[0, prompt_len - 1:-1].float()  # [n, vocab]: predicts each new token
-    top2 = logits.topk(2, dim=-1).values
     for i, tok in enumerate(tokens[0, prompt_len:].tolist()):
-        margin = float(top2[i, 0] - top2[i, 1])
-        if int(logits[i].argmax()) != tok and margin > 1e-4:
+        if float(logits[i].max() - logits[i, tok]) > 1e-4:
             return i
     return None
 

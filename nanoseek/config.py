@@ -452,7 +452,8 @@ class RunConfig:
     def from_dict(cls, values: dict) -> "RunConfig":
         values = dict(values)
         preset = values.get("preset", "tiny")
-        base_model = ModelConfig.from_preset(preset).to_dict()
+        # A run's own label (e.g. "converted") names no preset; its [model] section is complete anyway.
+        base_model = (ModelConfig.from_preset(preset) if preset in PRESETS else ModelConfig()).to_dict()
         base_model.update(values.pop("model", {}))
         guard = dict(values.pop("guard", {}))
         if "inject" in guard:

@@ -86,6 +86,9 @@ def evaluate_ids(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, seq_
     """Score every token of `ids` after the first, in windows of seq_len (default: the model's context)."""
     if len(ids) < 2:
         raise ValueError("the evaluation text has fewer than 2 tokens; pass a longer text")
+    if batch_size < 1 or (seq_len is not None and seq_len < 1):
+        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len}: both must be >= 1 (seq_len None: the "
+                         "model's max_seq_len)")
     if int(ids.max()) >= model.config.vocab_size:
         raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary ({model.config.vocab_size}); "
                          "the data was tokenised with another tokenizer")

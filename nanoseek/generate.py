@@ -84,6 +84,8 @@ def stream(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampli
     Rows that emitted eos_id keep emitting it; the stream ends once every row has (checked every
     `sync_every` tokens, and on every token for a batch of one, which is already synchronous).
     """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     was_training = model.training
     model.eval()
     try:

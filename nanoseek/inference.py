@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -49,6 +49,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
                          "(model.mtp_depth=0 or mtp_kind='shared'); decode without --speculative")
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one prompt at a time, got a batch of {prompt.shape[0]}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     was_training = model.training
     model.eval()
     try:
@@ -61,6 +63,8 @@ def _decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
             eos_id: int | None) -> tuple[torch.Tensor, SpeculativeStats]:
     depth, limit = len(model.mtp), model.config.max_seq_len
     total = min(limit, prompt.shape[1] + max_new_tokens)
+    if total == prompt.shape[1]:  # nothing to generate: greedy decoding returns the prompt as it is
+        return prompt, SpeculativeStats()
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
     caches = model.new_caches(1, limit)
     mtp_caches = [m.block.attn.new_cache(1, limit, dtype, device) for m in model.mtp]

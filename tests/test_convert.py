@@ -340,3 +340,28 @@ def test_unconvertible_sources_are_refused():
     mla = Transformer(ModelConfig(n_layers=1, n_routed_experts=0, mtp_depth=0, vocab_size=64))
     with pytest.raises(ValueError, match="already MLA"):
         convert_to_mla_moe(mla, tokens(1, 0) % 64, kv_lora_rank=8, rope_dims=8, log=None)
+
+
+def test_too_few_held_out_tokens_is_a_one_line_error():
+    with pytest.raises(ValueError, match="eval_ids holds 0 tokens"):  # was a ZeroDivisionError in the load count
+        convert_to_mla_moe(dense(n_kv_heads=2), tokens(1, 0), kv_lora_rank=8, rope_dims=8, n_routed_experts=3,
+                           n_shared_experts=1, n_activated_experts=1, eval_ids=torch.zeros(0, dtype=torch.long),
+                           log=None)
+
+
+def test_heal_runs_through_a_ddp_wrapped_student(tmp_path):
+    """The trainer hands the objective the DDP module, which forwards neither `layers` (hidden-state loss)
+    nor `moe_layers` (router losses) of the model it holds."""
+    import torch.distributed as dist
+
+    teacher = dense(n_kv_heads=2)
+    student, _ = convert_to_mla_moe(teacher, tokens(4, seed=1), kv_lora_rank=12, rope_dims=8, n_routed_experts=3,
+                                    n_shared_experts=1, n_activated_experts=1, log=None)
+    run_cfg = RunConfig(model=student.config, data=DataConfig(source=str(_text(tmp_path / "text.txt")),
+                                                              tokenizer="byte", seq_len=32),
+                        train=TrainConfig(max_steps=2, batch_size=4, warmup_steps=0, eval_every=2, save_every=2,
+                                          eval_batches=1, tensorboard=False, sample_tokens=0, dist="ddp"),
+                        device="cpu")
+    held_out = tokens(1, seed=2).flatten()
+    result = heal(student, teacher, run_cfg, tmp_path / "healed", held_out, hidden_weight=1.0, show_progress=False)
+    assert result.status == "finished" and result.steps == 2 and not dist.is_initialized()

@@ -276,6 +276,25 @@ def test_dist_mode_in_one_process_equals_no_dist_exactly(runs, mode, tmp_path):
         assert torch.equal(grouped.model.state_dict()[name], tensor), name
 
 
+def test_a_trainer_that_fails_leaves_the_process_group(runs, tmp_path):
+    cfg = run_config(runs["data_dir"], tmp_path / "taken", PER_RANK_BATCH, "ddp", max_steps=2)
+    train(cfg)
+    with pytest.raises(ValueError, match="already holds a run"):  # started the group, then refused --out
+        RecordingTrainer(cfg, cfg.out, show_progress=False)
+    assert not dist.is_initialized()
+
+    class Failing(RecordingTrainer):
+        def train_step(self):
+            raise KeyboardInterrupt  # Ctrl-C mid-run
+
+    failing = Failing(run_config(runs["data_dir"], tmp_path / "failing", PER_RANK_BATCH, "ddp"), tmp_path / "failing",
+                      show_progress=False)
+    assert dist.is_initialized()
+    with pytest.raises(KeyboardInterrupt):
+        failing.train()
+    assert not dist.is_initialized()
+
+
 @pytest.mark.parametrize("train_fields, message", [
     (dict(optimizer="muon"), "Muon orthogonalises whole matrices"),
     (dict(ema_decay=0.9), "EMA copy is not sharded"),

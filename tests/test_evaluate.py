@@ -51,6 +51,13 @@ def test_eval_refuses_ids_outside_the_vocabulary(char_model):
         evaluate_ids(model, tok, np.array([0, 1, model.config.vocab_size + 3]))
 
 
+@pytest.mark.parametrize("sizes", [dict(batch_size=0), dict(seq_len=0), dict(seq_len=-4)])
+def test_eval_refuses_empty_windows_or_batches(char_model, sizes):
+    model, tok = char_model
+    with pytest.raises(ValueError, match="must be >= 1"):  # was a ZeroDivisionError, or 0 silently the default
+        evaluate_ids(model, tok, np.array([0, 1, 2, 3]), **sizes)
+
+
 def test_every_preset_passes_the_check():
     results = check_presets()
     assert [r.preset for r in results if not r.ok] == []
@@ -87,3 +94,19 @@ def test_the_check_reports_a_model_that_produces_nan():
     finally:
         check.Transformer = original
     assert not result.ok and "forward" in result.detail
+
+
+def test_the_check_names_the_first_token_that_is_not_the_full_forwards_choice():
+    from nanoseek.check import _cache_mismatch
+    from nanoseek.generate import GREEDY, generate
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_variant(ModelConfig.from_preset("tiny-gqa"))).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 8))
+    tokens = generate(model, prompt, 6, GREEDY)
+    assert _cache_mismatch(model, tokens, 8) is None
+    with torch.no_grad():
+        logits = model(tokens).logits[0, 8 + 2]  # predicts new token 3 (index 3 after the prompt)
+    wrong = tokens.clone()
+    wrong[0, 8 + 3] = int(logits.argmin())  # the least likely token: far from any near-tie
+    assert _cache_mismatch(model, wrong, 8) == 3

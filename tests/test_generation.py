@@ -1,7 +1,5 @@
 """Decoding: the KV / latent cache changes speed, never the tokens; sampling; speculative decoding."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -196,3 +194,15 @@ def test_speculative_decoding_refuses_models_without_mtp_modules():
         speculative_generate(tiny("tiny-gqa"), torch.zeros(1, 3, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="one prompt"):
         speculative_generate(tiny("tiny"), torch.zeros(2, 3, dtype=torch.long), 5)
+
+
+def test_zero_new_tokens_returns_the_prompt_and_a_negative_count_is_refused():
+    model = tiny("tiny")
+    prompt = torch.randint(0, VOCAB, (1, 5))
+    assert torch.equal(generate(model, prompt, 0, GREEDY), prompt)
+    tokens, stats = speculative_generate(model, prompt, 0)  # was one token: greedy's output must be matched
+    assert torch.equal(tokens, prompt) and stats.rounds == 0
+    with pytest.raises(ValueError, match="max_new_tokens=-3"):
+        generate(model, prompt, -3, GREEDY)
+    with pytest.raises(ValueError, match="max_new_tokens=-3"):
+        speculative_generate(model, prompt, -3)

@@ -514,6 +514,23 @@ def test_rope_dot_product_depends_only_on_offset():
     torch.testing.assert_close(rotary(q, start_pos=7000)[0, :, 0], ref_q, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_complex_and_compiled_real_forms_agree_with_the_reference(dtype, monkeypatch):
+    """Eager rotates pairs as complex numbers; under torch.compile the same rotation runs in real arithmetic."""
+    cfg = ModelConfig.from_preset("tiny-dense", max_seq_len=32)
+    rope = RotaryEmbedding(12, cfg)
+    x = torch.randn(2, 9, 3, 12, dtype=torch.float64)
+    expected = rope_reference(x.transpose(1, 2), torch.arange(5, 14), cfg.rope_theta).transpose(1, 2)
+    eager = rope(x.to(dtype), start_pos=5)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    real = rope(x.to(dtype), start_pos=5)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert eager.dtype == real.dtype == dtype
+    torch.testing.assert_close(eager.double(), expected, atol=tol, rtol=0)
+    torch.testing.assert_close(real.double(), expected, atol=tol, rtol=0)
+    torch.testing.assert_close(eager, real, atol=tol, rtol=0)
+
+
 def test_rope_linear_and_yarn_scaling_of_inv_freq():
     dim, theta, factor, original = 32, 10000.0, 4.0, 512
     base = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -538,7 +555,7 @@ def test_rope_linear_and_yarn_scaling_of_inv_freq():
     ratio = base / yarn.inv_freq  # 1 -> factor, non-decreasing from high to low frequencies
     assert torch.all(ratio[1:] >= ratio[:-1] - 1e-12)
     # the attention temperature: cos/sin tables carry 0.1 ln(s) + 1 (YaRN eq. 8)
-    magnitude = (yarn.cos.double() ** 2 + yarn.sin.double() ** 2).sqrt()
+    magnitude = yarn.table(torch.complex128, torch.device("cpu")).abs()
     torch.testing.assert_close(magnitude, torch.full_like(magnitude, 0.1 * math.log(factor) + 1), atol=1e-6, rtol=0)
 
 

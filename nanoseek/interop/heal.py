@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model.transformer import ModelOutput
+from nanoseek.train.distributed import unwrap
 
 
 @dataclass
@@ -91,7 +92,7 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
 
     def layer_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[ModelOutput, list[torch.Tensor]]:
         outputs: list[torch.Tensor] = []
-        inner = getattr(model, "_orig_mod", model)  # torch.compile keeps the module's blocks here
+        inner = unwrap(model)  # the blocks of the module inside torch.compile / DDP
         handles = [block.register_forward_hook(lambda m, a, out: outputs.append(out)) for block in inner.layers]
         try:
             return model(x), outputs
@@ -125,7 +126,7 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
             total = total + hidden_weight * losses["hidden"]
         if ce_weight:
             total = total + ce_weight * ce
-        inner = getattr(model, "_orig_mod", model)
+        inner = unwrap(model)
         for name in ("aux", "z"):  # MoE router losses, when the config turns them on
             parts = [m.losses[name] for _, m in inner.moe_layers() if name in m.losses]
             if parts:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.interop.names import STACKED_EXPERTS, from_hf_name, halves_to_interleaved, to_hf_name
+from nanoseek.interop.names import STACKED_EXPERTS, from_hf_name, halves_to_interleaved, resolve_dtype, to_hf_name
 from nanoseek.model import Transformer
 from nanoseek.model.layers import _yarn_mscale
 
@@ -40,8 +40,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "deepseek_v3", "deepseek_v2")
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
 _REQUIRED = object()  # a config key without a default
 # transformers' defaults for keys a config.json may leave out, per model type (its *Config classes).
 _MAX_POSITIONS_DEFAULT = {"llama": 2048, "qwen3": 32768, "deepseek_v3": 4096, "deepseek_v2": 2048}
@@ -117,7 +115,7 @@ def import_hf(path: str | Path, dtype: torch.dtype | str = torch.float32) -> Tra
     """
     folder = _folder(path)
     hf = read_hf_config(folder)
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     cfg = model_config_from_hf(hf, source=str(folder / CONFIG_FILE))
     tensors = read_hf_tensors(folder)
     model = Transformer(cfg)
@@ -437,13 +435,3 @@ def _folder(path: str | Path) -> Path:
         raise ValueError(f"model folder {str(folder)!r} does not exist; pass a local folder written by "
                          "save_pretrained or `nanoseek export` (hub names are not downloaded)")
     return folder
-
-
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype={dtype}: choose torch.float32, torch.bfloat16 or torch.float16")
-    return dtype

@@ -18,6 +18,21 @@ import re
 
 import torch
 
+# dtype spellings the import and the export accept (a --dtype flag or a torch.dtype).
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """"fp32" / "bf16" / "fp16" (or their long names) or a float torch.dtype -> the torch.dtype; else ValueError."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype}: choose torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
+
 # (nanoseek name, transformers name). Rows absent from a model (e.g. q_lora tensors) are simply unused.
 _COMMON = [
     ("embed.weight", "model.embed_tokens.weight"),

@@ -104,24 +104,43 @@ class RotaryEmbedding(nn.Module):
                 self.attention_factor = _yarn_mscale(cfg.rope_factor, cfg.mscale)
         self.inv_freq = inv_freq
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)  # [S, dim/2]
-        # Plain attributes, not buffers: model.to(bfloat16) must not round the tables. They follow
-        # the activations' device on first use.
-        self.cos = (angles.cos() * self.attention_factor).float()
-        self.sin = (angles.sin() * self.attention_factor).float()
+        # e^{i angle} times the YaRN factor, by dtype: a pair (x[2i], x[2i+1]) read as the complex number
+        # x[2i] + i x[2i+1] rotates by one complex multiply, which in eager mode on CPU is ~3x faster
+        # (forward and backward) than four real products and a stack. Plain attributes, not buffers:
+        # model.to(bfloat16) must not round the tables; they follow the activations' device on first use.
+        self.max_seq_len = cfg.max_seq_len
+        exact = torch.polar(torch.full_like(angles, self.attention_factor), angles)
+        self.tables = {torch.complex128: exact, torch.float64: torch.stack([exact.real, exact.imag])}
+
+    def table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The rotation table [max_seq_len, dim/2] in `dtype` (complex64/128; float32/64: cos and sin stacked
+        as [2, max_seq_len, dim/2]) on `device`, computed once from the float64 angles."""
+        found = self.tables.get(dtype)
+        if found is None or found.device != device:
+            # Cast from the float64 table of the same kind, so no complex op is traced under compile.
+            exact = self.tables[torch.complex128 if dtype.is_complex else torch.float64]
+            found = self.tables[dtype] = exact.to(device=device, dtype=dtype)
+        return found
 
     def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Rotate x: [B, T, H, dim] (positions start_pos..start_pos+T-1) -> same shape and dtype."""
+        """Rotate x: [B, T, H, dim] (positions start_pos..start_pos+T-1) -> same shape and dtype.
+
+        Computed in fp32 (fp64 for a float64 model), whatever the activation dtype."""
         seq_len = x.shape[1]
-        if start_pos + seq_len > self.cos.shape[0]:
-            raise ValueError(f"position {start_pos + seq_len - 1} is past max_seq_len={self.cos.shape[0]}; "
+        if start_pos + seq_len > self.max_seq_len:
+            raise ValueError(f"position {start_pos + seq_len - 1} is past max_seq_len={self.max_seq_len}; "
                              "raise model.max_seq_len or feed shorter sequences")
-        if self.cos.device != x.device:
-            self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
-        cos = self.cos[start_pos:start_pos + seq_len, None, :].to(x.dtype)  # [T, 1, dim/2]
-        sin = self.sin[start_pos:start_pos + seq_len, None, :].to(x.dtype)
-        even, odd = x[..., 0::2], x[..., 1::2]
-        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-        return rotated.flatten(-2)
+        real = torch.promote_types(x.dtype, torch.float32)
+        positions = slice(start_pos, start_pos + seq_len)
+        if torch.compiler.is_compiling():
+            # Inductor generates no code for complex operators; it fuses this real form into one kernel.
+            cos, sin = self.table(real, x.device)[:, positions, None, :]  # [T, 1, dim/2] each
+            even, odd = x[..., 0::2].to(real), x[..., 1::2].to(real)
+            rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+            return rotated.to(x.dtype)
+        rotation = self.table(torch.complex128 if real == torch.float64 else torch.complex64, x.device)
+        pairs = torch.view_as_complex(x.to(real).contiguous().unflatten(-1, (-1, 2)))  # [B, T, H, dim/2]
+        return torch.view_as_real(pairs * rotation[positions, None, :]).flatten(-2).to(x.dtype)
 
 
 def softmax_scale(cfg: ModelConfig, head_dim: int) -> float:

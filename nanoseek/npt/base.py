@@ -7,12 +7,12 @@ through nanoseek.interop.import_hf, the tokenizer from its tokenizer.json).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from nanoseek.interop import import_hf, is_hf_folder, load_hf_tokenizer
 from nanoseek.model import Transformer
 
 
@@ -23,26 +23,6 @@ class BaseModel:
     tokenizer: str  # what DataConfig.tokenizer takes: a tokenizer.json path, or "byte"
     prepared_data: Path | None = None  # the base run's own prepared data (its char tokenizer cannot encode new text)
     preset: str = "tiny-gqa"  # only supplies defaults when the run config is read back; every field is stored
-
-
-def _interop():
-    """nanoseek.interop's (import_hf, is_hf_folder, load_hf_tokenizer), or None where it lacks an importer."""
-    try:
-        from nanoseek.interop import import_hf, is_hf_folder, load_hf_tokenizer
-    except ImportError:
-        return None
-    return import_hf, is_hf_folder, load_hf_tokenizer
-
-
-def looks_like_hf_folder(path: Path) -> bool:
-    """A transformers folder: a config.json with a model_type (a nanoseek checkpoint's config.json has none)."""
-    interop = _interop()
-    if interop is not None:
-        return interop[1](path)
-    try:
-        return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def _run_dir_of(path: Path) -> Path | None:
@@ -59,12 +39,7 @@ def load_base(path: str | Path) -> BaseModel:
     if not path.exists():
         raise ValueError(f"--base {str(path)!r} does not exist; pass a nanoseek run/checkpoint directory or a "
                          "Hugging Face Llama folder (with config.json)")
-    if looks_like_hf_folder(path):
-        interop = _interop()
-        if interop is None:
-            raise ValueError("this installation cannot import Hugging Face folders (nanoseek.interop.import_hf is "
-                             "missing); pass a nanoseek run directory as --base")
-        import_hf, _, load_hf_tokenizer = interop
+    if is_hf_folder(path):
         if load_hf_tokenizer(path) is None:
             raise ValueError(f"--base {str(path)!r} has no tokenizer.json; save the model's fast tokenizer there "
                              "(tokenizer.save_pretrained(folder)) so the data is tokenised as the base expects")

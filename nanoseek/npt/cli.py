@@ -154,32 +154,36 @@ def run_npt(args: Npt):
     objective = DistillationObjective(teacher, adapter_cfg.layers, reg_weight, kl_weight)
     trainer = Trainer(cfg, run_dir, resume=args.resume, show_progress=args.progress, model=student,
                       objective=objective)
-    if prepared:  # the shards live elsewhere: keep the tokenizer with this run for generate/eval
+    main = trainer.dist.is_main  # under torchrun, rank 0 alone writes and reports
+    if prepared and main:  # the shards live elsewhere: keep the tokenizer with this run for generate/eval
         load_prepared(data.source).tokenizer.save(run_dir / "data")
-    if not args.resume:
+    if not args.resume and main:
         (run_dir / RUN_FILE).write_text(json.dumps({
             "base": str(args.base), "base_kind": base.kind, "adapters": adapter_cfg.to_dict(),
             "reg_weight": reg_weight, "kl_weight": kl_weight, "quantize": args.quantize}, indent=1) + "\n")
 
     n_adapter = sum(p.numel() for p in trainer.params)
     n_frozen = sum(p.numel() for p in student.parameters() if not p.requires_grad)
-    print(f"nanoseek npt: base {args.base} ({base.kind}), layers {list(adapter_cfg.layers)}, rank {adapter_cfg.rank}"
+    say = print if main else (lambda *_: None)
+    say(f"nanoseek npt: base {args.base} ({base.kind}), layers {list(adapter_cfg.layers)}, rank {adapter_cfg.rank}"
           f"{', safe mode' if adapter_cfg.safe_mode else ''}; {n_adapter / 1e6:.3f}M adapter parameters train, "
           f"{n_frozen / 1e6:.2f}M frozen{f' ({n_quantized} linears {args.quantize})' if n_quantized else ''}; "
           f"device {trainer.device}, run dir {run_dir}")
     initial = None
     if not args.resume:
         initial = trainer.evaluate()["loss"]
-        print(f"distillation loss before training (validation): {initial:.4f}")
+        say(f"distillation loss before training (validation): {initial:.4f}")
     result = trainer.train()
-    adapters_dir = save_adapters(student, run_dir / "adapters", base=args.base)
+    adapters_dir = run_dir / "adapters"
+    if main:
+        save_adapters(student, adapters_dir, base=args.base)
     final = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    print(f"{result.status} at step {result.step}: distillation loss (validation) {final}, {result.n_skips} skipped "
+    say(f"{result.status} at step {result.step}: distillation loss (validation) {final}, {result.n_skips} skipped "
           f"steps; adapters in {adapters_dir}")
     if n_quantized:  # the checkpoints hold no quantised weights (quantize.py): rebuild the base, then attach
-        print(f"generate with: nanoseek.npt.attach_adapters(<the base, quantised again>, {adapters_dir!r})")
+        say(f"generate with: nanoseek.npt.attach_adapters(<the base, quantised again>, {adapters_dir!r})")
     else:
-        print(f"generate with: nanoseek generate --ckpt {run_dir}")
+        say(f"generate with: nanoseek generate --ckpt {run_dir}")
     return NptResult(run_dir, initial, result.val_loss, result.status, result.n_skips, adapters_dir, student, teacher)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from nanoseek.model.transformer import IGNORE_INDEX, ModelOutput
 from nanoseek.npt.convert import Teacher
 from nanoseek.npt.layer import NPTBlock
+from nanoseek.train.distributed import unwrap
 
 NMSE_FLOOR = 1e-12  # a teacher state of exactly zero norm (never seen in practice) must not divide by 0
 
@@ -49,7 +50,7 @@ class DistillationObjective:
         hidden, adapter_out = {}, {}
         handles = []
         for i in self.layer_ids:
-            block = student.layers[i]
+            block = unwrap(student).layers[i]  # the trainer passes the DDP / torch.compile wrapper
             if not isinstance(block, NPTBlock):
                 raise ValueError(f"layer {i} of the student is not an NPT block; convert it with convert_to_npt")
             # Forward hooks read each converted block's output and its adapter's raw outputs without

@@ -32,9 +32,9 @@ def save_adapters(model: torch.nn.Module, out_dir: str | Path, base: str = "") -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in adapter_state(model).items()}
-    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / WEIGHTS_FILE)  # a reader never sees a half-written file
+    partial = out_dir / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    partial.replace(out_dir / WEIGHTS_FILE)  # a reader never sees a half-written file
     meta = {"format": FORMAT, **cfg.to_dict(), "base": str(base)}
     (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out_dir

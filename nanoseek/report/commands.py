@@ -83,8 +83,11 @@ def cmd_runs(args: Runs) -> int:
 
 def finish_train(run_dir: str | Path, result) -> str:
     """After `nanoseek train`: write the report when matplotlib is there, and return the run summary."""
+    from nanoseek.train.distributed import launched_by_torchrun
+
     run_dir = Path(run_dir)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes the log and the report
+    rank, _, world_size = launched_by_torchrun()
+    if rank != 0:  # under torchrun only rank 0 writes the log and the report
         return ""
     try:
         png_path, html_path = write_report([run_dir])
@@ -94,12 +97,11 @@ def finish_train(run_dir: str | Path, result) -> str:
     except Exception as err:  # a failed plot must not turn a finished run into a failed command
         report = (f"failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                   f"retry with: nanoseek report {run_dir}")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return summary_text(read_run(run_dir, warn=lambda _: None), result, report, world_size=world_size)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write then rename, so a browser or a second report never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_bytes(data)
+    os.replace(partial, path)

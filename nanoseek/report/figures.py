@@ -138,7 +138,9 @@ def _loss_panel(report: ReportFigure, logs, labels, colors, overlay: bool) -> No
         for index, name in enumerate(["val_loss"] + ([] if overlay else [f"val_{m}" for m in main if m != "ce"])):
             steps, values = log.series(name, "eval")
             style = {"color": color} if overlay else {"color": f"C{main.index(name[4:]) if name != 'val_loss' else 0}"}
-            _plot(report, "loss", prefix + ("val loss (ce)" if name == "val_loss" else name.replace("_", " ", 1)),
+            # val_loss is the ce when there is one; a distillation run (npt, heal) logs its total there.
+            val_label = "val loss (ce)" if "ce" in main else "val loss"
+            _plot(report, "loss", prefix + (val_label if name == "val_loss" else name.replace("_", " ", 1)),
                   steps, values, marker="o", markersize=4, linestyle="--", linewidth=1.2, **style)
         _mark_events(report, ax, log, label, overlay, color)
     _label_events(report, ax, overlay)

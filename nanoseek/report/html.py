@@ -64,10 +64,7 @@ def _summary_rows(log: RunLog, now: float) -> list[tuple[str, str]]:
         # config.toml does not record the process count: under torchrun multiply by it.
         rows.append(("tokens (per process)", f"{len(log.train) * per_step:,} ({per_step:,} per step)"))
     rows.append(("wall time", format_duration(log.elapsed_s)))
-    counts = {}
-    for event in log.events:
-        counts[event.get("action") or event["event"]] = counts.get(event.get("action") or event["event"], 0) + 1
-    rows.append(("guard events", ", ".join(f"{n} {a}" for a, n in counts.items()) or "none"))
+    rows.append(("guard events", ", ".join(f"{n} {a}" for a, n in log.event_counts().items()) or "none"))
     if log.resumed_at:
         rows.append(("resumed at steps", ", ".join(map(str, log.resumed_at))))
     if log.skipped_lines:

@@ -81,6 +81,14 @@ class RunLog:
                   if isinstance(r.get("val_loss"), float) and math.isfinite(r["val_loss"])]
         return min(scored, key=lambda item: item[0]) if scored else None
 
+    def event_counts(self) -> dict[str, int]:
+        """{guard action (skip, rollback, ...): how many}, in order of first appearance."""
+        counts: dict[str, int] = {}
+        for event in self.events:
+            action = event.get("action") or event["event"]
+            counts[action] = counts.get(action, 0) + 1
+        return counts
+
     def setting(self, section: str, key: str, default=None):
         """config.toml's [section] key, or `default` when the file or the key is missing."""
         table = self.config.get(section, {})

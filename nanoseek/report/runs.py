@@ -74,7 +74,10 @@ def list_runs(root: str | Path, now: float | None = None, warn=None) -> list[Run
     for path in find_runs(root):
         if not (path / METRICS_FILE).is_file():  # config written, no record yet: just starting
             modified = (path / CONFIG_FILE).stat().st_mtime if (path / CONFIG_FILE).is_file() else 0.0
-            status = "running" if now - modified <= RUNNING_IDLE_S else "interrupted"
+            if (path / "conversion.json").is_file():  # written whole by `nanoseek convert`: nothing trains
+                status = "converted"
+            else:
+                status = "running" if now - modified <= RUNNING_IDLE_S else "interrupted"
             infos.append(RunInfo(path, status, _preset_of(path), None, None, None, modified))
             continue
         log = read_run(path, warn=warn)

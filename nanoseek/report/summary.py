@@ -72,10 +72,7 @@ def summary_text(log: RunLog, result=None, report: str | None = None, now: float
 
     lines.append(_row("checkpoints", _checkpoints(run_dir)))
 
-    counts: dict[str, int] = {}
-    for event in log.events:
-        action = event.get("action") or event["event"]
-        counts[action] = counts.get(action, 0) + 1
+    counts = log.event_counts()
     if not counts:
         lines.append(_row("guard", "no events"))
     else:

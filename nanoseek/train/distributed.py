@@ -61,6 +61,16 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile and DDP wrappers (an objective that reads `model.layers` needs it: the
+    trainer hands it the wrapped module, and DDP forwards no attribute of the module it holds)."""
+    while True:
+        inner = model.__dict__.get("_modules", {}).get("_orig_mod") or model.__dict__.get("_modules", {}).get("module")
+        if inner is None:
+            return model
+        model = inner
+
+
 class Distributed:
     """The run's place in the process group and the collectives the trainer calls.
 
@@ -134,10 +144,12 @@ class Distributed:
         if self.is_main:
             self.barrier()
 
-    def close(self) -> None:
-        """Leave the process group if this run started it (every rank reaches here together)."""
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group if this run started it. wait: every rank reaches here together, so meet
+        at a barrier first; False on an error path, where the other ranks may never arrive."""
         if self.active and self.owns_group and dist.is_initialized():
-            dist.barrier(group=self.cpu_group)
+            if wait:
+                dist.barrier(group=self.cpu_group)
             dist.destroy_process_group()
         self.owns_group = False
 

@@ -85,11 +85,19 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
                  model: Transformer | None = None, objective: Objective = next_token_objective):
+        # The process group first: it decides this rank's device (cuda:LOCAL_RANK under torchrun).
+        self.dist = Distributed.setup(cfg.train.dist, resolve_device(cfg.device))
+        try:
+            self._build(cfg, run_dir, resume, show_progress, model, objective)
+        except BaseException:  # a bad --data or --out must not leave the process group behind
+            self.dist.close(wait=False)
+            raise
+
+    def _build(self, cfg: RunConfig, run_dir: str | Path, resume: bool, show_progress: bool,
+               model: Transformer | None, objective: Objective) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.objective = objective
         tc = cfg.train
-        # The process group first: it decides this rank's device (cuda:LOCAL_RANK under torchrun).
-        self.dist = Distributed.setup(tc.dist, resolve_device(cfg.device))
         self.device = self.dist.device
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals make CPU matmuls crawl late in training
@@ -446,6 +454,13 @@ class Trainer:
         return module
 
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        except BaseException:  # Ctrl-C or an error mid-run: leave the process group (a no-op in one process)
+            self.dist.close(wait=False)
+            raise
+
+    def _train(self) -> TrainResult:
         tc = self.cfg.train
         self.model.train()
         status, last_values = "finished", {"loss": math.nan}
