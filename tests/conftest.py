@@ -1,5 +1,8 @@
 """Shared test setup."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
 
@@ -7,3 +10,13 @@ def pytest_configure(config):
     # One thread: on a shared 2-core machine, OpenMP threads spin-waiting against other processes make
     # tiny-model steps 10-100x slower (DESIGN.md, "Facts worth knowing"). Tests compare numbers, not speed.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small text file: 400 lines over a ten-word vocabulary, enough for a few dozen tiny training steps."""
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet", "north", "ember"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8)) + "." for i in range(400)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path

@@ -115,16 +115,13 @@ def train_losses(run_dir: Path, kind: str = "train", key: str = "loss") -> dict[
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, corpus):
     """Single-process references (global batch 4) and the 2-process jobs (2 ranks x batch 2): DDP and
     FSDP with a NaN gradient at step 5 (rank 1 only; everywhere in the reference), an FSDP run whose
     one-rank faults end in a rollback, and a DDP fp16 run with an inf gradient on rank 1."""
     root = tmp_path_factory.mktemp("dist")
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet", "north", "ember"]
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8)) + "." for i in range(400)]
-    (root / "corpus.txt").write_text("\n".join(lines))
     data_dir = root / "data"
-    prepare_data(DataConfig(source=str(root / "corpus.txt"), tokenizer="char", seq_len=16), data_dir, progress=False)
+    prepare_data(DataConfig(source=str(corpus), tokenizer="char", seq_len=16), data_dir, progress=False)
 
     started = time.monotonic()
     reference = train(run_config(data_dir, root / "single", WORLD * PER_RANK_BATCH, inject=[f"nan-grad@{NAN_AT}"]))

@@ -34,15 +34,6 @@ SEQ = 32
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet", "north", "ember"]
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8)) + "." for i in range(400)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
-
-
-@pytest.fixture(scope="module")
 def base_run(corpus, tmp_path_factory) -> Path:
     """A trained tiny GQA base run directory (checkpoint, config.toml, data/ with a byte tokenizer)."""
     run = tmp_path_factory.mktemp("base") / "run"

@@ -22,15 +22,6 @@ SMALL_MODEL = dict(dim=32, n_heads=2, n_layers=2, kv_lora_rank=16, qk_nope_head_
                    v_head_dim=8, inter_dim=64, moe_inter_dim=16, n_routed_experts=4, max_seq_len=32)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quiet", "north", "ember"]
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8)) + "." for i in range(400)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
-
-
 def make_config(corpus: Path, out: Path, max_steps: int = 20, **train) -> RunConfig:
     train = {"batch_size": 4, "eval_every": 10, "save_every": 10, "eval_batches": 2, "tensorboard": False,
              "warmup_steps": 3, "lr": 3e-3, "ema_decay": 0.9, **train}
