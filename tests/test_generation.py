@@ -189,6 +189,40 @@ def test_speculative_decoding_is_exact_even_when_drafts_are_wrong():
     assert stats.drafted > 0
 
 
+def full_sequence_drafts(model, tokens: list[int], n: int, n_drafts: int) -> list[int]:
+    """Reference drafts for position n: the main model and every MTP module run over t_0..t_{n-1} from
+    scratch (no caches), each module fed the tokens k ahead, its own earlier drafts included."""
+    ext = list(tokens[:n + 1])
+    hidden = model(torch.tensor([ext[:n]])).hidden  # [1, n, dim]
+    drafts = []
+    for k, module in enumerate(model.mtp[:n_drafts], start=1):
+        hidden, normed = module(hidden, model.embed(torch.tensor([ext[k:n + k]])))
+        drafts.append(int(model.head(normed[:, -1]).argmax(-1)))
+        ext.append(drafts[-1])
+    return drafts
+
+
+def test_incremental_drafts_equal_drafts_from_the_full_sequence(monkeypatch):
+    """The MTP caches and the partly-final hidden states must give the drafts a from-scratch pass gives;
+    the output alone cannot show it, since verification corrects any wrong draft."""
+    import nanoseek.speculative as speculative
+
+    model = tiny("tiny", mtp_depth=3)
+    rounds = []
+    draft = speculative._draft
+
+    def recording_draft(model_, hidden, filled, mtp_caches, tokens, n, n_drafts, device):
+        drafts = draft(model_, hidden, filled, mtp_caches, tokens, n, n_drafts, device)
+        rounds.append((list(tokens), n, n_drafts, drafts))
+        return drafts
+
+    monkeypatch.setattr(speculative, "_draft", recording_draft)
+    speculative_generate(model, torch.randint(0, VOCAB, (1, 6)), 30)
+    assert len(rounds) > 5
+    for tokens, n, n_drafts, drafts in rounds:
+        assert drafts == full_sequence_drafts(model, tokens, n, n_drafts), n
+
+
 def test_speculative_decoding_refuses_models_without_mtp_modules():
     with pytest.raises(ValueError, match="MTP"):
         speculative_generate(tiny("tiny-gqa"), torch.zeros(1, 3, dtype=torch.long), 5)
