@@ -132,6 +132,10 @@ def train_defaults(argv: list[str]) -> Train:
         config = str(Path(out) / "config.toml")
     if config:
         base = RunConfig.load_toml(config)
+        data = _flag_value(argv, "--data")
+        if resume and data is not None and data != base.data.source:
+            raise ValueError(f"--resume continues {out} on its own data ({base.data.source}), not --data {data}; "
+                             "drop --data, or train on new data in a new run (--out NEW)")
     else:
         name = preset or "tiny"
         base = RunConfig(model=ModelConfig.from_preset(name), preset=name)
@@ -164,7 +168,7 @@ def cmd_train(args: Train) -> int:
     if not trainer.dist.is_main:  # under torchrun rank 0 speaks for the run
         return result.exit_code
     model = trainer.model  # under FSDP: an unsharded copy of the final weights
-    if args.sample and cfg.train.sample_tokens and result.status != "aborted":
+    if args.sample and cfg.train.sample_tokens and result.status not in ("aborted", "interrupted"):
         from nanoseek.generate import generate
         import torch
 
@@ -179,6 +183,9 @@ def cmd_train(args: Train) -> int:
     if result.status == "aborted":
         print(f"aborted: the stability guard ran out of rollbacks; see {run_dir / 'metrics.jsonl'} "
               f"and run: nanoseek diagnose {run_dir}", file=sys.stderr)
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.step}, checkpoint saved; continue with: "
+              f"nanoseek train --out {run_dir} --resume", file=sys.stderr)
     return result.exit_code
 
 
@@ -269,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoseek: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("nanoseek: interrupted; resume with --resume --out RUN_DIR", file=sys.stderr)
+        print("nanoseek: interrupted; a run continues from its latest checkpoint with "
+              "nanoseek train --out RUN_DIR --resume", file=sys.stderr)
         return 130
 
 

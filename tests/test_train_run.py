@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,11 +101,64 @@ def test_resume_is_bit_exact_and_the_test_would_notice_otherwise(corpus, tmp_pat
 
 def test_runs_are_never_overwritten_and_resume_needs_a_checkpoint(corpus, tmp_path):
     run = tmp_path / "run"
+    with pytest.raises(ValueError, match="does not exist"):
+        Trainer(make_config(corpus, run, max_steps=2), run, resume=True, show_progress=False)
+    assert not run.exists()  # refused before anything was written
+    run.mkdir()
     with pytest.raises(ValueError, match="no complete checkpoint"):
         Trainer(make_config(corpus, run, max_steps=2), run, resume=True, show_progress=False)
     Trainer(make_config(corpus, run, max_steps=2), run, show_progress=False).train()
     with pytest.raises(ValueError, match="--resume"):
         Trainer(make_config(corpus, run, max_steps=2), run, show_progress=False)
+    changed = make_config(corpus, run, max_steps=4)
+    changed.model = ModelConfig.from_preset("tiny", **{**SMALL_MODEL, "dim": 48})
+    with pytest.raises(ValueError, match=r"does not fit this model \(model.dim=48 \(saved: 32\)"):
+        Trainer(changed, run, resume=True, show_progress=False)
+
+
+def test_a_failed_start_leaves_no_run_directory(corpus, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config(corpus, run, max_steps=2)
+    cfg.guard = GuardConfig(inject=("inf-act:no.such.module@1",))
+    with pytest.raises(ValueError, match="no.such.module"):
+        Trainer(cfg, run, show_progress=False)
+    assert not run.exists()
+
+
+class CtrlCTrainer(Trainer):
+    """Receives SIGINT (once, or twice) in the middle of step 7, as from a user pressing Ctrl-C."""
+
+    presses = 1
+
+    def train_step(self):
+        if self.step == 7:
+            for _ in range(self.presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().train_step()
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(corpus, tmp_path):
+    full = Trainer(make_config(corpus, tmp_path / "full"), tmp_path / "full", show_progress=False)
+    full.train()
+    run = tmp_path / "stopped"
+    result = CtrlCTrainer(make_config(corpus, run), run, show_progress=False).train()
+    assert result.status == "interrupted" and result.step == 8 and result.exit_code == 130
+    assert latest_checkpoint(run).name == "step-00000008"
+    resumed = Trainer(make_config(corpus, run), run, resume=True, show_progress=False)
+    assert resumed.train().status == "finished"
+    assert {s: l for s, l in train_losses(run).items() if s >= 8} == \
+        {s: l for s, l in train_losses(tmp_path / "full").items() if s >= 8}
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+    twice = tmp_path / "twice"
+    CtrlCTrainer.presses = 2
+    try:
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            CtrlCTrainer(make_config(corpus, twice), twice, show_progress=False).train()
+    finally:
+        CtrlCTrainer.presses = 1
 
 
 def test_load_checkpoint_gives_the_trained_model(corpus, tmp_path):
@@ -181,7 +235,7 @@ def test_cli_end_to_end(corpus, tmp_path):
     (["train", "--data", "does/not/exist.txt", "--max-steps", "1"], "does/not/exist.txt"),
     (["train", "--preset", "tiny-gqa", "--model.n-kv-heads", "3"], "n_kv_heads"),
     (["train", "--inject", "garbage", "--max-steps", "1", "--data.tokenizer", "char"], "garbage"),
-    (["train", "--resume", "--out", "no-such-run"], "checkpoint"),
+    (["train", "--resume", "--out", "no-such-run"], "does not exist"),
 ])
 def test_cli_bad_input_is_one_clean_line(tmp_path, args, message):
     done = run_cli(*args, cwd=tmp_path)

@@ -20,6 +20,9 @@ import contextlib
 import copy
 import dataclasses
 import math
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import ModelOutput
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
-from nanoseek.train.distributed import Distributed, launched_by_torchrun, local
+from nanoseek.train.distributed import Distributed, launched_by_torchrun, local, unwrap
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
 from nanoseek.train.guard import StabilityGuard, Verdict
@@ -49,13 +52,13 @@ class TrainResult:
     opt_step: int
     train_loss: float
     val_loss: float | None
-    status: str  # finished | early-stopped | aborted
+    status: str  # finished | early-stopped | aborted | interrupted (Ctrl-C: saved, resumable)
     n_skips: int
     n_rollbacks: int
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.status != "aborted" else 3
+        return {"aborted": 3, "interrupted": 130}.get(self.status, 0)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,10 +90,16 @@ class Trainer:
                  model: Transformer | None = None, objective: Objective = next_token_objective):
         # The process group first: it decides this rank's device (cuda:LOCAL_RANK under torchrun).
         self.dist = Distributed.setup(cfg.train.dist, resolve_device(cfg.device))
+        created = not Path(run_dir).exists()
         try:
+            if resume and created:
+                raise ValueError(f"--resume: {run_dir} does not exist; point --out at the run to continue, "
+                                 "or start a new run without --resume")
             self._build(cfg, run_dir, resume, show_progress, model, objective)
-        except BaseException:  # a bad --data or --out must not leave the process group behind
+        except BaseException:  # a bad --data or --out must leave neither the process group nor a half run
             self.dist.close(wait=False)
+            if created and self.dist.is_main and latest_checkpoint(run_dir) is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
     def _build(self, cfg: RunConfig, run_dir: str | Path, resume: bool, show_progress: bool,
@@ -176,6 +185,7 @@ class Trainer:
             raise ValueError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; "
                              "start without --resume (or point --out at the run to continue)")
         ckpt = read_checkpoint(path)
+        _check_fits(ckpt, unwrap(self.model), self.cfg)
         self.dist.load_model_state(self.model, ckpt.model_state)
         state = ckpt.trainer_state
         self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
@@ -191,12 +201,17 @@ class Trainer:
         self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
         self.last_val = state.get("last_val")
         set_rng_state(state["rng"])  # rank 0's; the ranks draw in lock-step, so it is every rank's
+        notes = [f"resuming from {path} (step {self.step} of {self.cfg.train.max_steps})"]
+        if self.step >= self.cfg.train.max_steps:
+            notes.append(f"the run is already at step {self.step} >= max_steps {self.cfg.train.max_steps}: "
+                         "nothing to train; pass a larger --max-steps to train it further")
         saved_world, saved_batch = state.get("world_size", 1), state.get("global_batch")
         if saved_world != self.dist.world_size or saved_batch not in (None, self.global_batch):
             was = f"{saved_batch} sequences" if saved_batch is not None else "unknown"
-            return (f"resuming a run saved by {saved_world} process(es) on {self.dist.world_size}: the data cursor "
-                    f"re-strides over the ranks; global batch {self.global_batch} sequences per step (was {was})")
-        return ""
+            notes.append(f"resuming a run saved by {saved_world} process(es) on {self.dist.world_size}: the data "
+                         f"cursor re-strides over the ranks; global batch {self.global_batch} sequences per step "
+                         f"(was {was})")
+        return "\n".join(notes)
 
     @property
     def global_batch(self) -> int:
@@ -455,7 +470,9 @@ class Trainer:
 
     def train(self) -> TrainResult:
         try:
-            return self._train()
+            with _GracefulStop(enabled=self.dist.world_size == 1) as stop:
+                self.stop = stop
+                return self._train()
         except BaseException:  # Ctrl-C or an error mid-run: leave the process group (a no-op in one process)
             self.dist.close(wait=False)
             raise
@@ -497,6 +514,9 @@ class Trainer:
                     break
             elif self.step % tc.save_every == 0:
                 self.save(None)
+            if self.stop.requested:
+                status = "interrupted"
+                break
         if self.saved_step != self.step:
             self.save(self.last_val)
         result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("ce", math.nan), self.last_val,
@@ -573,6 +593,48 @@ class Trainer:
             self.evals_since_best += 1
         self.save(val)
         return bool(tc.early_stop_patience) and self.evals_since_best >= tc.early_stop_patience
+
+
+def _check_fits(ckpt, model: torch.nn.Module, cfg: RunConfig) -> None:
+    """Refuse, in one line, a checkpoint whose tensors do not fit the model (a changed --preset or --model.*)."""
+    own = model.state_dict()
+    misfits = sorted(set(own) ^ set(ckpt.model_state)) + sorted(
+        name for name, tensor in ckpt.model_state.items() if name in own and own[name].shape != tensor.shape)
+    if not misfits:
+        return
+    saved = ckpt.config.get("model", {})
+    now = cfg.model.to_dict()
+    changed = [f"model.{key}={now[key]!r} (saved: {saved[key]!r})" for key in now
+               if key in saved and key != "derived" and saved[key] != now[key]]
+    what = ", ".join(changed[:4]) or f"{len(misfits)} tensors differ, first {misfits[0]}"
+    raise ValueError(f"--resume: the checkpoint in {ckpt.path} does not fit this model ({what}); drop the model "
+                     "flags (--preset, --model.*) to continue the run, or start a new run with another --out")
+
+
+class _GracefulStop:
+    """Ctrl-C while training: the first finishes the current step, saves a checkpoint and stops (resumable);
+    a second interrupts at once. Only in a single process's main thread: under torchrun the ranks would
+    stop at different steps, so the signal keeps its default meaning there."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+
+    def __enter__(self) -> "_GracefulStop":
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nnanoseek: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
+              flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def default_run_dir(preset: str) -> Path:
