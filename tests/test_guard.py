@@ -144,6 +144,16 @@ def test_max_skips_within_the_window_roll_back():
     assert list(guard.recent_skips) == [40] and guard.n_skips == 3
 
 
+def test_grad_norm_spikes_are_skipped_but_never_roll_back_and_a_new_level_is_absorbed():
+    guard = warmed(max_skips=3)
+    assert guard.check(10, math.nan, 1.0).action == "skip"  # one real fault in the window
+    actions = [guard.check(step, 2.0, 10.0).action for step in range(11, 20)]  # the gradient's scale jumps 10x
+    assert "rollback" not in actions and actions[0] == "skip"
+    assert actions[-1] == "ok"  # the spikes joined the window: the new level is normal within a few steps
+    assert list(guard.recent_skips) == [10]  # only the NaN counts towards max_skips
+    assert guard.check(20, math.nan, 1.0).action == "skip"  # two faults in the window: still below three
+
+
 @pytest.mark.parametrize("max_rollbacks", [0, 1, 2])
 def test_rollbacks_are_capped_then_abort(max_rollbacks):
     guard = warmed(max_skips=2, max_rollbacks=max_rollbacks, rollback_lr_factor=0.5)

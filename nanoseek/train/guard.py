@@ -5,10 +5,11 @@ update or the MoE bias update. The verdict is one of:
 
 - ok       -- apply the step.
 - skip     -- non-finite loss or gradient, an out-of-range batch, or a loss / grad-norm spike
-              (more than `spike_sigma` std above the rolling window, OLMo-core style; spikes are
+              (more than `spike_sigma` std above the rolling window, OLMo-core style; loss spikes are
               kept out of the window). Nothing changes but the data position.
-- rollback -- `max_skips` skips inside `window` steps, or two loss spikes in a row (the loss stays
-              high, so the weights, not the data, are bad): restore the last verified-good snapshot,
+- rollback -- `max_skips` skips inside `window` steps (grad-norm spikes do not count: with finite
+              gradients and a steady loss the weights are fine), or two loss spikes in a row (the loss
+              stays high, so the weights, not the data, are bad): restore the last verified-good snapshot,
               lower the LR by `rollback_lr_factor`, and leave the data window that led into the
               trouble behind (PaLM, arXiv 2204.02311, section 5.1).
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
@@ -89,21 +90,28 @@ class StabilityGuard:
             if len(window.values) >= max(self.cfg.warmup, 2):
                 z = window.z_score(value)
                 if z > self.cfg.spike_sigma and value > self.MIN_SPIKE_RATIO[name] * window.mean():
-                    verdict = self._skip(step, f"{name} spike ({z:.1f} sigma above the last {len(window.values)} steps)", value)
-                    # Only a loss that stays high says the weights are damaged; a grad-norm spike alone
-                    # (common while the loss leaves its initial plateau) is skipped, never rolled back.
-                    if name == "loss":
-                        self.consecutive_spikes += 1
-                        if verdict.action == "skip" and self.consecutive_spikes >= 2:
-                            return self._escalate(f"loss stays high ({self.consecutive_spikes} spikes in a row)", value)
+                    cause = f"{name} spike ({z:.1f} sigma above the last {len(window.values)} steps)"
+                    if name == "grad_norm":
+                        # Only a loss that stays high says the weights are damaged. A grad-norm spike alone
+                        # (common while the loss leaves its initial plateau) is skipped but never counts
+                        # towards a rollback, and joins the window, so a real shift in the gradient's
+                        # scale is absorbed within a few steps instead of being skipped forever.
+                        self.stats["grad_norm"].add(value)
+                        return self._skip(step, cause, value, escalate=False)
+                    verdict = self._skip(step, cause, value)
+                    self.consecutive_spikes += 1
+                    if verdict.action == "skip" and self.consecutive_spikes >= 2:
+                        return self._escalate(f"loss stays high ({self.consecutive_spikes} spikes in a row)", value)
                     return verdict
         self.consecutive_spikes = 0
         self.stats["loss"].add(loss)
         self.stats["grad_norm"].add(grad_norm)
         return Verdict("ok")
 
-    def _skip(self, step: int, cause: str, value: float) -> Verdict:
+    def _skip(self, step: int, cause: str, value: float, escalate: bool = True) -> Verdict:
         self.n_skips += 1
+        if not escalate:
+            return Verdict("skip", cause, value)
         self.recent_skips.append(step)
         while self.recent_skips and self.recent_skips[0] <= step - self.cfg.window:
             self.recent_skips.popleft()
