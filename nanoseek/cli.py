@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -197,7 +198,8 @@ def cmd_prepare(args: Prepare) -> int:
     prepared = prepare_data(cfg, Path(args.out))
     meta = prepared.meta
     print(f"prepared {args.data} -> {args.out}: vocab {prepared.vocab_size}, "
-          f"{len(prepared.train_shards)} train / {len(prepared.val_shards)} val shards, meta {meta.get('hash', '')}")
+          f"{meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens in "
+          f"{len(prepared.train_shards)} + {len(prepared.val_shards)} shards, content {meta['content_hash'][:12]}")
     return 0
 
 
@@ -260,8 +262,15 @@ COMMANDS = {"train": (Train, cmd_train), "prepare": (Prepare, cmd_prepare), "gen
 DESCRIPTION = "Train small DeepSeek-style language models that never blow up silently."
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings meant for the user (an export's numerics, a skipped MTP layer) read as one line, not as
+    a source location inside the package."""
+    print(f"nanoseek: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _one_line_warning
     try:
         if argv and argv[0] in COMMANDS:
             cls, handler = COMMANDS[argv[0]]

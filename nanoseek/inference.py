@@ -106,7 +106,7 @@ def cmd_generate(args: Generate) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         seconds = time.perf_counter() - start
-        _log(f"{n_new} tokens in {seconds:.2f}s ({n_new / max(seconds, 1e-9):.1f} tokens/s)")
+        _log(f"{n_new} token{'s' if n_new != 1 else ''} in {seconds:.2f}s ({n_new / max(seconds, 1e-9):.1f} tokens/s)")
     return 0
 
 

@@ -151,8 +151,8 @@ def test_parse_fault_round_trips(spec):
 
 
 @pytest.mark.parametrize("spec, why", [
-    ("nan-loss", "missing @STEP"), ("nan-loss@", "missing @STEP"), ("nan-loss@x", "missing @STEP"),
-    ("nan-loss@-1", "missing @STEP"), ("nan-loss@1.5", "missing @STEP"),
+    ("nan-loss", "missing @STEP"), ("nan-loss@", "missing @STEP"), ("nan-loss@x", "whole number"),
+    ("nan-loss@-1", "whole number"), ("nan-loss@1.5", "whole number"),
     ("nan-losses@3", "unknown kind"), ("@3", "unknown kind"), ("NaN-loss@3", "unknown kind"),
     ("inf-act@3", "needs a module path"), ("inf-act:@3", "needs a module path"),
     ("lr-spike@3", "positive factor"), ("lr-spike:0@3", "positive factor"), ("lr-spike:-2@3", "positive factor"),

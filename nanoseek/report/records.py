@@ -158,6 +158,9 @@ def read_run(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> 
             if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and math.isfinite(stamp):
                 segment_start = stamp if segment_start is None else segment_start
                 times.append(stamp)
+            if kind == "summary" and segment_start is not None:  # the process ended here; a resume starts anew
+                log.elapsed_s += times[-1] - segment_start
+                segment_start = None
             if kind != "summary":
                 log.summary = None  # records after a summary: the run was resumed, the summary is stale
             if kind == "train":

@@ -37,8 +37,10 @@ def parse_fault(spec: str) -> Fault:
     usage = "write KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5, lr-spike:100@40, nan-grad@5:rank1"
     head, sep, tail = spec.rpartition("@")
     step, _, where = tail.partition(":")
-    if not sep or not step.isdigit():
+    if not sep or not step:
         raise ValueError(f"--inject {spec!r}: missing @STEP; {usage}")
+    if not step.isdigit():
+        raise ValueError(f"--inject {spec!r}: the step after @ must be a whole number, not {step!r}; {usage}")
     rank = None
     if where:
         if not (where.startswith("rank") and where[4:].isdigit()):
