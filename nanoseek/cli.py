@@ -164,7 +164,9 @@ def cmd_train(args: Train) -> int:
     if trainer.dist.is_main:
         print(f"nanoseek train: preset {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters "
               f"({model.num_params(active=True) / 1e6:.2f}M active), {trainer.data.vocab_size} vocab, "
-              f"device {trainer.device}, run dir {run_dir}")
+              f"device {trainer.device}, {cfg.train.precision}{' + fp8' if cfg.train.fp8 else ''}, run dir {run_dir}")
+        if cfg.train.compile:
+            print("nanoseek train: torch.compile: the first step compiles the model (a minute or more on a CPU)")
     result = trainer.train()
     if not trainer.dist.is_main:  # under torchrun rank 0 speaks for the run
         return result.exit_code

@@ -62,6 +62,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.total_steps, self.start_step, self.show_progress = total_steps, start_step, show_progress
         self._file = self._tensorboard = self._wandb = self._bar = None
+        self._postfix: dict[str, str] = {}
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,9 @@ class MetricsLogger:
             # disable=None: no bar when stdout is not a terminal (log files would fill with redraws).
             self._bar = tqdm(total=self.total_steps or None, initial=self.start_step, unit="step",
                              dynamic_ncols=True, disable=None, file=sys.stdout)
-        self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+        # Values logged only every few steps (tokens/s) keep their last reading instead of showing None.
+        self._postfix.update({k: _short(v) for k, v in postfix.items() if v is not None})
+        self._bar.set_postfix(self._postfix, refresh=False)
         self._bar.update(step + 1 - self._bar.n)
 
     def write(self, line: str) -> None:

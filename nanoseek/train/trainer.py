@@ -558,7 +558,8 @@ class Trainer:
             record["mfu"] = mfu(self.flops_per_token, tps, self.peak_flops)
             record["peak_mem_gb"] = peak_memory_gb(self.device)
         self.logger.log(record)
-        self.logger.progress(self.step, loss=values.get("loss"), tok_s=record.get("tokens_per_sec"))
+        shown = {"ce": values["ce"]} if "ce" in values else {"loss": values.get("loss")}  # as the val loss reads
+        self.logger.progress(self.step - 1, **shown, tok_s=record.get("tokens_per_sec"))
 
     def _health_stats(self) -> dict[str, float]:
         stats = {}
