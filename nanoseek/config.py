@@ -45,64 +45,101 @@ class ModelConfig:
     """Shape and numerics of a Transformer. See README "Architecture" for what each preset is."""
 
     vocab_size: int = 2048
+    """Vocabulary size (a run sets it from its tokenizer)."""
     dim: int = 128
+    """Model width (residual stream)."""
     n_layers: int = 4
+    """Transformer blocks."""
     n_heads: int = 4
+    """Attention (query) heads."""
     max_seq_len: int = 256
+    """Longest context: RoPE tables and caches are this long."""
     attention: Literal["mla", "gqa"] = "mla"
-    # GQA only. None: n_kv_heads = n_heads (MHA), head_dim = dim // n_heads.
+    """mla: Multi-head Latent Attention (DeepSeek-V2); gqa: grouped-query attention (MHA and MQA included)."""
     n_kv_heads: int | None = None
+    """GQA: key/value heads (default n_heads = MHA; 1 = MQA)."""
     head_dim: int | None = None
-    # Seed 004 conveniences: derive n_kv_heads from a ratio, and widen `dim` by `embd_scale`
-    # to reinvest the KV memory GQA saves. Applied once in __post_init__ and recorded in `derived`.
+    """GQA: per-head width (default dim // n_heads)."""
     kv_head_ratio: float | None = None
+    """GQA: derive n_kv_heads as n_heads * ratio (applied once, recorded in `derived`)."""
     embd_scale: float = 1.0
-    # MLA only (DeepSeek-V2 section 2.1). q_lora_rank=0 means a plain query projection.
+    """GQA: widen dim by this factor, spending the KV memory GQA saves on width."""
     q_lora_rank: int = 0
+    """MLA: rank of the low-rank query projection (0: a plain query projection)."""
     kv_lora_rank: int = 64
+    """MLA: width of the latent that keys and values are decompressed from (what the cache holds)."""
     qk_nope_head_dim: int = 32
+    """MLA: per-head query/key dims without position (decompressed from the latent)."""
     qk_rope_head_dim: int = 16
+    """MLA: per-head query dims with RoPE, against one rope key shared by all heads (cached)."""
     v_head_dim: int = 32
-    # Dense SwiGLU MLP width (and the width of the first n_dense_layers when MoE is on).
+    """MLA: per-head value width."""
     inter_dim: int = 384
+    """Hidden width of the dense SwiGLU MLP (every layer without MoE)."""
     n_dense_layers: int = 1
-    # MoE (DeepSeekMoE). n_routed_experts == 0 means dense everywhere.
+    """The first layers keep a dense MLP when MoE is on (DeepSeek's first_k_dense_replace)."""
     n_routed_experts: int = 8
+    """MoE: routed experts per layer (0: dense everywhere)."""
     n_shared_experts: int = 1
+    """MoE: experts every token goes through (DeepSeekMoE)."""
     n_activated_experts: int = 2
+    """MoE: routed experts each token picks (top-k)."""
     moe_inter_dim: int = 96
+    """MoE: hidden width of each expert (fine-grained experts are narrow)."""
     route_scale: float = 1.0
+    """MoE: multiplier on the routing weights (DeepSeek-V3's routed_scaling_factor)."""
     score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    """MoE: router scores, sigmoid (DeepSeek-V3) or softmax (DeepSeek-V2)."""
     n_expert_groups: int = 1
+    """MoE: expert groups for group-limited routing (1: off)."""
     n_limited_groups: int = 1
-    # Balancing. DeepSeek-V3 (arXiv 2412.19437, section 2.1.2) uses gamma = 0.001 for the bias update.
+    """MoE: groups a token may route into."""
     balance_rate: float = 0.001
+    """Auxiliary-loss-free balancing: bias update speed gamma (DeepSeek-V3 section 2.1.2 uses 0.001)."""
     aux_loss_coef: float = 0.0
+    """Sequence-wise balance loss weight (DeepSeek-V3 eq. 17-20; 0: off)."""
     router_z_loss_coef: float = 0.0
-    # Multi-token prediction (DeepSeek-V3 section 2.2); "shared" is seed 004's one-head variant.
+    """Router z-loss weight (ST-MoE; 0: off)."""
     mtp_depth: int = 1
+    """Multi-token prediction depth (DeepSeek-V3 section 2.2; 0: off)."""
     mtp_kind: Literal["modules", "shared"] = "modules"
+    """modules: DeepSeek-V3's sequential MTP modules; shared: the main logits also scored 2..k tokens ahead."""
     mtp_weight: float = 0.3
-    # Positions.
+    """Weight of the MTP losses in the total loss (DeepSeek-V3's lambda)."""
     rope_theta: float = 10000.0
+    """RoPE base."""
     rope_scaling: Literal["none", "linear", "yarn"] = "none"
+    """RoPE context extension: linear position interpolation or YaRN."""
     rope_factor: float = 1.0
-    rope_original_max_seq_len: int = 0  # yarn: context the model was trained on (0: max_seq_len)
-    beta_fast: float = 32.0  # yarn (Peng et al. 2023) defaults, as in DeepSeek-V3's config
+    """Context extension factor (1: none)."""
+    rope_original_max_seq_len: int = 0
+    """YaRN: the context the model was trained on (0: max_seq_len)."""
+    beta_fast: float = 32.0
+    """YaRN ramp start (Peng et al. 2023; DeepSeek-V3's value)."""
     beta_slow: float = 1.0
+    """YaRN ramp end."""
     mscale: float = 1.0
+    """YaRN attention temperature factor."""
     mscale_all_dim: float = 0.0
-    # The rest.
+    """YaRN: move the temperature into the softmax scale (DeepSeek-V3's mscale_all_dim)."""
     norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
     qk_norm: bool = False
+    """GQA: RMSNorm on queries and keys per head (stabilises attention logits)."""
     tie_embeddings: bool = False
+    """Share the embedding matrix with the output head."""
     dropout: float = 0.0
+    """Dropout on attention outputs and residual branches."""
     init_std: float = 0.02
-    # Stability options (see README "When training goes wrong"), all off by default.
-    qk_clip_threshold: float = 0.0  # MLA QK-clip (Kimi K2, arXiv 2507.20534): rescale W_q/W_k above this max logit
-    logit_z_loss_coef: float = 0.0  # output-logit z-loss (PaLM, arXiv 2204.02311 section 5: 1e-4)
-    router_fp32: bool = True  # router scores in fp32 even under autocast (DeepSeek-V3, ST-MoE)
-    swiglu_clamp: float = 0.0  # clamp SwiGLU pre-activations to +-this (opt-in; counted and logged)
+    """Std of the normal weight init."""
+    qk_clip_threshold: float = 0.0
+    """MLA QK-clip (Kimi K2, arXiv 2507.20534): rescale query/key weights of heads whose max logit exceeds this (0: off)."""
+    logit_z_loss_coef: float = 0.0
+    """Output-logit z-loss weight (PaLM, arXiv 2204.02311 section 5 uses 1e-4; 0: off)."""
+    router_fp32: bool = True
+    """Router scores in fp32 even under autocast (DeepSeek-V3, ST-MoE)."""
+    swiglu_clamp: float = 0.0
+    """Clamp SwiGLU pre-activations to +-this (opt-in; the clamped count is logged; 0: off)."""
     # What __post_init__ derived (kv_head_ratio, embd_scale), for the record; not a setting.
     derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
 
@@ -327,11 +364,11 @@ class TrainConfig:
     fp8: bool = False  # torchao float8 linears (CUDA >= 8.9); MLA projections, router, head stay high
     activation_checkpointing: bool = False
     loss_chunk: int = 0  # tokens per chunk of head + cross-entropy, recomputed in backward (no full logits); 0 = off
-    mtp_rampup_steps: int = 50  # seed 004: ramp the MTP weight linearly from 0
+    mtp_rampup_steps: int = 50  # ramp the MTP weight linearly from 0 over these steps
     eval_every: int = 100
     eval_batches: int = 8
     early_stop_patience: int = 0  # evals without improvement before stopping; 0 = off
-    ema_decay: float = 0.0  # 0 = off; e.g. 0.999 keeps an EMA copy (seed 001)
+    ema_decay: float = 0.0  # 0 = off; e.g. 0.999 keeps an EMA copy of the weights for eval
     grad_noise: float = 0.0  # eta of Neelakantan et al. 2015: sigma^2 = eta / (1 + step)^0.55; 0 = off
     save_every: int = 100
     keep_last: int = 2

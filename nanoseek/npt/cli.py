@@ -56,7 +56,7 @@ class Npt:
     lr: float = 1e-3
     warmup_steps: int = 10
     grad_clip: float = 0.5
-    """Seed 002 clipped adapters hard (0.5); 0 disables clipping."""
+    """Gradient clipping for the adapters (0.5: small adapters on a frozen model need a tight clip); 0 disables it."""
     eval_every: int = 50
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision; must stay fp32 with --quantize."""
@@ -73,7 +73,7 @@ class Npt:
     def __post_init__(self) -> None:
         if self.quantize != "none" and self.precision != "fp32":
             raise ValueError(f"precision={self.precision!r} with quantize={self.quantize!r}: a quantised base computes "
-                             "in fp32 (mixed precision over quantised weights gave NaNs, seed 002); drop --precision "
+                             "in fp32 (mixed precision over quantised weights produces NaNs); drop --precision "
                              "or --quantize")
         for name in ("rank", "seq_len", "batch_size", "max_steps", "eval_every"):
             value = getattr(self, name)

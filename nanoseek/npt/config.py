@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from nanoseek.model.layers import MLP
 
-DEFAULT_RANK = 16  # seed 002's adapter_rank
+DEFAULT_RANK = 16
 LAYER_SPEC_HELP = ("'upper' (the upper half of the dense-MLP layers), 'all' (every dense-MLP layer), or "
                    "comma-separated layer ids and inclusive ranges such as '2,3' or '1-3' (negative ids count "
                    "from the end: '-1' is the last layer)")
