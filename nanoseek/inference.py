@@ -164,13 +164,13 @@ def cmd_eval(args: Eval) -> int:
     import torch
 
     from nanoseek.evaluate import evaluate_ids, token_stream
-    from nanoseek.train.loading import load_model, load_run_tokenizer
+    from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
     from nanoseek.train.trainer import resolve_device
 
     device = resolve_device(args.device)
     model, _ = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
     tok = load_run_tokenizer(args.ckpt)
-    run_dir = Path(model.checkpoint_path).parent.parent
+    run_dir = run_dir_of(args.ckpt)
     ids = token_stream(args.data, tok, run_data=run_dir / "data", max_tokens=args.max_tokens)
     result = evaluate_ids(model, tok, ids, args.seq_len, args.batch_size,
                           torch.bfloat16 if args.precision == "bf16" else None, progress=True)

@@ -134,10 +134,6 @@ def load_source(path: str | Path):
     return model, _run_tokenizer_spec(path)
 
 
-def _run_dir(path: Path) -> Path:
-    return path.parent.parent if path.parent.name == "checkpoints" else path
-
-
 def _run_tokenizer_spec(path: Path) -> str:
     from nanoseek.train.loading import load_run_tokenizer
 
@@ -227,12 +223,12 @@ def cmd_convert(args: Convert) -> int:
 
 def cmd_heal(args: Heal) -> int:
     from nanoseek.interop.heal import heal
-    from nanoseek.train.loading import load_model
+    from nanoseek.train.loading import load_model, run_dir_of
 
     ckpt = Path(args.ckpt)
     if not ckpt.exists():
         raise ValueError(f"--ckpt {ckpt}: does not exist; pass the run directory `nanoseek convert` wrote")
-    run = _run_dir(ckpt)
+    run = run_dir_of(ckpt) or ckpt
     record_path = run / CONVERSION_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     teacher_path = args.teacher or record.get("source")

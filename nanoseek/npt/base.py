@@ -25,14 +25,6 @@ class BaseModel:
     preset: str = "tiny-gqa"  # only supplies defaults when the run config is read back; every field is stored
 
 
-def _run_dir_of(path: Path) -> Path | None:
-    """The run directory (with data/ and config.toml) at or above a run or checkpoint path."""
-    for candidate in (path, *path.parents):
-        if (candidate / "data").is_dir() and (candidate / "config.toml").exists():
-            return candidate
-    return None
-
-
 def load_base(path: str | Path) -> BaseModel:
     """Load the base at `path` on CPU in fp32, in eval mode (its weights will be frozen)."""
     path = Path(path).expanduser()
@@ -46,12 +38,12 @@ def load_base(path: str | Path) -> BaseModel:
         model = import_hf(path, dtype=torch.float32)
         return BaseModel(model.eval(), "hf", str(path / "tokenizer.json"))
 
-    from nanoseek.train.loading import load_model, load_run_tokenizer
+    from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
 
     model, _ = load_model(path)
     if any(type(block).__name__ == "NPTBlock" for block in model.layers):
         raise ValueError(f"--base {str(path)!r} is itself an NPT run; pass the base it was trained on")
-    run_dir = _run_dir_of(path)
+    run_dir = run_dir_of(path)
     if run_dir is None:
         raise ValueError(f"--base {str(path)!r}: no run directory (with data/ and config.toml) at or above it, so "
                          "its tokenizer is unknown; pass the run directory")

@@ -42,12 +42,20 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     return model.to(map_location).eval(), cfg
 
 
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run directory (with data/ and config.toml) at or above a run or checkpoint path; None if none."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if (candidate / "data").is_dir() and (candidate / "config.toml").exists():
+            return candidate
+    return None
+
+
 def load_run_tokenizer(path: str | Path):
     """The tokenizer a run trained with (saved with its prepared data)."""
     from nanoseek.data import load_tokenizer
 
-    path = Path(path)
-    for candidate in (path, *path.parents):
-        if (candidate / "data").is_dir() and (candidate / "config.toml").exists():
-            return load_tokenizer(candidate / "data")
-    raise ValueError(f"no run directory (with data/ and config.toml) at or above {path}")
+    run_dir = run_dir_of(path)
+    if run_dir is None:
+        raise ValueError(f"no run directory (with data/ and config.toml) at or above {path}")
+    return load_tokenizer(run_dir / "data")
