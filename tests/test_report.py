@@ -241,10 +241,15 @@ def test_runs_statuses(runs, tmp_path, capsys):
     for name in ("crashed", "aborted-no-summary", "clean", "aborted"):
         os.utime(root / name / "metrics.jsonl", (old, old))
     (root / "not-a-run").mkdir()
+    converted = root / "converted"  # what `nanoseek convert` leaves: config and a checkpoint, no metrics
+    converted.mkdir()
+    shutil.copy(runs["clean"] / "config.toml", converted / "config.toml")
+    (converted / "conversion.json").write_text("{}\n")
+    os.utime(converted / "config.toml", (old, old))
     infos = {info.path.name: info for info in list_runs(root)}
     assert {name: info.status for name, info in infos.items()} == {
         "clean": "finished", "aborted": "aborted", "running": "running", "crashed": "interrupted",
-        "aborted-no-summary": "aborted"}
+        "aborted-no-summary": "aborted", "converted": "converted"}
     clean = infos["clean"]
     best = min(r["val_loss"] for r in records(runs["clean"], "eval"))
     assert clean.preset == "tiny" and clean.last_step == STEPS - 1 and clean.best_val == pytest.approx(best)
