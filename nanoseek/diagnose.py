@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nanoseek.train.distributed import local
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.rng import rng_state
 
@@ -125,8 +126,10 @@ def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultIn
 
 
 def nonfinite_grads(model: nn.Module) -> list[str]:
-    """Names of parameters whose gradient holds a NaN or Inf (only called on the fault path)."""
-    return [name for name, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    """Names of parameters whose gradient (this rank's part of it, under FSDP) holds a NaN or Inf (only
+    called on the fault path)."""
+    return [name for name, p in model.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())]
 
 
 def locate_and_save(trainer, verdict, batches, model: nn.Module | None = None,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import RunConfig
-from nanoseek.diagnose import locate_and_save
+from nanoseek.diagnose import locate_and_save, nonfinite_grads
 from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import ModelOutput
@@ -368,7 +368,7 @@ class Trainer:
         else:
             if verdict.action == "overflow":
                 self.scaler.update()  # lowers the scale; the step itself is dropped
-            self.last_bad_grads = self._nonfinite_grads() if verdict.cause.startswith("non-finite") else []
+            self.last_bad_grads = nonfinite_grads(self.model) if verdict.cause.startswith("non-finite") else []
             model.reset_expert_loads()
         self.optimizer.zero_grad(set_to_none=True)
         values["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -431,11 +431,6 @@ class Trainer:
         if not self.dist.active:
             return locate_and_save(self, verdict, batches)
         return self._on_fault_distributed(verdict, batches)
-
-    def _nonfinite_grads(self) -> list[str]:
-        """Parameters whose gradient (this rank's part of it) holds a NaN or Inf; only on the fault path."""
-        return [name for name, p in self.model.named_parameters()
-                if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())]
 
     def _on_fault_distributed(self, verdict: Verdict, batches) -> str | None:
         """The bad-batch record of a multi-process run: rank 0 writes the batch of the rank where the fault
