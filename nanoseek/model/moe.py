@@ -112,9 +112,11 @@ class Gate(nn.Module):
         if reduce is not None:
             reduce(self.load)
         total = self.load.sum()
-        if total > 0:
-            self.balance_bias += self.balance_rate * torch.sign(self.load.mean() - self.load)
-            self.last_load.copy_(self.load / total * self.top_k)  # fraction of tokens per expert
+        # No host read of `total`: with no tokens counted every sign is 0 and the bias stays put, and
+        # last_load keeps its value, so the step stays free of a device sync per MoE layer.
+        self.balance_bias += self.balance_rate * torch.sign(self.load.mean() - self.load)
+        fraction = self.load / total.clamp(min=1) * self.top_k  # fraction of tokens per expert
+        self.last_load.copy_(torch.where(total > 0, fraction, self.last_load))
         self.load.zero_()
 
 

@@ -240,9 +240,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_balance_bias(self, reduce=None) -> None:
-        """Aux-loss-free balancing step for every MoE layer (call once per optimizer step)."""
-        for _, moe in self.moe_layers():
-            moe.gate.update_balance_bias(reduce)
+        """Aux-loss-free balancing step for every MoE layer (call once per optimizer step). `reduce` (an
+        in-place sum over data-parallel ranks) runs once, over every layer's loads in one tensor."""
+        gates = [moe.gate for _, moe in self.moe_layers()]
+        if reduce is not None and gates:
+            loads = torch.cat([gate.load for gate in gates])
+            reduce(loads)
+            for gate, summed in zip(gates, loads.split([gate.load.numel() for gate in gates])):
+                gate.load.copy_(summed)
+        for gate in gates:
+            gate.update_balance_bias()
 
     @torch.no_grad()
     def reset_expert_loads(self) -> None:
