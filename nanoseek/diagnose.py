@@ -169,7 +169,6 @@ def locate_and_save(trainer, verdict, batches, model: nn.Module | None = None,
 def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Finding, dict]:
     """Replay a saved bad batch of a run (the latest, or the one at `step`)."""
     from nanoseek.config import RunConfig
-    from nanoseek.model import Transformer
 
     run_dir = Path(run_dir)
     root = run_dir / "bad_batches"
@@ -183,12 +182,10 @@ def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Fi
     bad = candidates[-1]
     cfg = RunConfig.load_toml(run_dir / "config.toml")
     meta = json.loads((bad / "meta.json").read_text())
-    model = Transformer(cfg.model)
-    state = load_file(str(bad / "model.safetensors"))
-    from nanoseek.npt.convert import convert_for_state  # an `nanoseek npt` run saves the base plus its adapters
+    from nanoseek.train.loading import model_from_state  # here: loading's import of npt reaches this module
 
-    convert_for_state(model, state)
-    model.load_state_dict(state, strict=not cfg.model.tie_embeddings)
+    model = model_from_state(cfg.model, load_file(str(bad / "model.safetensors")),
+                             strict=not cfg.model.tie_embeddings)
     batch = torch.load(bad / "batch.pt")
     injector = (FaultInjector(meta["injected"], model, meta.get("rank", 0), meta.get("world_size", 1))
                 if meta.get("injected") else None)

@@ -7,14 +7,13 @@ yet (the applied-update count of a run that just ended).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 from nanoseek.report.records import RunLog
 from nanoseek.report.runs import run_status
-from nanoseek.train.checkpoint import best_checkpoint, latest_checkpoint, list_checkpoints
+from nanoseek.train.checkpoint import best_checkpoint, checkpoint_val_loss, latest_checkpoint, list_checkpoints
 
 __all__ = ["summary_text", "format_duration", "tokens_per_step"]
 
@@ -98,19 +97,12 @@ def _checkpoints(run_dir: Path) -> str:
     described = []
     for path in found:
         tags = [tag for tag, match in (("latest", path == latest), ("best", path == best)) if match]
-        val = _val_loss(path)
+        val = checkpoint_val_loss(path)
         detail = ", ".join(([f"val {val:.4f}"] if val is not None else []) + tags)
         described.append(f"{path.name}" + (f" ({detail})" if detail else ""))
     return f"{len(found)} kept in {run_dir / 'checkpoints'}: " + ", ".join(described)
 
 
-def _val_loss(path: Path) -> float | None:
-    try:
-        value = json.loads((path / "meta.json").read_text()).get("val_loss")
-        value = None if value is None else float(value)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-    return value if value is not None and math.isfinite(value) else None
 
 
 def _row(name: str, text: str) -> str:

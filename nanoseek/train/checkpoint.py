@@ -99,7 +99,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _val_loss_of(path: Path) -> float | None:
+def checkpoint_val_loss(path: Path) -> float | None:
+    """The finite validation loss recorded in a checkpoint's meta.json, else None."""
     try:
         value = _decode_float(json.loads((path / META_FILE).read_text()).get("val_loss"))
     except (OSError, ValueError, TypeError, AttributeError):
@@ -109,7 +110,7 @@ def _val_loss_of(path: Path) -> float | None:
 
 def _ranked_by_val_loss(found: list[Path]) -> list[Path]:
     """Checkpoints with a finite val_loss, best (lowest) first; ties go to the newer one."""
-    scored = [(loss, -_step_of(p), p) for p in found if (loss := _val_loss_of(p)) is not None]
+    scored = [(loss, -_step_of(p), p) for p in found if (loss := checkpoint_val_loss(p)) is not None]
     return [p for _, _, p in sorted(scored, key=lambda item: item[:2])]
 
 

@@ -18,6 +18,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from nanoseek.train.distributed import local
+
 KINDS = ("nan-loss", "nan-grad", "inf-grad", "inf-act", "lr-spike", "bad-batch")
 
 
@@ -112,7 +114,7 @@ class FaultInjector:
             for param in model.parameters():
                 # Under FSDP the gradient is a DTensor: poison this rank's shard (indexing the DTensor
                 # itself would be a collective that the other ranks never join).
-                grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+                grad = local(param.grad)
                 if grad is not None and grad.numel():
                     grad.view(-1)[0] = value
                     break

@@ -31,15 +31,21 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     """
     ckpt = read_checkpoint(resolve_checkpoint(path, which), map_location=map_location)
     cfg = RunConfig.from_dict(ckpt.config).model
-    model = Transformer(cfg)
-    model.uses_ema = use_ema and ckpt.ema_state is not None
-    model.checkpoint_path = ckpt.path
-    state = ckpt.ema_state if model.uses_ema else ckpt.model_state
+    uses_ema = use_ema and ckpt.ema_state is not None
+    model = model_from_state(cfg, ckpt.ema_state if uses_ema else ckpt.model_state)
+    model.uses_ema, model.checkpoint_path = uses_ema, ckpt.path
+    return model.to(map_location).eval(), cfg
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], strict: bool = True) -> Transformer:
+    """A Transformer of `cfg` holding `state`; an `nanoseek npt` run's state (the base plus NPT adapters)
+    gets its NPT blocks first."""
     from nanoseek.npt.convert import convert_for_state  # here, not at the top: nanoseek.npt imports this module
 
-    convert_for_state(model, state)  # an `nanoseek npt` run's checkpoint holds the base plus NPT adapters
-    model.load_state_dict(state)
-    return model.to(map_location).eval(), cfg
+    model = Transformer(cfg)
+    convert_for_state(model, state)
+    model.load_state_dict(state, strict=strict)
+    return model
 
 
 def run_dir_of(path: str | Path) -> Path | None:
