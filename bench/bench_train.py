@@ -197,10 +197,8 @@ class Bench:
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
-            was = self.model.loss_chunk
             with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
                 record["saved_activation_mib"] = saved_activation_bytes(self.model, self.idx, self.targets) / 2**20
-            self.model.loss_chunk = was
             self.model.zero_grad(set_to_none=True)
             record["process_peak_rss_gib"] = peak_memory_gb("cpu")
         return record

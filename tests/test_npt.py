@@ -130,7 +130,7 @@ def test_adapter_at_init_stays_within_the_bound_and_the_teacher_is_the_base(base
     assert relative(got_logits, expected_logits) < INIT_BOUND
 
     # The teacher is the untouched base, bit for bit.
-    hidden, logits = teacher(idx, LAYERS, with_logits=True)
+    _, logits = teacher(idx, LAYERS, with_logits=True)
     with torch.no_grad():
         assert torch.equal(logits, reference(idx).logits)
     # ...and the student at init differs from it by the removed attention residuals: what training recovers.
@@ -294,9 +294,6 @@ def test_quantisation_is_refused_where_it_cannot_run(base_run, corpus, tmp_path,
 
 
 def test_a_transformers_llama_folder_as_base(corpus, tmp_path):
-    interop = pytest.importorskip("nanoseek.interop")
-    if not hasattr(interop, "import_hf"):
-        pytest.skip("nanoseek.interop has no importer")
     transformers = pytest.importorskip("transformers")
     from nanoseek.data import ByteTokenizer
 

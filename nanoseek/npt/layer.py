@@ -84,7 +84,7 @@ class NPTAdapter(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int, rank: int, safe_mode: bool = False):
         super().__init__()
-        self.rank, self.safe_mode = rank, safe_mode
+        self.rank = rank
         self.down = nn.Linear(dim, rank, bias=False)
         self.gate_shift = nn.Linear(rank, inter_dim, bias=False)
         self.gate_scale = None if safe_mode else nn.Linear(rank, inter_dim, bias=False)

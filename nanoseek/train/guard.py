@@ -97,7 +97,8 @@ class StabilityGuard:
                         # towards a rollback, and joins the window, so a real shift in the gradient's
                         # scale is absorbed within a few steps instead of being skipped forever.
                         self.stats["grad_norm"].add(value)
-                        return self._skip(step, cause, value, escalate=False)
+                        self.n_skips += 1
+                        return Verdict("skip", cause, value)
                     verdict = self._skip(step, cause, value)
                     self.consecutive_spikes += 1
                     if verdict.action == "skip" and self.consecutive_spikes >= 2:
@@ -108,10 +109,8 @@ class StabilityGuard:
         self.stats["grad_norm"].add(grad_norm)
         return Verdict("ok")
 
-    def _skip(self, step: int, cause: str, value: float, escalate: bool = True) -> Verdict:
+    def _skip(self, step: int, cause: str, value: float) -> Verdict:
         self.n_skips += 1
-        if not escalate:
-            return Verdict("skip", cause, value)
         self.recent_skips.append(step)
         while self.recent_skips and self.recent_skips[0] <= step - self.cfg.window:
             self.recent_skips.popleft()
