@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.transformer import ModelOutput
+from nanoseek.model.transformer import IGNORE_INDEX, ModelOutput
 from nanoseek.train.distributed import unwrap
 
 
@@ -86,6 +86,8 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
     x, y: [B, T] and [B, >= T] token ids. The teacher runs without gradients on x's device (moved there on
     first use). Logged components: kl, hidden (when on), student_ce; the eval metric is the total.
     """
+    from nanoseek.npt.objective import normalised_mse  # here: nanoseek.npt imports nanoseek.interop
+
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0")
     teacher.requires_grad_(False).eval()
@@ -116,22 +118,18 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
         log_s = F.log_softmax(logits / temperature, -1)
         log_t = F.log_softmax(teacher_out.logits.float() / temperature, -1)
         kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
-        ce = F.cross_entropy(logits.flatten(0, 1), y[:, :x.shape[1]].flatten(), ignore_index=-100)
+        ce = F.cross_entropy(logits.flatten(0, 1), y[:, :x.shape[1]].flatten(), ignore_index=IGNORE_INDEX)
         losses = {"kl": kl, "student_ce": ce.detach()}
         total = kl
         if hidden_weight:
-            parts = [(h.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=1e-12)
-                     for h, t in zip(hidden, teacher_hidden)]
-            losses["hidden"] = torch.stack(parts).mean()
+            losses["hidden"] = torch.stack([normalised_mse(h, t) for h, t in zip(hidden, teacher_hidden)]).mean()
             total = total + hidden_weight * losses["hidden"]
         if ce_weight:
             total = total + ce_weight * ce
-        inner = unwrap(model)
-        for name in ("aux", "z"):  # MoE router losses, when the config turns them on
-            parts = [m.losses[name] for _, m in inner.moe_layers() if name in m.losses]
-            if parts:
-                losses[name] = torch.stack(parts).sum()
-                total = total + losses[name]
+        router = unwrap(model).router_losses()  # MoE aux / z losses, when the config turns them on
+        losses.update(router)
+        for value in router.values():
+            total = total + value
         return ModelOutput(out.logits, total, losses)
 
     return objective

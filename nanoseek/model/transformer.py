@@ -137,12 +137,18 @@ class Transformer(nn.Module):
             losses["logit_z"] = cfg.logit_z_loss_coef * _loss_dtype(logits).logsumexp(-1).pow(2).mean()
         return self._total(ModelOutput(logits), losses)
 
-    def _total(self, out: ModelOutput, losses: dict[str, torch.Tensor]) -> ModelOutput:
-        """Adds the router losses of this forward pass, and the weighted sum of everything as `loss`."""
+    def router_losses(self) -> dict[str, torch.Tensor]:
+        """The MoE router losses of the last forward pass, summed over layers: 'aux' and 'z' when on."""
+        losses = {}
         for name in ("aux", "z"):
             parts = [m.losses[name] for m in self.modules() if isinstance(m, MoE) and name in m.losses]
             if parts:
                 losses[name] = torch.stack(parts).sum()
+        return losses
+
+    def _total(self, out: ModelOutput, losses: dict[str, torch.Tensor]) -> ModelOutput:
+        """Adds the router losses of this forward pass, and the weighted sum of everything as `loss`."""
+        losses.update(self.router_losses())
         total = losses["ce"]
         mtp = [v for k, v in losses.items() if k.startswith("mtp_")]
         if mtp:  # DeepSeek-V3 eq. 25: lambda / D * sum_k L_k
