@@ -135,14 +135,14 @@ def load_source(path: str | Path):
 
 
 def _run_tokenizer_spec(path: Path) -> str:
-    from nanoseek.train.loading import load_run_tokenizer
+    from nanoseek.train.loading import load_run_tokenizer, run_dir_of
 
-    tok = load_run_tokenizer(path)
+    tok = load_run_tokenizer(path)  # raises when no run directory holds `path`
     if tok.kind == "byte":
         return "byte"
-    for candidate in (path, *path.parents):
-        if (candidate / "data" / "tokenizer.json").is_file():
-            return str(candidate / "data" / "tokenizer.json")
+    tokenizer_file = run_dir_of(path) / "data" / "tokenizer.json"
+    if tokenizer_file.is_file():
+        return str(tokenizer_file)
     raise ValueError(f"the run at {path} uses a {tok.kind!r} tokenizer; convert needs a tokenizer.json or byte one")
 
 
