@@ -7,12 +7,14 @@ hide a RoPE layout error) and norm weights and balance biases perturbed, so a wr
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
 import pytest
 import torch
 
+from hf_reference import gqa_config, max_logit_diff
 from nanoseek import ModelConfig, Transformer
 from nanoseek.interop import export_hf, from_hf_name, halves_to_interleaved, interleaved_to_halves
 
@@ -35,11 +37,7 @@ def mla(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def gqa(**overrides) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, attention="gqa",
-                inter_dim=40, n_routed_experts=0, mtp_depth=0)
-    base.update(overrides)
-    return ModelConfig(**base)
+gqa = functools.partial(gqa_config, vocab_size=VOCAB)
 
 
 # softmax (DeepseekV2) cases use even qk_nope_head_dim: transformers' V2 RoPE needs even strides in fp32.
@@ -110,15 +108,6 @@ def load_hf(path):
         kwargs["experts_implementation"] = "eager"
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return hf.eval(), info
-
-
-def max_logit_diff(model: Transformer, hf, seq_len: int = 24, seed: int = 1) -> float:
-    idx = torch.randint(0, model.config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ours = model(idx).logits
-        theirs = hf(input_ids=idx).logits
-    assert ours.shape == theirs.shape
-    return (ours - theirs).abs().max().item()
 
 
 def saved_tensors(path) -> dict[str, torch.Tensor]:

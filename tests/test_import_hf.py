@@ -8,12 +8,14 @@ that it does not).
 
 from __future__ import annotations
 
+import functools
 import dataclasses
 import json
 
 import pytest
 import torch
 
+from hf_reference import gqa_config, max_logit_diff
 from nanoseek import ModelConfig, Transformer
 from nanoseek.interop import export_hf, import_hf, load_hf_tokenizer
 from nanoseek.interop import importer
@@ -59,11 +61,7 @@ def hf_folder(tmp_path, name: str = "hf", arch: str = "llama", shard: bool = Fal
 
 
 def logit_diff(model: Transformer, hf, seq_len: int = 40) -> float:
-    idx = torch.randint(0, VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours, theirs = model(idx).logits, hf(input_ids=idx).logits
-    assert ours.shape == theirs.shape
-    return (ours - theirs).abs().max().item()
+    return max_logit_diff(model, hf, seq_len)
 
 
 # ---- Llama-family folders against transformers ---------------------------------------------------------
@@ -213,11 +211,7 @@ def mla(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def gqa(**overrides) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, attention="gqa",
-                inter_dim=40, n_routed_experts=0, mtp_depth=0)
-    base.update(overrides)
-    return ModelConfig(**base)
+gqa = functools.partial(gqa_config, vocab_size=VOCAB)
 
 
 ROUND_TRIP = {
