@@ -218,6 +218,7 @@ def cmd_diagnose(args: Diagnose) -> int:
 
 def cmd_export(args: Export) -> int:
     from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, load_hf_tokenizer
+    from nanoseek.interop.names import DTYPES
     from nanoseek.train.loading import load_model
 
     source = Path(args.path)
@@ -227,7 +228,7 @@ def cmd_export(args: Export) -> int:
     if is_hf_folder(source):  # re-export: e.g. a folder `nanoseek convert` or transformers wrote
         model, tok = import_hf(source), load_hf_tokenizer(source)
         saved = model.hf_config.get("torch_dtype") or model.hf_config.get("dtype")
-        dtype = dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(saved, "fp32")
+        dtype = dtype or (saved if saved in DTYPES else "fp32")  # export_hf reads "bfloat16" and "bf16" alike
     else:
         model, _ = load_model(source)
         tok = _checkpoint_tokenizer(source)

@@ -3,8 +3,8 @@ same global batch, a NaN on rank 1 alone is skipped by both ranks before it reac
 checkpoint written by two processes resumes in one.
 
 The two processes are spawned once for the module and run four short jobs in one process group (DDP,
-FSDP, an FSDP rollback, DDP in fp16): about 15 s of a 2-core machine, most of it two Python + torch
-start-ups. The documented torchrun command line adds about 7 s.
+FSDP, an FSDP rollback, DDP in fp16), so the file pays for two Python + torch start-ups once; the
+documented torchrun command line is a test of its own.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
         log_s = F.log_softmax(logits / temperature, -1)
         log_t = F.log_softmax(teacher_out.logits.float() / temperature, -1)
         kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
-        ce = F.cross_entropy(logits.flatten(0, 1), y[:, :x.shape[1]].flatten(), ignore_index=IGNORE_INDEX)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(ce_weight)):  # only logged when its weight is 0
+            ce = F.cross_entropy(logits.flatten(0, 1), y[:, :x.shape[1]].flatten(), ignore_index=IGNORE_INDEX)
         losses = {"kl": kl, "student_ce": ce.detach()}
         total = kl
         if hidden_weight:
