@@ -74,6 +74,8 @@ RECIPES: dict[str, list[str]] = {
     "bf16": _SAME + ["--train.precision", "bf16"],
     "muon": _SAME + ["--train.optimizer", "muon"],
     "compile": _SAME + ["--train.compile"],
+    "bf16-compile": _SAME + ["--train.precision", "bf16", "--train.compile"],
+    "muon-bf16": _SAME + ["--train.optimizer", "muon", "--train.precision", "bf16"],
     "mla": ["--preset", "tiny-dense", "--model.inter-dim", "352", "--model.max-seq-len", "64"] + _SAME[8:],
     # The winner of bench/RESULTS.md's measurements (2026-12-01): Muon for the hidden matrices; bf16 autocast
     # is slower than fp32 on this CPU at this size and MLA scores worse at equal steps.

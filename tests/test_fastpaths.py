@@ -1,5 +1,6 @@
 """Fast paths compute what the simple paths compute: chunked cross-entropy vs full logits, grouped-mm
-MoE dispatch vs a per-expert loop (forward and backward), no graph breaks under torch.compile, and the
+MoE dispatch vs a per-expert loop (forward and backward), RMSNorm's hand-written backward vs autograd,
+fp32 attention under CPU bf16 training vs bf16 attention, no graph breaks under torch.compile, and the
 `--hardware auto` precision choice on made-up devices."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model.attention import CPU_FP32_ATTENTION_MAX_LEN, attend
+from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import Experts, expert_counts, per_expert_loop
 from nanoseek.model.transformer import IGNORE_INDEX, chunked_cross_entropy
 from nanoseek.train.hardware import HardwareChoice, choose_precision
@@ -28,6 +31,92 @@ def loss_and_grads(model: Transformer, idx, targets, loss_chunk: int):
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
+
+
+# ---- RMSNorm's closed-form backward and CPU attention upcast ------------------------------------
+
+
+def rms_norm_by_autograd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The obvious RMSNorm, differentiated by autograd (the reference for the hand-written backward)."""
+    xc = x.to(torch.promote_types(x.dtype, torch.float32))
+    return weight * (xc / torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_rms_norm_backward_passes_gradcheck_in_float64():
+    norm = RMSNorm(6, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-13), (torch.bfloat16, 1e-2)])
+def test_rms_norm_fast_path_matches_autograd(dtype, tol):
+    torch.manual_seed(0)
+    norm = RMSNorm(48).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (3 * torch.randn(5, 7, 48)).to(dtype).requires_grad_()
+    grad_out = torch.randn(5, 7, 48).to(dtype)
+    fast = norm(x)
+    gx_fast, gw_fast = torch.autograd.grad(fast, (x, norm.weight), grad_out)
+    ref = rms_norm_by_autograd(x, norm.weight, norm.eps)
+    gx_ref, gw_ref = torch.autograd.grad(ref, (x, norm.weight), grad_out)
+    assert fast.dtype == ref.dtype == dtype and gx_fast.dtype == dtype and gw_fast.dtype == dtype
+    for a, b in ((fast, ref), (gx_fast, gx_ref), (gw_fast, gw_ref)):
+        scale = b.double().abs().max().item()
+        assert (a.double() - b.double()).abs().max().item() <= tol * scale
+    with torch.no_grad():  # the inference path (no autograd.Function) gives the same forward
+        torch.testing.assert_close(norm(x), fast.detach(), rtol=tol, atol=tol)
+
+
+def test_rms_norm_keeps_float64_statistics():
+    """A float64 reference model must not round its norms through fp32."""
+    x = torch.randn(4, 16, dtype=torch.float64) * 1e3
+    norm = RMSNorm(16).double()
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    with torch.no_grad():
+        assert (norm(x) - expected).abs().max().item() < 1e-13
+    assert (norm(x.requires_grad_()) - expected).abs().max().item() < 1e-13
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_bf16_training_attends_in_fp32(masked, monkeypatch):
+    """Under CPU bf16 training, short sequences attend in fp32 (a faster kernel there): SDPA sees fp32
+    inputs, the output and gradients come back in bf16 and equal float64 attention to bf16 rounding."""
+    torch.manual_seed(0)
+    seq = 16
+    assert seq <= CPU_FP32_ATTENTION_MAX_LEN
+    q, k, v = (torch.randn(2, 3, seq, 8).bfloat16() for _ in range(3))
+    key_mask = torch.ones(2, seq, dtype=torch.long)
+    key_mask[0, :5] = 0  # left padding: rows with no visible key come out as zeros on both paths
+    mask = key_mask if masked else None
+    grad_out = torch.randn(2, 3, seq, 8).bfloat16()
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.append(query.dtype)
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(*leaves, scale=8 ** -0.5, key_mask=mask)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert seen == [torch.float32]
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+
+    reference = [t.double().requires_grad_() for t in (q, k, v)]
+    out_ref = attend(*reference, scale=8 ** -0.5, key_mask=mask)
+    grads_ref = torch.autograd.grad(out_ref, reference, grad_out.double())
+    torch.testing.assert_close(out.double(), out_ref, rtol=0, atol=1e-2)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), r, rtol=0, atol=2e-2)
+    with torch.no_grad():  # inference keeps bf16 attention
+        seen.clear()
+        attend(q, k, v, scale=8 ** -0.5, key_mask=mask)
+        assert seen == [torch.bfloat16]
 
 
 # ---- chunked cross-entropy -----------------------------------------------------------------------

@@ -78,6 +78,20 @@ def allowed_keys(q_len: int, k_len: int, start_pos: int, key_mask: torch.Tensor 
     return allowed
 
 
+# Longest sequence for which CPU training attends in fp32 when activations are bf16/fp16. PyTorch's CPU
+# flash-attention backward in reduced precision has a fixed cost per (batch, head) pair of ~0.13 ms on one
+# thread: at [12, 4, 64, 32] forward + backward take 6.5 ms in bf16 and 1.8 ms in fp32 (casts included);
+# fp32 still wins at T = 256 (14.6 vs 19.4 ms), bf16 from T = 512 on (bench/RESULTS.md, "Eager fast paths").
+CPU_FP32_ATTENTION_MAX_LEN = 256
+
+
+def attends_in_fp32_on_cpu(x: torch.Tensor, seq_len: int) -> bool:
+    """True when attention over `x` (a query, bf16/fp16 or under CPU autocast) is better done in fp32:
+    CPU training at seq_len <= CPU_FP32_ATTENTION_MAX_LEN."""
+    reduced = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+    return x.device.type == "cpu" and x.requires_grad and reduced and seq_len <= CPU_FP32_ATTENTION_MAX_LEN
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start_pos: int = 0,
            key_mask: torch.Tensor | None = None, eager: bool = False) -> torch.Tensor:
     """Causal attention. q: [B, H, T, Dqk], k: [B, H, S, Dqk], v: [B, H, S, Dv] -> [B, H, T, Dv].
@@ -87,6 +101,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, star
     come out as zeros, never NaN.
     """
     q_len, k_len = q.shape[2], k.shape[2]
+    if attends_in_fp32_on_cpu(q, q_len):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back to bf16
+            out = attend(q.float(), k.float(), v.float(), scale, start_pos, key_mask, eager)
+        return out.to(q.dtype)
     if key_mask is None and start_pos == 0 and q_len == k_len and not eager:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     allowed = allowed_keys(q_len, k_len, start_pos, key_mask, q.device)
@@ -171,6 +189,8 @@ class GQAttention(_AttentionStats):
         q = self.wq(x).view(bsz, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        if attends_in_fp32_on_cpu(q, seq_len):  # before RoPE, which computes in fp32 anyway: no round trip
+            q, k, v = q.float(), k.float(), v.float()
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
