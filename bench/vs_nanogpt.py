@@ -76,6 +76,7 @@ RECIPES: dict[str, list[str]] = {
     "compile": _SAME + ["--train.compile"],
     "bf16-compile": _SAME + ["--train.precision", "bf16", "--train.compile"],
     "muon-bf16": _SAME + ["--train.optimizer", "muon", "--train.precision", "bf16"],
+    "muon-bf16-compile": _SAME + ["--train.optimizer", "muon", "--train.precision", "bf16", "--train.compile"],
     "mla": ["--preset", "tiny-dense", "--model.inter-dim", "352", "--model.max-seq-len", "64"] + _SAME[8:],
     # The winner of bench/RESULTS.md's measurements (2026-12-01): Muon for the hidden matrices; bf16 autocast
     # is slower than fp32 on this CPU at this size and MLA scores worse at equal steps.
@@ -295,11 +296,12 @@ def loss(args: Args, data: str, val_text: Path) -> dict:
     if len(steps) != len(args.recipes):
         raise ValueError(f"--steps has {len(steps)} values for {len(args.recipes)} recipes; give one per recipe")
     for name, n in zip(args.recipes, steps):
-        rec = run_nanoseek(RECIPES[name], data, n, args.out / f"full_{name}", val_text)
-        results[name] = {"steps": n, "heldout_loss": rec["heldout_loss"], "own_val_split_loss": rec["final_val_split_loss"],
+        key = name if name not in results else f"{name}@{n}"  # one recipe may run at several lengths
+        rec = run_nanoseek(RECIPES[name], data, n, args.out / f"full_{key}", val_text)
+        results[key] = {"steps": n, "heldout_loss": rec["heldout_loss"], "own_val_split_loss": rec["final_val_split_loss"],
                          "median_step_ms": median_after_warmup(rec["step_times"]) * 1e3, "wall_s": rec["wall_s"],
                          "params": rec["params"], "skips": rec["skips"]}
-        print(f"{name}: {n} steps, held-out {rec['heldout_loss']:.4f}", flush=True)
+        print(f"{key}: {n} steps, held-out {rec['heldout_loss']:.4f}", flush=True)
     return results
 
 

@@ -13,7 +13,7 @@ from nanoseek.model.attention import CPU_FP32_ATTENTION_MAX_LEN, attend
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import Experts, expert_counts, per_expert_loop
 from nanoseek.model.transformer import IGNORE_INDEX, chunked_cross_entropy
-from nanoseek.train.hardware import HardwareChoice, choose_precision
+from nanoseek.train.hardware import HardwareChoice, choose_precision, cpu_has_amx
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -241,18 +241,19 @@ def test_moe_and_mtp_compile_without_graph_breaks():
 # ---- --hardware auto ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,capability,torchao,precision,fp8", [
-    (None, None, True, "fp32", False),
-    ("NVIDIA H100 80GB HBM3", (9, 0), True, "bf16", True),
-    ("NVIDIA H100 80GB HBM3", (9, 0), False, "bf16", False),
-    ("NVIDIA H200", (9, 0), True, "bf16", True),
-    ("NVIDIA A100-SXM4-80GB", (8, 0), True, "bf16", False),
-    ("NVIDIA GeForce RTX 4090", (8, 9), True, "bf16", False),
-    ("Tesla V100-SXM2-16GB", (7, 0), True, "fp16", False),
-    ("Tesla T4", (7, 5), False, "fp16", False),
+@pytest.mark.parametrize("name,capability,torchao,precision,fp8,amx", [
+    (None, None, True, "fp32", False, False),
+    (None, None, False, "bf16", False, True),  # a CPU with AMX
+    ("NVIDIA H100 80GB HBM3", (9, 0), True, "bf16", True, False),
+    ("NVIDIA H100 80GB HBM3", (9, 0), False, "bf16", False, False),
+    ("NVIDIA H200", (9, 0), True, "bf16", True, False),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), True, "bf16", False, False),
+    ("NVIDIA GeForce RTX 4090", (8, 9), True, "bf16", False, False),
+    ("Tesla V100-SXM2-16GB", (7, 0), True, "fp16", False, False),
+    ("Tesla T4", (7, 5), False, "fp16", False, False),
 ])
-def test_hardware_choice(name, capability, torchao, precision, fp8):
-    choice = choose_precision(name, capability, torchao)
+def test_hardware_choice(name, capability, torchao, precision, fp8, amx):
+    choice = choose_precision(name, capability, torchao, cpu_amx=amx)
     assert isinstance(choice, HardwareChoice)
     assert (choice.precision, choice.fp8) == (precision, fp8)
     assert choice.reason and "\n" not in choice.reason
@@ -270,7 +271,7 @@ def test_hardware_auto_on_this_machine_sets_a_valid_train_config():
     cfg, choice = apply_hardware(RunConfig(), device)
     assert cfg.train.precision == choice.precision and cfg.train.fp8 == choice.fp8
     if device.type == "cpu":
-        assert choice.precision == "fp32"
+        assert choice.precision == ("bf16" if cpu_has_amx() else "fp32")
 
 
 # ---- GPU-only checks ----------------------------------------------------------------------------

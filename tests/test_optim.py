@@ -141,6 +141,30 @@ def test_lion_first_step_is_lr_times_sign():
     torch.testing.assert_close(opt.state[p]["exp_avg"], 0.01 * p.grad)
 
 
+def test_muon_step_equals_the_update_written_per_matrix():
+    """Muon batches same-shape matrices into one Newton-Schulz call; the result is the per-matrix rule:
+    m <- lerp(m, g, 1 - mu); p <- p (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(lerp(g, m, mu))."""
+    torch.manual_seed(0)
+    shapes = [(8, 5), (8, 5), (5, 8), (3, 2, 4), (8, 5)]
+    params = [nn.Parameter(torch.randn(*s)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    lr, wd, mu = 0.02, 0.1, 0.95
+    opt = Muon([dict(params=params, use_muon=True)], lr=lr, weight_decay=wd, momentum=mu)
+    expected, buffers = [w.clone() for w in start], [torch.zeros_like(w) for w in start]
+    for _ in range(3):
+        grads = [torch.randn(*s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            buffers[i].lerp_(g, 1 - mu)
+            update = newton_schulz(g.lerp(buffers[i], mu))
+            scale = math.sqrt(max(1.0, g.size(-2) / g.size(-1)))
+            expected[i] = expected[i] * (1 - lr * wd) - lr * scale * update
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_muon_adamw_groups_match_torch_adamw():
     torch.manual_seed(0)
     p_ours = nn.Parameter(torch.randn(6, 4))

@@ -10,13 +10,16 @@ on any machine with made-up devices; `detect` reads the real one and `apply_hard
 - RTX 4090 (sm_89): bf16. Ada has fp8 too, but its gain at our model sizes is unmeasured.
 - Other CUDA GPUs: fp16 + GradScaler. fp16 tensor cores exist on every GPU since Volta; bf16 not before
   Ampere (on sm >= 80 the printed line says bf16 is an option).
-- CPU: fp32. bf16 autocast runs on CPU but changes the numerics and was not faster at our sizes
-  (bench/RESULTS.md).
+- CPU with AMX (Intel Sapphire Rapids and later): bf16. oneDNN's AMX bf16 matmuls run 3-6x faster than
+  fp32 on one core; the dense nanoGPT-recipe step is 0.75x fp32's, the `tiny` MLA + MoE step 0.96x
+  (bench/RESULTS.md, "Eager fast paths").
+- Other CPUs: fp32 (bf16 matmuls there are emulated or half-rate).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -30,11 +33,23 @@ class HardwareChoice:
     reason: str  # one line for the console
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, the units behind oneDNN's fast bf16 matmuls (torch's own probe)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
 def choose_precision(device_name: str | None, capability: tuple[int, int] | None,
-                     torchao_available: bool) -> HardwareChoice:
-    """(CUDA device name or None for CPU, its compute capability, whether torchao imports) -> the choice."""
+                     torchao_available: bool, cpu_amx: bool = False) -> HardwareChoice:
+    """(CUDA device name or None for CPU, its compute capability, whether torchao imports, whether the CPU
+    has AMX) -> the choice."""
     if device_name is None:
-        return HardwareChoice("fp32", False, "no CUDA GPU: fp32 on CPU (--train.precision bf16 is opt-in there)")
+        if cpu_amx:
+            return HardwareChoice("bf16", False, "CPU with AMX: bf16 autocast (AMX bf16 matmuls are 3-6x "
+                                  "fp32's; norms, softmax and the loss stay fp32)")
+        return HardwareChoice("fp32", False, "no CUDA GPU and no AMX on this CPU: fp32 (bf16 matmuls would be "
+                              "slower here)")
     name = device_name.upper()
     sm = f"sm_{capability[0]}{capability[1]}" if capability else "unknown capability"
     if "H100" in name or "H200" in name or capability == (9, 0):  # sm_90 is Hopper: H100, H200, GH200, H20
@@ -55,7 +70,7 @@ def choose_precision(device_name: str | None, capability: tuple[int, int] | None
 def detect(device: torch.device) -> HardwareChoice:
     """The choice for `device` (a resolved torch.device)."""
     if device.type != "cuda":
-        return choose_precision(None, None, False)
+        return choose_precision(None, None, False, cpu_amx=device.type == "cpu" and cpu_has_amx())
     return choose_precision(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
                             importlib.util.find_spec("torchao") is not None)
 
