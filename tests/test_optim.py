@@ -141,9 +141,12 @@ def test_lion_first_step_is_lr_times_sign():
     torch.testing.assert_close(opt.state[p]["exp_avg"], 0.01 * p.grad)
 
 
-def test_muon_step_equals_the_update_written_per_matrix():
-    """Muon batches same-shape matrices into one Newton-Schulz call; the result is the per-matrix rule:
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_muon_step_equals_the_update_written_per_matrix(fast_bf16, monkeypatch):
+    """Muon batches same-shape matrices into one Newton-Schulz call where bf16 is fast (here: pretend the
+    CPU has AMX or not); either way the result is the per-matrix rule:
     m <- lerp(m, g, 1 - mu); p <- p (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(lerp(g, m, mu))."""
+    monkeypatch.setattr("nanoseek.train.optim.cpu_has_amx", lambda: fast_bf16)
     torch.manual_seed(0)
     shapes = [(8, 5), (8, 5), (5, 8), (3, 2, 4), (8, 5)]
     params = [nn.Parameter(torch.randn(*s)) for s in shapes]

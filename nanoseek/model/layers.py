@@ -37,8 +37,8 @@ class RMSNorm(nn.Module):
 
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a hand-written backward: in eager mode autograd records ~8 elementwise ops per norm and
-    replays each in backward, while the closed form needs 5 full-size passes (bench/RESULTS.md, "Eager
-    fast paths": 0.40 ms vs 0.65 ms forward + backward at [12, 64, 128] on one CPU thread).
+    replays each in backward, while the closed form needs 5 full-size passes (bench/RESULTS.md, "CPU kernel
+    choices": 0.45 ms vs 0.61 ms forward + backward at [12, 64, 128] on one CPU thread).
 
     With xhat = x * r, r = 1 / sqrt(mean(x^2) + eps) and y = w * xhat (D features):
         dL/dx = r * (g w - xhat * mean(g w xhat)),   dL/dw = sum over tokens of g * xhat.

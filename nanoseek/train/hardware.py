@@ -12,7 +12,7 @@ on any machine with made-up devices; `detect` reads the real one and `apply_hard
   Ampere (on sm >= 80 the printed line says bf16 is an option).
 - CPU with AMX (Intel Sapphire Rapids and later): bf16. oneDNN's AMX bf16 matmuls run 3-6x faster than
   fp32 on one core; the dense nanoGPT-recipe step is 0.75x fp32's, the `tiny` MLA + MoE step 0.96x
-  (bench/RESULTS.md, "Eager fast paths").
+  (bench/RESULTS.md, "Second pass").
 - Other CPUs: fp32 (bf16 matmuls there are emulated or half-rate).
 """
 

@@ -170,19 +170,20 @@ class Lion(torch.optim.Optimizer):
 # Muon
 
 
-def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS, work_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximately orthogonalise the last two dims of `grad`: U S V^T -> U S' V^T with S' near 1.
 
     grad: [..., rows, cols]; leading dims are a batch (e.g. stacked experts [E, out, in]), each matrix done
     on its own. Returns the same shape and dtype. The quintic iteration X <- aX + (bA + cA^2)X with A = XX^T
     pushes every singular value of X (scaled so the largest is <= 1) towards ~1 without an SVD (Jordan et
     al. 2024). It runs on the wide orientation so A is the smaller Gram matrix. In bf16 as in the paper
-    (the iteration tolerates the rounding) where bf16 matmuls are fast: CUDA, and CPUs with AMX (2.3-2.6x
-    faster than fp32 for a 4-layer model's stacked matrices, bench/RESULTS.md); in fp32 on other CPUs,
-    where bf16 matmuls are emulated and slower than fp32.
+    (the iteration tolerates the rounding) where bf16 matmuls are fast: CUDA, and CPUs with AMX; in fp32 on
+    other CPUs, where bf16 matmuls are emulated. `work_dtype` overrides that choice.
     """
     a, b, c = NS_COEFFICIENTS
-    work_dtype = torch.bfloat16 if grad.is_cuda or (grad.device.type == "cpu" and cpu_has_amx()) else torch.float32
+    if work_dtype is None:
+        fast_bf16 = grad.is_cuda or (grad.device.type == "cpu" and cpu_has_amx())
+        work_dtype = torch.bfloat16 if fast_bf16 else torch.float32
     x = grad.to(work_dtype)
     transposed = grad.size(-2) > grad.size(-1)
     if transposed:
@@ -233,9 +234,12 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict) -> None:
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        # Matrices of one shape are orthogonalised together: one batched Newton-Schulz call per shape
-        # instead of one per matrix (a 4-layer model has 16 hidden matrices of 2 shapes), as the iteration
-        # treats leading dims as a batch. Same numbers; far fewer small-op launches.
+        # Where Newton-Schulz runs in bf16 (CUDA, AMX CPUs), matrices of one shape are orthogonalised together:
+        # one batched call per shape, the iteration treating leading dims as a batch. Same numbers, far fewer
+        # small ops: 28 matrices of a 4-layer 128-wide model take 13.4 ms batched in bf16 on an AMX CPU vs
+        # 20.8 ms one by one. In fp32 on CPU batching is slower (24.5 vs 21.1 ms), so there each matrix goes
+        # alone (bench/RESULTS.md, "CPU kernel choices").
+        batch = None
         by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p in group["params"]:
             if p.grad is None:
@@ -246,7 +250,10 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
             direction = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            by_shape.setdefault((p.shape, p.dtype, p.device), []).append((p, direction))
+            if batch is None:
+                batch = p.is_cuda or (p.device.type == "cpu" and cpu_has_amx())
+            key = (p.shape, p.dtype, p.device) if batch else (id(p),)
+            by_shape.setdefault(key, []).append((p, direction))
         for members in by_shape.values():
             params = [p for p, _ in members]
             updates = newton_schulz(torch.stack([d for _, d in members]), group["ns_steps"]).unbind(0)
