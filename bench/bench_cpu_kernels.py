@@ -19,10 +19,7 @@ tests/test_optim.py. Results print as tables and one JSON object.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +28,7 @@ import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fastpaths import interleaved, ms  # noqa: E402
+from bench_fastpaths import interleaved, ms, run_parts  # noqa: E402
 
 from nanoseek.model.layers import RMSNorm  # noqa: E402
 from nanoseek.train.hardware import cpu_has_amx  # noqa: E402
@@ -133,20 +130,8 @@ def bench_muon(args: Args) -> dict:
 
 
 def main(args: Args) -> None:
-    unknown = [p for p in args.parts if p not in PARTS]
-    if unknown:
-        raise SystemExit(f"--parts {unknown[0]!r}: unknown; choose from {', '.join(PARTS)}")
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-              "threads": args.threads, "amx": cpu_has_amx(), "load_avg_start": os.getloadavg()[0]}
-    print(f"CPU with AMX: {result['amx']}\n")
-    for part in args.parts:
-        result[part] = globals()[f"bench_{part}"](args)
-    result["load_avg_end"] = os.getloadavg()[0]
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    print(f"CPU with AMX: {cpu_has_amx()}\n")
+    run_parts(args, PARTS, globals(), amx=cpu_has_amx())
 
 
 if __name__ == "__main__":

@@ -333,20 +333,26 @@ def bench_fp8(args: Args) -> dict:
     return result
 
 
-def main(args: Args) -> None:
-    unknown = [p for p in args.parts if p not in PARTS]
+def run_parts(args, known: tuple[str, ...], benches: dict, **header) -> None:
+    """Run `benches[f"bench_{part}"](args)` for each of args.parts (1 thread by default, flush-denormal) and
+    print (and with args.json, write) one JSON object: date, torch, threads, `header`, load, each part."""
+    unknown = [p for p in args.parts if p not in known]
     if unknown:
-        raise SystemExit(f"--parts {unknown[0]!r}: unknown; choose from {', '.join(PARTS)}")
+        raise SystemExit(f"--parts {unknown[0]!r}: unknown; choose from {', '.join(known)}")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-              "threads": args.threads, "load_avg_start": os.getloadavg()[0]}
+              "threads": args.threads, **header, "load_avg_start": os.getloadavg()[0]}
     for part in args.parts:
-        result[part] = globals()[f"bench_{part}"](args)
+        result[part] = benches[f"bench_{part}"](args)
     result["load_avg_end"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
+
+
+def main(args: Args) -> None:
+    run_parts(args, PARTS, globals())
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def choose_precision(device_name: str | None, capability: tuple[int, int] | None
     if device_name is None:
         if cpu_amx:
             return HardwareChoice("bf16", False, "CPU with AMX: bf16 autocast (AMX bf16 matmuls are 3-6x "
-                                  "fp32's; norms, softmax and the loss stay fp32)")
+                                  "fp32's; norms and the loss stay fp32)")
         return HardwareChoice("fp32", False, "no CUDA GPU and no AMX on this CPU: fp32 (bf16 matmuls would be "
                               "slower here)")
     name = device_name.upper()
