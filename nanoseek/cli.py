@@ -48,7 +48,8 @@ class Train:
     weights, gradients and optimizer state). Shortcut for --train.dist."""
     hardware: Literal["manual", "auto"] = "manual"
     """auto: set --train.precision/--train.fp8 for the device (H100/H200: bf16 + fp8 with torchao; A100,
-    RTX 4090: bf16; other GPUs: fp16 + GradScaler; CPU: fp32) and print why; manual: as configured."""
+    RTX 4090: bf16; other GPUs: fp16 + GradScaler; CPUs with AMX: bf16; other CPUs: fp32) and print why;
+    manual: as configured."""
     config: Path | None = None
     """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
     inject: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
