@@ -168,6 +168,18 @@ def test_muon_step_equals_the_update_written_per_matrix(fast_bf16, monkeypatch):
         torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_newton_schulz_batches_group_by_shape_within_the_element_cap(monkeypatch):
+    from nanoseek.train import optim
+
+    params = [torch.zeros(4, 4), torch.zeros(4, 4), torch.zeros(2, 8), torch.zeros(4, 4), torch.zeros(4, 4)]
+    monkeypatch.setattr(optim, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(optim, "NS_BATCH_ELEMENTS", 48)  # three 4x4 matrices per call at most
+    shapes = [[tuple(p.shape) for p in batch] for batch in optim._newton_schulz_batches(params)]
+    assert shapes == [[(4, 4)] * 3, [(2, 8)], [(4, 4)]]
+    monkeypatch.setattr(optim, "cpu_has_amx", lambda: False)  # fp32 on CPU: one matrix per call
+    assert [len(b) for b in optim._newton_schulz_batches(params)] == [1] * 5
+
+
 def test_muon_adamw_groups_match_torch_adamw():
     torch.manual_seed(0)
     p_ours = nn.Parameter(torch.randn(6, 4))

@@ -198,6 +198,35 @@ def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS, work_dtype: torch.d
     return x.to(grad.dtype)
 
 
+# At most this many elements per batched Newton-Schulz call: the stacked directions are a transient copy.
+NS_BATCH_ELEMENTS = 1 << 24
+
+
+def _newton_schulz_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Muon's parameters cut into lists that share one Newton-Schulz call.
+
+    Where the iteration runs in bf16 (CUDA, AMX CPUs), matrices of one shape go together, up to
+    NS_BATCH_ELEMENTS: one batched call per shape instead of one per matrix, the same numbers with far fewer
+    small ops (28 matrices of a 4-layer, 128-wide model: 13.4 ms batched in bf16 on an AMX CPU vs 20.8 ms one
+    by one). In fp32 on CPU batching is slower (24.5 vs 21.1 ms), so each matrix goes alone there
+    (bench/RESULTS.md, "CPU kernel choices").
+    """
+    if not params:
+        return []
+    if not (params[0].is_cuda or (params[0].device.type == "cpu" and cpu_has_amx())):
+        return [[p] for p in params]
+    batches: list[list[torch.Tensor]] = []
+    open_batch: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        key = (p.shape, p.dtype, p.device)
+        current = open_batch.get(key)
+        if current is None or (len(current) + 1) * p.numel() > max(NS_BATCH_ELEMENTS, p.numel()):
+            current = open_batch[key] = []
+            batches.append(current)
+        current.append(p)
+    return batches
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024) for groups with `use_muon=True`, AdamW for the others, in one optimizer.
 
@@ -234,33 +263,24 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict) -> None:
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        # Where Newton-Schulz runs in bf16 (CUDA, AMX CPUs), matrices of one shape are orthogonalised together:
-        # one batched call per shape, the iteration treating leading dims as a batch. Same numbers, far fewer
-        # small ops: 28 matrices of a 4-layer 128-wide model take 13.4 ms batched in bf16 on an AMX CPU vs
-        # 20.8 ms one by one. In fp32 on CPU batching is slower (24.5 vs 21.1 ms), so there each matrix goes
-        # alone (bench/RESULTS.md, "CPU kernel choices").
-        batch = None
-        by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)
-            direction = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            if batch is None:
-                batch = p.is_cuda or (p.device.type == "cpu" and cpu_has_amx())
-            key = (p.shape, p.dtype, p.device) if batch else (id(p),)
-            by_shape.setdefault(key, []).append((p, direction))
-        for members in by_shape.values():
-            params = [p for p, _ in members]
-            updates = newton_schulz(torch.stack([d for _, d in members]), group["ns_steps"]).unbind(0)
-            scale = math.sqrt(max(1.0, params[0].size(-2) / params[0].size(-1)))
+        params = [p for p in group["params"] if p.grad is not None]
+        for batch in _newton_schulz_batches(params):
+            directions = []
+            for p in batch:
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                directions.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            if len(directions) == 1:  # no stacked copy (a stacked-experts tensor can be large)
+                updates = [newton_schulz(directions[0], group["ns_steps"])]
+            else:
+                updates = newton_schulz(torch.stack(directions), group["ns_steps"]).unbind(0)
+            scale = math.sqrt(max(1.0, batch[0].size(-2) / batch[0].size(-1)))
             if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_add_(params, updates, alpha=-lr * scale)
+                torch._foreach_mul_(batch, 1 - lr * wd)
+            torch._foreach_add_(batch, updates, alpha=-lr * scale)
 
     def _adamw_step(self, group: dict) -> None:
         beta1, beta2 = group["betas"]
