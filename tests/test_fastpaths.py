@@ -1,6 +1,6 @@
 """Fast paths compute what the simple paths compute: chunked cross-entropy vs full logits, grouped-mm
 MoE dispatch vs a per-expert loop (forward and backward), RMSNorm's hand-written backward vs autograd,
-fp32 attention under CPU bf16 training vs bf16 attention, no graph breaks under torch.compile, and the
+fp32 attention under CPU bf16 training vs float64 attention, no graph breaks under torch.compile, and the
 `--hardware auto` precision choice on made-up devices."""
 
 from __future__ import annotations
