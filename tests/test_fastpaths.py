@@ -238,6 +238,30 @@ def test_moe_and_mtp_compile_without_graph_breaks():
             assert explanation.graph_count == 1
 
 
+def test_compiled_training_steps_trace_once():
+    """Repeated training steps compile one graph: nothing the forward touches (RoPE's tables) changes
+    between steps. The rotation tables keep their dtypes through model.to(dtype)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = Transformer(small_config(attention="gqa", n_kv_heads=1, n_routed_experts=0, mtp_depth=0)).train()
+    rotary = model.layers[0].attn.rotary
+    kinds = {dtype: t.dtype for dtype, t in rotary.tables.items()}
+    assert set(kinds) == {torch.float32, torch.float64, torch.complex64, torch.complex128}
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    for autocast in (False, False, True, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = compiled(idx, targets).loss
+        loss.backward()
+    assert counter.frame_count == 2  # one graph per precision, none recompiled
+    model.to(torch.float64)
+    assert {dtype: t.dtype for dtype, t in rotary.tables.items()} == kinds
+    torch._dynamo.reset()
+
+
 # ---- --hardware auto ---------------------------------------------------------------------------
 
 

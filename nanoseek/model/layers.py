@@ -124,7 +124,7 @@ class RotaryEmbedding(nn.Module):
 
     Pairs (x[2i], x[2i+1]) rotate by frequency i, as DeepSeek-V3's reference code and transformers'
     `rope_interleave=True`. Inverse frequencies and angles are computed in float64 so long contexts
-    and large theta keep their precision; the tables are cast to the activation dtype at use.
+    and large theta keep their precision; the rotation itself runs in fp32 (fp64 for a float64 model).
     """
 
     def __init__(self, dim: int, cfg: ModelConfig):
@@ -150,16 +150,26 @@ class RotaryEmbedding(nn.Module):
         # model.to(bfloat16) must not round the tables; they follow the activations' device on first use.
         self.max_seq_len = cfg.max_seq_len
         exact = torch.polar(torch.full_like(angles, self.attention_factor), angles)
-        self.tables = {torch.complex128: exact, torch.float64: torch.stack([exact.real, exact.imag])}
+        real = torch.stack([exact.real, exact.imag])
+        # Every dtype the forward can ask for, made here: a table first cast inside torch.compile would
+        # change this dict and force a recompile on the next step.
+        self.tables = {torch.complex128: exact, torch.complex64: exact.to(torch.complex64),
+                       torch.float64: real, torch.float32: real.float()}
+
+    def _apply(self, fn, recurse: bool = True):
+        """model.to(device) / .cuda() move the tables too, never changing their dtype (see __init__)."""
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, dtype=torch.float64)).device
+        self.tables = {dtype: t.to(device) for dtype, t in self.tables.items()}
+        return self
 
     def table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The rotation table [max_seq_len, dim/2] in `dtype` (complex64/128; float32/64: cos and sin stacked
-        as [2, max_seq_len, dim/2]) on `device`, computed once from the float64 angles."""
-        found = self.tables.get(dtype)
-        if found is None or found.device != device:
-            # Cast from the float64 table of the same kind, so no complex op is traced under compile.
-            exact = self.tables[torch.complex128 if dtype.is_complex else torch.float64]
-            found = self.tables[dtype] = exact.to(device=device, dtype=dtype)
+        as [2, max_seq_len, dim/2]) on `device`, from the float64 angles."""
+        found = self.tables[dtype]
+        if found.device != device:  # the module was not moved with .to(): move the tables now
+            self.tables = {kind: t.to(device) for kind, t in self.tables.items()}
+            found = self.tables[dtype]
         return found
 
     def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
