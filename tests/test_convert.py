@@ -342,6 +342,13 @@ def test_unconvertible_sources_are_refused():
     mla = Transformer(ModelConfig(n_layers=1, n_routed_experts=0, mtp_depth=0, vocab_size=64))
     with pytest.raises(ValueError, match="already MLA"):
         convert_to_mla_moe(mla, tokens(1, 0) % 64, kv_lora_rank=8, rope_dims=8, log=None)
+    # target_config (what `nanoseek convert` validates with before tokenising any data) refuses them too.
+    options = dict(kv_lora_rank=8, rope_dims=8, n_routed_experts=0, n_shared_experts=0, n_activated_experts=1,
+                   moe="split", n_dense_layers=1)
+    with pytest.raises(ValueError, match="qk_norm"):
+        target_config(dense(n_kv_heads=2, qk_norm=True).config, **options)
+    with pytest.raises(ValueError, match="rope_scaling='yarn'"):
+        target_config(dense(n_kv_heads=2, rope_scaling="yarn", rope_factor=4.0).config, **options)
 
 
 def test_too_few_held_out_tokens_is_a_one_line_error():

@@ -177,7 +177,7 @@ def cmd_convert(args: Convert) -> int:
         raise ValueError(f"--out {out} already holds checkpoints; choose a new directory")
     dense, tokenizer_spec = load_source(args.from_)
     src = dense.config
-    if src.attention != "gqa":
+    if src.attention != "gqa":  # before the defaults below, which read GQA fields; target_config checks the rest
         raise ValueError(f"--from {args.from_}: attention={src.attention!r}; convert takes a dense GQA/MHA/MQA model")
     # None is the default; an explicit 0 reaches target_config, which refuses it by name.
     kv_rank = args.kv_lora_rank if args.kv_lora_rank is not None else src.n_kv_heads * src.head_dim
@@ -185,7 +185,7 @@ def cmd_convert(args: Convert) -> int:
     experts = args.experts if args.to == "mla-moe" else 0
     options = dict(kv_lora_rank=kv_rank, rope_dims=rope_dims, n_routed_experts=experts, n_shared_experts=args.shared,
                    n_activated_experts=args.top_k, moe=args.moe, n_dense_layers=args.dense_layers)
-    target_config(src, **options)  # bad options fail before the data is tokenised
+    target_config(src, **options)  # a bad source (QK-norm, YaRN, MoE) or option fails before the data is tokenised
     seq_len = min(args.seq_len, src.max_seq_len)
     if args.calib_tokens < seq_len or args.eval_tokens < 2:
         raise ValueError(f"--calib-tokens {args.calib_tokens} / --eval-tokens {args.eval_tokens}: calibration needs "

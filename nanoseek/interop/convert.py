@@ -110,7 +110,8 @@ def _check_source(cfg: ModelConfig) -> None:
 def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_routed_experts: int,
                   n_shared_experts: int, n_activated_experts: int, moe: str, n_dense_layers: int,
                   choice: RopeChoice | None = None) -> ModelConfig:
-    """The converted model's config (validated: a bad option fails here, before any work)."""
+    """The converted model's config (validated: a bad source or option fails here, before any work)."""
+    _check_source(dense)
     head_dim = dense.head_dim
     if not isinstance(rope_dims, int) or rope_dims < 2 or rope_dims % 2 or rope_dims > head_dim:
         raise ValueError(f"rope_dims={rope_dims!r}: must be an even number in [2, head_dim={head_dim}]")
@@ -205,7 +206,6 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     log: receives one line per layer and the summary (None: silent).
     """
     src = dense.config
-    _check_source(src)
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise ValueError(f"calib_ids has shape {tuple(calib_ids.shape)}: pass token ids [batch, seq_len]")
     if eval_ids is not None and eval_ids.numel() < 2:  # compare() scores next tokens: it needs two
@@ -216,7 +216,7 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     if router_std <= 0:
         raise ValueError(f"router_std={router_std}: must be > 0 (the spread of the initial router logits)")
     target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe,
-                  n_dense_layers)  # fail on bad options before any work
+                  n_dense_layers)  # fail on a bad source or options before any work
     say = log or (lambda line: None)
     n_heads, n_groups, head_dim = src.n_heads, src.n_kv_heads, src.head_dim
     records = collect_inputs(dense, calib_ids)
