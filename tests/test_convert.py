@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
-from nanoseek.interop.convert import convert_to_mla_moe, target_config
+from nanoseek.interop.convert import ConversionReport, convert_to_mla_moe, target_config
 from nanoseek.interop.convert_mla import choose_rope_pairs, rope_config
 from nanoseek.interop.heal import compare, heal
 from nanoseek.model import Transformer
@@ -306,15 +306,16 @@ def test_cli_convert_and_heal_a_transformers_llama(tmp_path, capsys):
 
 
 def test_smollm2_kv_cache_saving_in_the_readme():
-    from nanoseek.interop.convert_mla import kv_cache_saving
-
     smol = ModelConfig(attention="gqa", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                        inter_dim=1536, n_routed_experts=0, mtp_depth=0, max_seq_len=8192, rope_theta=100000.0)
     converted = target_config(smol, 192, 16, 7, 1, 2, "split", 1)
     assert smol.kv_cache_values_per_token() * 30 * 2 == 23040
     assert converted.kv_cache_values_per_token() * 30 * 2 == 12480
-    assert kv_cache_saving(3, 64, 192, 16) == pytest.approx(0.458, abs=1e-3)
-    assert kv_cache_saving(3, 64, 64, 16) == pytest.approx(0.792, abs=1e-3)
+    small_latent = target_config(smol, 64, 16, 7, 1, 2, "split", 1)
+    for cfg, saving in ((converted, 0.458), (small_latent, 0.792)):
+        report = ConversionReport(config=cfg.to_dict(), rope={},
+                                  kv_values_per_token=(smol.kv_cache_values_per_token(), cfg.kv_cache_values_per_token()))
+        assert report.kv_cache_saving == pytest.approx(saving, abs=1e-3)
     assert (converted.qk_nope_head_dim, converted.v_head_dim, converted.moe_inter_dim) == (48, 64, 192)
 
 

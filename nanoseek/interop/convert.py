@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.interop.convert_mla import (RopeChoice, choose_rope_pairs, convert_attention, kv_cache_saving,
+from nanoseek.interop.convert_mla import (RopeChoice, choose_rope_pairs, convert_attention,
                                           pair_scores, rope_config)
 from nanoseek.interop.convert_moe import split_mlp, upcycle_mlp
 from nanoseek.interop.heal import compare
@@ -63,7 +63,6 @@ class ConversionReport:
     config: dict  # the converted ModelConfig as a dict
     rope: dict  # RopeChoice fields and the rope config that expresses them
     kv_values_per_token: tuple[int, int]  # per layer: (original, converted)
-    kv_cache_saving: float
     layers: list[LayerReport] = field(default_factory=list)
     comparison: dict | None = None  # heal.Comparison.as_dict() on held-out tokens
 
@@ -81,12 +80,18 @@ class ConversionReport:
                        f"perplexity {c['ppl_teacher']:.3f} -> {c['ppl_student']:.3f}, top-1 agreement {c['top1']:.1%}")
         return out
 
+    @property
+    def kv_cache_saving(self) -> float:
+        """Fraction of per-token KV cache values saved: 1 - (R + Dr) / (2 G D)."""
+        before, after = self.kv_values_per_token
+        return 1.0 - after / before
+
     def cache_change(self) -> str:
         saving = self.kv_cache_saving
         return f"{saving:.1%} smaller" if saving >= 0 else f"{-saving:.1%} larger"
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "kv_cache_saving": self.kv_cache_saving}
 
 
 def _log_stderr(line: str) -> None:
@@ -218,7 +223,7 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe,
                   n_dense_layers)  # fail on a bad source or options before any work
     say = log or (lambda line: None)
-    n_heads, n_groups, head_dim = src.n_heads, src.n_kv_heads, src.head_dim
+    n_heads, n_groups = src.n_heads, src.n_kv_heads
     records = collect_inputs(dense, calib_ids)
     layers = list(dense.layers)
 
@@ -242,8 +247,7 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
         config=cfg.to_dict(),
         rope={**dataclasses.asdict(choice), "pairs": choice.pairs, "rope_theta": cfg.rope_theta,
               "rope_factor": cfg.rope_factor},
-        kv_values_per_token=(src.kv_cache_values_per_token(), cfg.kv_cache_values_per_token()),
-        kv_cache_saving=kv_cache_saving(n_groups, head_dim, kv_lora_rank, rope_dims))
+        kv_values_per_token=(src.kv_cache_values_per_token(), cfg.kv_cache_values_per_token()))
     say(report.lines()[0])
     say(report.lines()[1])
 

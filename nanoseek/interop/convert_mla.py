@@ -221,10 +221,5 @@ def rope_config(theta: float, factor: float, head_dim: int, choice: RopeChoice) 
     return theta ** (choice.stride * rope_dims / head_dim), factor * theta ** (2 * choice.offset / head_dim)
 
 
-def kv_cache_saving(n_kv_heads: int, head_dim: int, kv_lora_rank: int, rope_dims: int) -> float:
-    """Fraction of per-token KV cache values saved: 1 - (R + Dr) / (2 G D)."""
-    return 1.0 - (kv_lora_rank + rope_dims) / (2 * n_kv_heads * head_dim)
-
-
-__all__ = ["MLAWeights", "RopeChoice", "choose_rope_pairs", "convert_attention", "kv_cache_saving", "pair_scores",
+__all__ = ["MLAWeights", "RopeChoice", "choose_rope_pairs", "convert_attention", "pair_scores",
            "rope_config", "shared_rope_key", "latent_projections"]
