@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
 from nanoseek.interop.convert import ConversionReport, convert_to_mla_moe, target_config
@@ -158,6 +159,22 @@ def test_compare_matches_the_models_own_loss():
         losses = [model(w[None, :-1], w[None, 1:]).losses["ce"] * (w.numel() - 1)
                   for w in (ids[0:17], ids[16:33], ids[32:48])]
     assert result.ppl_teacher == pytest.approx(float(torch.exp(sum(losses) / (ids.numel() - 1))), rel=1e-5)
+
+
+def test_compare_kl_is_teacher_to_student_against_f_kl_div():
+    """KL(teacher || student) per token and top-1 agreement of two different models, against torch's
+    own F.kl_div on the same logits ([B, T] input: every row one sequence)."""
+    teacher, student = dense(n_kv_heads=2, seed=0), dense(n_kv_heads=1, seed=1)
+    ids = tokens(2, seed=5)
+    result = compare(teacher, student, ids)
+    with torch.no_grad():
+        log_t = F.log_softmax(teacher(ids[:, :-1]).logits, -1).flatten(0, 1)
+        log_s = F.log_softmax(student(ids[:, :-1]).logits, -1).flatten(0, 1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+    reverse = F.kl_div(log_t, log_s, log_target=True, reduction="batchmean")
+    assert result.kl == pytest.approx(float(kl), rel=1e-5)
+    assert abs(float(kl) - float(reverse)) > 1e-3  # the direction is what is checked
+    assert result.top1 == pytest.approx(float((log_t.argmax(-1) == log_s.argmax(-1)).float().mean()))
 
 
 def test_distill_objective_is_zero_for_an_exact_conversion():
