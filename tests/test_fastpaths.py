@@ -119,6 +119,18 @@ def test_cpu_bf16_training_attends_in_fp32(masked, monkeypatch):
         assert seen == [torch.bfloat16]
 
 
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_bf16_model_trains_on_cpu_without_autocast(attention):
+    """A model cast to bf16 (no autocast) trains on CPU: the fp32 attention path hands bf16 back to wo."""
+    torch.manual_seed(0)
+    model = Transformer(small_config(attention=attention, n_kv_heads=1 if attention == "gqa" else None,
+                                     n_routed_experts=0, mtp_depth=0)).to(torch.bfloat16).train()
+    idx = torch.randint(0, 97, (2, 16))
+    out = model(idx, idx)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
 # ---- chunked cross-entropy -----------------------------------------------------------------------
 
 

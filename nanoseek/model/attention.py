@@ -190,6 +190,7 @@ class GQAttention(_AttentionStats):
         q = self.wq(x).view(bsz, seq_len, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        act_dtype = q.dtype
         if attends_in_fp32_on_cpu(q, seq_len):  # before RoPE, which computes in fp32 anyway: no round trip
             q, k, v = q.float(), k.float(), v.float()
         if self.q_norm is not None:
@@ -203,7 +204,7 @@ class GQAttention(_AttentionStats):
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if self.track_max_logit:
             self.max_logit.copy_(max_logit_per_head(q, k, self.scale, start_pos, key_mask))
-        out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager)  # [B, H, T, D]
+        out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager).to(act_dtype)  # [B, H, T, D]
         if self.dropout and self.training:
             out = F.dropout(out, self.dropout)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
