@@ -35,8 +35,8 @@ Why these choices (seed 002, an earlier NPT project that fought NaNs):
 
 Bound at initialisation (checked in tests/test_npt.py): with gate_scale at zero the factor is exactly 1,
 so the block differs from `x + w2(silu(w1 m) * w3 m)` (the block with its attention residual dropped)
-only through 0.1 * shift; for the tiny test model that is under 1e-3 of the output's norm (measured
-9e-5). The student as a whole therefore starts as the base model minus the converted layers'
+only through 0.1 * shift; for the tiny test model that is under 1e-3 of the output's norm (about 1e-4,
+7e-5 to 1.3e-4 with the random init; the test prints it). The student as a whole therefore starts as the base model minus the converted layers'
 attention residuals; teacher-student training (objective.py) teaches the adapters to put that back.
 """
 
@@ -121,9 +121,12 @@ class NPTBlock(nn.Module):
         self.layer_id = block.layer_id
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = block.attn_norm, block.attn, block.ffn_norm, block.ffn
         w1 = block.ffn.w1
-        # Trainable weights in the base's float dtype (fp32 over a quantised base, whose compute is fp32).
-        dtype = w1.weight.dtype if w1.weight.dtype.is_floating_point else torch.float32
-        self.adapter = NPTAdapter(w1.in_features, w1.out_features, rank, safe_mode).to(w1.weight.device, dtype)
+        # Trainable weights in the base's float dtype; fp32 over a quantised base (FrozenQuantizedLinear has no
+        # .weight, and its compute is fp32). The block's norm is never quantised: its device is the base's.
+        weight = getattr(w1, "weight", None)
+        dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else torch.float32
+        device = block.ffn_norm.weight.device
+        self.adapter = NPTAdapter(w1.in_features, w1.out_features, rank, safe_mode).to(device, dtype)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
                 cache=None) -> torch.Tensor:
