@@ -562,6 +562,28 @@ def test_rope_linear_and_yarn_scaling_of_inv_freq():
 # ---- QK-clip -------------------------------------------------------------------------------------
 
 
+def test_qk_clip_reduces_every_layers_max_logits_in_one_call():
+    """Under data parallelism the max logits of all MLA layers go through one collective, and the clip
+    uses the reduced values (here a stand-in reduce that raises every head to 10)."""
+    cfg = mla_config(n_layers=2, qk_clip_threshold=4.0)
+    model = build(cfg)
+    calls = []
+
+    def reduce(flat: torch.Tensor) -> None:
+        calls.append(flat.numel())
+        flat.fill_(10.0)
+
+    layers = [attn for _, attn in model.attention_layers()]
+    for attn in layers:
+        attn.max_logit.fill_(1.0)  # locally nothing to clip
+    saved = [attn.wkv_b.weight.detach().clone() for attn in layers]
+    model.apply_qk_clip(reduce)
+    assert calls == [cfg.n_layers * cfg.n_heads]
+    for attn, before in zip(layers, saved):
+        assert torch.all(attn.max_logit == 10.0)
+        assert not torch.equal(attn.wkv_b.weight, before)  # every head clipped by sqrt(4 / 10)
+
+
 @pytest.mark.parametrize("q_lora_rank", [0, 12])
 def test_qk_clip_brings_max_logit_back_to_threshold(q_lora_rank):
     threshold = 4.0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -104,13 +104,9 @@ class Gate(nn.Module):
         return losses
 
     @torch.no_grad()
-    def update_balance_bias(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
-        """One aux-loss-free balancing step from the loads counted since the last call, then reset.
-
-        `reduce` (e.g. a torch.distributed all_reduce) sums the loads over data-parallel ranks first.
-        """
-        if reduce is not None:
-            reduce(self.load)
+    def update_balance_bias(self) -> None:
+        """One aux-loss-free balancing step from the loads counted since the last call, then reset. Under
+        data parallelism the loads are summed over ranks first (Transformer.update_balance_bias)."""
         total = self.load.sum()
         # No host read of `total`: with no tokens counted every sign is 0 and the bias stays put, and
         # last_load keeps its value, so the step stays free of a device sync per MoE layer.

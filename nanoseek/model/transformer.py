@@ -249,11 +249,7 @@ class Transformer(nn.Module):
         """Aux-loss-free balancing step for every MoE layer (call once per optimizer step). `reduce` (an
         in-place sum over data-parallel ranks) runs once, over every layer's loads in one tensor."""
         gates = [moe.gate for _, moe in self.moe_layers()]
-        if reduce is not None and gates:
-            loads = torch.cat([gate.load for gate in gates])
-            reduce(loads)
-            for gate, summed in zip(gates, loads.split([gate.load.numel() for gate in gates])):
-                gate.load.copy_(summed)
+        _reduce_together([gate.load for gate in gates], reduce)
         for gate in gates:
             gate.update_balance_bias()
 
@@ -272,12 +268,26 @@ class Transformer(nn.Module):
         self.track_logit_max = enabled
 
     @torch.no_grad()
-    def apply_qk_clip(self) -> None:
-        """QK-clip every MLA layer whose recorded max logit passed model.qk_clip_threshold."""
+    def apply_qk_clip(self, reduce=None) -> None:
+        """QK-clip every MLA layer whose recorded max logit passed model.qk_clip_threshold. `reduce` (an
+        in-place max over data-parallel ranks) runs once over every layer's max logits, so all replicas clip
+        the same heads by the same amount."""
         if self.config.qk_clip_threshold > 0:
-            for _, attn in self.attention_layers():
-                if isinstance(attn, MLAttention):
-                    attn.qk_clip_(self.config.qk_clip_threshold)
+            layers = [attn for _, attn in self.attention_layers() if isinstance(attn, MLAttention)]
+            _reduce_together([attn.max_logit for attn in layers], reduce)
+            for attn in layers:
+                attn.qk_clip_(self.config.qk_clip_threshold)
+
+
+@torch.no_grad()
+def _reduce_together(tensors: list[torch.Tensor], reduce) -> None:
+    """Run the in-place collective `reduce` once over all `tensors` (flattened into one), writing back."""
+    if reduce is None or not tensors:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def _loss_dtype(logits: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,10 @@ What must agree across ranks, and how:
     one rank's gradients after backward (or an FSDP shard) stays local. A SUM carries a NaN or Inf from
     any rank into the result on every rank, so every rank's guard sees the same numbers and returns
     the same verdict; a MAX would not (NaN comparisons are order-dependent).
-  - MoE expert loads: summed over ranks before the balance-bias update (`Gate.update_balance_bias`).
-  - QK-clip's per-head max logits (DDP): a MAX over ranks before the weights are rescaled.
+  - MoE expert loads: summed over ranks, every layer in one all-reduce, before the balance-bias update
+    (`Transformer.update_balance_bias`).
+  - QK-clip's per-head max logits (DDP): one MAX over ranks before the weights are rescaled
+    (`Transformer.apply_qk_clip`).
   - the fp16 GradScaler's found-inf flags (DDP): summed, so every rank's scale backs off together.
   - eval: per-rank means over disjoint slices of the same validation batches, averaged.
 

@@ -357,11 +357,9 @@ class Trainer:
                     g.add_(torch.randn_like(g), alpha=sigma)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            model.update_balance_bias(self.dist.sum_)  # expert loads of the whole global batch
-            if self.cfg.model.qk_clip_threshold > 0:
-                for _, attn in model.attention_layers():
-                    self.dist.max_(attn.max_logit)  # every replica clips the same heads by the same amount
-            model.apply_qk_clip()
+            several = self.dist.world_size > 1  # one process: no collective, and no gather of loads for one
+            model.update_balance_bias(self.dist.sum_ if several else None)  # loads of the whole global batch
+            model.apply_qk_clip(self.dist.max_ if several else None)
             if self.ema is not None:
                 self._update_ema()
             self.opt_step += 1
