@@ -541,6 +541,8 @@ class Trainer:
             self.opt_step = snap["opt_step"]
 
     def _log_step(self, values: dict[str, float], verdict: Verdict) -> None:
+        if not self.dist.is_main:  # only rank 0 logs: no host reads for a record nobody writes
+            return
         record = {"kind": "train", "step": self.step - 1, "opt_step": self.opt_step, "action": verdict.action,
                   "skipped_steps": self.guard.n_skips, **values}
         if (self.step - 1) % self.cfg.guard.stats_every == 0:
@@ -554,20 +556,26 @@ class Trainer:
         shown = {"ce": values["ce"]} if "ce" in values else {"loss": values.get("loss")}  # as the val loss reads
         self.logger.progress(self.step - 1, **shown, tok_s=record.get("tokens_per_sec"))
 
+    @torch.no_grad()
     def _health_stats(self) -> dict[str, float]:
-        stats = {}
+        """Sampled model statistics for the log, read to the host in one transfer."""
+        stats: dict[str, torch.Tensor] = {}
         if self.cfg.model.swiglu_clamp > 0:  # the opt-in clamp is never silent: values clamped so far
-            stats["swiglu_clamped"] = float(sum(b for n, b in self.model.named_buffers() if n.endswith("clamped")))
+            stats["swiglu_clamped"] = sum(b for n, b in self.model.named_buffers() if n.endswith("clamped"))
         for name, attn in self.model.attention_layers():
             if attn.track_max_logit:
-                stats[f"attn_logit_max/{name}"] = float(attn.max_logit.max())
+                stats[f"attn_logit_max/{name}"] = attn.max_logit.max()
         for name, moe in self.model.moe_layers():
             load = moe.gate.last_load
-            if float(load.sum()) > 0:
-                stats[f"expert_load_imbalance/{name}"] = float(load.max() / load.mean())
-            stats[f"router_logit_max/{name}"] = float(moe.gate.logit_stats[0])
-            stats[f"router_z/{name}"] = float(moe.gate.logit_stats[1])
-        return stats
+            # max/mean of the expert loads; NaN before any token was counted (the entry is then left out)
+            stats[f"expert_load_imbalance/{name}"] = torch.where(load.sum() > 0, load.max() / load.mean(),
+                                                                 torch.full_like(load.mean(), math.nan))
+            stats[f"router_logit_max/{name}"] = moe.gate.logit_stats[0]
+            stats[f"router_z/{name}"] = moe.gate.logit_stats[1]
+        if not stats:
+            return {}
+        values = torch.stack([v.float().to(self.device) for v in stats.values()]).tolist()
+        return {k: v for k, v in zip(stats, values) if not (k.startswith("expert_load_imbalance/") and math.isnan(v))}
 
     def _eval_and_maybe_stop(self) -> bool:
         tc = self.cfg.train
