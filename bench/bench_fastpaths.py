@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +43,7 @@ from bench_train import Args as TrainArgs, Bench, Config  # noqa: E402
 
 from nanoseek import ModelConfig, Transformer  # noqa: E402
 from nanoseek.model.moe import Experts, per_expert_loop  # noqa: E402
-from nanoseek.model.transformer import chunked_cross_entropy  # noqa: E402
+from nanoseek.model.transformer import _cross_entropy, chunked_cross_entropy  # noqa: E402
 
 PARTS = ("moe", "ce", "adamw", "compile", "precision", "fp8")
 
@@ -157,7 +156,7 @@ def loss_step(head, hidden, targets, chunk: int) -> torch.Tensor:
     if chunk:
         loss = chunked_cross_entropy(head, hidden, targets, chunk)[0]
     else:
-        loss = F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten())
+        loss = _cross_entropy(head(hidden), targets)  # the model's plain path: full fp32 logits
     loss.backward()
     return loss.detach()
 

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 import nanoseek
 from nanoseek.train.loading import load_run_tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_nanogpt import windows_loss  # noqa: E402  (the scoring both nanoGPT comparisons share)
+
 RECIPE = [
     "--preset", "tiny-gqa", "--model.n-kv-heads", "4", "--model.inter-dim", "352", "--model.max-seq-len", "64",
     "--data.tokenizer", "char", "--data.seq-len", "64", "--data.val-fraction", "0.02",
@@ -33,20 +36,12 @@ RECIPE = [
 ]
 
 
-@torch.no_grad()
 def heldout_loss(run_dir: Path, text: str, block: int = 64, batch: int = 256) -> float:
     """Mean next-character loss over all non-overlapping `block`-long windows of `text`."""
     model, _ = nanoseek.load_checkpoint(run_dir)
     tok = load_run_tokenizer(run_dir)
     ids = torch.tensor(tok.encode(text))
-    n = (len(ids) - 1) // block
-    x = ids[: n * block].view(n, block)
-    y = ids[1 : n * block + 1].view(n, block)
-    total = 0.0
-    for i in range(0, n, batch):
-        logits = model(x[i:i + batch]).logits
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch].flatten(), reduction="sum").item()
-    return total / (n * block)
+    return windows_loss(lambda x, y: F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()), ids, block, batch)
 
 
 def main() -> None:

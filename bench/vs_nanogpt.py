@@ -78,11 +78,11 @@ RECIPES: dict[str, list[str]] = {
     "muon-bf16": _SAME + ["--train.optimizer", "muon", "--train.precision", "bf16"],
     "muon-bf16-compile": _SAME + ["--train.optimizer", "muon", "--train.precision", "bf16", "--train.compile"],
     "mla": ["--preset", "tiny-dense", "--model.inter-dim", "352", "--model.max-seq-len", "64"] + _SAME[8:],
-    # The winner within nanoGPT's wall-clock budget in bench/RESULTS.md (2026-12-01): Muon for the hidden
-    # matrices (the lowest loss per step), bf16 autocast (AMX matmuls) and torch.compile (the cheapest step);
-    # MLA scores worse at equal steps. Without a C++ compiler for inductor, "muon-bf16" is the eager runner-up.
-    "best": _SAME + ["--train.optimizer", "muon", "--train.precision", "bf16", "--train.compile"],
 }
+# The winner within nanoGPT's wall-clock budget in bench/RESULTS.md (2026-12-01): Muon for the hidden
+# matrices (the lowest loss per step), bf16 autocast (AMX matmuls) and torch.compile (the cheapest step);
+# MLA scores worse at equal steps. Without a C++ compiler for inductor, "muon-bf16" is the eager runner-up.
+RECIPES["best"] = RECIPES["muon-bf16-compile"]
 
 
 @dataclass

@@ -145,9 +145,9 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)  # [S, dim/2]
         # e^{i angle} times the YaRN factor, by dtype: a pair (x[2i], x[2i+1]) read as the complex number
-        # x[2i] + i x[2i+1] rotates by one complex multiply, which in eager mode on CPU is ~3x faster
+        # x[2i] + i x[2i+1] rotates by one complex multiply, which in eager mode on CPU is faster
         # (forward and backward) than four real products and a stack. Plain attributes, not buffers:
-        # model.to(bfloat16) must not round the tables; they follow the activations' device on first use.
+        # model.to(bfloat16) must not round the tables; _apply moves them with the module.
         self.max_seq_len = cfg.max_seq_len
         exact = torch.polar(torch.full_like(angles, self.attention_factor), angles)
         real = torch.stack([exact.real, exact.imag])

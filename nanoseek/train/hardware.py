@@ -10,7 +10,7 @@ on any machine with made-up devices; `detect` reads the real one and `apply_hard
 - RTX 4090 (sm_89): bf16. Ada has fp8 too, but its gain at our model sizes is unmeasured.
 - Other CUDA GPUs: fp16 + GradScaler. fp16 tensor cores exist on every GPU since Volta; bf16 not before
   Ampere (on sm >= 80 the printed line says bf16 is an option).
-- CPU with AMX (Intel Sapphire Rapids and later): bf16. oneDNN's AMX bf16 matmuls run 3-6x faster than
+- CPU with AMX (Intel Sapphire Rapids and later): bf16. oneDNN's AMX bf16 matmuls run 3.2-4.7x faster than
   fp32 on one core; the dense nanoGPT-recipe step is 0.75x fp32's, the `tiny` MLA + MoE step 0.96x
   (bench/RESULTS.md, "Second pass").
 - Other CPUs: fp32 (bf16 matmuls there are emulated or half-rate).
@@ -46,7 +46,7 @@ def choose_precision(device_name: str | None, capability: tuple[int, int] | None
     has AMX) -> the choice."""
     if device_name is None:
         if cpu_amx:
-            return HardwareChoice("bf16", False, "CPU with AMX: bf16 autocast (AMX bf16 matmuls are 3-6x "
+            return HardwareChoice("bf16", False, "CPU with AMX: bf16 autocast (AMX bf16 matmuls are 3-5x "
                                   "fp32's; norms and the loss stay fp32)")
         return HardwareChoice("fp32", False, "no CUDA GPU and no AMX on this CPU: fp32 (bf16 matmuls would be "
                               "slower here)")
