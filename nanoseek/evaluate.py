@@ -64,7 +64,7 @@ def token_stream(source: str | None, tokenizer: Tokenizer, run_data: Path | None
     return ids[:max_tokens] if max_tokens else ids
 
 
-def _windows(ids: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def token_windows(ids: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive windows: inputs [b, T] and targets [b, T] (shifted by one), every token after the
     first scored once; the shorter last window comes in a batch of its own."""
     rows = [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
@@ -101,7 +101,7 @@ def evaluate_ids(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, seq_
     n_batches = math.ceil(n_full / batch_size) + (1 if tail else 0)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    for x, y in tqdm(_windows(ids, seq_len, batch_size), total=n_batches, desc="eval", unit="batch",
+    for x, y in tqdm(token_windows(ids, seq_len, batch_size), total=n_batches, desc="eval", unit="batch",
                      disable=not progress):
         with autocast:
             out = model(x.to(device), y.to(device))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoseek.evaluate import token_windows
 from nanoseek.model.transformer import IGNORE_INDEX, ModelOutput
 from nanoseek.train.distributed import unwrap
 
@@ -37,14 +38,6 @@ class Comparison:
                 f"{self.ppl_student:.3f} | top-1 agreement {self.top1:.1%} | {self.tokens} tokens")
 
 
-def _windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
-    """ids [N] -> consecutive windows [seq_len + 1] overlapping by one token (every token after the first is
-    a target once); the shorter tail is a window of its own."""
-    if ids.numel() < 2:
-        raise ValueError(f"{ids.numel()} held-out tokens: need at least 2; give more held-out text")
-    return [ids[s:s + seq_len + 1] for s in range(0, ids.numel() - 1, seq_len)]
-
-
 @torch.no_grad()
 def compare(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tensor, seq_len: int | None = None,
             batch_size: int = 2) -> Comparison:
@@ -52,21 +45,19 @@ def compare(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tenso
     or [B, T] (each row a sequence; all but the last position are scored). Vocabulary-sized temporaries are
     made for `batch_size` windows at a time."""
     if ids.dim() == 1:
+        if ids.numel() < 2:
+            raise ValueError(f"{ids.numel()} held-out tokens: need at least 2; give more held-out text")
         seq_len = min(seq_len or 512, student.config.max_seq_len, teacher.config.max_seq_len)
-        windows = _windows(ids, seq_len)
-        full = [w for w in windows if w.numel() == seq_len + 1]
-        batches = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
-        batches += [w[None] for w in windows if w.numel() != seq_len + 1]
+        pairs = token_windows(ids.cpu().numpy(), seq_len, batch_size)
     else:
-        batches = list(ids.split(batch_size))
+        pairs = ((rows[:, :-1], rows[:, 1:]) for rows in ids.split(batch_size))
     was = teacher.training, student.training
     teacher.eval(), student.eval()
     kl = ce_t = ce_s = agree = 0.0
     count = 0
     device, teacher_device = next(student.parameters()).device, next(teacher.parameters()).device
-    for batch in batches:
-        batch = batch.to(device)
-        x, y = batch[:, :-1], batch[:, 1:].flatten()
+    for x, y in pairs:
+        x, y = x.to(device), y.to(device).flatten()
         log_t = F.log_softmax(teacher(x.to(teacher_device)).logits.float().to(device), -1).flatten(0, 1)
         log_s = F.log_softmax(student(x).logits.float(), -1).flatten(0, 1)
         kl += float((log_t.exp() * (log_t - log_s)).sum())
