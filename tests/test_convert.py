@@ -177,6 +177,17 @@ def test_compare_kl_is_teacher_to_student_against_f_kl_div():
     assert result.top1 == pytest.approx(float((log_t.argmax(-1) == log_s.argmax(-1)).float().mean()))
 
 
+def test_kl_to_teacher_is_the_written_out_sum():
+    from nanoseek.npt.objective import kl_to_teacher
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    t = 2.0
+    log_s, log_t = (F.log_softmax(z.double() / t, -1) for z in (student, teacher))
+    expected = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * t ** 2  # KL(teacher || student) per token, x T^2
+    assert float(kl_to_teacher(student, teacher, t)) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_distill_objective_is_zero_for_an_exact_conversion():
     from nanoseek.interop.heal import distill_objective
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.evaluate import token_windows
-from nanoseek.model.transformer import IGNORE_INDEX, ModelOutput
+from nanoseek.model.transformer import ModelOutput, _cross_entropy
 from nanoseek.train.distributed import unwrap
 
 
@@ -77,7 +77,7 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
     x, y: [B, T] and [B, >= T] token ids. The teacher runs without gradients on x's device (moved there on
     first use). Logged components: kl, hidden (when on), student_ce; the eval metric is the total.
     """
-    from nanoseek.npt.objective import normalised_mse  # here: nanoseek.npt imports nanoseek.interop
+    from nanoseek.npt.objective import kl_to_teacher, normalised_mse  # here: nanoseek.npt imports nanoseek.interop
 
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0")
@@ -105,12 +105,9 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
             out, hidden = layer_outputs(model, x)
         else:
             out, hidden = model(x), []
-        logits = out.logits.float()
-        log_s = F.log_softmax(logits / temperature, -1)
-        log_t = F.log_softmax(teacher_out.logits.float() / temperature, -1)
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
+        kl = kl_to_teacher(out.logits, teacher_out.logits, temperature)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(ce_weight)):  # only logged when its weight is 0
-            ce = F.cross_entropy(logits.flatten(0, 1), y[:, :x.shape[1]].flatten(), ignore_index=IGNORE_INDEX)
+            ce = _cross_entropy(out.logits, y[:, :x.shape[1]])
         losses = {"kl": kl, "student_ce": ce.detach()}
         total = kl
         if hidden_weight:

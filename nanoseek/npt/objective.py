@@ -18,12 +18,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.transformer import IGNORE_INDEX, ModelOutput
+from nanoseek.model.transformer import ModelOutput, _cross_entropy
 from nanoseek.npt.convert import Teacher
 from nanoseek.npt.layer import NPTBlock
 from nanoseek.train.distributed import unwrap
 
 NMSE_FLOOR = 1e-12  # a teacher state of exactly zero norm (never seen in practice) must not divide by 0
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions at `temperature`, mean over tokens, times T^2
+    (Hinton et al. 2015, so the gradient scale does not depend on T), in fp32. logits [B, T, vocab] -> scalar."""
+    log_s = F.log_softmax(student_logits.float() / temperature, -1).flatten(0, -2)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, -1).flatten(0, -2)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
 def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -75,11 +83,8 @@ class DistillationObjective:
         losses = {"nmse": nmse, "reg": reg}
         total = nmse + self.reg_weight * reg
         if self.kl_weight > 0:
-            kl = F.kl_div(F.log_softmax(out.logits.float(), -1).flatten(0, 1),
-                          F.log_softmax(target_logits.float(), -1).flatten(0, 1), log_target=True, reduction="batchmean")
-            losses["kl"] = kl
-            total = total + self.kl_weight * kl
+            losses["kl"] = kl_to_teacher(out.logits, target_logits)
+            total = total + self.kl_weight * losses["kl"]
         with torch.no_grad():
-            losses["student_ce"] = F.cross_entropy(out.logits.float().flatten(0, 1), y[:, :x.shape[1]].flatten(),
-                                                   ignore_index=IGNORE_INDEX)
+            losses["student_ce"] = _cross_entropy(out.logits, y[:, :x.shape[1]])
         return ModelOutput(out.logits, total, losses)
