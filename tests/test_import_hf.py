@@ -60,10 +60,6 @@ def hf_folder(tmp_path, name: str = "hf", arch: str = "llama", shard: bool = Fal
     return model, folder
 
 
-def logit_diff(model: Transformer, hf, seq_len: int = 40) -> float:
-    return max_logit_diff(model, hf, seq_len)
-
-
 # ---- Llama-family folders against transformers ---------------------------------------------------------
 
 LLAMA_CASES = {
@@ -97,7 +93,7 @@ def test_llama_logits_match_transformers(case, tmp_path):
     assert cfg.tie_embeddings == hf.config.tie_word_embeddings
     assert (cfg.tie_embeddings and model.head.weight is model.embed.weight) or not cfg.tie_embeddings
     assert cfg.rope_theta == hf.config.rope_parameters["rope_theta"] and cfg.norm_eps == 1e-5
-    assert logit_diff(model, hf) < TOL
+    assert max_logit_diff(model, hf, seq_len=40) < TOL
 
 
 ROPE_CASES = {
@@ -116,7 +112,7 @@ def test_rope_scaling_matches_transformers(case, tmp_path):
     hf, folder = hf_folder(tmp_path, rope_parameters=scaling)
     model = import_hf(folder)
     assert model.config.rope_scaling == scaling["rope_type"]
-    assert logit_diff(model, hf, seq_len=48) < TOL  # well past the original lengths of 16 / 32
+    assert max_logit_diff(model, hf, seq_len=48) < TOL  # well past the original lengths of 16 / 32
 
 
 def test_llama3_rope_scaling_is_refused(tmp_path):
@@ -132,7 +128,7 @@ def test_qwen3_logits_match_transformers(tmp_path):
     hf, folder = hf_folder(tmp_path, arch="qwen3", head_dim=12, tie_word_embeddings=True)
     model = import_hf(folder)
     assert model.config.qk_norm and model.config.head_dim == 12
-    assert logit_diff(model, hf) < TOL
+    assert max_logit_diff(model, hf, seq_len=40) < TOL
 
 
 DEEPSEEK_FOLDERS = {
@@ -169,7 +165,7 @@ def test_deepseek_folders_match_transformers(case, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     model = import_hf(tmp_path / "hf")
     assert model.config.score_func == ("sigmoid" if arch == "DeepseekV3" else "softmax")
-    assert logit_diff(model, hf, seq_len=48) < TOL
+    assert max_logit_diff(model, hf, seq_len=48) < TOL
 
 
 def test_legacy_config_keys(tmp_path):
@@ -183,14 +179,14 @@ def test_legacy_config_keys(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     model = import_hf(folder)
     assert (model.config.rope_theta, model.config.rope_scaling) == (700.0, "yarn")
-    assert logit_diff(model, hf, seq_len=48) < TOL
+    assert max_logit_diff(model, hf, seq_len=48) < TOL
 
 
 def test_rope_layout_error_would_show(tmp_path, monkeypatch):
     """Negative control: importing without the rotate-half -> interleaved row permutation must not match."""
     hf, folder = hf_folder(tmp_path)
     monkeypatch.setitem(importer.ROTATE_HALF_TRANSFORMS, "gqa", {})
-    assert logit_diff(import_hf(folder), hf) > 1e-2
+    assert max_logit_diff(import_hf(folder), hf, seq_len=40) > 1e-2
 
 
 def test_dtype(tmp_path):
@@ -273,7 +269,7 @@ def test_deepseek_rotate_half_folder(tmp_path):
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     _edit_config(out, rope_interleave=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
-    assert logit_diff(model, hf.eval(), seq_len=32) < TOL  # transformers reads the edited folder as the original
+    assert max_logit_diff(model, hf.eval(), seq_len=32) < TOL  # transformers reads the edited folder as the original
     back = import_hf(out)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
 

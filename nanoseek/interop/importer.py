@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.interop.names import STACKED_EXPERTS, from_hf_name, halves_to_interleaved, resolve_dtype, to_hf_name
+from nanoseek.interop.names import (ROPE_ROWS, STACKED_EXPERTS, from_hf_name, halves_to_interleaved, resolve_dtype,
+                                   to_hf_name)
+from nanoseek.train.checkpoint import COMPLETE_FILE
 from nanoseek.model import Transformer
 from nanoseek.model.layers import _yarn_mscale
 
@@ -81,8 +83,7 @@ def mla_key_rope_rows(tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 ROTATE_HALF_TRANSFORMS: dict[str, dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]]] = {
-    "gqa": {"attn.wq.weight": gqa_rope_rows, "attn.wk.weight": gqa_rope_rows,
-            "attn.q_norm.weight": gqa_rope_rows, "attn.k_norm.weight": gqa_rope_rows},
+    "gqa": dict.fromkeys(ROPE_ROWS, gqa_rope_rows),  # the rows export permutes, permuted back
     "mla": {"attn.wq.weight": mla_query_rope_rows, "attn.wq_b.weight": mla_query_rope_rows,
             "attn.wkv_a.weight": mla_key_rope_rows},
 }
@@ -95,7 +96,7 @@ def is_hf_folder(path: str | Path) -> bool:
     """True for a folder holding a transformers config.json (a `model_type` key), not a nanoseek checkpoint
     (whose config.json is a run config)."""
     config = Path(path) / CONFIG_FILE
-    if not config.is_file() or (Path(path) / "COMPLETE").exists():  # checkpoint.py's commit marker
+    if not config.is_file() or (Path(path) / COMPLETE_FILE).exists():  # a checkpoint's commit marker
         return False
     try:
         return "model_type" in json.loads(config.read_text())
@@ -146,7 +147,7 @@ def read_hf_config(folder: str | Path) -> dict:
     """The folder's config.json as a dict, with a supported `model_type`."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
-    if (folder / "COMPLETE").is_file() or (folder / "checkpoints").is_dir():
+    if (folder / COMPLETE_FILE).is_file() or (folder / "checkpoints").is_dir():
         raise ValueError(f"{str(folder)!r} is a nanoseek checkpoint or run directory, not a transformers folder; "
                          "load it with nanoseek.load_checkpoint(path)")
     if not config_path.is_file():
