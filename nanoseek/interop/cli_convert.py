@@ -116,34 +116,14 @@ class Heal:
 # ---- loading -------------------------------------------------------------------------------------
 
 
-def load_source(path: str | Path):
+def load_source(path: str | Path, flag: str = "--from"):
     """(dense model, tokenizer spec for DataConfig.tokenizer) from a transformers folder or a nanoseek run."""
-    from nanoseek.interop.importer import is_hf_folder, import_hf
+    from nanoseek.interop.source import load_source_model
 
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ValueError(f"--from {path}: does not exist; pass a transformers folder or a nanoseek run directory")
-    if is_hf_folder(path):
-        if not (path / "tokenizer.json").is_file():
-            raise ValueError(f"{path} has no tokenizer.json; convert needs the model's tokenizer to measure it "
-                             "on text (save it next to config.json with tokenizer.save_pretrained)")
-        return import_hf(path), str(path / "tokenizer.json")
-    from nanoseek.train.loading import load_model
-
-    model, _ = load_model(path)
-    return model, _run_tokenizer_spec(path)
-
-
-def _run_tokenizer_spec(path: Path) -> str:
-    from nanoseek.train.loading import load_run_tokenizer, run_dir_of
-
-    tok = load_run_tokenizer(path)  # raises when no run directory holds `path`
-    if tok.kind == "byte":
-        return "byte"
-    tokenizer_file = run_dir_of(path) / "data" / "tokenizer.json"
-    if tokenizer_file.is_file():
-        return str(tokenizer_file)
-    raise ValueError(f"the run at {path} uses a {tok.kind!r} tokenizer; convert needs a tokenizer.json or byte one")
+    source = load_source_model(path, flag)
+    if source.tokenizer == "char":
+        raise ValueError(f"the run at {path} uses a 'char' tokenizer; convert needs a tokenizer.json or byte one")
+    return source.model, source.tokenizer
 
 
 def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
@@ -235,7 +215,7 @@ def cmd_heal(args: Heal) -> int:
     if teacher_path is None:
         raise ValueError(f"{run} has no {CONVERSION_FILE}; pass --teacher (the original model)")
     student, cfg = load_model(ckpt)
-    teacher, _ = load_source(teacher_path)
+    teacher, _ = load_source(teacher_path, "--teacher")
     if teacher.config.vocab_size != cfg.vocab_size:
         raise ValueError(f"--teacher {teacher_path} has vocab_size {teacher.config.vocab_size}, the converted model "
                          f"{cfg.vocab_size}; pass the model it was converted from")
