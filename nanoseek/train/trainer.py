@@ -40,6 +40,7 @@ from nanoseek.train.distributed import Distributed, launched_by_torchrun, local,
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
 from nanoseek.train.guard import StabilityGuard, Verdict
+from nanoseek.train.loading import model_from_state
 from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
 from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
@@ -453,9 +454,7 @@ class Trainer:
         self.last_bad_grads = sorted({name for info in everyone for name in info["bad_grads"]})
         model = self.model
         if state is not None:  # the sharded module cannot run alone on rank 0: replay a whole copy
-            with torch.random.fork_rng(devices=[]):  # its init must not move rank 0's RNG off the others'
-                model = Transformer(self.cfg.model).to(self.device)
-            model.load_state_dict(state)
+            model = self._whole_copy(state)
         faults = FaultInjector(self.cfg.guard.inject, model, culprit, self.dist.world_size)
         module = locate_and_save(self, verdict, everyone[culprit]["batches"], model=model, faults=faults)
         self.logger.write(f"[guard] step {self.step - 1}: the fault began on rank {culprit}")
@@ -525,13 +524,16 @@ class Trainer:
         the final weights are gathered into a plain Transformer (so a sample or an evaluation needs no other
         rank; a model passed in stays sharded), then the process group is left if this run started it."""
         if self.dist.mode == "fsdp" and self.built_model:
-            state = self.dist.full_model_state(self.model, everywhere=True)
-            with torch.random.fork_rng(devices=[]):  # the RNG stays where training left it
-                self.model = Transformer(self.cfg.model).to(self.device)
-            self.model.load_state_dict(state)
+            self.model = self._whole_copy(self.dist.full_model_state(self.model, everywhere=True))
             self.forward_model = self.model
         self.dist.close()
         self.dist = self.dist.detached()
+
+    def _whole_copy(self, state: dict[str, torch.Tensor]) -> Transformer:
+        """An unsharded model on this rank's device holding the full `state` (NPT blocks included). Its
+        init runs under a forked RNG, so this rank's random stream stays in step with the others'."""
+        with torch.random.fork_rng(devices=[]):
+            return model_from_state(self.cfg.model, state).to(self.device)
 
     def _rollback_for_abort(self) -> None:
         if self.snapshots["good"] is not None:  # the final checkpoint holds the last good weights
