@@ -27,14 +27,14 @@ from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint
 from nanoseek.train.distributed import Distributed
 from nanoseek.train.faults import FaultInjector, parse_fault
 from nanoseek.train.trainer import Trainer
+from tiny import TINY_MODEL
 
 WORLD = 2
 STEPS = 10
 NAN_AT = 5
 PER_RANK_BATCH = 2
 GRAD_ACCUM = 2  # so gradients skip the sync on the first micro-batch (DDP no_sync, FSDP set_requires_gradient_sync)
-SMALL_MODEL = dict(dim=32, n_heads=2, n_layers=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                   v_head_dim=8, inter_dim=64, moe_inter_dim=16, n_routed_experts=4, max_seq_len=32)
+SMALL_MODEL = TINY_MODEL
 # fp32 throughout. The runs differ only in the order of floating-point sums: the all-reduce adds two
 # half-batch gradients where one process sums the whole batch at once, and the loss is a mean of two
 # half-batch means. Measured: 2.4e-7 (one fp32 ulp at a loss of ~3) over 10 steps. The bound leaves room

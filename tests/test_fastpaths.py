@@ -14,14 +14,11 @@ from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import Experts, expert_counts, per_expert_loop
 from nanoseek.model.transformer import IGNORE_INDEX, chunked_cross_entropy
 from nanoseek.train.hardware import HardwareChoice, choose_precision, cpu_has_amx
+from tiny import tiny_model_config
 
 
 def small_config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=97, dim=32, n_layers=2, n_heads=2, max_seq_len=32, kv_lora_rank=16,
-                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, inter_dim=64, n_dense_layers=1,
-                n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16, mtp_depth=1)
-    base.update(overrides)
-    return ModelConfig(**base)
+    return tiny_model_config(**{"vocab_size": 97, **overrides})
 
 
 def loss_and_grads(model: Transformer, idx, targets, loss_chunk: int):

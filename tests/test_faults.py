@@ -19,27 +19,20 @@ import torch
 from torch import nn
 
 from nanoseek.cli import main as cli_main
-from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
+from nanoseek.config import DataConfig, GuardConfig, RunConfig, TrainConfig
 from nanoseek.diagnose import diagnose_run
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint
 from nanoseek.train.faults import KINDS, FaultInjector, parse_fault
 from nanoseek.train.optim import lr_factor
 from nanoseek.train.trainer import Trainer
+from tiny import tiny_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, AT = 8, 3  # run length and the step every fault here fires at
 
 
 # ---- tiny runs --------------------------------------------------------------------------------------
-
-
-def tiny_model_config(**overrides) -> ModelConfig:
-    """MLA + MoE (1 dense layer, 4 routed experts, 1 shared) + one MTP module; ~35K parameters."""
-    return ModelConfig.from_preset("tiny", dim=32, n_heads=2, n_layers=2, kv_lora_rank=16, qk_nope_head_dim=8,
-                                   qk_rope_head_dim=8, v_head_dim=8, inter_dim=64, moe_inter_dim=16,
-                                   n_routed_experts=4, n_dense_layers=1, n_shared_experts=1, mtp_depth=1,
-                                   max_seq_len=32, **overrides)
 
 
 def tiny_config(corpus: Path, max_steps: int = STEPS, inject=(), train: dict | None = None,

@@ -24,12 +24,12 @@ from nanoseek.report import build_figure, finish_train, list_runs, read_run, run
 from nanoseek.report.runs import RUNNING_IDLE_S, format_runs
 from nanoseek.train.checkpoint import best_checkpoint, latest_checkpoint, list_checkpoints
 from nanoseek.train.trainer import Trainer
+from tiny import TINY_MODEL
 
 pytest.importorskip("matplotlib")
 
 STEPS, FAULT_AT = 12, 5
-MODEL = dict(dim=32, n_heads=2, n_layers=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-             inter_dim=64, moe_inter_dim=16, n_routed_experts=4, n_dense_layers=1, mtp_depth=1, max_seq_len=32)
+MODEL = TINY_MODEL
 TRAIN = dict(batch_size=4, warmup_steps=2, eval_every=4, save_every=4, eval_batches=2, log_every=3,
              tensorboard=False, sample_tokens=0, keep_last=2, keep_best=1)
 

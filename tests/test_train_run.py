@@ -18,9 +18,9 @@ import nanoseek
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from nanoseek.train.trainer import Trainer
+from tiny import TINY_MODEL
 
-SMALL_MODEL = dict(dim=32, n_heads=2, n_layers=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                   v_head_dim=8, inter_dim=64, moe_inter_dim=16, n_routed_experts=4, max_seq_len=32)
+SMALL_MODEL = TINY_MODEL
 
 
 def make_config(corpus: Path, out: Path, max_steps: int = 20, **train) -> RunConfig:
