@@ -20,14 +20,14 @@ def _fail(field_name: str, value: Any, fix: str) -> None:
     raise ValueError(f"{field_name}={value!r}: {fix}")
 
 
-def _positive(obj: Any, *names: str) -> None:
+def require_positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             _fail(name, value, "must be a positive number")
 
 
-def _non_negative(obj: Any, *names: str) -> None:
+def require_non_negative(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -144,13 +144,13 @@ class ModelConfig:
     derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "rope_theta",
+        require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "rope_theta",
                   "norm_eps", "embd_scale", "inter_dim", "init_std")
         _one_of(self, "attention", ("mla", "gqa"))
         _one_of(self, "score_func", ("sigmoid", "softmax"))
         _one_of(self, "mtp_kind", ("modules", "shared"))
         _one_of(self, "rope_scaling", ("none", "linear", "yarn"))
-        _non_negative(self, "q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts",
+        require_non_negative(self, "q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts",
                       "route_scale", "balance_rate", "aux_loss_coef", "router_z_loss_coef",
                       "mtp_weight", "qk_clip_threshold", "logit_z_loss_coef", "swiglu_clamp",
                       "rope_original_max_seq_len", "mscale_all_dim")
@@ -215,15 +215,15 @@ class ModelConfig:
             _fail("head_dim", self.head_dim, "is for GQA; MLA's head sizes are qk_nope_head_dim, qk_rope_head_dim, v_head_dim")
         if self.embd_scale != 1.0:
             _fail("embd_scale", self.embd_scale, "widens dim for attention='gqa' only; set dim directly for MLA")
-        _positive(self, "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
-        _non_negative(self, "qk_nope_head_dim")
+        require_positive(self, "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+        require_non_negative(self, "qk_nope_head_dim")
         if self.qk_rope_head_dim % 2:
             _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (rotary embeddings rotate pairs)")
         if self.qk_norm:
             _fail("qk_norm", True, "is for GQA; MLA has its latent norms and QK-clip (qk_clip_threshold)")
 
     def _check_moe(self) -> None:
-        _positive(self, "moe_inter_dim", "n_activated_experts", "n_expert_groups", "n_limited_groups")
+        require_positive(self, "moe_inter_dim", "n_activated_experts", "n_expert_groups", "n_limited_groups")
         if self.n_activated_experts > self.n_routed_experts:
             _fail("n_activated_experts", self.n_activated_experts,
                   f"must be <= n_routed_experts={self.n_routed_experts}")
@@ -332,7 +332,7 @@ class DataConfig:
     hf_text_field: str = "text"
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "seq_len", "shard_tokens")
+        require_positive(self, "vocab_size", "seq_len", "shard_tokens")
         if not 0.0 < self.val_fraction < 0.5:
             _fail("val_fraction", self.val_fraction, "must be in (0, 0.5)")
         if self.tokenizer == "bpe" and self.vocab_size < 260:
@@ -383,9 +383,9 @@ class TrainConfig:
     dist: Literal["none", "ddp", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
-        _positive(self, "max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
+        require_positive(self, "max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
                   "save_every", "log_every", "cycle_steps", "muon_lr")
-        _non_negative(self, "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
+        require_non_negative(self, "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
                       "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk")
         _one_of(self, "optimizer", ("adamw", "lion", "muon"))
         _one_of(self, "schedule", ("cosine", "wsd", "constant", "cyclic"))
@@ -442,8 +442,8 @@ class GuardConfig:
     inject: tuple[str, ...] = ()  # fault injection: KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5
 
     def __post_init__(self) -> None:
-        _positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every", "stats_every")
-        _non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches")
+        require_positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every", "stats_every")
+        require_non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches")
         if self.warmup > self.window:
             _fail("warmup", self.warmup, f"must be <= window={self.window}: the window could never fill, "
                   "so spike detection would be off")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import tyro
 
+from nanoseek.config import require_non_negative, require_positive
 from nanoseek.npt.config import DEFAULT_RANK
 
 if TYPE_CHECKING:
@@ -75,15 +76,8 @@ class Npt:
             raise ValueError(f"precision={self.precision!r} with quantize={self.quantize!r}: a quantised base computes "
                              "in fp32 (mixed precision over quantised weights produces NaNs); drop --precision "
                              "or --quantize")
-        for name in ("rank", "seq_len", "batch_size", "max_steps", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: must be a positive int")
-        for name in ("reg_weight", "kl_weight", "grad_clip", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r}: must be > 0")
+        require_positive(self, "rank", "seq_len", "batch_size", "max_steps", "eval_every", "lr")
+        require_non_negative(self, "reg_weight", "kl_weight", "grad_clip", "warmup_steps")
         if self.resume and not self.out:
             raise ValueError("--resume needs --out RUN_DIR: the NPT run to continue")
 
