@@ -37,6 +37,7 @@ from nanoseek.interop.convert_mla import (RopeChoice, choose_rope_pairs, convert
 from nanoseek.interop.convert_moe import split_mlp, upcycle_mlp
 from nanoseek.interop.heal import compare
 from nanoseek.model import Transformer
+from nanoseek.model.moe import MoE, expert_counts
 
 
 @dataclass
@@ -293,7 +294,7 @@ def _attention_error(attn: torch.nn.Module, u: torch.Tensor, reference: torch.Te
 def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cfg: ModelConfig, moe: str,
                  router_std: float, seed: int) -> None:
     w1, w2, w3 = (getattr(old, n).weight.double().cpu() for n in ("w1", "w2", "w3"))
-    if not hasattr(new, "gate"):  # a dense layer stays as it is
+    if not isinstance(new, MoE):  # a dense layer stays as it is
         for name in ("w1", "w2", "w3"):
             getattr(new, name).weight.copy_(getattr(old, name).weight)
         return
@@ -316,9 +317,9 @@ def _expert_loads(model: Transformer, ids: torch.Tensor) -> dict[int, list[float
     counts: dict[int, torch.Tensor] = {}
     handles = []
     for i, block in enumerate(model.layers):
-        if hasattr(block.ffn, "gate"):
+        if isinstance(block.ffn, MoE):
             def hook(module, args, result, index=i):
-                found = torch.bincount(result[1].flatten(), minlength=module.n_experts).double()
+                found = expert_counts(result[1].flatten(), module.n_experts).double()
                 counts[index] = counts.get(index, 0) + found
             handles.append(block.ffn.gate.register_forward_hook(hook))
     if not handles:
