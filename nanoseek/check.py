@@ -92,10 +92,10 @@ def _cache_mismatch(model: Transformer, tokens: torch.Tensor, prompt_len: int) -
     token whose logit is within 1e-4 of the best one is rounding, not a cache bug)."""
     with torch.no_grad():
         logits = model(tokens).logits[0, prompt_len - 1:-1].float()  # [n, vocab]: predicts each new token
-    for i, tok in enumerate(tokens[0, prompt_len:].tolist()):
-        if float(logits[i].max() - logits[i, tok]) > 1e-4:
-            return i
-    return None
+    generated = tokens[0, prompt_len:]  # [n]
+    gaps = logits.max(-1).values - logits.gather(1, generated[:, None]).squeeze(1)  # [n], >= 0
+    bad = (gaps > 1e-4).nonzero().flatten().tolist()  # one host read
+    return bad[0] if bad else None
 
 
 def check_presets(names: list[str] | None = None, device: str | torch.device = "cpu") -> list[CheckResult]:
