@@ -8,7 +8,6 @@ module), recovered from, and replayable later with `nanoseek diagnose`. Each fau
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint
 from nanoseek.train.faults import KINDS, FaultInjector, parse_fault
 from nanoseek.train.optim import lr_factor
 from nanoseek.train.trainer import Trainer
-from tiny import tiny_model_config
+from tiny import tiny_model_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, AT = 8, 3  # run length and the step every fault here fires at
@@ -42,15 +41,6 @@ def tiny_config(corpus: Path, max_steps: int = STEPS, inject=(), train: dict | N
     return RunConfig(model=tiny_model_config(), data=DataConfig(source=str(corpus), tokenizer="char", seq_len=16),
                      train=TrainConfig(max_steps=max_steps, **train),
                      guard=GuardConfig(inject=tuple(inject), **(guard or {})), device="cpu")
-
-
-def write_corpus(path: Path) -> Path:
-    """~17 KB of deterministic pseudo-sentences over a small word list (about 30 distinct characters)."""
-    words = ("the quick brown fox jumps over a lazy dog while seven small cats sleep near warm stones "
-             "and rain falls on quiet green hills").split()
-    rng = random.Random(0)
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)))
-    return path
 
 
 def state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ rollbacks abort with a finite checkpoint, and the guard's state survives save an
 
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint
 from nanoseek.train.guard import StabilityGuard
 from nanoseek.train.optim import lr_factor
 from nanoseek.train.trainer import Trainer
+from tiny import write_corpus
 
 
 # ---- StabilityGuard.check ---------------------------------------------------------------------------
@@ -210,13 +210,7 @@ def tiny_config(corpus: Path, max_steps: int, inject=(), train: dict | None = No
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """~17 KB of deterministic pseudo-sentences over a small word list (about 30 distinct characters)."""
-    words = ("the quick brown fox jumps over a lazy dog while seven small cats sleep near warm stones "
-             "and rain falls on quiet green hills").split()
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
 
 
 def model_and_optimizer_state(trainer: Trainer) -> dict:

@@ -8,7 +8,6 @@ import base64
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -24,7 +23,7 @@ from nanoseek.report import build_figure, finish_train, list_runs, read_run, run
 from nanoseek.report.runs import RUNNING_IDLE_S, format_runs
 from nanoseek.train.checkpoint import best_checkpoint, latest_checkpoint, list_checkpoints
 from nanoseek.train.trainer import Trainer
-from tiny import TINY_MODEL
+from tiny import CORPUS_WORDS, TINY_MODEL, write_corpus
 
 pytest.importorskip("matplotlib")
 
@@ -34,11 +33,7 @@ TRAIN = dict(batch_size=4, warmup_steps=2, eval_every=4, save_every=4, eval_batc
              tensorboard=False, sample_tokens=0, keep_last=2, keep_best=1)
 
 
-def write_corpus(path: Path) -> Path:
-    words = "the quick brown fox jumps over a lazy dog while seven small cats sleep near warm stones".split()
-    rng = random.Random(0)
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)))
-    return path
+REPORT_WORDS = CORPUS_WORDS[:17]  # up to "stones": the runs these tests pin were trained on this text
 
 
 def config(corpus: Path, out: Path, inject=(), **guard) -> RunConfig:
@@ -67,7 +62,7 @@ def runs(tmp_path_factory):
     """{"clean": a finished run (Trainer), "faulted": a CLI run with nan-loss@5 (and its stdout),
     "aborted": a run the guard aborts at its first fault}."""
     root = tmp_path_factory.mktemp("runs")
-    corpus = write_corpus(root / "corpus.txt")
+    corpus = write_corpus(root / "corpus.txt", REPORT_WORDS)
     out = {}
     clean = root / "clean"
     out["clean_result"] = Trainer(config(corpus, clean), clean, show_progress=False).train()

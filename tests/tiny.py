@@ -1,5 +1,8 @@
-"""The tiny model most tests build or train: MLA + MoE (1 dense layer, 4 routed experts of width 16, 1 shared)
-+ one MTP module, ~35K parameters (the `tiny` preset at width 32)."""
+"""What many tests build or train on: the tiny model (MLA + MoE with 1 dense layer, 4 routed experts of width
+16 and 1 shared, + one MTP module, ~35K parameters: the `tiny` preset at width 32) and a small text corpus."""
+
+import random
+from pathlib import Path
 
 from nanoseek import ModelConfig
 
@@ -10,3 +13,14 @@ TINY_MODEL = dict(dim=32, n_heads=2, n_layers=2, kv_lora_rank=16, qk_nope_head_d
 
 def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig.from_preset("tiny", **{**TINY_MODEL, **overrides})
+
+
+CORPUS_WORDS = ("the quick brown fox jumps over a lazy dog while seven small cats sleep near warm stones "
+                "and rain falls on quiet green hills").split()
+
+
+def write_corpus(path: Path, words: list[str] = CORPUS_WORDS) -> Path:
+    """~17 KB of deterministic pseudo-sentences over `words` (about 30 distinct characters)."""
+    rng = random.Random(0)
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)))
+    return path
