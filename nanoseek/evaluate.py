@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.data.corpus import is_prepared_dir, iter_documents
-from nanoseek.data.shards import load_prepared, read_shard
+from nanoseek.data.shards import load_prepared, read_tokens
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import Transformer
 
@@ -52,8 +52,7 @@ def token_stream(source: str | None, tokenizer: Tokenizer, run_data: Path | None
         if prepared.vocab_size > tokenizer.vocab_size:
             raise ValueError(f"{prepared.out_dir} was tokenised with {prepared.vocab_size} ids but the model's "
                              f"tokenizer has {tokenizer.vocab_size}; evaluate on text instead (--data FILE)")
-        ids = np.concatenate([np.asarray(read_shard(p)) for p in prepared.val_shards]).astype(np.int64)
-        return ids[:max_tokens] if max_tokens else ids
+        return read_tokens(prepared.val_shards, max_tokens or None)
     chunks, total = [], 0
     for doc in iter_documents(source):
         chunks.append(np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=np.int64))

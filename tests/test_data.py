@@ -22,7 +22,7 @@ from nanoseek.data import (
     train_tokenizer,
     write_shards,
 )
-from nanoseek.data.shards import HEADER_BYTES, MAGIC
+from nanoseek.data.shards import HEADER_BYTES, MAGIC, read_tokens
 
 UNICODE_TEXT = "naïve café — 日本語 🙂🚀 x² ∑\n\ttabs  and   spaces\r\nend"
 
@@ -209,6 +209,10 @@ def test_shard_writer_reader_round_trip(tmp_path):
     shards = [read_shard(p) for p in paths]
     assert [len(s) for s in shards] == [100, 142] and shards[0].dtype == np.uint16
     np.testing.assert_array_equal(np.concatenate(shards), stream)
+    for cap in (None, 30, 100, 150, 1000):  # read_tokens: joined in order, int64, stopping at the cap
+        got = read_tokens(paths, cap)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, stream[:cap])
     big = write_shards([[0, 70_000, 5]], tmp_path, "wide", shard_tokens=10, vocab_size=70_001)
     assert read_shard(big[0]).dtype == np.uint32 and list(read_shard(big[0])) == [0, 70_000, 5]
     with pytest.raises(ValueError, match=r"token id 500 is outside \[0, 500\)"):

@@ -172,6 +172,17 @@ def read_shard(path: str | Path, vocab_size: int | None = None) -> np.memmap:
     return tokens
 
 
+def read_tokens(shards: Iterable[str | Path], max_tokens: int | None = None) -> np.ndarray:
+    """The shards' tokens joined in order as int64 [N], stopping once `max_tokens` are read (None: all)."""
+    parts, total = [], 0
+    for path in shards:
+        parts.append(np.asarray(read_shard(path)[:None if max_tokens is None else max_tokens - total]))
+        total += len(parts[-1])
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -127,12 +127,11 @@ def load_source(path: str | Path, flag: str = "--from"):
 
 
 def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
-    from nanoseek.data.shards import load_prepared, read_shard
+    """The first `n_tokens` ids of a prepared directory's train or val split."""
+    from nanoseek.data.shards import load_prepared, read_tokens
 
     prepared = load_prepared(data_dir)
-    shards = prepared.train_shards if split == "train" else prepared.val_shards
-    ids = np.concatenate([np.asarray(read_shard(p)) for p in shards]).astype(np.int64)
-    return ids[:n_tokens]
+    return read_tokens(prepared.train_shards if split == "train" else prepared.val_shards, n_tokens)
 
 
 def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
