@@ -13,7 +13,7 @@ from torch import nn
 from nanoseek.model import Transformer
 from nanoseek.model.moe import Gate
 from nanoseek.npt.config import AdapterConfig
-from nanoseek.npt.layer import NPTAdapter, NPTBlock
+from nanoseek.model.npt import NPTAdapter, NPTBlock
 
 
 class Teacher:

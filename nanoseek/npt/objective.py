@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from nanoseek.model.transformer import ModelOutput, _cross_entropy
 from nanoseek.npt.convert import Teacher
-from nanoseek.npt.layer import NPTBlock
+from nanoseek.model.npt import NPTBlock
 from nanoseek.train.distributed import unwrap
 
 NMSE_FLOOR = 1e-12  # a teacher state of exactly zero norm (never seen in practice) must not divide by 0

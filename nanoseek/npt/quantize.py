@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nanoseek.model.attention import MLAttention
-from nanoseek.npt.layer import NPTAdapter
+from nanoseek.model.npt import NPTAdapter
 
 MODES = ("none", "4bit", "8bit")
 

@@ -148,7 +148,7 @@ def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
 def cmd_convert(args: Convert) -> int:
     from nanoseek.data.corpus import is_prepared_dir
     from nanoseek.data.shards import prepare_data
-    from nanoseek.interop.convert import convert_to_mla_moe, target_config
+    from nanoseek.convert.convert import convert_to_mla_moe, target_config
     from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
 
     out = Path(args.out)
@@ -201,7 +201,7 @@ def cmd_convert(args: Convert) -> int:
 
 
 def cmd_heal(args: Heal) -> int:
-    from nanoseek.interop.heal import heal
+    from nanoseek.convert.heal import heal
     from nanoseek.train.loading import load_model, run_dir_of
 
     ckpt = Path(args.ckpt)

@@ -17,8 +17,8 @@ from typing import Annotated, Literal
 import tyro
 
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
-from nanoseek.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
-from nanoseek.interop.cli_convert import Convert, Heal, cmd_convert, cmd_heal
+from nanoseek.cli.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
+from nanoseek.cli.convert import Convert, Heal, cmd_convert, cmd_heal
 from nanoseek.npt.cli import Npt, cmd_npt
 from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
 
