@@ -154,7 +154,7 @@ def cmd_train(args: Train) -> int:
     cfg = args.run_config()
     if args.hardware == "auto":
         from nanoseek.train.hardware import apply_hardware
-        from nanoseek.train.trainer import resolve_device
+        from nanoseek.train.hardware import resolve_device
 
         cfg, choice = apply_hardware(cfg, resolve_device(cfg.device))
         print(f"nanoseek train: --hardware auto -> {choice.precision}{' + fp8' if choice.fp8 else ''}: {choice.reason}")

@@ -71,7 +71,7 @@ def cmd_generate(args: Generate) -> int:
     from nanoseek.generate import Sampling, check_prompt, stream
     from nanoseek.speculative import speculative_generate
     from nanoseek.train.loading import load_model, load_run_tokenizer
-    from nanoseek.train.trainer import resolve_device
+    from nanoseek.train.hardware import resolve_device
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.speculative and args.temperature != 0:
@@ -165,7 +165,7 @@ def cmd_eval(args: Eval) -> int:
 
     from nanoseek.evaluate import evaluate_ids, token_stream
     from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
-    from nanoseek.train.trainer import resolve_device
+    from nanoseek.train.hardware import resolve_device
 
     device = resolve_device(args.device)
     model, _ = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
@@ -196,7 +196,7 @@ class Check:
 
 def cmd_check(args: Check) -> int:
     from nanoseek.check import check_presets
-    from nanoseek.train.trainer import resolve_device
+    from nanoseek.train.hardware import resolve_device
 
     results = check_presets(list(args.presets) or None, resolve_device(args.device))
     print(f"{'preset':<20} {'':<5} {'params':>9} {'time':>7}  detail")

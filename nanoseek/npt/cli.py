@@ -117,7 +117,8 @@ def run_npt(args: Npt):
     from nanoseek.npt.objective import DistillationObjective
     from nanoseek.npt.quantize import check_quantization, quantize_base
     from nanoseek.npt.storage import save_adapters
-    from nanoseek.train.trainer import Trainer, resolve_device
+    from nanoseek.train.hardware import resolve_device
+    from nanoseek.train.trainer import Trainer
 
     device = resolve_device(args.device)
     check_quantization(args.quantize, device)  # before minutes of loading

@@ -40,6 +40,7 @@ from nanoseek.train.distributed import Distributed, launched_by_torchrun, local,
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
 from nanoseek.train.guard import StabilityGuard, Verdict
+from nanoseek.train.hardware import resolve_device
 from nanoseek.train.loading import model_from_state
 from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
@@ -60,14 +61,6 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return {"aborted": 3, "interrupted": 130}.get(self.status, 0)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA GPU is visible; use --device cpu (or auto)")
-    return torch.device(name)
 
 
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], ModelOutput]
