@@ -140,6 +140,12 @@ class ModelConfig:
     """Router scores in fp32 even under autocast (DeepSeek-V3, ST-MoE)."""
     swiglu_clamp: float = 0.0
     """Clamp SwiGLU pre-activations to +-this (opt-in; the clamped count is logged; 0: off)."""
+    npt_layers: tuple[int, ...] = ()
+    """NPT: dense layers whose block is an NPTBlock (attention modulates the MLP gate; `nanoseek npt` sets it)."""
+    npt_rank: int = 16
+    """NPT: rank of the adapters' projection of the attention output."""
+    npt_safe_mode: bool = False
+    """NPT: additive gate modulation only."""
     # What __post_init__ derived (kv_head_ratio, embd_scale), for the record; not a setting.
     derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
 
@@ -168,6 +174,7 @@ class ModelConfig:
             self._check_mla()
         if self.n_routed_experts > 0:
             self._check_moe()
+        self._check_npt()
 
     def _derive_gqa(self) -> None:
         # Values derived by an earlier validation (a preset, or the CLI's defaults) are derived again,
@@ -238,6 +245,16 @@ class ModelConfig:
         if self.n_limited_groups * per_group < self.n_activated_experts:
             _fail("n_limited_groups", self.n_limited_groups,
                   f"the {self.n_limited_groups} kept groups hold fewer than n_activated_experts={self.n_activated_experts} experts")
+
+    def _check_npt(self) -> None:
+        self.npt_layers = tuple(self.npt_layers)  # a TOML list reads back as a list
+        if list(self.npt_layers) != sorted(set(self.npt_layers)):
+            _fail("npt_layers", self.npt_layers, "must be distinct layer ids in ascending order")
+        for i in self.npt_layers:
+            if not 0 <= i < self.n_layers or self.is_moe_layer(i):
+                _fail("npt_layers", self.npt_layers, f"layer {i} is not a dense-MLP layer of this model "
+                      f"(layers 0-{self.n_layers - 1}, MoE from {self.n_dense_layers} when n_routed_experts > 0)")
+        require_positive(self, "npt_rank")
 
     # ---- derived sizes -------------------------------------------------------------------------
 

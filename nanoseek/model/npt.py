@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.layers import MLP, clamp_counted
-from nanoseek.model.transformer import Block
 
 SHIFT_SCALE = 0.1  # seed 002: the additive path enters at a tenth of its size
 SHIFT_INIT_STD = 0.001
@@ -113,7 +112,7 @@ class NPTBlock(nn.Module):
     the frozen weights keep their state-dict names and are shared with, not copied from, the base.
     """
 
-    def __init__(self, block: Block, rank: int, safe_mode: bool = False):
+    def __init__(self, block: nn.Module, rank: int, safe_mode: bool = False):
         super().__init__()
         if not isinstance(block.ffn, MLP):
             raise ValueError(f"layer {block.layer_id} has a {type(block.ffn).__name__} feed-forward; NPT modulates "

@@ -17,6 +17,7 @@ from nanoseek.model.attention import GQAttention, MLAttention, build_attention
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.moe import MoE, recomputing
 from nanoseek.model.mtp import MTPModule, mtp_length
+from nanoseek.model.npt import NPTBlock
 
 IGNORE_INDEX = -100
 
@@ -73,6 +74,8 @@ class Transformer(nn.Module):
         self.loss_chunk = 0
         self.track_logit_max = False
         self.reset_parameters()
+        for i in cfg.npt_layers:  # an `nanoseek npt` student's converted blocks (model/npt.py)
+            self.layers[i] = NPTBlock(self.layers[i], cfg.npt_rank, cfg.npt_safe_mode)
         self.set_stat_tracking(False)
 
     # ---- initialisation ----------------------------------------------------------------------

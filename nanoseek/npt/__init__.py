@@ -12,11 +12,11 @@ attention-driven modulation of the MLP gate, trained against the base as teacher
 """
 
 from nanoseek.npt.config import AdapterConfig, parse_layers
-from nanoseek.npt.convert import Teacher, adapter_config_from_state, adapter_state, adapters, convert_to_npt
+from nanoseek.npt.convert import Teacher, adapter_state, adapters, convert_to_npt
 from nanoseek.model.npt import NPTAdapter, NPTBlock, gate_factor
 from nanoseek.npt.objective import DistillationObjective, normalised_mse
 from nanoseek.npt.storage import attach_adapters, load_adapters, save_adapters
 
-__all__ = ["AdapterConfig", "DistillationObjective", "NPTAdapter", "NPTBlock", "Teacher", "adapter_config_from_state",
+__all__ = ["AdapterConfig", "DistillationObjective", "NPTAdapter", "NPTBlock", "Teacher",
            "adapter_state", "adapters", "attach_adapters", "convert_to_npt", "gate_factor", "load_adapters",
            "normalised_mse", "parse_layers", "save_adapters"]

@@ -38,12 +38,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
 
 
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], strict: bool = True) -> Transformer:
-    """A Transformer of `cfg` holding `state`; an `nanoseek npt` run's state (the base plus NPT adapters)
-    gets its NPT blocks first."""
-    from nanoseek.npt.convert import convert_for_state  # here, not at the top: nanoseek.npt imports this module
-
+    """A Transformer of `cfg` holding `state` (an `nanoseek npt` student's config records its NPT blocks)."""
     model = Transformer(cfg)
-    convert_for_state(model, state)
     model.load_state_dict(state, strict=strict)
     return model
 
