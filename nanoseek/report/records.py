@@ -19,13 +19,13 @@ import math
 import re
 import statistics
 import sys
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from nanoseek.config import tomllib  # the standard library's, or tomli on Python 3.10
 from nanoseek.train.metrics import METRICS_FILE
 
 __all__ = ["RunLog", "read_run", "read_config", "loss_components", "layer_fields", "typical_record_interval"]
