@@ -219,7 +219,7 @@ def test_reduced_rank_kl_is_reported_and_heal_lowers_it(tmp_path):
                         train=TrainConfig(max_steps=40, batch_size=8, lr=3e-3, warmup_steps=4, weight_decay=0.0,
                                           eval_every=40, save_every=40, eval_batches=2, tensorboard=False),
                         guard=GuardConfig(), device="cpu")
-    from nanoseek.data.shards import prepare_data
+    from nanoseek.data import prepare_data
 
     prepared = prepare_data(run_cfg.data, tmp_path / "prepared", progress=False)
     from nanoseek.cli.convert import _split_ids, _windows

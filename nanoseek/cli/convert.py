@@ -128,7 +128,7 @@ def load_source(path: str | Path, flag: str = "--from"):
 
 def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
     """The first `n_tokens` ids of a prepared directory's train or val split."""
-    from nanoseek.data.shards import load_prepared, read_tokens
+    from nanoseek.data import load_prepared, read_tokens
 
     prepared = load_prepared(data_dir)
     return read_tokens(prepared.train_shards if split == "train" else prepared.val_shards, n_tokens)
@@ -147,7 +147,7 @@ def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
 
 def cmd_convert(args: Convert) -> int:
     from nanoseek.data.corpus import is_prepared_dir
-    from nanoseek.data.shards import prepare_data
+    from nanoseek.data import prepare_data
     from nanoseek.convert.convert import convert_to_mla_moe, target_config
     from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoseek.evaluate import token_windows
+from nanoseek.data.loader import token_windows
 from nanoseek.model.transformer import ModelOutput, _cross_entropy
 from nanoseek.train.distributed import unwrap
 
@@ -48,7 +48,7 @@ def compare(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tenso
         if ids.numel() < 2:
             raise ValueError(f"{ids.numel()} held-out tokens: need at least 2; give more held-out text")
         seq_len = min(seq_len or 512, student.config.max_seq_len, teacher.config.max_seq_len)
-        pairs = token_windows(ids.cpu().numpy(), seq_len, batch_size)
+        pairs = token_windows([ids.cpu().numpy()], seq_len, batch_size, tail=True)
     else:
         pairs = ((rows[:, :-1], rows[:, 1:]) for rows in ids.split(batch_size))
     was = teacher.training, student.training

@@ -32,7 +32,7 @@ import torch
 
 from nanoseek.config import RunConfig
 from nanoseek.diagnose import locate_and_save, nonfinite_grads
-from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
+from nanoseek.data import PreparedData, TokenLoader, prepare_data, validation_batches
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import ModelOutput
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
@@ -383,17 +383,15 @@ class Trainer:
         """Mean loss components over the first eval_batches validation batches (always the same ones)."""
         model = model or self.model
         world = self.dist.world_size
-        windows = count_windows(self.data.val_shards, self.cfg.data.seq_len, self.lookahead)
         # Ranks split the same global validation batches one process of batch_size * world_size would see.
-        loader = TokenLoader(self.data.val_shards, max(min(self.cfg.train.batch_size, windows // world), 1),
-                             self.cfg.data.seq_len, lookahead=self.lookahead, rank=self.dist.rank, world_size=world,
-                             vocab_size=self.data.vocab_size, shuffle=False)
+        batches = validation_batches(self.data.val_shards, self.cfg.train.batch_size, self.cfg.data.seq_len,
+                                     self.lookahead, self.dist.rank, world, self.data.vocab_size,
+                                     self.cfg.train.eval_batches)
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
-        n = min(self.cfg.train.eval_batches, max(loader.batches_per_epoch, 1))
-        for _ in range(n):
-            x, y = loader.next_batch()
+        n = len(batches)
+        for x, y in batches:
             with self._autocast():
                 out = self.objective(model, x.to(self.device), y.to(self.device))
             for name, value in {"loss": out.loss, **out.losses}.items():
