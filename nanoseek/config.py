@@ -11,9 +11,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-import tyro
+from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -151,8 +149,9 @@ class ModelConfig:
     """NPT: rank of the adapters' projection of the attention output."""
     npt_safe_mode: bool = False
     """NPT: additive gate modulation only."""
-    # What __post_init__ derived (kv_head_ratio, embd_scale), for the record; not a setting.
-    derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
+    # What __post_init__ derived (kv_head_ratio, embd_scale, an automatic head_dim or n_kv_heads): for the
+    # record, and so that a copy with a new dim derives them again. Not a setting (the CLI hides it).
+    derived: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "rope_theta",
@@ -563,3 +562,39 @@ def to_toml(values: dict) -> str:
             lines.append(f"\n[{section}]")
             lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("model", "data", "train", "guard")
+
+
+def load_config(preset: str | None = None, toml: str | Path | None = None,
+                overrides: dict | None = None) -> RunConfig:
+    """The one way a run's configuration is put together; later steps win:
+
+    1. the dataclass defaults;
+    2. `toml`: a config file with top-level keys and [model], [data], [train], [guard] sections (a run's
+       config.toml, or one written by hand);
+    3. `preset`: a model shape from PRESETS. Without `toml` it is the start (default "tiny"); with a `toml`
+       written for another preset, the preset's model section replaces the file's;
+    4. `overrides`: {"model": {"dim": 256}, "train": {"lr": 3e-4}, "seed": 3, ...}. A model override
+       derives again what the preset derived (a GQA head_dim from the new dim, say).
+
+    `nanoseek train` calls it with --preset and --config (or, with --resume, the run's own config.toml);
+    its other flags are the overrides, parsed onto the result.
+    """
+    if toml is not None:
+        cfg = RunConfig.load_toml(toml)
+        if preset is not None and preset != cfg.preset:
+            cfg = dataclasses.replace(cfg, model=ModelConfig.from_preset(preset), preset=preset)
+    else:
+        cfg = RunConfig(model=ModelConfig.from_preset(preset or "tiny"), preset=preset or "tiny")
+    overrides = dict(overrides or {})
+    sections = {name: _replaced(getattr(cfg, name), overrides.pop(name, {}), name) for name in SECTIONS}
+    return _replaced(cfg, {**overrides, **sections}, "run")
+
+
+def _replaced(obj: Any, changes: dict, section: str) -> Any:
+    _known_fields(type(obj), changes, section)
+    if isinstance(changes.get("inject"), list):
+        changes = {**changes, "inject": tuple(changes["inject"])}
+    return dataclasses.replace(obj, **changes) if changes else obj

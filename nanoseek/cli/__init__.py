@@ -1,8 +1,8 @@
 """The `nanoseek` command line: one subcommand per job, each a dataclass that tyro turns into flags.
 
-Config precedence for `train`: preset (or --config TOML, or the run's own config.toml with
---resume) < dotted section flags (--model.dim, --train.lr, --data.seq-len, --guard.window ...) <
-the shortcuts (--data, --out, --max-steps, --seed, --device, --inject).
+`train` reads its settings through nanoseek.config.load_config: the preset (or --config TOML, or the run's
+own config.toml with --resume), then the flags on top (--model.dim, --train.lr, --data.seq-len,
+--guard.window ..., and --data, --max-steps, --dist, --inject, --seed, --device, --out).
 """
 
 from __future__ import annotations
@@ -16,64 +16,122 @@ from typing import Annotated, Literal
 
 import tyro
 
-from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
+from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from nanoseek.cli.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
 from nanoseek.cli.convert import Convert, Heal, cmd_convert, cmd_heal
 from nanoseek.npt.cli import Npt, cmd_npt
 from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
 
 
+# The config sections as flags. Four settings are flags of their own, without a section prefix, because
+# users reach for them first: --data (data.source), --max-steps, --dist (train.*) and --inject (guard.*).
+
+
+@dataclass
+class ModelFlags(ModelConfig):
+    derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class DataFlags(DataConfig):
+    source: Annotated[str, tyro.conf.arg(name="data", prefix_name=False)] = "builtin:pydocs"
+    """Corpus: builtin:pydocs | builtin:stdlib | a file, directory or glob of .txt/.md/.jsonl/.parquet |
+    hf:NAME | a directory written by `nanoseek prepare`."""
+
+
+@dataclass
+class TrainFlags(TrainConfig):
+    max_steps: Annotated[int, tyro.conf.arg(prefix_name=False)] = 300
+    """Training steps (data batches)."""
+    dist: Annotated[Literal["none", "ddp", "fsdp"], tyro.conf.arg(prefix_name=False)] = "none"
+    """Data parallelism under `torchrun --nproc_per_node=N -m nanoseek train`: ddp, or fsdp (FSDP2 shards
+    weights, gradients and optimizer state). batch_size stays per process."""
+
+
+@dataclass
+class GuardFlags(GuardConfig):
+    inject: Annotated[tuple[str, ...], tyro.conf.arg(prefix_name=False), tyro.conf.UseAppendAction] = ()
+    """Fault injection to test the stability guard: KIND@STEP, repeatable. Kinds: nan-loss, nan-grad,
+    inf-grad, inf-act:MODULE, lr-spike:FACTOR, bad-batch. Under torchrun, KIND@STEP:rankN fires on rank N only."""
+
+
+def _as(cls: type, section: object) -> object:
+    """`section` as an instance of `cls` (a config dataclass or its flags subclass), field by field."""
+    return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass
 class Train:
     """Train a model. With no arguments: the `tiny` MLA+MoE+MTP model on the built-in corpus
-    (CPython's reference docs), on CPU in a few minutes, ending with a generated sample."""
+    (CPython's reference docs), on CPU in a few minutes, ending with a generated sample.
+
+    Settings come from the preset (or --config FILE, or with --resume the run's own config.toml), then
+    the flags on top (nanoseek.config.load_config)."""
 
     preset: str = "tiny"
     """Model preset: tiny, tiny-dense, tiny-gqa, small, medium, large, xl, smoldeepseek-135m."""
-    data: str | None = None
-    """Corpus: builtin:pydocs | builtin:stdlib | a file, directory or glob of .txt/.md/.jsonl/.parquet |
-    hf:NAME | a directory written by `nanoseek prepare`. Shortcut for --data.source."""
+    config: Path | None = None
+    """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
     out: str | None = None
     """Run directory (default: runs/PRESET-TIMESTAMP)."""
-    max_steps: int | None = None
-    """Training steps (data batches). Shortcut for --train.max-steps."""
     resume: bool = False
     """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU)."""
-    seed: int | None = None
+    seed: int = 1337
     """Random seed (weights, data order)."""
-    device: Literal["auto", "cpu", "cuda"] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train (auto: cuda if available)."""
-    dist: Literal["none", "ddp", "fsdp"] | None = None
-    """Data parallelism under `torchrun --nproc_per_node=N -m nanoseek train`: ddp, or fsdp (FSDP2 shards
-    weights, gradients and optimizer state). Shortcut for --train.dist."""
     hardware: Literal["manual", "auto"] = "manual"
     """auto: set --train.precision/--train.fp8 for the device (H100/H200: bf16 + fp8 with torchao; A100,
     RTX 4090: bf16; other GPUs: fp16 + GradScaler; CPUs with AMX: bf16; other CPUs: fp32) and print why;
     manual: as configured."""
-    config: Path | None = None
-    """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
-    inject: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    """Fault injection to test the stability guard: KIND@STEP, repeatable. Kinds: nan-loss, nan-grad,
-    inf-grad, inf-act:MODULE, lr-spike:FACTOR, bad-batch. Under torchrun, KIND@STEP:rankN fires on rank N only."""
     sample: bool = True
     """Print a generated sample at the end."""
     progress: bool = True
     """Show a progress bar."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data_section: Annotated[DataConfig, tyro.conf.arg(name="data")] = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
+    model: ModelFlags = field(default_factory=ModelFlags)
+    data: DataFlags = field(default_factory=DataFlags)
+    train: TrainFlags = field(default_factory=TrainFlags)
+    guard: GuardFlags = field(default_factory=GuardFlags)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, **options) -> "Train":
+        return cls(preset=cfg.preset, out=cfg.out or None, seed=cfg.seed, device=cfg.device,
+                   model=_as(ModelFlags, cfg.model), data=_as(DataFlags, cfg.data), train=_as(TrainFlags, cfg.train),
+                   guard=_as(GuardFlags, cfg.guard), **options)
 
     def run_config(self) -> RunConfig:
-        guard = self.guard
-        if self.inject:
-            guard = dataclasses.replace(guard, inject=tuple(guard.inject) + tuple(self.inject))
-        data = dataclasses.replace(self.data_section, source=self.data) if self.data else self.data_section
-        train = dataclasses.replace(self.train, max_steps=self.max_steps) if self.max_steps else self.train
-        train = dataclasses.replace(train, dist=self.dist) if self.dist else train
-        base = RunConfig(model=self.model, data=data, train=train, guard=guard, preset=self.preset)
-        return dataclasses.replace(base, out=self.out or base.out, seed=self.seed if self.seed is not None else base.seed,
-                                   device=self.device or base.device)
+        return RunConfig(model=_as(ModelConfig, self.model), data=_as(DataConfig, self.data),
+                         train=_as(TrainConfig, self.train), guard=_as(GuardConfig, self.guard),
+                         preset=self.preset, out=self.out or "", seed=self.seed, device=self.device)
+
+
+@dataclass
+class _Start:
+    """What decides every other default of `train`: read first, the rest of argv is left for Train."""
+
+    preset: str | None = None
+    config: Path | None = None
+    out: str | None = None
+    resume: bool = False
+    data: str | None = None
+
+
+def parse_train(argv: list[str]) -> Train:
+    """`nanoseek train` ARGV -> Train: load_config(preset | config file | the resumed run's config.toml),
+    then every flag on top of it."""
+    start, _ = tyro.cli(_Start, args=argv, return_unknown_args=True, add_help=False, console_outputs=False)
+    config = start.config
+    if start.resume:
+        if not start.out:
+            raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+        saved = Path(start.out) / "config.toml"
+        config = config or (saved if saved.exists() else None)
+    base = load_config(start.preset, config)
+    if start.resume and config is not None and start.data is not None and start.data != base.data.source:
+        raise ValueError(f"--resume continues {start.out} on its own data ({base.data.source}), not --data "
+                         f"{start.data}; drop --data, or train on new data in a new run (--out NEW)")
+    default = Train.from_config(base, config=config)
+    return tyro.cli(Train, args=argv, prog="nanoseek train", default=default)
 
 
 @dataclass
@@ -112,40 +170,6 @@ class Export:
     """Folder to write (config.json, model.safetensors, tokenizer files)."""
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """Weight dtype on disk (default: the source's)."""
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of `--flag VALUE` or `--flag=VALUE` in argv, if present (read before tyro parses,
-    because the preset, config file or resumed run decides every other default)."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def train_defaults(argv: list[str]) -> Train:
-    resume = "--resume" in argv
-    out, preset, config = _flag_value(argv, "--out"), _flag_value(argv, "--preset"), _flag_value(argv, "--config")
-    if resume and not out:
-        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
-    if resume and config is None and out and (Path(out) / "config.toml").exists():
-        config = str(Path(out) / "config.toml")
-    if config:
-        base = RunConfig.load_toml(config)
-        data = _flag_value(argv, "--data")
-        if resume and data is not None and data != base.data.source:
-            raise ValueError(f"--resume continues {out} on its own data ({base.data.source}), not --data {data}; "
-                             "drop --data, or train on new data in a new run (--out NEW)")
-    else:
-        name = preset or "tiny"
-        base = RunConfig(model=ModelConfig.from_preset(name), preset=name)
-    if preset and config and preset != base.preset:
-        base = dataclasses.replace(base, model=ModelConfig.from_preset(preset), preset=preset)
-    return Train(preset=base.preset, model=base.model, data_section=base.data, train=base.train,
-                 guard=dataclasses.replace(base.guard, inject=()), out=base.out or None, seed=base.seed,
-                 device=base.device, inject=tuple(base.guard.inject))
 
 
 def cmd_train(args: Train) -> int:
@@ -278,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             cls, handler = COMMANDS[argv[0]]
-            default = train_defaults(argv) if cls is Train else None
-            args = tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}", default=default)
+            args = parse_train(argv[1:]) if cls is Train else tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}")
             return handler(args)
         # No (or an unknown) subcommand: tyro prints the overview or the error.
         tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, prog="nanoseek",
