@@ -178,7 +178,7 @@ def test_compare_kl_is_teacher_to_student_against_f_kl_div():
 
 
 def test_kl_to_teacher_is_the_written_out_sum():
-    from nanoseek.npt.objective import kl_to_teacher
+    from nanoseek.train.objectives import kl_to_teacher
 
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)

@@ -77,7 +77,7 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
     x, y: [B, T] and [B, >= T] token ids. The teacher runs without gradients on x's device (moved there on
     first use). Logged components: kl, hidden (when on), student_ce; the eval metric is the total.
     """
-    from nanoseek.npt.objective import kl_to_teacher, normalised_mse  # here: nanoseek.npt imports nanoseek.interop
+    from nanoseek.train.objectives import kl_to_teacher, normalised_mse  # here: nanoseek.npt imports nanoseek.interop
 
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0")

@@ -37,7 +37,7 @@ Bound at initialisation (checked in tests/test_npt.py): with gate_scale at zero 
 so the block differs from `x + w2(silu(w1 m) * w3 m)` (the block with its attention residual dropped)
 only through 0.1 * shift; for the tiny test model that is under 1e-3 of the output's norm (about 1e-4,
 7e-5 to 1.3e-4 with the random init; the test prints it). The student as a whole therefore starts as the base model minus the converted layers'
-attention residuals; teacher-student training (objective.py) teaches the adapters to put that back.
+attention residuals; teacher-student training (train/objectives.py) teaches the adapters to put that back.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def run_npt(args: Npt):
     from nanoseek.npt.base import load_base
     from nanoseek.npt.config import AdapterConfig, parse_layers
     from nanoseek.npt.convert import convert_to_npt
-    from nanoseek.npt.objective import DistillationObjective
+    from nanoseek.train.objectives import DistillationObjective
     from nanoseek.npt.quantize import check_quantization, quantize_base
     from nanoseek.npt.storage import save_adapters
     from nanoseek.train.hardware import resolve_device

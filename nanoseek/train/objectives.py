@@ -15,11 +15,12 @@ optional (kl_weight > 0). `student_ce` (the student's next-token loss) is logged
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from nanoseek.model.transformer import ModelOutput, _cross_entropy
-from nanoseek.npt.convert import Teacher
 from nanoseek.model.npt import NPTBlock
 from nanoseek.train.distributed import unwrap
 
@@ -46,7 +47,7 @@ class DistillationObjective:
     x [B, T] token ids; y [B, T(+lookahead)] next-token targets (only for the logged student_ce).
     """
 
-    def __init__(self, teacher: Teacher, layer_ids: tuple[int, ...], reg_weight: float = 0.01,
+    def __init__(self, teacher: Callable, layer_ids: tuple[int, ...], reg_weight: float = 0.01,
                  kl_weight: float = 0.0):
         if reg_weight < 0 or kl_weight < 0:
             raise ValueError(f"reg_weight={reg_weight}, kl_weight={kl_weight}: weights must be >= 0")
