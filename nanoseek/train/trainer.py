@@ -24,7 +24,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from nanoseek.config import RunConfig
 from nanoseek.diagnose import locate_and_save, nonfinite_grads
 from nanoseek.data import PreparedData, TokenLoader, prepare_data, validation_batches
 from nanoseek.model import Transformer
-from nanoseek.model.transformer import ModelOutput
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from nanoseek.train.distributed import Distributed, launched_by_torchrun, local, unwrap
 from nanoseek.train.faults import FaultInjector
@@ -43,6 +41,7 @@ from nanoseek.train.guard import StabilityGuard, Verdict
 from nanoseek.train.hardware import resolve_device
 from nanoseek.train.loading import model_from_state
 from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
+from nanoseek.train.objectives import Objective, next_token_objective
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
 from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
 
@@ -61,14 +60,6 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return {"aborted": 3, "interrupted": 130}.get(self.status, 0)
-
-
-Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], ModelOutput]
-
-
-def next_token_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
-    """The default objective: the model's own next-token (+ MTP, aux, z) loss."""
-    return model(x, y)
 
 
 class Trainer:
