@@ -181,7 +181,7 @@ class ModelConfig:
         if self.derived.get("auto_n_kv_heads") == self.n_kv_heads:
             self.n_kv_heads = None
         if self.embd_scale != 1.0 and "dim" not in self.derived:
-            # Seed 004: widen the residual stream with the memory GQA frees; keep it a multiple of n_heads,
+            # Widen the residual stream with the KV-cache memory GQA frees; keep it a multiple of n_heads,
             # and of 2 * n_heads when head_dim = dim // n_heads is derived (RoPE needs it even: 768 * 1.12
             # rounded to a multiple of 12 would give head_dim 71).
             step = self.n_heads * (2 if self.head_dim is None else 1)
@@ -322,7 +322,7 @@ PRESETS: dict[str, ModelConfig] = {
                       q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=96, qk_rope_head_dim=32,
                       v_head_dim=96, inter_dim=3456, n_routed_experts=32, n_activated_experts=4,
                       moe_inter_dim=512, n_expert_groups=4, n_limited_groups=2, route_scale=2.5),
-    # SmolLM2-135M's shape (576 dim, 30 layers, 9 heads, vocab 49152) as MLA + MoE, seed 001:
+    # SmolLM2-135M's shape (576 dim, 30 layers, 9 heads, vocab 49152) as MLA + MoE (DeepSeekMoE's layout):
     # 1 shared + 7 routed experts, top-2; each expert a third of SmolLM2's 1536-wide MLP.
     "smoldeepseek-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, max_seq_len=2048,
                                      kv_lora_rank=192, qk_nope_head_dim=48, qk_rope_head_dim=16,

@@ -207,9 +207,8 @@ def _newton_schulz_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor
 
     Where the iteration runs in bf16 (CUDA, AMX CPUs), matrices of one shape go together, up to
     NS_BATCH_ELEMENTS: one batched call per shape instead of one per matrix, the same numbers with far fewer
-    small ops (28 matrices of a 4-layer, 128-wide model: 13.4 ms batched in bf16 on an AMX CPU vs 20.8 ms one
-    by one). In fp32 on CPU batching is slower (24.5 vs 21.1 ms), so each matrix goes alone there
-    (bench/RESULTS.md, "CPU kernel choices").
+    small ops. In fp32 on CPU batching measured slower, so each matrix goes alone there (both measured in
+    bench/RESULTS.md, "CPU kernel choices").
     """
     if not params:
         return []
