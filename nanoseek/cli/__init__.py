@@ -14,13 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 import tyro
 
-from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from nanoseek.cli.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
 from nanoseek.cli.convert import Convert, Heal, cmd_convert, cmd_heal
+from nanoseek.cli.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
+from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from nanoseek.data import load_tokenizer, prepare_data
+from nanoseek.diagnose import diagnose_run
+from nanoseek.generate import generate
+from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, load_hf_tokenizer
+from nanoseek.interop.names import DTYPES
 from nanoseek.npt.cli import Npt, cmd_npt
+from nanoseek.report import finish_train
 from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
+from nanoseek.train.hardware import apply_hardware, resolve_device
+from nanoseek.train.loading import load_model, load_run_tokenizer
+from nanoseek.train.trainer import Trainer, default_run_dir
 
 
 # The config sections as flags. Four settings are flags of their own, without a section prefix, because
@@ -173,13 +183,8 @@ class Export:
 
 
 def cmd_train(args: Train) -> int:
-    from nanoseek.train.trainer import Trainer, default_run_dir
-
     cfg = args.run_config()
     if args.hardware == "auto":
-        from nanoseek.train.hardware import apply_hardware
-        from nanoseek.train.hardware import resolve_device
-
         cfg, choice = apply_hardware(cfg, resolve_device(cfg.device))
         print(f"nanoseek train: --hardware auto -> {choice.precision}{' + fp8' if choice.fp8 else ''}: {choice.reason}")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.preset)
@@ -197,15 +202,11 @@ def cmd_train(args: Train) -> int:
         return result.exit_code
     model = trainer.model  # under FSDP: an unsharded copy of the final weights
     if args.sample and cfg.train.sample_tokens and result.status not in ("aborted", "interrupted"):
-        from nanoseek.generate import generate
-        import torch
-
         tok = trainer.data.tokenizer
         prompt = torch.tensor([[tok.eos_id]], device=trainer.device)  # a document boundary: any tokenizer has it
         text = tok.decode(generate(model, prompt, cfg.train.sample_tokens, eos_id=tok.eos_id)[0, 1:].tolist())
         (run_dir / "samples.txt").write_text(text)
         print("--- sample ---\n" + text + "\n--------------")
-    from nanoseek.report import finish_train
 
     print(finish_train(run_dir, result))  # steps, tokens, time, best val, checkpoints, guard events, report
     if result.status == "aborted":
@@ -218,8 +219,6 @@ def cmd_train(args: Train) -> int:
 
 
 def cmd_prepare(args: Prepare) -> int:
-    from nanoseek.data import prepare_data
-
     cfg = DataConfig(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
                      val_fraction=args.val_fraction)
     prepared = prepare_data(cfg, Path(args.out))
@@ -231,8 +230,6 @@ def cmd_prepare(args: Prepare) -> int:
 
 
 def cmd_diagnose(args: Diagnose) -> int:
-    from nanoseek.diagnose import diagnose_run
-
     path, finding, meta = diagnose_run(args.run_dir, args.step)
     print(f"bad batch {path}: step {meta['step']}, cause: {meta['cause']}, action: {meta['action']}")
     if meta.get("injected"):
@@ -242,10 +239,6 @@ def cmd_diagnose(args: Diagnose) -> int:
 
 
 def cmd_export(args: Export) -> int:
-    from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, load_hf_tokenizer
-    from nanoseek.interop.names import DTYPES
-    from nanoseek.train.loading import load_model
-
     source = Path(args.path)
     if source.exists() and Path(args.out).resolve() == source.resolve():
         raise ValueError(f"--out {args.out} is the source folder itself; write the export to a new folder")
@@ -266,9 +259,6 @@ def cmd_export(args: Export) -> int:
 def _checkpoint_tokenizer(path: Path):
     """The tokenizer of a run or checkpoint directory: the run's prepared data, else tokenizer files saved in the
     checkpoint or run directory (or its tokenizer/ folder); None when there is none."""
-    from nanoseek.data import load_tokenizer
-    from nanoseek.train.loading import load_run_tokenizer
-
     try:
         return load_run_tokenizer(path)
     except ValueError:

@@ -12,6 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+import torch
+
+from nanoseek.check import check_presets
+from nanoseek.evaluate import evaluate_ids, token_stream
+from nanoseek.generate import Sampling, check_prompt, stream
+from nanoseek.speculative import speculative_generate
+from nanoseek.train.hardware import resolve_device
+from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
 
 
 def _log(message: str) -> None:
@@ -66,13 +74,6 @@ def _prompts(args: Generate) -> list[str]:
 
 
 def cmd_generate(args: Generate) -> int:
-    import torch
-
-    from nanoseek.generate import Sampling, check_prompt, stream
-    from nanoseek.speculative import speculative_generate
-    from nanoseek.train.loading import load_model, load_run_tokenizer
-    from nanoseek.train.hardware import resolve_device
-
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.speculative and args.temperature != 0:
         raise ValueError("--speculative decodes greedily; add --temperature 0")
@@ -161,12 +162,6 @@ class Eval:
 
 
 def cmd_eval(args: Eval) -> int:
-    import torch
-
-    from nanoseek.evaluate import evaluate_ids, token_stream
-    from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
-    from nanoseek.train.hardware import resolve_device
-
     device = resolve_device(args.device)
     model, _ = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
     tok = load_run_tokenizer(args.ckpt)
@@ -195,9 +190,6 @@ class Check:
 
 
 def cmd_check(args: Check) -> int:
-    from nanoseek.check import check_presets
-    from nanoseek.train.hardware import resolve_device
-
     results = check_presets(list(args.presets) or None, resolve_device(args.device))
     print(f"{'preset':<20} {'':<5} {'params':>9} {'time':>7}  detail")
     for result in results:

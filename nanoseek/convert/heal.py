@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from nanoseek.data.loader import token_windows
 from nanoseek.train.objectives import distill_objective
+from nanoseek.train.trainer import Trainer
 
 
 @dataclass
@@ -89,8 +90,6 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, run_cfg, run_dir: s
     replaced by the student's config). eval_ids: held-out ids [N] for the before/after `compare`.
     The healed student is saved as the run's checkpoints in run_dir (generate/eval/export read it).
     """
-    from nanoseek.train.trainer import Trainer
-
     before = compare(teacher, student, eval_ids)
     trainer = Trainer(run_cfg, run_dir, show_progress=show_progress, model=student,
                       objective=distill_objective(teacher, temperature, hidden_weight, ce_weight))

@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.data.tokenizer import TOKENIZER_FILE, _load_tokenizer_json
 from nanoseek.interop.names import (ROPE_ROWS, STACKED_EXPERTS, from_hf_name, halves_to_interleaved, resolve_dtype,
                                    to_hf_name)
-from nanoseek.train.checkpoint import COMPLETE_FILE
 from nanoseek.model import Transformer
 from nanoseek.model.layers import _yarn_mscale
+from nanoseek.train.checkpoint import COMPLETE_FILE
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "deepseek_v3", "deepseek_v2")
 CONFIG_FILE = "config.json"
@@ -132,8 +133,6 @@ def import_hf(path: str | Path, dtype: torch.dtype | str = torch.float32) -> Tra
 
 def load_hf_tokenizer(path: str | Path):
     """The folder's tokenizer.json as a nanoseek HFTokenizer (kind "file"), or None when there is none."""
-    from nanoseek.data.tokenizer import TOKENIZER_FILE, _load_tokenizer_json
-
     folder = _folder(path)
     if not (folder / TOKENIZER_FILE).is_file():
         return None

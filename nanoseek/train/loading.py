@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ModelConfig, RunConfig
+from nanoseek.data import load_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import best_checkpoint, read_checkpoint
 
@@ -55,8 +56,6 @@ def run_dir_of(path: str | Path) -> Path | None:
 
 def load_run_tokenizer(path: str | Path):
     """The tokenizer a run trained with (saved with its prepared data)."""
-    from nanoseek.data import load_tokenizer
-
     run_dir = run_dir_of(path)
     if run_dir is None:
         raise ValueError(f"no run directory (with data/ and config.toml) at or above {path}")
