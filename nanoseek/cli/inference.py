@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
 import torch
 
 from nanoseek.check import check_presets
