@@ -150,15 +150,7 @@ class Prepare:
 
     out: str
     """Directory to write."""
-    data: str = "builtin:pydocs"
-    """Corpus (same forms as `train --data`)."""
-    tokenizer: str = "bpe"
-    """char | byte | bpe | path/to/tokenizer.json"""
-    vocab_size: int = 2048
-    """BPE vocabulary size."""
-    seq_len: int = 128
-    """Sequence length the shards must hold at least a few windows of."""
-    val_fraction: float = 0.05
+    data: DataFlags = field(default_factory=DataFlags)
 
 
 @dataclass
@@ -219,11 +211,10 @@ def cmd_train(args: Train) -> int:
 
 
 def cmd_prepare(args: Prepare) -> int:
-    cfg = DataConfig(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                     val_fraction=args.val_fraction)
+    cfg = _as(DataConfig, args.data)
     prepared = prepare_data(cfg, Path(args.out))
     meta = prepared.meta
-    print(f"prepared {args.data} -> {args.out}: vocab {prepared.vocab_size}, "
+    print(f"prepared {cfg.source} -> {args.out}: vocab {prepared.vocab_size}, "
           f"{meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens in "
           f"{len(prepared.train_shards)} + {len(prepared.val_shards)} shards, content {meta['content_hash'][:12]}")
     return 0
