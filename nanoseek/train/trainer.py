@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import RunConfig
-from nanoseek.diagnose import locate_and_save, nonfinite_grads
 from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import ModelOutput
@@ -41,6 +40,7 @@ from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
 from nanoseek.train.guard import StabilityGuard, Verdict
 from nanoseek.train.loading import model_from_state
+from nanoseek.train.locate import locate_and_save, nonfinite_grads
 from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
 from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
