@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from nanoseek.fault_spec import parse_fault
+
 
 def _fail(field_name: str, value: Any, fix: str) -> None:
     raise ValueError(f"{field_name}={value!r}: {fix}")
@@ -447,9 +449,7 @@ class GuardConfig:
         if self.warmup > self.window:
             _fail("warmup", self.warmup, f"must be <= window={self.window}: the window could never fill, "
                   "so spike detection would be off")
-        from nanoseek.train.faults import parse_fault  # a bad --inject fails before any data is prepared
-
-        for spec in self.inject:
+        for spec in self.inject:  # a bad --inject fails before any data is prepared
             parse_fault(spec)
         if self.rollback_lr_factor > 1:
             _fail("rollback_lr_factor", self.rollback_lr_factor, "must be in (0, 1]: the LR is multiplied by it")

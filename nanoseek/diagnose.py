@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from nanoseek.config import RunConfig
 from nanoseek.train.faults import FaultInjector
+from nanoseek.train.loading import model_from_state
 from nanoseek.train.locate import Finding, replay
 
 
 def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Finding, dict]:
     """Replay a saved bad batch of a run (the latest, or the one at `step`)."""
-    from nanoseek.config import RunConfig
-
     run_dir = Path(run_dir)
     root = run_dir / "bad_batches"
     candidates = sorted(p for p in root.glob("step-*") if (p / "model.safetensors").exists()) if root.exists() else []
@@ -29,8 +29,6 @@ def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Fi
     bad = candidates[-1]
     cfg = RunConfig.load_toml(run_dir / "config.toml")
     meta = json.loads((bad / "meta.json").read_text())
-    from nanoseek.train.loading import model_from_state  # here: loading's import of npt reaches this module
-
     model = model_from_state(cfg.model, load_file(str(bad / "model.safetensors")),
                              strict=not cfg.model.tie_embeddings)
     batch = torch.load(bad / "batch.pt")

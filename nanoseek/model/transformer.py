@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import GQAttention, MLAttention, build_attention
 from nanoseek.model.layers import MLP, RMSNorm
-from nanoseek.model.moe import MoE, recomputing
+from nanoseek.model.moe import Experts, MoE
 from nanoseek.model.mtp import MTPModule, mtp_length
 
 IGNORE_INDEX = -100
@@ -66,11 +66,9 @@ class Transformer(nn.Module):
         n_modules = cfg.mtp_depth if cfg.mtp_kind == "modules" else 0
         # MTP blocks reuse the last layer's kind (MoE or dense), as DeepSeek-V3 does.
         self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers - 1)) for _ in range(n_modules))
-        # A buffer, not a Python float: the trainer ramps it without triggering a recompile.
+        # A buffer, not a Python float: ramped every step (before_step) without triggering a recompile.
         self.register_buffer("mtp_weight", torch.tensor(float(cfg.mtp_weight)), persistent=False)
-        self.activation_checkpointing = False
-        # Tokens per chunk of the fused head + cross-entropy when targets are given (0: plain, full logits).
-        self.loss_chunk = 0
+        self.set_training_options()
         self.track_logit_max = False
         self.reset_parameters()
         self.set_stat_tracking(False)
@@ -99,9 +97,9 @@ class Transformer(nn.Module):
 
     def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache) -> torch.Tensor:
         if self.activation_checkpointing and self.training and cache is None:
-            # Non-reentrant checkpointing; `recomputing` stops MoE loads being counted twice.
+            # Non-reentrant checkpointing; the recompute must not count the block's MoE loads a second time.
             return checkpoint(block, x, start_pos, key_mask, None, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), recomputing()))
+                              context_fn=lambda: (contextlib.nullcontext(), _loads_not_counted(block)))
         return block(x, start_pos, key_mask, cache)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -236,7 +234,55 @@ class Transformer(nn.Module):
         n_attn_layers = cfg.n_layers + len(self.mtp)
         return 6.0 * n_active + 6.0 * n_attn_layers * cfg.n_heads * seq_len * (d_qk + d_v)
 
-    # ---- hooks for the trainer ---------------------------------------------------------------
+    # ---- the training interface: what a trainer calls on the model --------------------------------
+
+    def set_training_options(self, loss_chunk: int = 0, activation_checkpointing: bool = False,
+                             mtp_rampup_steps: int = 0) -> None:
+        """Set once before training. loss_chunk: tokens per chunk of the fused head + cross-entropy when
+        targets are given (0: plain, full logits); activation_checkpointing: recompute each block in
+        backward; mtp_rampup_steps: optimizer steps over which the MTP weight ramps up to its value."""
+        self.loss_chunk, self.activation_checkpointing = loss_chunk, activation_checkpointing
+        self.mtp_rampup_steps = mtp_rampup_steps
+
+    def before_step(self, opt_step: int, track_stats: bool) -> None:
+        """Before a step's first forward: the MTP weight of update `opt_step` on its ramp, and whether this
+        step records the statistics `health_stats` reads."""
+        self.mtp_weight.fill_(self.config.mtp_weight * min(1.0, (opt_step + 1) / max(self.mtp_rampup_steps, 1)))
+        self.set_stat_tracking(track_stats)
+
+    def after_optimizer_step(self, sum_=None, max_=None) -> None:
+        """After an applied update: the MoE balance-bias step and QK-clip. `sum_` / `max_`: in-place
+        reductions over data-parallel ranks (None in one process), so every replica moves alike."""
+        self.update_balance_bias(sum_)
+        self.apply_qk_clip(max_)
+
+    def after_skipped_step(self) -> None:
+        """After a dropped update: the expert loads it counted must not move the balance bias."""
+        self.reset_expert_loads()
+
+    @torch.no_grad()
+    def health_stats(self) -> dict[str, float]:
+        """Statistics of the last forward with stat tracking on, read to the host in one transfer: values
+        the opt-in SwiGLU clamp clamped so far (never silent), max attention logit per layer, expert load
+        imbalance (max/mean; left out before any token was counted), router max logit and z."""
+        stats: dict[str, torch.Tensor] = {}
+        if self.config.swiglu_clamp > 0:
+            stats["swiglu_clamped"] = sum(m.clamped for m in self.modules() if isinstance(m, (MLP, Experts)))
+        for name, attn in self.attention_layers():
+            if attn.track_max_logit:
+                stats[f"attn_logit_max/{name}"] = attn.max_logit.max()
+        for name, moe in self.moe_layers():
+            load = moe.gate.last_load
+            stats[f"expert_load_imbalance/{name}"] = torch.where(load.sum() > 0, load.max() / load.mean(),
+                                                                 torch.full_like(load.mean(), math.nan))
+            stats[f"router_logit_max/{name}"], stats[f"router_z/{name}"] = moe.gate.logit_stats.unbind()
+        if not stats:
+            return {}
+        device = next(iter(stats.values())).device
+        values = torch.stack([v.float().to(device) for v in stats.values()]).tolist()
+        return {k: v for k, v in zip(stats, values) if not (k.startswith("expert_load_imbalance/") and math.isnan(v))}
+
+    # ---- the parts behind it ---------------------------------------------------------------------
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
@@ -277,6 +323,18 @@ class Transformer(nn.Module):
             _reduce_together([attn.max_logit for attn in layers], reduce)
             for attn in layers:
                 attn.qk_clip_(self.config.qk_clip_threshold)
+
+
+@contextlib.contextmanager
+def _loads_not_counted(block: nn.Module):
+    gates = [m.gate for m in block.modules() if isinstance(m, MoE)]
+    for gate in gates:
+        gate.count_loads = False
+    try:
+        yield
+    finally:
+        for gate in gates:
+            gate.count_loads = True
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """The NaN locator: replay a bad step with hooks on every module and name the first that went
-non-finite (seed 002's `debug_nan`, made automatic).
+non-finite, so a skipped step is explained (which step, which batch, which module) without a debugger.
 
 On a non-finite event the trainer saves the batch, the RNG state and the model state under
 `RUN_DIR/bad_batches/step-N/`; `nanoseek diagnose RUN_DIR [--step N]` replays it any time later.
@@ -11,17 +11,20 @@ gradient is non-finite), and last the recorded parameter gradients of the origin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from nanoseek.train.distributed import local
+from nanoseek.train.distributed import Distributed, local
 from nanoseek.train.faults import FaultInjector
+from nanoseek.train.guard import StepStats, Verdict
 from nanoseek.train.rng import rng_state
 
 MAX_SAVED = 5  # bad batches kept per run: the first ones explain a run best
@@ -132,24 +135,24 @@ def nonfinite_grads(model: nn.Module) -> list[str]:
             if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())]
 
 
-def locate_and_save(trainer, verdict, batches, model: nn.Module | None = None,
-                    faults: FaultInjector | None = None) -> str | None:
-    """Trainer hook on a fault: save the bad batch and, for non-finite faults, replay to name the module.
+def locate_and_save(run_dir: Path, step: int, verdict: Verdict, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    model: nn.Module, injector: FaultInjector, bad_grads: list[str],
+                    autocast: Callable[[], contextlib.AbstractContextManager], device: torch.device) -> str | None:
+    """Save a faulted step's batches under run_dir/bad_batches/step-N/ and, for a non-finite fault, replay
+    the first one with hooks to name the module where it began. Returns that module (None if not found).
 
-    `model` / `faults` replace the trainer's own (a multi-process run replays one rank's batch, with that
-    rank's injections, on an unsharded copy of the weights)."""
-    model = model if model is not None else trainer.model
-    faults = faults if faults is not None else trainer.faults
-    step = trainer.step - 1
-    out_dir = trainer.run_dir / "bad_batches" / f"step-{step:08d}"
-    saved = sorted((trainer.run_dir / "bad_batches").glob("step-*")) if (trainer.run_dir / "bad_batches").exists() else []
+    batches: the step's (x [B, T], y [B, T + lookahead - 1]) pairs; injector: the faults of the rank
+    whose batches these are (replayed too); bad_grads: names of the parameters whose gradient was
+    non-finite; autocast: the training precision's context."""
+    root = run_dir / "bad_batches"
+    saved = sorted(root.glob("step-*")) if root.exists() else []
     nonfinite = verdict.cause.startswith("non-finite")
     finding = None
     if nonfinite:
         x, y = batches[0]
-        finding = replay(model, x.to(trainer.device), y.to(trainer.device), faults, step,
-                         trainer._autocast(), trainer.last_bad_grads)
+        finding = replay(model, x.to(device), y.to(device), injector, step, autocast(), bad_grads)
     if len(saved) < MAX_SAVED:
+        out_dir = root / f"step-{step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"x": torch.stack([b[0] for b in batches]), "y": torch.stack([b[1] for b in batches])},
                    out_dir / "batch.pt")
@@ -159,8 +162,61 @@ def locate_and_save(trainer, verdict, batches, model: nn.Module | None = None,
             if model.config.tie_embeddings:
                 state.pop("head.weight", None)
             save_file(state, str(out_dir / "model.safetensors"))
-        meta = {"step": step, "cause": verdict.cause, "action": verdict.action, "injected": faults.active(step),
+        meta = {"step": step, "cause": verdict.cause, "action": verdict.action, "injected": injector.active(step),
                 "finding": finding.line() if finding else None, "module": finding.module if finding else None,
-                "nonfinite_grads": trainer.last_bad_grads[:20], "rank": faults.rank, "world_size": faults.world_size}
+                "nonfinite_grads": bad_grads[:20], "rank": injector.rank, "world_size": injector.world_size}
         (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return finding.module if finding else None
+
+
+class BadStepRecorder:
+    """On a faulted step: find the parameters with non-finite gradients, then `locate_and_save`. Under
+    torchrun every rank calls `record` (a collective: every rank holds the same verdict) and rank 0 writes
+    the batch of the rank where the fault began (its own batch was bad, else its own loss, else its own
+    gradients were non-finite), replayed with that rank's fault injections on an unsharded copy of the
+    weights under FSDP (`whole_copy(state)`; None when the model cannot be rebuilt on one rank)."""
+
+    def __init__(self, run_dir: Path, dist: Distributed, model: nn.Module, inject: tuple[str, ...],
+                 autocast: Callable[[], contextlib.AbstractContextManager],
+                 whole_copy: Callable[[dict], nn.Module] | None, log: Callable[[str], None]):
+        self.run_dir, self.dist, self.model, self.inject = run_dir, dist, model, inject
+        self.autocast, self.whole_copy, self.log = autocast, whole_copy, log
+
+    def record(self, verdict: Verdict, stats: StepStats, batches: list) -> Verdict:
+        """Returns the verdict with the module the fault began in (if found)."""
+        if verdict.action == "overflow":
+            return verdict
+        bad_grads = nonfinite_grads(self.model) if verdict.cause.startswith("non-finite") else []
+        if not self.dist.active:
+            injector = FaultInjector(self.inject, self.model)
+            module = locate_and_save(self.run_dir, stats.step, verdict, batches, self.model, injector, bad_grads,
+                                     self.autocast, self.dist.device)
+        else:
+            module = self._record_across_ranks(verdict, stats, batches, bad_grads)
+        return dataclasses.replace(verdict, module=module)
+
+    def _record_across_ranks(self, verdict: Verdict, stats: StepStats, batches: list, bad_grads: list[str]):
+        step = stats.step
+        if self.dist.mode == "fsdp" and self.whole_copy is None:
+            self.log(f"[guard] step {step}: no bad-batch record (FSDP with a model passed to the Trainer cannot be "
+                     "replayed on one rank; use --dist ddp to keep records)")
+            return None
+        view = stats.rank
+        mine = {"batch_ok": view.batch_ok, "bad_grads": bad_grads, "batches": [(x.cpu(), y.cpu()) for x, y in batches],
+                # no loss or norm: no forward ran (a bad batch somewhere)
+                "loss_ok": view.loss is None or math.isfinite(float(view.loss)),
+                "grad_ok": view.grad_norm is None or math.isfinite(float(view.grad_norm))}
+        everyone = self.dist.gather_objects(mine)
+        nonfinite = verdict.cause.startswith("non-finite")
+        state = self.dist.full_model_state(self.model) if nonfinite and self.dist.mode == "fsdp" else None
+        if not self.dist.is_main:
+            return None
+        culprit = next((r for key in ("batch_ok", "loss_ok", "grad_ok") for r, info in enumerate(everyone)
+                        if not info[key]), 0)
+        bad_grads = sorted({name for info in everyone for name in info["bad_grads"]})
+        model = self.whole_copy(state) if state is not None else self.model  # a shard cannot run alone
+        injector = FaultInjector(self.inject, model, culprit, self.dist.world_size)
+        module = locate_and_save(self.run_dir, step, verdict, everyone[culprit]["batches"], model, injector,
+                                 bad_grads, self.autocast, self.dist.device)
+        self.log(f"[guard] step {step}: the fault began on rank {culprit}")
+        return module
