@@ -30,8 +30,6 @@ import dataclasses
 import functools
 import math
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,20 +38,23 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import RunConfig
-from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
+from nanoseek.data import TokenLoader, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import ModelOutput
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
-from nanoseek.train.distributed import Distributed, launched_by_torchrun, local, unwrap
+from nanoseek.train.distributed import Distributed, launched_by_torchrun, local
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
 from nanoseek.train.guard import RankView, StabilityGuard, StepStats, Verdict
 from nanoseek.train.loading import model_from_state
 from nanoseek.train.locate import BadStepRecorder
-from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
-from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
-from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
+from nanoseek.train.evaluation import validation_losses
+from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor, update_ema
+from nanoseek.train.state import Progress, restore_run, resume_note, run_state
+from nanoseek.train.rng import seed_everything
 from nanoseek.train.rollback import RollbackKeeper
+from nanoseek.train.stop import GracefulStop
+from nanoseek.train.steplog import StepLog
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x [B, T], y [B, T + lookahead - 1] (token ids, on the host)
 
@@ -72,17 +73,6 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return {"aborted": 3, "interrupted": 130}.get(self.status, 0)
-
-
-@dataclass
-class Progress:
-    """Where the loop is; saved in checkpoints (the trainer state's top-level keys)."""
-
-    step: int = 0  # data batches consumed
-    opt_step: int = 0  # updates applied
-    best_val: float = math.inf
-    evals_since_best: int = 0
-    last_val: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,8 +132,11 @@ class Trainer:
                              "or choose a new --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
+        data_cfg = cfg.data
+        if (run_dir / "data" / "meta.json").exists():  # a resumed run reuses its own prepared shards
+            data_cfg = dataclasses.replace(data_cfg, source=str(run_dir / "data"))
         with self.dist.main_first():  # rank 0 tokenizes into run_dir/data; the others then read it
-            self.data = self._prepare_data()
+            self.data = prepare_data(data_cfg, run_dir / "data")
         if model is not None and model.config.vocab_size < self.data.vocab_size:
             raise ValueError(f"the data's vocabulary ({self.data.vocab_size}) is larger than the model's "
                              f"({model.config.vocab_size}); tokenize with the model's own tokenizer "
@@ -168,9 +161,6 @@ class Trainer:
             self.scaler = faults.wrap_scaler(self.scaler, self.progress, self.model)
         self.guard = StabilityGuard(cfg.guard, tc.precision)
         self.rollback = RollbackKeeper(cfg.guard, self.dist, self.model, self.optimizer, self.scaler, self.ema)
-        self.recorder = BadStepRecorder(self.run_dir, self.dist, self.model, cfg.guard.inject, self._autocast,
-                                        self._whole_copy if self.built_model else None,
-                                        lambda line: self.logger.write(line)) if cfg.guard.save_bad_batches else None
 
     def _build_model(self, model: Transformer) -> None:
         tc = self.cfg.train
@@ -188,28 +178,18 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _open_log(self, show_progress: bool, resume_note: str) -> None:
-        tc = self.cfg.train
         if not resume_note and self.dist.is_main:
             self.cfg.save_toml(self.run_dir / "config.toml")
-        self.logger = MetricsLogger(self.run_dir, tensorboard=tc.tensorboard, wandb=tc.wandb,
-                                    wandb_project=tc.wandb_project, config=self.cfg.to_dict(),
-                                    total_steps=tc.max_steps, start_step=self.step, show_progress=show_progress,
-                                    enabled=self.dist.is_main)
+        self.log = StepLog(self.cfg, self.run_dir, self.model, self.device, self.dist.world_size,
+                           self.dist.is_main, self.step, show_progress)
+        self.logger = self.log.logger
         for note in (self.dist.note, resume_note):
             if note:
                 self.logger.write(note)
-        self.throughput = Throughput()
-        peak = device_peak_flops(self.device, tc.precision)
-        self.peak_flops = peak * self.dist.world_size if peak is not None else None  # tokens/s are global
-        self.flops_per_token = self.model.flops_per_token(self.cfg.data.seq_len)
         self.saved_step = self.step if resume_note else -1
-
-    def _prepare_data(self) -> PreparedData:
-        data_dir = self.run_dir / "data"
-        data_cfg = self.cfg.data
-        if (data_dir / "meta.json").exists():  # a resumed run reuses its own prepared shards
-            data_cfg = dataclasses.replace(data_cfg, source=str(data_dir))
-        return prepare_data(data_cfg, data_dir)
+        self.recorder = BadStepRecorder(self.run_dir, self.dist, self.model, self.cfg.guard.inject, self._autocast,
+                                        self._whole_copy if self.built_model else None,
+                                        self.logger.write) if self.cfg.guard.save_bad_batches else None
 
     def _resume(self) -> str:
         """Load the latest checkpoint (full state: any mode and world size). Returns a note for the console."""
@@ -218,54 +198,25 @@ class Trainer:
             raise ValueError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; "
                              "start without --resume (or point --out at the run to continue)")
         ckpt = read_checkpoint(path)
-        _check_fits(ckpt, unwrap(self.model), self.cfg)
-        self.dist.load_model_state(self.model, ckpt.model_state)
-        state = ckpt.trainer_state
-        self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        for group, fresh in zip(self.optimizer.param_groups, build_optimizer(self.model, self.cfg.train).param_groups):
-            group["base_lr"] = fresh["base_lr"]  # an LR given on the command line at resume wins
-        self.scaler.load_state_dict(state["scaler"])
-        self.train_loader.load_state_dict(state["loader"])
-        self.guard.load_state_dict(state["guard"])
-        if self.ema is not None and ckpt.ema_state is not None:
-            self.ema.load_state_dict(ckpt.ema_state)
-        self.progress.__init__(**{k: state.get(k) for k in ("step", "opt_step", "best_val", "evals_since_best",
-                                                             "last_val")})
-        set_rng_state(state["rng"])  # rank 0's; the ranks draw in lock-step, so it is every rank's
-        notes = [f"resuming from {path} (step {self.step} of {self.cfg.train.max_steps})"]
-        if self.step >= self.cfg.train.max_steps:
-            notes.append(f"the run is already at step {self.step} >= max_steps {self.cfg.train.max_steps}: "
-                         "nothing to train; pass a larger --max-steps to train it further")
-        saved_world, saved_batch = state.get("world_size", 1), state.get("global_batch")
-        if saved_world != self.dist.world_size or saved_batch not in (None, self.global_batch):
-            was = f"{saved_batch} sequences" if saved_batch is not None else "unknown"
-            notes.append(f"resuming a run saved by {saved_world} process(es) on {self.dist.world_size}: the data "
-                         f"cursor re-strides over the ranks; global batch {self.global_batch} sequences per step "
-                         f"(was {was})")
-        return "\n".join(notes)
+        restore_run(ckpt, self.cfg, self.dist, self.model, self.optimizer, self.scaler, self.train_loader, self.guard,
+                    self.ema, self.progress)
+        return resume_note(path, ckpt.trainer_state, self.cfg.train.max_steps, self.dist.world_size,
+                           self.global_batch)
 
     @property
     def global_batch(self) -> int:
         """Sequences per optimizer step over all ranks."""
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.dist.world_size
 
-    @property
-    def step(self) -> int:
-        return self.progress.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.progress.step = value
-
-    @property
-    def opt_step(self) -> int:
-        return self.progress.opt_step
+    # The counters live in `progress` (which the fault wrappers read); these name them as the loop does.
+    step = property(lambda self: self.progress.step, lambda self, value: setattr(self.progress, "step", value))
+    opt_step = property(lambda self: self.progress.opt_step)
 
     # ---- the loop ------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
         try:
-            with _GracefulStop(enabled=self.dist.world_size == 1) as stop:
+            with GracefulStop(enabled=self.dist.world_size == 1) as stop:
                 self.stop = stop
                 return self._train()
         except BaseException:  # Ctrl-C or an error mid-run: leave the process group (a no-op in one process)
@@ -276,26 +227,25 @@ class Trainer:
         tc, guard = self.cfg.train, self.guard
         self.model.train()
         status, last_values = None, {"loss": math.nan}
-        tokens_per_step = tc.batch_size * tc.grad_accum * self.cfg.data.seq_len * self.dist.world_size  # global
         self.rollback.after_good_step(self.step, self.opt_step)
         while status is None and self.step < tc.max_steps:
             verdict, values, _ = self.train_step()
-            self.throughput.add(tokens_per_step)
+            self.log.throughput.add(self.log.tokens_per_step)
             if verdict.ok:
                 last_values = values
                 self.rollback.after_good_step(self.step, self.opt_step)
             elif verdict.action == "abort":
-                self._log_event(verdict)
+                self.log.event(self.step - 1, verdict)
                 self.rollback.restore_weights(self.progress)  # the final checkpoint holds the last good ones
                 status = "aborted"
                 break
             elif verdict.action == "rollback":
                 to_step = self.rollback.roll_back(self.progress)
                 guard.rolled_back()
-                self._log_event(verdict, detail=f"restored step {to_step}, lr x{guard.lr_scale:g}",
-                                restored_step=to_step, lr_scale=guard.lr_scale)
+                self.log.event(self.step - 1, verdict, detail=f"restored step {to_step}, lr x{guard.lr_scale:g}",
+                               restored_step=to_step, lr_scale=guard.lr_scale)
             else:
-                self._log_event(verdict)
+                self.log.event(self.step - 1, verdict)
             self._log_step(values, verdict)
             status = self._step_boundary(verdict)
         status = status or "finished"
@@ -415,7 +365,7 @@ class Trainer:
             several = self.dist.world_size > 1  # one process: no collective, and no gather of loads for one
             self.model.after_optimizer_step(self.dist.sum_ if several else None, self.dist.max_ if several else None)
             if self.ema is not None:
-                self._update_ema()
+                update_ema(self.ema, self.model, tc.ema_decay)
             self.progress.opt_step += 1
         else:
             if verdict.action == "overflow":
@@ -428,71 +378,18 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = self.cfg.train.ema_decay
-        for ema_t, t in zip(self.ema.state_dict().values(), self.model.state_dict().values()):
-            if ema_t.dtype.is_floating_point:
-                ema_t.lerp_(t, 1 - decay)
-            else:
-                ema_t.copy_(t)
-
     # ---- metrics, eval, checkpoints ---------------------------------------------------------------
 
-    def _log_event(self, verdict: Verdict, **extra) -> None:
-        record = {"kind": "event", "event": verdict.action, "step": self.step - 1, "cause": verdict.cause,
-                  "module": verdict.module, "action": verdict.action, "value": verdict.value, **extra}
-        where = f" in {verdict.module}" if verdict.module else ""
-        line = f"[guard] step {self.step - 1}: {verdict.cause}{where} -> {verdict.action}"
-        if extra.get("detail"):
-            line += f" ({extra['detail']})"
-        self.logger.event(record, line)
-
     def _log_step(self, values: dict[str, float], verdict: Verdict) -> None:
-        if not self.dist.is_main:  # only rank 0 logs: no host reads for a record nobody writes
-            return
-        record = {"kind": "train", "step": self.step - 1, "opt_step": self.opt_step, "action": verdict.action,
-                  "skipped_steps": self.guard.n_skips, **values}
-        if (self.step - 1) % self.cfg.guard.stats_every == 0:
-            record.update(self.model.health_stats())
-        if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.max_steps:
-            tps = self.throughput.rate()
-            record["tokens_per_sec"] = tps
-            record["mfu"] = mfu(self.flops_per_token, tps, self.peak_flops)
-            record["peak_mem_gb"] = peak_memory_gb(self.device)
-        self.logger.log(record)
-        shown = {"ce": values["ce"]} if "ce" in values else {"loss": values.get("loss")}  # as the val loss reads
-        self.logger.progress(self.step - 1, **shown, tok_s=record.get("tokens_per_sec"))
+        self.log.step(self.step - 1, self.opt_step, self.guard.n_skips, values, verdict)
 
-    @torch.no_grad()
     def evaluate(self, model: Transformer | None = None) -> dict[str, float]:
         """Mean loss components over the first eval_batches validation batches (always the same ones)."""
-        model = model or self.model
-        world = self.dist.world_size
-        windows = count_windows(self.data.val_shards, self.cfg.data.seq_len, self.lookahead)
-        # Ranks split the same global validation batches one process of batch_size * world_size would see.
-        loader = TokenLoader(self.data.val_shards, max(min(self.cfg.train.batch_size, windows // world), 1),
-                             self.cfg.data.seq_len, lookahead=self.lookahead, rank=self.dist.rank, world_size=world,
-                             vocab_size=self.data.vocab_size, shuffle=False)
-        was_training = model.training
-        model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        n = min(self.cfg.train.eval_batches, max(loader.batches_per_epoch, 1))
-        for _ in range(n):
-            x, y = loader.next_batch()
-            with self._autocast():
-                out = self.objective(model, x.to(self.device), y.to(self.device))
-            for name, value in {"loss": out.loss, **out.losses}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().double() / n
-        model.train(was_training)
-        names = list(sums)
-        if not names:
-            return {}
-        means = self.dist.mean_(torch.stack([sums[k] for k in names]))  # over ranks; a no-op in one process
-        return dict(zip(names, means.tolist()))
+        return validation_losses(model or self.model, self.objective, self.cfg, self.data, self.lookahead,
+                                 self.dist, self._autocast)
 
     def _eval_and_maybe_stop(self) -> bool:
-        tc, progress = self.cfg.train, self.progress
+        tc = self.cfg.train
         losses = self.evaluate()
         val = losses.get("ce", losses["loss"])
         record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
@@ -502,21 +399,14 @@ class Trainer:
         self.logger.log(record)
         self.logger.write(f"step {self.step}: val loss {val:.4f}" +
                           (f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""))
-        progress.last_val = val
-        if val < progress.best_val:
-            progress.best_val, progress.evals_since_best = val, 0
-        else:
-            progress.evals_since_best += 1
+        self.progress.validated(val)
         self.save(val)
-        return bool(tc.early_stop_patience) and progress.evals_since_best >= tc.early_stop_patience
+        return bool(tc.early_stop_patience) and self.progress.evals_since_best >= tc.early_stop_patience
 
     def trainer_state(self) -> dict:
         """Everything but the weights that exact resume needs (under FSDP a collective: call on every rank)."""
-        return {**dataclasses.asdict(self.progress),
-                "optimizer": self.dist.full_optimizer_state(self.model, self.optimizer),
-                "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(),
-                "guard": self.guard.state_dict(), "rng": rng_state(),
-                "world_size": self.dist.world_size, "global_batch": self.global_batch}
+        return run_state(self.dist, self.model, self.optimizer, self.scaler, self.train_loader, self.guard,
+                         self.progress, self.global_batch)
 
     def save(self, val_loss: float | None = None) -> Path:
         """Write a checkpoint (every rank calls this; rank 0 writes full, unsharded state)."""
@@ -546,48 +436,6 @@ class Trainer:
         init runs under a forked RNG, so this rank's random stream stays in step with the others'."""
         with torch.random.fork_rng(devices=[]):
             return model_from_state(self.cfg.model, state).to(self.device)
-
-
-def _check_fits(ckpt, model: torch.nn.Module, cfg: RunConfig) -> None:
-    """Refuse, in one line, a checkpoint whose tensors do not fit the model (a changed --preset or --model.*)."""
-    own = model.state_dict()
-    misfits = sorted(set(own) ^ set(ckpt.model_state)) + sorted(
-        name for name, tensor in ckpt.model_state.items() if name in own and own[name].shape != tensor.shape)
-    if not misfits:
-        return
-    saved = ckpt.config.get("model", {})
-    now = cfg.model.to_dict()
-    changed = [f"model.{key}={now[key]!r} (saved: {saved[key]!r})" for key in now
-               if key in saved and key != "derived" and saved[key] != now[key]]
-    what = ", ".join(changed[:4]) or f"{len(misfits)} tensors differ, first {misfits[0]}"
-    raise ValueError(f"--resume: the checkpoint in {ckpt.path} does not fit this model ({what}); drop the model "
-                     "flags (--preset, --model.*) to continue the run, or start a new run with another --out")
-
-
-class _GracefulStop:
-    """Ctrl-C while training: the first finishes the current step, saves a checkpoint and stops (resumable);
-    a second interrupts at once. Only in a single process's main thread: under torchrun the ranks would
-    stop at different steps, so the signal keeps its default meaning there."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested = False
-
-    def __enter__(self) -> "_GracefulStop":
-        if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nnanoseek: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
-              flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def default_run_dir(preset: str) -> Path:
