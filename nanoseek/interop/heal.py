@@ -115,7 +115,7 @@ def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden
             total = total + hidden_weight * losses["hidden"]
         if ce_weight:
             total = total + ce_weight * ce
-        router = unwrap(model).router_losses()  # MoE aux / z losses, when the config turns them on
+        router = out.losses  # the model's own MoE aux / z losses, when the config turns them on
         losses.update(router)
         for value in router.values():
             total = total + value

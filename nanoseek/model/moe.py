@@ -228,13 +228,15 @@ class MoE(nn.Module):
         # n shared experts of width moe_inter_dim are exactly one SwiGLU of width n * moe_inter_dim.
         self.shared_experts = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.swiglu_clamp)
                                if cfg.n_shared_experts else None)
-        self.losses: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim]. Router losses of this call are left in `self.losses`."""
+    def forward(self, x: torch.Tensor, router_losses: list | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]. The router losses of this call ({'aux', 'z'} when on, scalars) are
+        appended to `router_losses`, which the Transformer's forward sums into its output's losses."""
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
-        weights, indices, self.losses = self.gate(flat, bsz)
+        weights, indices, losses = self.gate(flat, bsz)
+        if router_losses is not None:
+            router_losses.append(losses)
         out = self.experts(flat, weights, indices).view(bsz, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -42,9 +42,12 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim, cfg.swiglu_clamp)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim] (the residual stream)."""
+                cache=None, router_losses: list | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim] (the residual stream). An MoE appends its router losses to
+        `router_losses`."""
         x = x + self.attn(self.attn_norm(x), start_pos, key_mask, cache)
+        if isinstance(self.ffn, MoE):
+            return x + self.ffn(self.ffn_norm(x), router_losses)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -95,12 +98,14 @@ class Transformer(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
 
-    def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache) -> torch.Tensor:
+    def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache,
+                   router_losses: list) -> torch.Tensor:
         if self.activation_checkpointing and self.training and cache is None:
-            # Non-reentrant checkpointing; the recompute must not count the block's MoE loads a second time.
-            return checkpoint(block, x, start_pos, key_mask, None, use_reentrant=False,
+            # Non-reentrant checkpointing; the recompute must not count the block's MoE loads a second time
+            # (the router losses it appends again come after the forward summed them: unread).
+            return checkpoint(block, x, start_pos, key_mask, None, router_losses, use_reentrant=False,
                               context_fn=lambda: (contextlib.nullcontext(), _loads_not_counted(block)))
-        return block(x, start_pos, key_mask, cache)
+        return block(x, start_pos, key_mask, cache, router_losses)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, caches: list | None = None,
@@ -114,39 +119,31 @@ class Transformer(nn.Module):
         if caches is not None and self.training and self.activation_checkpointing:
             raise ValueError("KV caches cannot be used while training with activation checkpointing; call model.eval()")
         x = self.embed(idx)  # [B, T, dim]
+        router: list[dict[str, torch.Tensor]] = []  # each MoE layer's router losses, in call order
         for i, block in enumerate(self.layers):
-            x = self._run_block(block, x, start_pos, attention_mask, caches[i] if caches else None)
+            x = self._run_block(block, x, start_pos, attention_mask, caches[i] if caches else None, router)
         cfg = self.config
         if targets is not None and self.loss_chunk > 0:  # no [B, T, vocab] logits: see chunked_cross_entropy
             normed = self.norm(x)
             ce, lse_sq, logit_max = chunked_cross_entropy(
                 self.head, normed, targets[:, :idx.shape[1]], self.loss_chunk,
                 logsumexp_sq=cfg.logit_z_loss_coef > 0, logit_max=self.track_logit_max)
-            losses = {"ce": ce, **self._mtp_losses(x, normed, targets)}
+            losses = {"ce": ce, **self._mtp_losses(x, normed, targets, router)}
             if cfg.logit_z_loss_coef > 0:
                 losses["logit_z"] = cfg.logit_z_loss_coef * lse_sq
-            return self._total(ModelOutput(None, logit_max=logit_max), losses)
+            return self._total(ModelOutput(None, logit_max=logit_max), losses, router)
         logits = self.head(self.norm(x))
-        if targets is None:
-            return ModelOutput(logits, hidden=x)
+        if targets is None:  # no loss; the router losses are still there for an objective of its own
+            return ModelOutput(logits, hidden=x, losses=_sum_router_losses(router))
         losses = {"ce": _cross_entropy(logits, targets[:, :idx.shape[1]])}
-        losses.update(self._mtp_losses(x, logits, targets))
+        losses.update(self._mtp_losses(x, logits, targets, router))
         if cfg.logit_z_loss_coef > 0:  # PaLM (arXiv 2204.02311, section 5): keeps log Z near 0
             losses["logit_z"] = cfg.logit_z_loss_coef * _loss_dtype(logits).logsumexp(-1).pow(2).mean()
-        return self._total(ModelOutput(logits), losses)
+        return self._total(ModelOutput(logits), losses, router)
 
-    def router_losses(self) -> dict[str, torch.Tensor]:
-        """The MoE router losses of the last forward pass, summed over layers: 'aux' and 'z' when on."""
-        losses = {}
-        for name in ("aux", "z"):
-            parts = [m.losses[name] for m in self.modules() if isinstance(m, MoE) and name in m.losses]
-            if parts:
-                losses[name] = torch.stack(parts).sum()
-        return losses
-
-    def _total(self, out: ModelOutput, losses: dict[str, torch.Tensor]) -> ModelOutput:
-        """Adds the router losses of this forward pass, and the weighted sum of everything as `loss`."""
-        losses.update(self.router_losses())
+    def _total(self, out: ModelOutput, losses: dict[str, torch.Tensor], router: list) -> ModelOutput:
+        """Adds this forward pass's router losses, and the weighted sum of everything as `loss`."""
+        losses.update(_sum_router_losses(router))
         total = losses["ce"]
         mtp = [v for k, v in losses.items() if k.startswith("mtp_")]
         if mtp:  # DeepSeek-V3 eq. 25: lambda / D * sum_k L_k
@@ -157,9 +154,11 @@ class Transformer(nn.Module):
         out.loss, out.losses = total, losses
         return out
 
-    def _mtp_losses(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _mtp_losses(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                    router: list) -> dict[str, torch.Tensor]:
         """x: [B, T, dim] the last layer's output; logits: the main [B, T, vocab] logits, or with loss_chunk
-        the normed final hidden [B, T, dim] they come from (never materialised then)."""
+        the normed final hidden [B, T, dim] they come from (never materialised then). MTP blocks append
+        their router losses to `router`."""
         cfg, seq_len = self.config, x.shape[1]
         losses = {}
         if cfg.mtp_depth == 0:
@@ -178,7 +177,7 @@ class Transformer(nn.Module):
                 break
             # Token t_{i+k} is targets[:, i+k-1]; ignored (padding) ids are embedded as token 0.
             next_tokens = targets[:, k - 1:k - 1 + n].clamp(min=0)
-            hidden, normed = module(hidden[:, :n], self.embed(next_tokens))
+            hidden, normed = module(hidden[:, :n], self.embed(next_tokens), router_losses=router)
             losses[f"mtp_{k}"] = self._head_loss(normed, targets[:, k:k + n], is_hidden=True)
         return losses
 
@@ -323,6 +322,16 @@ class Transformer(nn.Module):
             _reduce_together([attn.max_logit for attn in layers], reduce)
             for attn in layers:
                 attn.qk_clip_(self.config.qk_clip_threshold)
+
+
+def _sum_router_losses(router: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The MoE router losses of one forward pass, summed over layers: 'aux' and 'z' when on."""
+    losses = {}
+    for name in ("aux", "z"):
+        parts = [layer[name] for layer in router if name in layer]
+        if parts:
+            losses[name] = torch.stack(parts).sum()
+    return losses
 
 
 @contextlib.contextmanager
