@@ -163,7 +163,7 @@ class Transformer(nn.Module):
         losses = {}
         if cfg.mtp_depth == 0:
             return losses
-        if cfg.mtp_kind == "shared":  # seed 004: the main logits also scored k+1 ahead
+        if cfg.mtp_kind == "shared":  # one head: the main logits also scored against the tokens k+1 ahead
             for k in range(1, cfg.mtp_depth + 1):
                 n = mtp_length(seq_len, targets.shape[1], k)
                 if n > 0:
