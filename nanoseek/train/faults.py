@@ -93,10 +93,15 @@ class FaultInjector:
 
     # ---- installing it: wrappers around the step's parts ------------------------------------------
 
-    def wrap_loader(self, loader, progress, vocab_size: int) -> "FaultyLoader":
-        return FaultyLoader(loader, self, progress, vocab_size)
+    def wrap_loader(self, loader, progress, vocab_size: int):
+        """bad-batch: the loader's batches of the step get ids past the vocabulary."""
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = loader.next_batch()
+            return self.batch(progress.step, x, vocab_size), y
+        return _Wrapped(loader, next_batch=next_batch)
 
     def wrap_objective(self, objective: Callable, progress) -> Callable:
+        """inf-act and nan-loss: in the objective's forward, and on its total loss."""
         def objective_with_faults(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
             with self.activations(progress.step):
                 out = objective(model, x, y)
@@ -104,38 +109,27 @@ class FaultInjector:
         return objective_with_faults
 
     def wrap_schedule(self, schedule: Callable[[int], float], progress) -> Callable[[int], float]:
+        """lr-spike: the LR factor of the step times the spike."""
         return lambda opt_step: schedule(opt_step) * self.lr_factor(progress.step)
 
-    def wrap_scaler(self, scaler: torch.amp.GradScaler, progress, model: nn.Module) -> "FaultyScaler":
-        return FaultyScaler(scaler, self, progress, model)
+    def wrap_scaler(self, scaler: torch.amp.GradScaler, progress, model: nn.Module):
+        """nan-grad and inf-grad: one gradient element poisoned as unscale_ starts (after backward and the
+        gradient sync, before the GradScaler looks for infs)."""
+        def unscale_(optimizer: torch.optim.Optimizer) -> None:
+            self.grads(progress.step, model)
+            scaler.unscale_(optimizer)
+        return _Wrapped(scaler, unscale_=unscale_)
 
 
-class FaultyLoader:
-    """The train loader, with bad-batch faults written into the batches of their step."""
+class _Wrapped:
+    """`inner` with some methods replaced; everything else (state_dict, skip, ...) is inner's own."""
 
-    def __init__(self, loader, injector: FaultInjector, progress, vocab_size: int):
-        self.loader, self.injector, self.progress, self.vocab_size = loader, injector, progress, vocab_size
+    def __init__(self, inner, **methods: Callable):
+        self.inner = inner
+        vars(self).update(methods)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.loader.next_batch()
-        return self.injector.batch(self.progress.step, x, self.vocab_size), y
-
-    def __getattr__(self, name: str):  # skip, state_dict, load_state_dict, ...: the loader's own
-        return getattr(self.loader, name)
-
-
-class FaultyScaler:
-    """The GradScaler, whose unscale_ first poisons one gradient element at a nan-grad / inf-grad step."""
-
-    def __init__(self, scaler: torch.amp.GradScaler, injector: FaultInjector, progress, model: nn.Module):
-        self.scaler, self.injector, self.progress, self.model = scaler, injector, progress, model
-
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        self.injector.grads(self.progress.step, self.model)
-        self.scaler.unscale_(optimizer)
-
-    def __getattr__(self, name: str):  # scale, step, update, state_dict, ...: the scaler's own
-        return getattr(self.scaler, name)
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 def _poison_output(module: nn.Module, args, output):

@@ -88,44 +88,46 @@ def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultIn
             found.append(Finding("backward", names[module] or "<model>", "grad_input",
                                  {"grad_output": _summary(_tensors(grad_output)), "grad_input": _summary(_tensors(grad_input))}))
 
-    model.zero_grad(set_to_none=True)
     was_training = model.training
+    model.zero_grad(set_to_none=True)
     model.train()
-    activations = injector.activations(step) if injector else contextlib.nullcontext()
-    with activations:  # the injection hook must fire before the diagnostic ones
-        handles = [m.register_forward_hook(forward_hook) for m in model.modules()]
-        try:
-            with autocast or contextlib.nullcontext():
-                out = model(x, y)
-        finally:
-            for h in handles:
-                h.remove()
-    if found:
+    try:
+        finding = _replay(model, x, y, injector, step, autocast, forward_hook, backward_hook, found)
+    finally:  # leave the model as it was: no gradients, no expert loads counted by the replay
         model.zero_grad(set_to_none=True)
         model.reset_expert_loads()
         model.train(was_training)
+    if finding is None and grad_findings:  # finite on replay: name the parameters of the original step
+        param = grad_findings[0]
+        finding = Finding("grad", param.rsplit(".", 1)[0], f"gradient of {param}", {"parameters": len(grad_findings)})
+    return finding or Finding("clean")
+
+
+def _replay(model, x, y, injector, step, autocast, forward_hook, backward_hook, found) -> Finding | None:
+    """Forward with `forward_hook` on every module, the loss, backward with `backward_hook`: the first
+    Finding of the three stages, or None if all stayed finite."""
+    with injector.activations(step) if injector else contextlib.nullcontext():  # before the diagnostic hooks
+        with _hooks([m.register_forward_hook(forward_hook) for m in model.modules()]):
+            with autocast or contextlib.nullcontext():
+                out = model(x, y)
+    if found:
         return found[0]
     loss = injector.loss(step, out.loss) if injector else out.loss
     if not math.isfinite(float(loss.detach())):
         bad = {k: float(v.detach()) for k, v in out.losses.items() if not math.isfinite(float(v.detach()))}
-        model.reset_expert_loads()
-        model.train(was_training)
         return Finding("loss", None, "loss", {"components": bad or "all finite; the total is not"})
-    handles = [m.register_full_backward_hook(backward_hook) for m in model.modules() if m is not model]
-    try:
+    with _hooks([m.register_full_backward_hook(backward_hook) for m in model.modules() if m is not model]):
         loss.backward()
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def _hooks(handles: list):
+    try:
+        yield
     finally:
-        for h in handles:
-            h.remove()
-    model.zero_grad(set_to_none=True)
-    model.reset_expert_loads()
-    model.train(was_training)
-    if found:
-        return found[0]
-    if grad_findings:
-        param = grad_findings[0]
-        return Finding("grad", param.rsplit(".", 1)[0], f"gradient of {param}", {"parameters": len(grad_findings)})
-    return Finding("clean")
+        for handle in handles:
+            handle.remove()
 
 
 def nonfinite_grads(model: nn.Module) -> list[str]:
