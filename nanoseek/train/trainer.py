@@ -132,10 +132,10 @@ class Trainer:
                              "or choose a new --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-        data_cfg = cfg.data
-        if (run_dir / "data" / "meta.json").exists():  # a resumed run reuses its own prepared shards
-            data_cfg = dataclasses.replace(data_cfg, source=str(run_dir / "data"))
         with self.dist.main_first():  # rank 0 tokenizes into run_dir/data; the others then read it
+            data_cfg = cfg.data
+            if (run_dir / "data" / "meta.json").exists():  # a resumed run reuses its own prepared shards
+                data_cfg = dataclasses.replace(data_cfg, source=str(run_dir / "data"))
             self.data = prepare_data(data_cfg, run_dir / "data")
         if model is not None and model.config.vocab_size < self.data.vocab_size:
             raise ValueError(f"the data's vocabulary ({self.data.vocab_size}) is larger than the model's "
