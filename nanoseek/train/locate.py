@@ -172,11 +172,12 @@ def locate_and_save(run_dir: Path, step: int, verdict: Verdict, batches: list[tu
 
 
 class BadStepRecorder:
-    """On a faulted step: find the parameters with non-finite gradients, then `locate_and_save`. Under
-    torchrun every rank calls `record` (a collective: every rank holds the same verdict) and rank 0 writes
-    the batch of the rank where the fault began (its own batch was bad, else its own loss, else its own
-    gradients were non-finite), replayed with that rank's fault injections on an unsharded copy of the
-    weights under FSDP (`whole_copy(state)`; None when the model cannot be rebuilt on one rank)."""
+    """On a faulted step: find the parameters with non-finite gradients, then `locate_and_save`. One code
+    path for one process and torchrun: every rank calls `record` (a collective: every rank holds the same
+    verdict) and rank 0 writes the batch of the rank where the fault began (its own batch was bad, else
+    its own loss, else its own gradients were non-finite), replayed with that rank's fault injections,
+    under FSDP on an unsharded copy of the weights (`whole_copy(state)`; None when the model cannot be
+    rebuilt on one rank)."""
 
     def __init__(self, run_dir: Path, dist: Distributed, model: nn.Module, inject: tuple[str, ...],
                  autocast: Callable[[], contextlib.AbstractContextManager],
@@ -188,37 +189,27 @@ class BadStepRecorder:
         """Returns the verdict with the module the fault began in (if found)."""
         if verdict.action == "overflow":
             return verdict
-        bad_grads = nonfinite_grads(self.model) if verdict.cause.startswith("non-finite") else []
-        if not self.dist.active:
-            injector = FaultInjector(self.inject, self.model)
-            module = locate_and_save(self.run_dir, stats.step, verdict, batches, self.model, injector, bad_grads,
-                                     self.autocast, self.dist.device)
-        else:
-            module = self._record_across_ranks(verdict, stats, batches, bad_grads)
-        return dataclasses.replace(verdict, module=module)
-
-    def _record_across_ranks(self, verdict: Verdict, stats: StepStats, batches: list, bad_grads: list[str]):
-        step = stats.step
+        step, view, nonfinite = stats.step, stats.rank, verdict.cause.startswith("non-finite")
         if self.dist.mode == "fsdp" and self.whole_copy is None:
             self.log(f"[guard] step {step}: no bad-batch record (FSDP with a model passed to the Trainer cannot be "
                      "replayed on one rank; use --dist ddp to keep records)")
-            return None
-        view = stats.rank
-        mine = {"batch_ok": view.batch_ok, "bad_grads": bad_grads, "batches": [(x.cpu(), y.cpu()) for x, y in batches],
+            return verdict
+        mine = {"batch_ok": view.batch_ok, "bad_grads": nonfinite_grads(self.model) if nonfinite else [],
+                "batches": [(x.cpu(), y.cpu()) for x, y in batches],
                 # no loss or norm: no forward ran (a bad batch somewhere)
                 "loss_ok": view.loss is None or math.isfinite(float(view.loss)),
                 "grad_ok": view.grad_norm is None or math.isfinite(float(view.grad_norm))}
         everyone = self.dist.gather_objects(mine)
-        nonfinite = verdict.cause.startswith("non-finite")
         state = self.dist.full_model_state(self.model) if nonfinite and self.dist.mode == "fsdp" else None
         if not self.dist.is_main:
-            return None
+            return verdict
         culprit = next((r for key in ("batch_ok", "loss_ok", "grad_ok") for r, info in enumerate(everyone)
                         if not info[key]), 0)
-        bad_grads = sorted({name for info in everyone for name in info["bad_grads"]})
+        bad_grads = list(dict.fromkeys(name for info in everyone for name in info["bad_grads"]))
         model = self.whole_copy(state) if state is not None else self.model  # a shard cannot run alone
         injector = FaultInjector(self.inject, model, culprit, self.dist.world_size)
         module = locate_and_save(self.run_dir, step, verdict, everyone[culprit]["batches"], model, injector,
                                  bad_grads, self.autocast, self.dist.device)
-        self.log(f"[guard] step {step}: the fault began on rank {culprit}")
-        return module
+        if self.dist.world_size > 1:
+            self.log(f"[guard] step {step}: the fault began on rank {culprit}")
+        return dataclasses.replace(verdict, module=module)
