@@ -16,6 +16,8 @@ from typing import Any, Literal
 from nanoseek.model_config import (PRESETS, ModelConfig, _fail, _known_fields, _one_of, require_non_negative,
                                    require_positive)
 
+from nanoseek.fault_spec import parse_fault
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, published as tomli
@@ -154,9 +156,7 @@ class GuardConfig:
         if self.warmup > self.window:
             _fail("warmup", self.warmup, f"must be <= window={self.window}: the window could never fill, "
                   "so spike detection would be off")
-        from nanoseek.train.faults import parse_fault  # a bad --inject fails before any data is prepared
-
-        for spec in self.inject:
+        for spec in self.inject:  # a bad --inject fails before any data is prepared
             parse_fault(spec)
         if self.rollback_lr_factor > 1:
             _fail("rollback_lr_factor", self.rollback_lr_factor, "must be in (0, 1]: the LR is multiplied by it")

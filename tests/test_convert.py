@@ -1,4 +1,4 @@
-"""GQA -> MLA + MoE conversion (nanoseek/interop/convert*.py) and distillation healing (heal.py).
+"""GQA -> MLA + MoE conversion (nanoseek/convert/*.py) and distillation healing (heal.py).
 
 References: the dense model's own logits (the conversion must reproduce them where the maths allows),
 brute force (the RoPE choice), the original rotary frequencies, and transformers' DeepseekV3 (the export).

@@ -127,8 +127,8 @@ class NPTBlock(nn.Module):
         self.adapter = NPTAdapter(w1.in_features, w1.out_features, rank, safe_mode).to(device, dtype)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim] (the residual stream); same signature as Block."""
+                cache=None, router_losses: list | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim] (the residual stream); same signature as Block (dense: no router losses)."""
         attn_out = self.attn(self.attn_norm(x), start_pos, key_mask, cache)
         shift, scale_logits = self.adapter(relative_to(attn_out, x))
         m = self.ffn_norm(x)  # the block's input, not x + attn_out: attention reaches the MLP only via the gate

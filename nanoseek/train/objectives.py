@@ -111,7 +111,7 @@ def distill_objective(teacher: nn.Module, temperature: float = 1.0, hidden_weigh
             total = total + hidden_weight * losses["hidden"]
         if ce_weight:
             total = total + ce_weight * ce
-        router = unwrap(model).router_losses()  # MoE aux / z losses, when the config turns them on
+        router = out.losses  # the model's own MoE aux / z losses, when the config turns them on
         losses.update(router)
         for value in router.values():
             total = total + value

@@ -344,3 +344,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         phase = ((step - warmup) % cfg.cycle_steps) / cfg.cycle_steps
         return floor + (1 - floor) * 0.5 * (1 + math.cos(2 * math.pi * phase))
     raise ValueError(f"schedule={cfg.schedule!r}: unknown; choose 'cosine', 'wsd', 'constant' or 'cyclic'")
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, tensor by tensor (integer buffers are copied)."""
+    for ema_t, t in zip(ema.state_dict().values(), model.state_dict().values()):
+        if ema_t.dtype.is_floating_point:
+            ema_t.lerp_(t, 1 - decay)
+        else:
+            ema_t.copy_(t)
