@@ -8,6 +8,7 @@ the shortcuts (--data, --out, --max-steps, --seed, --device, --inject).
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from nanoseek.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_g
 from nanoseek.interop.cli_convert import Convert, Heal, cmd_convert, cmd_heal
 from nanoseek.npt.cli import Npt, cmd_npt
 from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
+from nanoseek.rundir import command_scope
 
 
 @dataclass
@@ -38,7 +40,12 @@ class Train:
     max_steps: int | None = None
     """Training steps (data batches). Shortcut for --train.max-steps."""
     resume: bool = False
-    """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU)."""
+    """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU), with the config the
+    checkpoint was saved with; flags given now apply on top (shape, tokenizer, data and optimizer kind cannot
+    change)."""
+    resume_from: str | None = None
+    """Resume from this checkpoint of the run instead of the latest: step-N, N, or its directory (implies
+    --resume; later checkpoints are moved to checkpoints/abandoned-*, not deleted)."""
     seed: int | None = None
     """Random seed (weights, data order)."""
     device: Literal["auto", "cpu", "cuda"] | None = None
@@ -69,8 +76,8 @@ class Train:
         if self.inject:
             guard = dataclasses.replace(guard, inject=tuple(guard.inject) + tuple(self.inject))
         data = dataclasses.replace(self.data_section, source=self.data) if self.data else self.data_section
-        train = dataclasses.replace(self.train, max_steps=self.max_steps) if self.max_steps else self.train
-        train = dataclasses.replace(train, dist=self.dist) if self.dist else train
+        train = dataclasses.replace(self.train, max_steps=self.max_steps) if self.max_steps is not None else self.train
+        train = dataclasses.replace(train, dist=self.dist) if self.dist is not None else train
         base = RunConfig(model=self.model, data=data, train=train, guard=guard, preset=self.preset)
         return dataclasses.replace(base, out=self.out or base.out, seed=self.seed if self.seed is not None else base.seed,
                                    device=self.device or base.device)
@@ -126,14 +133,16 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 
 def train_defaults(argv: list[str]) -> Train:
-    resume = "--resume" in argv
+    resume = "--resume" in argv or _flag_value(argv, "--resume-from") is not None
     out, preset, config = _flag_value(argv, "--out"), _flag_value(argv, "--preset"), _flag_value(argv, "--config")
     if resume and not out:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
-    if resume and config is None and out and (Path(out) / "config.toml").exists():
-        config = str(Path(out) / "config.toml")
-    if config:
-        base = RunConfig.load_toml(config)
+    if resume and config is None:  # the checkpoint's own config (else the run's config.toml) is the base
+        from nanoseek.train.resume import saved_config
+
+        base = saved_config(out, _flag_value(argv, "--resume-from"))
+    if config or resume:
+        base = RunConfig.load_toml(config) if config else base
         data = _flag_value(argv, "--data")
         if resume and data is not None and data != base.data.source:
             raise ValueError(f"--resume continues {out} on its own data ({base.data.source}), not --data {data}; "
@@ -149,6 +158,8 @@ def train_defaults(argv: list[str]) -> Train:
 
 
 def cmd_train(args: Train) -> int:
+    from nanoseek.train.distributed import launched_by_torchrun
+    from nanoseek.rundir import hold
     from nanoseek.train.trainer import Trainer, default_run_dir
 
     cfg = args.run_config()
@@ -160,7 +171,10 @@ def cmd_train(args: Train) -> int:
         print(f"nanoseek train: --hardware auto -> {choice.precision}{' + fp8' if choice.fp8 else ''}: {choice.reason}")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.preset)
     cfg = dataclasses.replace(cfg, out=str(run_dir))
-    trainer = Trainer(cfg, run_dir, resume=args.resume, show_progress=args.progress)
+    if launched_by_torchrun()[0] == 0:  # one writer per run directory: rank 0 (or the only process)
+        hold(run_dir, "train")
+    trainer = Trainer(cfg, run_dir, resume=args.resume or args.resume_from is not None, show_progress=args.progress,
+                      resume_from=args.resume_from)
     model = trainer.model
     if trainer.dist.is_main:
         print(f"nanoseek train: preset {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters "
@@ -188,16 +202,19 @@ def cmd_train(args: Train) -> int:
         print(f"aborted: the stability guard ran out of rollbacks; see {run_dir / 'metrics.jsonl'} "
               f"and run: nanoseek diagnose {run_dir}", file=sys.stderr)
     if result.status == "interrupted":
-        print(f"interrupted at step {result.step}, checkpoint saved; continue with: "
+        how = signal.Signals(result.stop_signal).name if result.stop_signal else "interrupted"
+        print(f"{how}: stopped at step {result.step}, checkpoint saved; continue with: "
               f"nanoseek train --out {run_dir} --resume", file=sys.stderr)
     return result.exit_code
 
 
 def cmd_prepare(args: Prepare) -> int:
     from nanoseek.data import prepare_data
+    from nanoseek.rundir import hold
 
     cfg = DataConfig(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
                      val_fraction=args.val_fraction)
+    hold(args.out, "prepare")
     prepared = prepare_data(cfg, Path(args.out))
     meta = prepared.meta
     print(f"prepared {args.data} -> {args.out}: vocab {prepared.vocab_size}, "
@@ -280,14 +297,16 @@ def main(argv: list[str] | None = None) -> int:
             cls, handler = COMMANDS[argv[0]]
             default = train_defaults(argv) if cls is Train else None
             args = tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}", default=default)
-            return handler(args)
+            with command_scope():  # run-directory locks are held until the command ends
+                return handler(args)
         # No (or an unknown) subcommand: tyro prints the overview or the error.
         tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, prog="nanoseek",
                                              args=argv, description=DESCRIPTION)
         return 2
-    except ValueError as err:  # errors a user can cause: one line, no traceback
-        print(f"nanoseek: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # what a user can cause: one line; a bug: the traceback (errors.py)
+        from nanoseek.errors import report
+
+        return report(err)
     except KeyboardInterrupt:
         print("nanoseek: interrupted; a run continues from its latest checkpoint with "
               "nanoseek train --out RUN_DIR --resume", file=sys.stderr)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from nanoseek.config import DataConfig
 from nanoseek.data.corpus import PREPARED_FORMAT, PREPARED_META, describe_source, is_prepared_dir, iter_documents
+from nanoseek.rundir import replacing
 from nanoseek.data.tokenizer import META_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer, train_tokenizer
 
 MAGIC = b"NSEEKTOK"
@@ -246,6 +247,27 @@ def load_prepared(directory: str | Path) -> PreparedData:
 
 
 def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
+    """Prepare into a staging folder next to `out_dir` and swap it in only once complete (rundir.replacing):
+    a failed preparation (a typo in --data, a full disk) leaves an earlier one in `out_dir` untouched."""
+    source_dir = Path(cfg.source).expanduser()
+    if source_dir.is_dir() and is_prepared_dir(source_dir):
+        return load_prepared(source_dir)  # `nanoseek train --data PREPARED_DIR`: use it as it is
+    with replacing(out_dir, _prepared_files(Path(out_dir).expanduser()), {PREPARED_META, META_FILE, TOKENIZER_FILE},
+                   "data written by `nanoseek prepare`") as staging:
+        _prepare_into(cfg, staging, progress)
+    return load_prepared(out_dir)
+
+
+def _prepared_files(out_dir: Path) -> set[str]:
+    """The files an earlier preparation in `out_dir` wrote (replaced by a new one); none if it is not one."""
+    if not is_prepared_dir(out_dir):
+        return set()
+    meta = json.loads((out_dir / PREPARED_META).read_text())
+    shards = {Path(entry["file"]).name for split in ("train", "val") for entry in meta.get(split, {}).get("shards", [])}
+    return {PREPARED_META, META_FILE, TOKENIZER_FILE} | shards
+
+
+def _prepare_into(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
     """Corpus -> tokenizer -> train/val shards + meta.json in `out_dir`; reuse `cfg.source` if it is prepared.
 
     Two streaming passes over the source: the first measures the split and trains the tokenizer, the second
@@ -263,7 +285,6 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) ->
                          f"seq_len={cfg.seq_len} plus look-ahead) so every shard holds a training window")
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous(out_dir)  # from here until meta.json is written the folder is not "prepared"
 
     def documents() -> Iterator[str]:
         return iter_documents(cfg.source, text_field=cfg.hf_text_field, hf_split=cfg.hf_split)
@@ -298,19 +319,6 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) ->
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, out_dir / PREPARED_META)  # atomic: meta.json exists only once everything else does
     return PreparedData(out_dir, tokenizer, tokenizer.vocab_size, paths["train"], paths["val"], meta)
-
-
-def _remove_previous(out_dir: Path) -> None:
-    """Delete an earlier preparation's meta.json and the shards it lists (and only those), so re-preparing in
-    place with fewer shards leaves no stale files behind."""
-    meta_path = out_dir / PREPARED_META
-    if is_prepared_dir(out_dir):
-        meta = json.loads(meta_path.read_text())
-        meta_path.unlink()
-        for split in ("train", "val"):
-            for entry in meta.get(split, {}).get("shards", []):
-                (out_dir / Path(entry["file"]).name).unlink(missing_ok=True)
-    meta_path.unlink(missing_ok=True)
 
 
 def _build_meta(cfg: DataConfig, out_dir: Path, tokenizer: Tokenizer, paths: dict[str, list[Path]],

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from nanoseek.config import GuardConfig
 
+_FLOAT32_MAX = 3.4028234663852886e38  # an LR above it is inf once the optimizer computes in float32
+
 
 @dataclass
 class Verdict:
@@ -108,6 +110,14 @@ class StabilityGuard:
         self.stats["loss"].add(loss)
         self.stats["grad_norm"].add(grad_norm)
         return Verdict("ok")
+
+    def check_update(self, step: int, lrs: list[float]) -> Verdict | None:
+        """Before the optimizer step (host floats, no sync): an LR that is not a finite float32 would write
+        NaN/Inf into every weight it touches, however finite the gradients are. None: the update may go on."""
+        bad = next((lr for lr in lrs if not math.isfinite(lr) or abs(lr) > _FLOAT32_MAX), None)
+        if bad is None:
+            return None
+        return self._skip(step, f"non-finite learning rate ({bad:g})", bad)
 
     def _skip(self, step: int, cause: str, value: float) -> Verdict:
         self.n_skips += 1

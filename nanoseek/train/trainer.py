@@ -21,9 +21,6 @@ import copy
 import dataclasses
 import math
 import shutil
-import signal
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +41,10 @@ from nanoseek.train.loading import model_from_state
 from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
 from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
+from nanoseek.train import resume as resuming
+from nanoseek.rundir import unique_run_dir
+from nanoseek.train.safety import refuse_nonfinite_weights
+from nanoseek.train.signals import GracefulStop
 
 
 @dataclass
@@ -56,10 +57,13 @@ class TrainResult:
     status: str  # finished | early-stopped | aborted | interrupted (Ctrl-C: saved, resumable)
     n_skips: int
     n_rollbacks: int
+    stop_signal: int | None = None  # what stopped an interrupted run: SIGINT, SIGTERM or SIGUSR1
 
     @property
     def exit_code(self) -> int:
-        return {"aborted": 3, "interrupted": 130}.get(self.status, 0)
+        if self.status == "interrupted":
+            return 128 + (self.stop_signal or 2)  # the shell's code for a process ended by that signal
+        return {"aborted": 3}.get(self.status, 0)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,7 +92,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
-                 model: Transformer | None = None, objective: Objective = next_token_objective):
+                 model: Transformer | None = None, objective: Objective = next_token_objective,
+                 resume_from: str | None = None):
+        self.resume_from = resume_from  # a checkpoint of this run to resume instead of the latest (resume.py)
         # The process group first: it decides this rank's device (cuda:LOCAL_RANK under torchrun).
         self.dist = Distributed.setup(cfg.train.dist, resolve_device(cfg.device))
         created = not Path(run_dir).exists()
@@ -116,6 +122,8 @@ class Trainer:
         if not resume and latest_checkpoint(self.run_dir) is not None:
             raise ValueError(f"{self.run_dir} already holds a run with checkpoints; continue it with --resume, "
                              "or choose a new --out")
+        if not resume:
+            resuming.check_fresh_run_dir(self.run_dir, cfg.to_dict())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
 
@@ -181,11 +189,11 @@ class Trainer:
 
     def _resume(self) -> str:
         """Load the latest checkpoint (full state: any mode and world size). Returns a note for the console."""
-        path = latest_checkpoint(self.run_dir)
+        path = resuming.find_checkpoint(self.run_dir, self.resume_from)
         if path is None:
-            raise ValueError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; "
-                             "start without --resume (or point --out at the run to continue)")
+            return resuming.restart_without_checkpoint(self.run_dir, self.cfg)
         ckpt = read_checkpoint(path)
+        overrides = resuming.check_continuation(ckpt.config, self.cfg.to_dict(), str(path))
         _check_fits(ckpt, unwrap(self.model), self.cfg)
         self.dist.load_model_state(self.model, ckpt.model_state)
         state = ckpt.trainer_state
@@ -203,6 +211,11 @@ class Trainer:
         self.last_val = state.get("last_val")
         set_rng_state(state["rng"])  # rank 0's; the ranks draw in lock-step, so it is every rank's
         notes = [f"resuming from {path} (step {self.step} of {self.cfg.train.max_steps})"]
+        if overrides:
+            notes.append("settings given now, over the checkpoint's own: " + ", ".join(overrides))
+        aside = resuming.set_aside_later(self.run_dir, path) if self.dist.is_main else None
+        if aside is not None:
+            notes.append(f"the later checkpoints were moved to {aside} (kept; this run continues from {path.name})")
         if self.step >= self.cfg.train.max_steps:
             notes.append(f"the run is already at step {self.step} >= max_steps {self.cfg.train.max_steps}: "
                          "nothing to train; pass a larger --max-steps to train it further")
@@ -235,6 +248,7 @@ class Trainer:
     def save(self, val_loss: float | None = None) -> Path:
         """Write a checkpoint (every rank calls this; rank 0 writes full, unsharded state)."""
         tc = self.cfg.train
+        refuse_nonfinite_weights(self.model, self.step)  # NaN weights are never a "good" checkpoint
         self.saved_step = self.step
         model_state, trainer_state = self.dist.full_model_state(self.model), self.trainer_state()
         if self.dist.is_main:
@@ -346,7 +360,9 @@ class Trainer:
                 values["logit_max"] = float(logit_max)
         else:
             values = {"loss": math.nan, "grad_norm": math.nan}
-        verdict = self.guard.check(step, values["loss"], values["grad_norm"], batch_ok)
+        lrs = [group["lr"] for group in self.optimizer.param_groups]  # host floats: no sync
+        verdict = self.guard.check_update(step, lrs) or self.guard.check(step, values["loss"], values["grad_norm"],
+                                                                         batch_ok)
 
         if verdict.ok:
             if tc.grad_clip > 0:  # clip_grads_with_norm_'s arithmetic, on the local parts
@@ -462,7 +478,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         try:
-            with _GracefulStop(enabled=self.dist.world_size == 1) as stop:
+            with GracefulStop(world_size=self.dist.world_size) as stop:
                 self.stop = stop
                 return self._train()
         except BaseException:  # Ctrl-C or an error mid-run: leave the process group (a no-op in one process)
@@ -506,13 +522,13 @@ class Trainer:
                     break
             elif self.step % tc.save_every == 0:
                 self.save(None)
-            if self.stop.requested:
+            if self.stop.should_stop(self.dist):
                 status = "interrupted"
                 break
         if self.saved_step != self.step:
             self.save(self.last_val)
         result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("ce", math.nan), self.last_val,
-                             status, self.guard.n_skips, self.guard.n_rollbacks)
+                             status, self.guard.n_skips, self.guard.n_rollbacks, self.stop.signum)
         self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
                          "val_loss": self.last_val, "skips": self.guard.n_skips, "rollbacks": self.guard.n_rollbacks})
         self.logger.close()
@@ -615,33 +631,7 @@ def _check_fits(ckpt, model: torch.nn.Module, cfg: RunConfig) -> None:
                      "flags (--preset, --model.*) to continue the run, or start a new run with another --out")
 
 
-class _GracefulStop:
-    """Ctrl-C while training: the first finishes the current step, saves a checkpoint and stops (resumable);
-    a second interrupts at once. Only in a single process's main thread: under torchrun the ranks would
-    stop at different steps, so the signal keeps its default meaning there."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested = False
-
-    def __enter__(self) -> "_GracefulStop":
-        if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nnanoseek: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
-              flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 def default_run_dir(preset: str) -> Path:
     if launched_by_torchrun()[2] > 1:  # each rank would read its own clock and pick its own directory
         raise ValueError("under torchrun pass --out RUN_DIR: every rank must write to the same run directory")
-    return Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return unique_run_dir("runs", preset)
