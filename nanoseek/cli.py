@@ -236,7 +236,9 @@ def cmd_diagnose(args: Diagnose) -> int:
 
 def cmd_export(args: Export) -> int:
     from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, load_hf_tokenizer
+    from nanoseek.interop.export import export_files
     from nanoseek.interop.names import DTYPES
+    from nanoseek.rundir import replacing
     from nanoseek.train.loading import load_model
 
     source = Path(args.path)
@@ -250,7 +252,9 @@ def cmd_export(args: Export) -> int:
     else:
         model, _ = load_model(source)
         tok = _checkpoint_tokenizer(source)
-    out = export_hf(model, args.out, tokenizer=tok, dtype=dtype)
+    with replacing(args.out, export_files(Path(args.out)), {"config.json"}, "an export") as staging:
+        export_hf(model, staging, tokenizer=tok, dtype=dtype)  # an earlier export stays whole until this is
+    out = Path(args.out)
     print(f"exported {hf_model_type(model.config)} ({model.num_params() / 1e6:.2f}M parameters) to {out}; "
           f"tokenizer: {'tokenizer.json + tokenizer_config.json' if tok is not None else 'none found'}")
     return 0

@@ -20,18 +20,23 @@ def _fail(field_name: str, value: Any, fix: str) -> None:
     raise ValueError(f"{field_name}={value!r}: {fix}")
 
 
+def _is_number(value: Any) -> bool:
+    # NaN compares false with everything, so `value <= 0` alone would let it (and inf) through.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def require_positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            _fail(name, value, "must be a positive number")
+        if not _is_number(value) or value <= 0:
+            _fail(name, value, "must be a finite positive number")
 
 
 def require_non_negative(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            _fail(name, value, "must be >= 0")
+        if not _is_number(value) or value < 0:
+            _fail(name, value, "must be a finite number >= 0")
 
 
 def _one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -160,7 +165,8 @@ class ModelConfig:
             _fail("mtp_depth", self.mtp_depth, "must be >= 0 (0 turns multi-token prediction off)")
         if self.n_dense_layers > self.n_layers:
             _fail("n_dense_layers", self.n_dense_layers, f"must be <= n_layers={self.n_layers}")
-        if self.rope_factor < 1.0:
+        require_positive(self, "beta_fast", "beta_slow", "mscale")
+        if not (_is_number(self.rope_factor) and self.rope_factor >= 1.0):
             _fail("rope_factor", self.rope_factor, "must be >= 1 (1 means no scaling)")
         if self.attention == "gqa":
             self._derive_gqa()
@@ -383,9 +389,9 @@ class TrainConfig:
     dist: Literal["none", "ddp", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
-        require_positive(self, "max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
-                  "save_every", "log_every", "cycle_steps", "muon_lr")
-        require_non_negative(self, "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
+        require_positive(self, "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
+                  "save_every", "log_every", "cycle_steps", "muon_lr", "eps")
+        require_non_negative(self, "max_steps", "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
                       "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk")
         _one_of(self, "optimizer", ("adamw", "lion", "muon"))
         _one_of(self, "schedule", ("cosine", "wsd", "constant", "cyclic"))

@@ -22,9 +22,28 @@ from torch import nn
 
 from nanoseek.train.distributed import local
 from nanoseek.train.faults import FaultInjector
-from nanoseek.train.rng import rng_state
 
 MAX_SAVED = 5  # bad batches kept per run: the first ones explain a run best
+BATCH_FILE = "batch.safetensors"
+LEGACY_BATCH_FILE = "batch.pt"  # written by earlier versions; read with weights_only=True only
+
+
+def batch_record(batches) -> dict[str, torch.Tensor]:
+    """The step's batches (x: [grad_accum, B, T], y: [grad_accum, B, T + lookahead - 1]) and the torch RNG
+    state at the fault, as plain tensors for safetensors."""
+    record = {"x": torch.stack([b[0] for b in batches]).contiguous(),
+              "y": torch.stack([b[1] for b in batches]).contiguous(), "rng_torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        record.update({f"rng_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return record
+
+
+def load_batch(bad_dir: Path) -> dict[str, torch.Tensor]:
+    """A saved bad batch. safetensors holds no code; a legacy pickle is read with weights_only=True, which no
+    environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD included) overrides when passed explicitly."""
+    if (bad_dir / BATCH_FILE).is_file():
+        return load_file(str(bad_dir / BATCH_FILE))
+    return torch.load(bad_dir / LEGACY_BATCH_FILE, map_location="cpu", weights_only=True)
 
 
 @dataclass
@@ -151,9 +170,7 @@ def locate_and_save(trainer, verdict, batches, model: nn.Module | None = None,
                          trainer._autocast(), trainer.last_bad_grads)
     if len(saved) < MAX_SAVED:
         out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"x": torch.stack([b[0] for b in batches]), "y": torch.stack([b[1] for b in batches])},
-                   out_dir / "batch.pt")
-        torch.save(rng_state(), out_dir / "rng.pt")
+        save_file(batch_record(batches), str(out_dir / BATCH_FILE))  # tensors only: nothing to unpickle on load
         if nonfinite:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             if model.config.tie_embeddings:
@@ -186,7 +203,7 @@ def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Fi
 
     model = model_from_state(cfg.model, load_file(str(bad / "model.safetensors")),
                              strict=not cfg.model.tie_embeddings)
-    batch = torch.load(bad / "batch.pt")
+    batch = load_batch(bad)
     injector = (FaultInjector(meta["injected"], model, meta.get("rank", 0), meta.get("world_size", 1))
                 if meta.get("injected") else None)
     finding = replay(model, batch["x"][0], batch["y"][0], injector, meta["step"],

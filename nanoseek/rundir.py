@@ -75,6 +75,12 @@ def hold(directory: str | Path, command: str) -> None:
     _held[key] = _Lock(directory, fd, created)
 
 
+def is_new(directory: str | Path) -> bool:
+    """True if `directory` does not exist or holds nothing but its lock file (nothing to lose in it)."""
+    directory = Path(directory).expanduser()
+    return not directory.exists() or (directory.is_dir() and all(p.name == LOCK_FILE for p in directory.iterdir()))
+
+
 def release(directory: str | Path) -> None:
     """Drop one hold on `directory`; the last one unlocks it, and removes the directory if this process
     created it and nothing but the lock file was written there (a command that failed validation)."""

@@ -10,7 +10,6 @@ student: base weights plus adapters, data/ with the base's tokenizer), so the gu
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -117,11 +116,15 @@ def run_npt(args: Npt):
     from nanoseek.npt.objective import DistillationObjective
     from nanoseek.npt.quantize import check_quantization, quantize_base
     from nanoseek.npt.storage import save_adapters
+    from nanoseek.rundir import hold, unique_run_dir
+    from nanoseek.train.distributed import launched_by_torchrun
     from nanoseek.train.trainer import Trainer, resolve_device
 
     device = resolve_device(args.device)
     check_quantization(args.quantize, device)  # before minutes of loading
-    run_dir = Path(args.out) if args.out else Path("runs") / f"npt-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.out) if args.out else unique_run_dir("runs", "npt")
+    if launched_by_torchrun()[0] == 0:  # one writer per run directory: rank 0 (or the only process)
+        hold(run_dir, "npt")
     base = load_base(args.base)
     student = base.model
     if args.resume:

@@ -149,7 +149,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         _write_safetensors(tmp / MODEL_FILE, model_state, "model_state")
         if ema_state is not None:
             _write_safetensors(tmp / EMA_FILE, ema_state, "ema_state")
-        torch.save(trainer_state, tmp / TRAINER_FILE)
+        _torch_save(trainer_state, tmp / TRAINER_FILE)
         _write_text(tmp / CONFIG_FILE, _to_json(config, "config"))
         files = {}
         for path in sorted(tmp.iterdir()):
@@ -242,7 +242,46 @@ def _write_safetensors(path: Path, state: dict[str, torch.Tensor], what: str) ->
     metadata = {"format": "pt", _ORDER_KEY: json.dumps(list(state))}
     if aliases:
         metadata[_ALIASES_KEY] = json.dumps(aliases)
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:  # an I/O failure inside the Rust writer: re-raise it as the OSError it is
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+class _RecordingWriter:
+    """A raw file for torch.save that keeps the OSError of a failed write: torch's zip writer reports a full
+    disk only as "unexpected pos N vs M"."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:  # a raw write may take only part of the buffer
+                view = view[self.file.write(view):]
+        except OSError as err:
+            self.error = err
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(value: Any, path: Path) -> None:
+    with open(path, "wb", buffering=0) as file:
+        writer = _RecordingWriter(file)
+        try:
+            torch.save(value, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            err = writer.error
+            raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def _check_weights_only_loadable(value: Any, where: str) -> None:

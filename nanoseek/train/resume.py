@@ -127,9 +127,8 @@ def set_aside_later(run_dir: str | Path, chosen: Path) -> Path | None:
     return aside
 
 
-def check_fresh_run_dir(run_dir: str | Path, now: dict) -> None:
-    """Before a new run starts in an existing directory: refuse one holding someone's other files, or a run
-    (stopped before its first checkpoint) with another config, whose data and records would be mixed in."""
+def refuse_foreign_files(run_dir: str | Path) -> None:
+    """Refuse (one line) an --out that is a file, or a directory holding files no nanoseek run writes."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--out {run_dir} is a file, not a directory; choose a new --out")
@@ -140,12 +139,19 @@ def check_fresh_run_dir(run_dir: str | Path, now: dict) -> None:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ValueError(f"--out {run_dir} already holds files that are not a nanoseek run ({shown}); nothing was "
                          "changed: choose a new or empty --out")
-    if (run_dir / CONFIG_TOML).is_file():
+
+
+def check_fresh_run_dir(run_dir: str | Path, now: dict) -> None:
+    """Before a new run starts in an existing directory: refuse one holding someone's other files, or a run
+    (stopped before its first checkpoint) with another config than `now`, whose data would be mixed in."""
+    refuse_foreign_files(run_dir)
+    toml = Path(run_dir) / CONFIG_TOML
+    if toml.is_file():
         try:
-            saved = RunConfig.load_toml(run_dir / CONFIG_TOML).to_dict()
+            saved = RunConfig.load_toml(toml).to_dict()
         except ValueError:
             saved = None
-        changes = config_changes(saved, now) if saved is not None else [("config.toml", "unreadable", "")]
+        changes = config_changes(saved, now) if saved is not None else [(CONFIG_TOML, "unreadable", "")]
         changes = [c for c in changes if c[0] != "model.vocab_size"]  # set from the data once it is prepared
         if changes:
             key, old, new = changes[0]

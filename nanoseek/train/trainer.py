@@ -42,7 +42,7 @@ from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops,
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
 from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
 from nanoseek.train import resume as resuming
-from nanoseek.rundir import unique_run_dir
+from nanoseek.rundir import is_new, unique_run_dir
 from nanoseek.train.safety import refuse_nonfinite_weights
 from nanoseek.train.signals import GracefulStop
 
@@ -97,7 +97,7 @@ class Trainer:
         self.resume_from = resume_from  # a checkpoint of this run to resume instead of the latest (resume.py)
         # The process group first: it decides this rank's device (cuda:LOCAL_RANK under torchrun).
         self.dist = Distributed.setup(cfg.train.dist, resolve_device(cfg.device))
-        created = not Path(run_dir).exists()
+        created = is_new(run_dir)  # absent, or only locked by this command so far
         try:
             if resume and created:
                 raise ValueError(f"--resume: {run_dir} does not exist; point --out at the run to continue, "
