@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 import tyro
 
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
+from nanoseek.errors import validation_errors_raised
 from nanoseek.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
 from nanoseek.interop.cli_convert import Convert, Heal, cmd_convert, cmd_heal
 from nanoseek.npt.cli import Npt, cmd_npt
@@ -138,8 +139,12 @@ def train_defaults(argv: list[str]) -> Train:
     if resume and not out:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     if resume and config is None:  # the checkpoint's own config (else the run's config.toml) is the base
+        from nanoseek.rundir import hold
+        from nanoseek.train.distributed import launched_by_torchrun
         from nanoseek.train.resume import saved_config
 
+        if Path(out).is_dir() and launched_by_torchrun()[0] == 0:
+            hold(out, "train")  # before its state is read: a run another process is writing is refused first
         base = saved_config(out, _flag_value(argv, "--resume-from"))
     if config or resume:
         base = RunConfig.load_toml(config) if config else base
@@ -299,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             cls, handler = COMMANDS[argv[0]]
-            default = train_defaults(argv) if cls is Train else None
-            args = tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}", default=default)
             with command_scope():  # run-directory locks are held until the command ends
+                default = train_defaults(argv) if cls is Train else None
+                with validation_errors_raised():  # a bad value is one line (errors.py)
+                    args = tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}", default=default)
                 return handler(args)
         # No (or an unknown) subcommand: tyro prints the overview or the error.
         tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, prog="nanoseek",

@@ -41,9 +41,16 @@ def batch_record(batches) -> dict[str, torch.Tensor]:
 def load_batch(bad_dir: Path) -> dict[str, torch.Tensor]:
     """A saved bad batch. safetensors holds no code; a legacy pickle is read with weights_only=True, which no
     environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD included) overrides when passed explicitly."""
-    if (bad_dir / BATCH_FILE).is_file():
-        return load_file(str(bad_dir / BATCH_FILE))
-    return torch.load(bad_dir / LEGACY_BATCH_FILE, map_location="cpu", weights_only=True)
+    path = bad_dir / BATCH_FILE if (bad_dir / BATCH_FILE).is_file() else bad_dir / LEGACY_BATCH_FILE
+    try:
+        if path.name == BATCH_FILE:
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # corrupt, or a pickle holding more than tensors: never unpickled further
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: not a bad-batch record nanoseek can read safely ({reason}); delete it") from None
 
 
 @dataclass

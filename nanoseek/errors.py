@@ -8,6 +8,7 @@ file (safetensors, zip/pickle), running out of memory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -72,3 +73,28 @@ def report(err: BaseException, prog: str = "nanoseek") -> int:
     print(f"{prog}: internal error: this is a bug in nanoseek, not in your input; please report it to the "
           "nanoseek issue tracker with the command and the traceback above", file=sys.stderr)
     return 1
+
+
+class ConfigError(ValueError):
+    """A setting rejected while the command line was turned into config objects."""
+
+
+def validation_errors_raised():
+    """Within: a ValueError raised by a config's validation while tyro builds it (a `__post_init__`) comes out
+    as a ConfigError, so it is one line like every other expected failure, not tyro's multi-line box.
+    Usage errors (an unknown flag, a value of the wrong type) keep tyro's message with its help pointer.
+    Uses tyro's parse-error hook where this tyro has it (1.0); elsewhere a no-op."""
+    try:
+        from tyro import _errors as tyro_errors
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    hook_scope = getattr(tyro_errors, "on_parse_error", None)
+    failure = getattr(tyro_errors, "InstantiationFailure", None)
+    if hook_scope is None or failure is None:  # pragma: no cover - an older tyro
+        return contextlib.nullcontext()
+
+    def hook(event) -> None:
+        if isinstance(event, failure):
+            raise ConfigError(" ".join(str(event.message).split("\n")))
+
+    return hook_scope(hook)

@@ -48,13 +48,22 @@ def _holder(lock_path: Path) -> str:
     return f"pid {text[0]} ({' '.join(text[1:])})" if text else "another process"
 
 
+def check_folder_path(path: Path) -> None:
+    """ValueError (one line) if `path` or a folder above it is an existing file, so it cannot be a folder."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f" ({part} is a file)"
+                raise ValueError(f"--out {path}: not a directory{where}; choose another --out")
+            return
+
+
 def hold(directory: str | Path, command: str) -> None:
     """Lock `directory` (created if missing) for this process until `release_all()` or exit.
 
     Raises ValueError, one line naming the holder's PID, when another process holds it."""
     directory = Path(directory).expanduser()
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--out {directory} is a file, not a directory; choose a new --out")
+    check_folder_path(directory)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(directory)
@@ -153,15 +162,17 @@ def replacing(target: str | Path, owned: set[str], writes: set[str], what: str) 
     (`writes`, or found in the staging folder at the end), is refused before anything changes. On an
     exception the staging folder is removed and `target` is untouched."""
     target = Path(target).expanduser()
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} is a file, not a directory; choose another path for the {what}")
+    check_folder_path(target)
     foreign = _foreign(target, owned)
     clash = [p.name for p in foreign if p.is_dir() or p.name in writes]
     if clash:
         _refuse(target, clash, what, "which it did not write and would replace")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.new-{os.getpid()}-{secrets.token_hex(3)}"
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as err:  # name the folder the user asked for, not the staging one
+        raise OSError(err.errno, err.strerror, str(target)) from None
     try:
         yield staging
         foreign = _foreign(target, owned)  # again: the user may have added files meanwhile

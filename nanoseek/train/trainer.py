@@ -99,7 +99,7 @@ class Trainer:
         self.dist = Distributed.setup(cfg.train.dist, resolve_device(cfg.device))
         created = is_new(run_dir)  # absent, or only locked by this command so far
         try:
-            if resume and created:
+            if resume and not Path(run_dir).is_dir():
                 raise ValueError(f"--resume: {run_dir} does not exist; point --out at the run to continue, "
                                  "or start a new run without --resume")
             self._build(cfg, run_dir, resume, show_progress, model, objective)
