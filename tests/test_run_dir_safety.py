@@ -100,7 +100,7 @@ def test_a_bug_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
 # ---- prepared data and exports: write-new-then-swap --------------------------------------------------
 
 
-def test_a_failed_prepare_keeps_the_earlier_data(corpus, tmp_path):
+def test_a_failed_prepare_keeps_the_earlier_data(corpus, tmp_path):  # through the real CLI, as a user runs it
     """The issue's repro: a typo in --data used to delete meta.json and the shards before failing."""
     out = tmp_path / "prep1"
     assert main(["prepare", "--data", str(corpus), "--tokenizer", "char", "--seq-len", "16", "--out", str(out)]) == 0
@@ -130,14 +130,14 @@ def test_replacing_refuses_to_overwrite_a_users_file_and_rolls_back_on_error(tmp
     assert (target / "config.json").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
-def test_train_never_deletes_a_users_files_in_out(corpus, tmp_path):
+def test_train_never_deletes_a_users_files_in_out(corpus, tmp_path, capsys):
     """The issue's repro: `train --out DIR` where DIR/data/meta.json is the user's own file deleted it."""
     out = tmp_path / "mine"
     (out / "data").mkdir(parents=True)
     (out / "data" / "meta.json").write_text('{"my": "metadata"}')
     before = fingerprint(tmp_path)
-    done = run_cli("train", "--data", corpus, "--out", out, "--max-steps", "1", *FLAGS, cwd=tmp_path)
-    assert_one_line_failure(done.returncode, done.stderr, "meta.json")
+    code = main(["train", "--data", str(corpus), "--out", str(out), "--max-steps", "1", *FLAGS])
+    assert_one_line_failure(code, capsys.readouterr().err, "meta.json")
     assert fingerprint(tmp_path) == before
 
 
@@ -213,14 +213,15 @@ def test_a_real_full_disk_at_the_first_and_a_later_checkpoint(corpus, tiny_disk,
         (tiny_disk / "filler").unlink()
 
 
-def test_a_real_full_disk_during_prepare_keeps_the_earlier_data(corpus, tiny_disk, tmp_path):
+def test_a_real_full_disk_during_prepare_keeps_the_earlier_data(corpus, tiny_disk, tmp_path, capsys):
     out = tiny_disk / "prep"
     assert main(["prepare", "--data", str(corpus), "--tokenizer", "char", "--seq-len", "16", "--out", str(out)]) == 0
     before = fingerprint(tiny_disk)
     big = tmp_path / "big.txt"
     big.write_text("\n".join(f"line {i} of a corpus larger than the disk" for i in range(100_000)))
-    done = run_cli("prepare", "--data", big, "--tokenizer", "char", "--seq-len", "16", "--out", out, cwd=tmp_path)
-    assert_one_line_failure(done.returncode, done.stderr, "no space left")
+    capsys.readouterr()
+    code = main(["prepare", "--data", str(big), "--tokenizer", "char", "--seq-len", "16", "--out", str(out)])
+    assert_one_line_failure(code, capsys.readouterr().err, "no space left")
     assert fingerprint(tiny_disk) == before
 
 
@@ -250,7 +251,7 @@ def test_the_lock_is_reentrant_released_and_never_stale(tmp_path):
     assert len(names) == 50
 
 
-def test_two_writers_on_one_run_directory(corpus, tmp_path):
+def test_two_writers_on_one_run_directory(corpus, tmp_path, capsys):
     """Two `train --out same`: exactly one trains; the other (and a --resume) is refused naming the holder,
     and the first run is not damaged (it is then stopped with SIGTERM and checked)."""
     first = popen_cli("train", "--data", corpus, "--out", "run", "--max-steps", "2000", *FLAGS, cwd=tmp_path)
@@ -259,9 +260,9 @@ def test_two_writers_on_one_run_directory(corpus, tmp_path):
     while not (lock.is_file() and lock.read_text().startswith(f"{first.pid} ")):
         assert first.poll() is None and time.time() < deadline, first.communicate()
         time.sleep(0.1)
-    for args in (["--data", corpus, "--max-steps", "5", *FLAGS], ["--resume", "--max-steps", "5", "--no-progress"]):
-        second = run_cli("train", "--out", "run", *args, cwd=tmp_path)
-        assert_one_line_failure(second.returncode, second.stderr, f"pid {first.pid}", "in use")
+    for args in (["--data", str(corpus), "--max-steps", "5", *FLAGS], ["--resume", "--max-steps", "5"]):
+        code = main(["train", "--out", str(tmp_path / "run"), *args])  # this test's process: another writer
+        assert_one_line_failure(code, capsys.readouterr().err, f"pid {first.pid}", "in use")
     assert first.poll() is None  # still training, undisturbed
     while not list_checkpoints(tmp_path / "run"):
         assert first.poll() is None and time.time() < deadline
