@@ -17,6 +17,7 @@ over as hard links); one the command would overwrite is refused before anything 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import shutil
@@ -168,6 +169,7 @@ def replacing(target: str | Path, owned: set[str], writes: set[str], what: str) 
     if clash:
         _refuse(target, clash, what, "which it did not write and would replace")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _recover(target)
     staging = target.parent / f".{target.name}.new-{os.getpid()}-{secrets.token_hex(3)}"
     try:
         staging.mkdir()
@@ -188,6 +190,31 @@ def replacing(target: str | Path, owned: set[str], writes: set[str], what: str) 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _recover(target: Path) -> None:
+    """Tidy what a process killed mid-replacement left next to `target` (names carry its PID; a live PID's
+    are left alone): a staging folder is removed; an old folder moved aside is renamed back if the swap
+    never completed (no `target`), else removed."""
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
+        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("new", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _swap(staging: Path, target: Path) -> None:

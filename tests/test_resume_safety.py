@@ -132,6 +132,11 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_never_mixed(corpus, t
     code = main(["train", "--data", str(other), "--out", str(run), "--max-steps", "3", *FLAGS])
     assert_one_line_failure(code, capsys.readouterr().err, "stopped before its first checkpoint", "--resume")
     assert fingerprint(tmp_path) == before
+    config_toml = (run / "config.toml").read_text()
+    (run / "config.toml").unlink()  # killed even earlier: while or right after its data was prepared
+    code = main(["train", "--data", str(other), "--out", str(run), "--max-steps", "3", *FLAGS])
+    assert_one_line_failure(code, capsys.readouterr().err, "data prepared from other settings", "data.source")
+    (run / "config.toml").write_text(config_toml)
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # its own data and config
     assert checkpoint_config(run)["data"]["source"] == str(corpus) and latest_checkpoint(run).name == "step-00000003"
     empty = tmp_path / "empty"

@@ -130,6 +130,23 @@ def test_replacing_refuses_to_overwrite_a_users_file_and_rolls_back_on_error(tmp
     assert (target / "config.json").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def test_what_a_killed_replacement_left_is_recovered(tmp_path):
+    """kill -9 between the two renames: the old folder waits under .NAME.old-PID; the next replacement puts
+    it back (the swap never happened), and a dead process's staging folder is removed."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    target = tmp_path / "prep"
+    (tmp_path / f".prep.old-{dead.pid}-abcdef").mkdir()
+    (tmp_path / f".prep.old-{dead.pid}-abcdef" / "meta.json").write_text("old")
+    (tmp_path / f".prep.new-{dead.pid}-123456").mkdir()
+    (tmp_path / f".prep.new-{os.getpid()}-654321").mkdir()  # a live process's: left alone
+    with pytest.raises(RuntimeError):
+        with replacing(target, {"meta.json"}, {"meta.json"}, "data"):
+            raise RuntimeError("stop before the swap")
+    assert (target / "meta.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".prep.new-{os.getpid()}-654321", "prep"]
+
+
 def test_train_never_deletes_a_users_files_in_out(corpus, tmp_path, capsys):
     """The issue's repro: `train --out DIR` where DIR/data/meta.json is the user's own file deleted it."""
     out = tmp_path / "mine"

@@ -158,6 +158,27 @@ def check_fresh_run_dir(run_dir: str | Path, now: dict) -> None:
             raise ValueError(f"--out {run_dir} holds a run that stopped before its first checkpoint, with other "
                              f"settings ({key} {old!r} -> {new!r}); continue it as it was with --resume, or start "
                              "this one in a new --out")
+    _refuse_other_data(Path(run_dir), now["data"])
+
+
+def _refuse_other_data(run_dir: Path, data: dict) -> None:
+    """A run killed while its data was prepared, before config.toml: its data/ may be reused only by the same
+    data settings (the trainer reuses RUN_DIR/data as it is)."""
+    meta_path = run_dir / "data" / "meta.json"
+    if not meta_path.is_file() or Path(data["source"]).expanduser().resolve() == meta_path.parent.resolve():
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+        saved = {"source": meta["source"], "tokenizer": meta["tokenizer"]["requested"], "seq_len": meta["seq_len"],
+                 "val_fraction": meta["split"]["val_fraction"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = {"source": "unreadable meta.json"}
+    differs = [key for key, value in saved.items() if data.get(key) != value]
+    if differs:
+        key = differs[0]
+        raise ValueError(f"--out {run_dir} holds data prepared from other settings (data.{key} {saved[key]!r}, now "
+                         f"{data.get(key)!r}) by a run that stopped before its first checkpoint; continue it with "
+                         "the same settings, or start this one in a new --out")
 
 
 def restart_without_checkpoint(run_dir: Path, cfg: RunConfig) -> str:
