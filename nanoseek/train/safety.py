@@ -29,8 +29,13 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return math.isfinite(float(torch.stack([n.float() for n in norms]).sum()))
 
 
-def refuse_nonfinite_weights(model: torch.nn.Module, step: int) -> None:
-    if not weights_finite(model):
+def refuse_nonfinite_weights(model: torch.nn.Module, step: int, dist=None) -> None:
+    """Raise NonFiniteWeights if any weight is NaN/Inf. `dist` (a Distributed): every rank learns whether any
+    rank's shard is, so all ranks refuse together instead of some entering the checkpoint's collectives."""
+    finite = weights_finite(model)
+    if dist is not None:
+        finite = dist.all_ok(finite)
+    if not finite:
         raise NonFiniteWeights(f"the weights hold NaN/Inf at step {step}; refusing to save them as a checkpoint "
                                "(the earlier checkpoints are intact): resume from the latest one with a lower "
                                "--train.lr, or look at metrics.jsonl and nanoseek diagnose RUN_DIR")

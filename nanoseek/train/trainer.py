@@ -248,7 +248,7 @@ class Trainer:
     def save(self, val_loss: float | None = None) -> Path:
         """Write a checkpoint (every rank calls this; rank 0 writes full, unsharded state)."""
         tc = self.cfg.train
-        refuse_nonfinite_weights(self.model, self.step)  # NaN weights are never a "good" checkpoint
+        refuse_nonfinite_weights(self.model, self.step, self.dist)  # NaN weights are never a "good" checkpoint
         self.saved_step = self.step
         model_state, trainer_state = self.dist.full_model_state(self.model), self.trainer_state()
         if self.dist.is_main:
