@@ -163,8 +163,8 @@ def train_defaults(argv: list[str]) -> Train:
 
 
 def cmd_train(args: Train) -> int:
-    from nanoseek.train.distributed import launched_by_torchrun
     from nanoseek.rundir import hold
+    from nanoseek.train.distributed import launched_by_torchrun
     from nanoseek.train.trainer import Trainer, default_run_dir
 
     cfg = args.run_config()

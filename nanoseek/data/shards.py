@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from nanoseek.config import DataConfig
 from nanoseek.data.corpus import PREPARED_FORMAT, PREPARED_META, describe_source, is_prepared_dir, iter_documents
-from nanoseek.rundir import replacing
 from nanoseek.data.tokenizer import META_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer, train_tokenizer
+from nanoseek.rundir import replacing
 
 MAGIC = b"NSEEKTOK"
 FORMAT_VERSION = 1

@@ -150,8 +150,8 @@ def cmd_convert(args: Convert) -> int:
     from nanoseek.data.shards import prepare_data
     from nanoseek.interop.convert import convert_to_mla_moe, target_config
     from nanoseek.rundir import hold
-    from nanoseek.train.resume import refuse_foreign_files
     from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
+    from nanoseek.train.resume import refuse_foreign_files
 
     out = Path(args.out)
     hold(out, "convert")

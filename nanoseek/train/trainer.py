@@ -40,9 +40,9 @@ from nanoseek.train.guard import StabilityGuard, Verdict
 from nanoseek.train.loading import model_from_state
 from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
-from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
-from nanoseek.train import resume as resuming
 from nanoseek.rundir import is_new, unique_run_dir
+from nanoseek.train import resume as resuming
+from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
 from nanoseek.train.safety import refuse_nonfinite_weights
 from nanoseek.train.signals import GracefulStop
 
