@@ -37,7 +37,7 @@ class Train:
     """Corpus: builtin:pydocs | builtin:stdlib | a file, directory or glob of .txt/.md/.jsonl/.parquet |
     hf:NAME | a directory written by `nanoseek prepare`. Shortcut for --data.source."""
     out: str | None = None
-    """Run directory (default: runs/PRESET-TIMESTAMP)."""
+    """Run directory (default: runs/PRESET-TIMESTAMP-XXXXXX)."""
     max_steps: int | None = None
     """Training steps (data batches). Shortcut for --train.max-steps."""
     resume: bool = False

@@ -45,6 +45,8 @@ def describe(err: BaseException) -> str | None:
     if isinstance(err, OSError):
         where = _paths(err)
         fix = _OS_FIXES.get(err.errno, f"{err.strerror or os.strerror(err.errno or 0) or type(err).__name__}")
+        if err.errno in _OS_FIXES and err.strerror and err.strerror != os.strerror(err.errno):
+            fix = f"{fix} ({err.strerror})"  # a detail the raiser added (how much space a checkpoint needs)
         return f"{where}: {fix}" if where else f"{err.strerror or err}: {fix}"
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
         return ("out of memory; lower --train.batch-size (raise --train.grad-accum to keep the batch), use a smaller "

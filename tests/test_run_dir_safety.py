@@ -184,6 +184,24 @@ def test_a_full_disk_at_a_later_checkpoint_is_one_line_and_keeps_the_earlier(cor
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    import nanoseek.train.checkpoint as checkpoint
+
+    state = {"w": torch.zeros(1000)}
+    checkpoint.save_checkpoint(tmp_path, 1, state, {}, {})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))  # 100 bytes left
+    with pytest.raises(OSError) as err:
+        checkpoint.save_checkpoint(tmp_path, 2, state, {}, {})
+    assert err.value.errno == errno.ENOSPC and "100 bytes free, the latest checkpoint took" in describe(err.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
+
+
 @pytest.fixture
 def tiny_disk(tmp_path) -> Path:
     """A real 4 MB file system (tmpfs: needs root); skipped where it cannot be mounted."""

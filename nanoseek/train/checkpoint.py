@@ -25,6 +25,7 @@ checks the content first and refuses, naming the key, anything that would not lo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -142,6 +143,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     root = _root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
+    _check_free_space(root)
     final = root / f"step-{step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
     tmp.mkdir()
@@ -167,6 +169,22 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         raise
     _prune(root, keep_last, keep_best, keep=final)
     return final
+
+
+def _check_free_space(root: Path) -> None:
+    """Refuse before writing when the disk cannot hold another checkpoint the size of the latest one (the one
+    case where the size is known in advance); an unforeseen full disk still fails cleanly mid-write."""
+    latest = latest_checkpoint(root.parent)
+    if latest is None:
+        return
+    try:
+        files = json.loads((latest / META_FILE).read_text())["files"]
+        needed = sum(int(info["bytes"]) for info in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{free:,} bytes free, the latest checkpoint took {needed:,}", str(root))
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -377,7 +395,8 @@ def _broken(path: Path, reason: str) -> str:
     earlier = []
     if _STEP_DIR.match(path.name):
         earlier = [p for p in list_checkpoints(path.parent.parent) if _step_of(p) < _step_of(path)]
-    fix = (f"use the previous checkpoint {str(earlier[-1])!r}" if earlier
+    fix = (f"use the previous checkpoint {str(earlier[-1])!r} (nanoseek train --resume-from {earlier[-1].name})"
+           if earlier
            else "no earlier complete checkpoint exists; restart training without resuming")
     return f"checkpoint {str(path)!r} {reason}; {fix}"
 
