@@ -163,6 +163,13 @@ def test_heal_steps_zero_heals_zero_steps(safety_runs, tmp_path):
     assert train_losses(out) == {}
 
 
+def test_eval_max_tokens_zero_is_refused_not_read_as_all(safety_runs, capsys):
+    code = main(["eval", "--ckpt", str(safety_runs["mla"]), "--max-tokens", "0", "--device", "cpu"])
+    assert_one_line_failure(code, capsys.readouterr().err, "--max-tokens 0: must be >= 2")
+    assert main(["eval", "--ckpt", str(safety_runs["mla"]), "--max-tokens", "40", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 39  # every token after the first of 40
+
+
 @pytest.mark.parametrize("flag, value", [("--train.lr", "inf"), ("--train.lr", "nan"), ("--train.eps", "0"),
                                          ("--guard.spike-sigma", "nan"), ("--model.rope-factor", "nan"),
                                          ("--max-steps", "-1")])
