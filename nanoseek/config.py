@@ -92,9 +92,9 @@ class TrainConfig:
     dist: Literal["none", "ddp", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
-        require_positive(self, "max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
-                  "save_every", "log_every", "cycle_steps", "muon_lr")
-        require_non_negative(self, "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
+        require_positive(self, "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
+                  "save_every", "log_every", "cycle_steps", "muon_lr", "eps")
+        require_non_negative(self, "max_steps", "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
                       "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk")
         _one_of(self, "optimizer", ("adamw", "lion", "muon"))
         _one_of(self, "schedule", ("cosine", "wsd", "constant", "cyclic"))
@@ -254,22 +254,24 @@ SECTIONS = ("model", "data", "train", "guard")
 
 
 def load_config(preset: str | None = None, toml: str | Path | None = None,
-                overrides: dict | None = None) -> RunConfig:
+                overrides: dict | None = None, saved: RunConfig | None = None) -> RunConfig:
     """The one way a run's configuration is put together; later steps win:
 
     1. the dataclass defaults;
     2. `toml`: a config file with top-level keys and [model], [data], [train], [guard] sections (a run's
-       config.toml, or one written by hand);
-    3. `preset`: a model shape from PRESETS. Without `toml` it is the start (default "tiny"); with a `toml`
-       written for another preset, the preset's model section replaces the file's;
+       config.toml, or one written by hand); or `saved`, a run's own config (on --resume the one its
+       checkpoint was saved with, read by train/resume.py), in its place;
+    3. `preset`: a model shape from PRESETS. Without `toml` or `saved` it is the start (default "tiny");
+       with a config written for another preset, the preset's model section replaces the config's;
     4. `overrides`: {"model": {"dim": 256}, "train": {"lr": 3e-4}, "seed": 3, ...}. A model override
        derives again what the preset derived (a GQA head_dim from the new dim, say).
 
-    `nanoseek train` calls it with --preset and --config (or, with --resume, the run's own config.toml);
-    its other flags are the overrides, parsed onto the result.
+    `nanoseek train` calls it with --preset and --config (or, with --resume, the checkpoint's config); its
+    other flags are the overrides, parsed onto the result (a resumed run then refuses the changes that
+    cannot continue it, and lists the others).
     """
-    if toml is not None:
-        cfg = RunConfig.load_toml(toml)
+    if toml is not None or saved is not None:
+        cfg = RunConfig.load_toml(toml) if toml is not None else saved
         if preset is not None and preset != cfg.preset:
             cfg = dataclasses.replace(cfg, model=ModelConfig.from_preset(preset), preset=preset)
     else:

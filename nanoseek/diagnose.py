@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from nanoseek.config import RunConfig
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.loading import model_from_state
-from nanoseek.train.locate import Finding, replay
+from nanoseek.train.locate import Finding, load_batch, replay
 
 
 def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Finding, dict]:
@@ -31,7 +30,7 @@ def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Fi
     meta = json.loads((bad / "meta.json").read_text())
     model = model_from_state(cfg.model, load_file(str(bad / "model.safetensors")),
                              strict=not cfg.model.tie_embeddings)
-    batch = torch.load(bad / "batch.pt")
+    batch = load_batch(bad)
     injector = (FaultInjector(meta["injected"], model, meta.get("rank", 0), meta.get("world_size", 1))
                 if meta.get("injected") else None)
     finding = replay(model, batch["x"][0], batch["y"][0], injector, meta["step"],

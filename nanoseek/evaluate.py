@@ -48,20 +48,23 @@ def token_stream(source: str | None, tokenizer: Tokenizer, run_data: Path | None
     its validation split; anything `nanoseek train --data` accepts: its documents, encoded with the
     model's tokenizer and joined by eos (as training saw documents).
     """
+    if max_tokens is not None and max_tokens < 2:  # 0 means 0 tokens, which cannot be scored; not "all"
+        raise ValueError(f"--max-tokens {max_tokens}: must be >= 2 (a score needs a token and the next one); omit "
+                         "it to score everything")
     if source is None or is_prepared_dir(source):
         prepared = load_prepared(run_data if source is None else source)
         if prepared.vocab_size > tokenizer.vocab_size:
             raise ValueError(f"{prepared.out_dir} was tokenised with {prepared.vocab_size} ids but the model's "
                              f"tokenizer has {tokenizer.vocab_size}; evaluate on text instead (--data FILE)")
-        return read_tokens(prepared.val_shards, max_tokens or None)
+        return read_tokens(prepared.val_shards, max_tokens)
     chunks, total = [], 0
     for doc in iter_documents(source):
         chunks.append(np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=np.int64))
         total += len(chunks[-1])
-        if max_tokens and total >= max_tokens:
+        if max_tokens is not None and total >= max_tokens:
             break
     ids = np.concatenate(chunks)
-    return ids[:max_tokens] if max_tokens else ids
+    return ids[:max_tokens] if max_tokens is not None else ids
 
 
 @torch.no_grad()

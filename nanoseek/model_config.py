@@ -8,6 +8,7 @@ there). A bad value raises ``ValueError`` naming the field, the value and the fi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,18 +17,23 @@ def _fail(field_name: str, value: Any, fix: str) -> None:
     raise ValueError(f"{field_name}={value!r}: {fix}")
 
 
+def _is_number(value: Any) -> bool:
+    # NaN compares false with everything, so `value <= 0` alone would let it (and inf) through.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def require_positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            _fail(name, value, "must be a positive number")
+        if not _is_number(value) or value <= 0:
+            _fail(name, value, "must be a finite positive number")
 
 
 def require_non_negative(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            _fail(name, value, "must be >= 0")
+        if not _is_number(value) or value < 0:
+            _fail(name, value, "must be a finite number >= 0")
 
 
 def _one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -163,7 +169,8 @@ class ModelConfig:
             _fail("mtp_depth", self.mtp_depth, "must be >= 0 (0 turns multi-token prediction off)")
         if self.n_dense_layers > self.n_layers:
             _fail("n_dense_layers", self.n_dense_layers, f"must be <= n_layers={self.n_layers}")
-        if self.rope_factor < 1.0:
+        require_positive(self, "beta_fast", "beta_slow", "mscale")
+        if not (_is_number(self.rope_factor) and self.rope_factor >= 1.0):
             _fail("rope_factor", self.rope_factor, "must be >= 1 (1 means no scaling)")
         if self.attention == "gqa":
             self._derive_gqa()

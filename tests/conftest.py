@@ -20,3 +20,11 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(lines))
     return path
+
+
+@pytest.fixture(scope="session")
+def safety_runs(corpus, tmp_path_factory) -> dict:
+    """Tiny MLA and GQA runs and a conversion, for the run-safety tests (tests/safety_helpers.py)."""
+    from safety_helpers import make_runs
+
+    return make_runs(tmp_path_factory.mktemp("runs"), corpus)

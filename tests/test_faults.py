@@ -23,6 +23,7 @@ from nanoseek.diagnose import diagnose_run
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint
 from nanoseek.train.faults import KINDS, FaultInjector, parse_fault
+from nanoseek.train.locate import load_batch
 from nanoseek.train.optim import lr_factor
 from nanoseek.train.trainer import Trainer
 from tiny import tiny_model_config, write_corpus
@@ -263,7 +264,7 @@ def test_fault_is_caught_named_and_skipped(faulted, spec, cause, module, bad_gra
         assert meta["nonfinite_grads"] == bad_grads
     else:
         assert "embed.weight" in meta["nonfinite_grads"] and len(meta["nonfinite_grads"]) > 1
-    batch = torch.load(run.run_dir / "bad_batches" / f"step-{AT:08d}" / "batch.pt")
+    batch = load_batch(run.run_dir / "bad_batches" / f"step-{AT:08d}")
     vocab = run.trainer.data.vocab_size
     assert (int(batch["x"].max()) >= vocab) == spec.startswith("bad-batch")
     saved_state = (run.run_dir / "bad_batches" / f"step-{AT:08d}" / "model.safetensors").exists()

@@ -112,7 +112,7 @@ def test_runs_are_never_overwritten_and_resume_needs_a_checkpoint(corpus, tmp_pa
         Trainer(make_config(corpus, run, max_steps=2), run, show_progress=False)
     changed = make_config(corpus, run, max_steps=4)
     changed.model = ModelConfig.from_preset("tiny", **{**SMALL_MODEL, "dim": 48})
-    with pytest.raises(ValueError, match=r"does not fit this model \(model.dim=48 \(saved: 32\)"):
+    with pytest.raises(ValueError, match=r"model.dim 32 -> 48 cannot change within a run"):
         Trainer(changed, run, resume=True, show_progress=False)
 
 

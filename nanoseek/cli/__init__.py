@@ -1,13 +1,17 @@
 """The `nanoseek` command line: one subcommand per job, each a dataclass that tyro turns into flags.
 
-`train` reads its settings through nanoseek.config.load_config: the preset (or --config TOML, or the run's
-own config.toml with --resume), then the flags on top (--model.dim, --train.lr, --data.seq-len,
---guard.window ..., and --data, --max-steps, --dist, --inject, --seed, --device, --out).
+`train` reads its settings through nanoseek.config.load_config: the preset (or --config TOML, or with
+--resume the config the checkpoint was saved with), then the flags on top (--model.dim, --train.lr,
+--data.seq-len, --guard.window ..., and --data, --max-steps, --dist, --inject, --seed, --device, --out).
+
+Every command runs inside one error path (nanoseek/errors.py: an expected failure is one line and exit 2) and
+holds a lock on the directory it writes (nanoseek/rundir.py) until it returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -22,14 +26,19 @@ from nanoseek.cli.inference import Check, Eval, Generate, cmd_check, cmd_eval, c
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from nanoseek.data import load_tokenizer, prepare_data
 from nanoseek.diagnose import diagnose_run
+from nanoseek.errors import report, validation_errors_raised
 from nanoseek.generate import generate
 from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, load_hf_tokenizer
+from nanoseek.interop.export import export_files
 from nanoseek.interop.names import DTYPES
 from nanoseek.npt.cli import Npt, cmd_npt
 from nanoseek.report import finish_train
 from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
+from nanoseek.rundir import command_scope, hold, replacing
+from nanoseek.train.distributed import launched_by_torchrun
 from nanoseek.train.hardware import apply_hardware, resolve_device
 from nanoseek.train.loading import load_model, load_run_tokenizer
+from nanoseek.train.resume import saved_config
 from nanoseek.train.trainer import Trainer, default_run_dir
 
 
@@ -75,7 +84,7 @@ class Train:
     """Train a model. With no arguments: the `tiny` MLA+MoE+MTP model on the built-in corpus
     (CPython's reference docs), on CPU in a few minutes, ending with a generated sample.
 
-    Settings come from the preset (or --config FILE, or with --resume the run's own config.toml), then
+    Settings come from the preset (or --config FILE, or with --resume the checkpoint's own config), then
     the flags on top (nanoseek.config.load_config)."""
 
     preset: str = "tiny"
@@ -83,9 +92,14 @@ class Train:
     config: Path | None = None
     """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
     out: str | None = None
-    """Run directory (default: runs/PRESET-TIMESTAMP)."""
+    """Run directory (default: runs/PRESET-TIMESTAMP-XXXXXX)."""
     resume: bool = False
-    """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU)."""
+    """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU), with the config the
+    checkpoint was saved with; flags given now apply on top (shape, tokenizer, data and optimizer kind cannot
+    change)."""
+    resume_from: str | None = None
+    """Resume from this checkpoint of the run instead of the latest: step-N, N, or its directory (implies
+    --resume; later checkpoints are moved to checkpoints/abandoned-*, not deleted)."""
     seed: int = 1337
     """Random seed (weights, data order)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -123,24 +137,26 @@ class _Start:
     config: Path | None = None
     out: str | None = None
     resume: bool = False
+    resume_from: str | None = None
     data: str | None = None
 
 
 def parse_train(argv: list[str]) -> Train:
-    """`nanoseek train` ARGV -> Train: load_config(preset | config file | the resumed run's config.toml),
-    then every flag on top of it."""
+    """`nanoseek train` ARGV -> Train: load_config(preset | config file | with --resume the checkpoint's own
+    config, else the run's config.toml: train/resume.py saved_config), then every flag on top of it."""
     start, _ = tyro.cli(_Start, args=argv, return_unknown_args=True, add_help=False, console_outputs=False)
-    config = start.config
-    if start.resume:
-        if not start.out:
-            raise ValueError("--resume needs --out RUN_DIR: the run to continue")
-        saved = Path(start.out) / "config.toml"
-        config = config or (saved if saved.exists() else None)
-    base = load_config(start.preset, config)
-    if start.resume and config is not None and start.data is not None and start.data != base.data.source:
+    resume, saved = start.resume or start.resume_from is not None, None
+    if resume and not start.out:
+        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+    if resume and start.config is None:
+        if Path(start.out).is_dir() and launched_by_torchrun()[0] == 0:
+            hold(start.out, "train")  # before its state is read: a run another process is writing is refused first
+        saved = saved_config(start.out, start.resume_from)
+    base = load_config(start.preset, start.config, saved=saved)
+    if resume and start.data is not None and start.data != base.data.source:
         raise ValueError(f"--resume continues {start.out} on its own data ({base.data.source}), not --data "
                          f"{start.data}; drop --data, or train on new data in a new run (--out NEW)")
-    default = Train.from_config(base, config=config)
+    default = Train.from_config(base, config=start.config)
     return tyro.cli(Train, args=argv, prog="nanoseek train", default=default)
 
 
@@ -181,7 +197,10 @@ def cmd_train(args: Train) -> int:
         print(f"nanoseek train: --hardware auto -> {choice.precision}{' + fp8' if choice.fp8 else ''}: {choice.reason}")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.preset)
     cfg = dataclasses.replace(cfg, out=str(run_dir))
-    trainer = Trainer(cfg, run_dir, resume=args.resume, show_progress=args.progress)
+    if launched_by_torchrun()[0] == 0:  # one writer per run directory: rank 0 (or the only process)
+        hold(run_dir, "train")
+    trainer = Trainer(cfg, run_dir, resume=args.resume or args.resume_from is not None, show_progress=args.progress,
+                      resume_from=args.resume_from)
     model = trainer.model
     if trainer.dist.is_main:
         print(f"nanoseek train: preset {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters "
@@ -205,13 +224,15 @@ def cmd_train(args: Train) -> int:
         print(f"aborted: the stability guard ran out of rollbacks; see {run_dir / 'metrics.jsonl'} "
               f"and run: nanoseek diagnose {run_dir}", file=sys.stderr)
     if result.status == "interrupted":
-        print(f"interrupted at step {result.step}, checkpoint saved; continue with: "
+        how = signal.Signals(result.stop_signal).name if result.stop_signal else "interrupted"
+        print(f"{how}: stopped at step {result.step}, checkpoint saved; continue with: "
               f"nanoseek train --out {run_dir} --resume", file=sys.stderr)
     return result.exit_code
 
 
 def cmd_prepare(args: Prepare) -> int:
     cfg = _as(DataConfig, args.data)
+    hold(args.out, "prepare")
     prepared = prepare_data(cfg, Path(args.out))
     meta = prepared.meta
     print(f"prepared {cfg.source} -> {args.out}: vocab {prepared.vocab_size}, "
@@ -241,7 +262,9 @@ def cmd_export(args: Export) -> int:
     else:
         model, _ = load_model(source)
         tok = _checkpoint_tokenizer(source)
-    out = export_hf(model, args.out, tokenizer=tok, dtype=dtype)
+    with replacing(args.out, export_files(Path(args.out)), {"config.json"}, "an export") as staging:
+        export_hf(model, staging, tokenizer=tok, dtype=dtype)  # an earlier export stays whole until this is
+    out = Path(args.out)
     print(f"exported {hf_model_type(model.config)} ({model.num_params() / 1e6:.2f}M parameters) to {out}; "
           f"tokenizer: {'tokenizer.json + tokenizer_config.json' if tok is not None else 'none found'}")
     return 0
@@ -283,15 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             cls, handler = COMMANDS[argv[0]]
-            args = parse_train(argv[1:]) if cls is Train else tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}")
-            return handler(args)
+            with command_scope():  # run-directory locks are held until the command ends
+                with validation_errors_raised():  # a bad value is one line (errors.py), not tyro's box
+                    args = (parse_train(argv[1:]) if cls is Train
+                            else tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}"))
+                return handler(args)
         # No (or an unknown) subcommand: tyro prints the overview or the error.
         tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, prog="nanoseek",
                                              args=argv, description=DESCRIPTION)
         return 2
-    except ValueError as err:  # errors a user can cause: one line, no traceback
-        print(f"nanoseek: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # what a user can cause: one line; a bug: the traceback (errors.py)
+        return report(err)
     except KeyboardInterrupt:
         print("nanoseek: interrupted; a run continues from its latest checkpoint with "
               "nanoseek train --out RUN_DIR --resume", file=sys.stderr)

@@ -27,9 +27,11 @@ from nanoseek.convert.convert import convert_to_mla_moe, target_config
 from nanoseek.convert.heal import heal
 from nanoseek.data import is_prepared_dir, load_prepared, prepare_data, read_tokens
 from nanoseek.interop.source import load_source_model
+from nanoseek.rundir import hold
 from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
 from nanoseek.train.distributed import launched_by_torchrun
 from nanoseek.train.loading import load_model, run_dir_of
+from nanoseek.train.resume import refuse_foreign_files
 
 CONVERSION_FILE = "conversion.json"
 HEAL_FILE = "heal.json"
@@ -149,8 +151,10 @@ def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
 
 def cmd_convert(args: Convert) -> int:
     out = Path(args.out)
+    hold(out, "convert")
     if latest_checkpoint(out) is not None:
         raise ValueError(f"--out {out} already holds checkpoints; choose a new directory")
+    refuse_foreign_files(out)  # someone's other files: refused before anything is written
     dense, tokenizer_spec = load_source(args.from_)
     src = dense.config
     if src.attention != "gqa":  # before the defaults below, which read GQA fields; target_config checks the rest
@@ -214,14 +218,17 @@ def cmd_heal(args: Heal) -> int:
                          f"{cfg.vocab_size}; pass the model it was converted from")
     out = Path(args.out or f"{str(run).rstrip('/')}-healed")
     base = RunConfig.load_toml(run / "config.toml")
+    if launched_by_torchrun()[0] == 0:  # one writer per run directory; checked before data is copied in
+        hold(out, "heal")
+        refuse_foreign_files(out)
     if args.data is None:  # train on the conversion's own shards, copied so the healed run is self-contained
         if not (out / "data" / "meta.json").is_file():
             shutil.copytree(run / "data", out / "data", dirs_exist_ok=True)
         data_cfg = dataclasses.replace(base.data, source=str(out / "data"))
     else:
         data_cfg = dataclasses.replace(base.data, source=args.data)
-    data_cfg = dataclasses.replace(data_cfg, seq_len=args.seq_len or data_cfg.seq_len)
-    train = dataclasses.replace(args.train, max_steps=args.steps) if args.steps else args.train
+    data_cfg = dataclasses.replace(data_cfg, seq_len=args.seq_len if args.seq_len is not None else data_cfg.seq_len)
+    train = dataclasses.replace(args.train, max_steps=args.steps) if args.steps is not None else args.train
     run_cfg = RunConfig(model=cfg, data=data_cfg, train=train, guard=args.guard, preset=base.preset, out=str(out), seed=args.seed,
                         device=args.device)
     held_out = torch.from_numpy(_split_ids(run / "data", "val", args.eval_tokens))

@@ -21,6 +21,7 @@ from nanoseek.config import DataConfig
 from nanoseek.data.corpus import PREPARED_FORMAT, PREPARED_META, describe_source, is_prepared_dir, iter_documents
 from nanoseek.data.shards import FORMAT_VERSION, REBUILD, ShardWriter, file_sha256, read_shard_header, token_dtype
 from nanoseek.data.tokenizer import META_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer, train_tokenizer
+from nanoseek.rundir import replacing
 
 # Train/val split (see `_split_threshold`): documents are cut into line-aligned pieces of at most this many
 # characters, so even a single-file corpus (one long document) splits, and each piece is placed by its hash.
@@ -86,11 +87,9 @@ def load_prepared(directory: str | Path) -> PreparedData:
 def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
     """Corpus -> tokenizer -> train/val shards + meta.json in `out_dir`; reuse `cfg.source` if it is prepared.
 
-    Two streaming passes over the source: the first measures the split and trains the tokenizer, the second
-    encodes. The tokenizer learns from the whole corpus (train and val): a char vocabulary must cover val or
-    val could not be encoded, BPE merge counts from a few % more text barely move val loss, and one shared pass
-    keeps a streamed Hugging Face dataset to two reads. The same source and config give byte-identical
-    shards, tokenizer and `content_hash`.
+    Everything is written into a staging folder next to `out_dir` and swapped in only once complete
+    (rundir.replacing): a failed preparation (a typo in --data, a full disk) leaves an earlier one in
+    `out_dir` untouched, and a user's own files there are kept.
     """
     source_dir = Path(cfg.source).expanduser()
     if source_dir.is_dir() and is_prepared_dir(source_dir):
@@ -100,8 +99,30 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) ->
         raise ValueError(f"data.shard_tokens={cfg.shard_tokens}: must be >= {min_shard} (two sequences of "
                          f"seq_len={cfg.seq_len} plus look-ahead) so every shard holds a training window")
     out_dir = Path(out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous(out_dir)  # from here until meta.json is written the folder is not "prepared"
+    with replacing(out_dir, _prepared_files(out_dir), {PREPARED_META, META_FILE, TOKENIZER_FILE},
+                   "data written by `nanoseek prepare`") as staging:
+        _prepare_into(cfg, staging, progress)
+    return load_prepared(out_dir)
+
+
+def _prepared_files(out_dir: Path) -> set[str]:
+    """The files an earlier preparation in `out_dir` wrote (replaced by a new one); none if it is not one."""
+    if not is_prepared_dir(out_dir):
+        return set()
+    meta = json.loads((out_dir / PREPARED_META).read_text())
+    shards = {Path(entry["file"]).name for split in ("train", "val") for entry in meta.get(split, {}).get("shards", [])}
+    return {PREPARED_META, META_FILE, TOKENIZER_FILE} | shards
+
+
+def _prepare_into(cfg: DataConfig, out_dir: Path, progress: bool) -> None:
+    """Corpus -> tokenizer -> train/val shards + meta.json in the (new, empty) folder `out_dir`.
+
+    Two streaming passes over the source: the first measures the split and trains the tokenizer, the second
+    encodes. The tokenizer learns from the whole corpus (train and val): a char vocabulary must cover val or
+    val could not be encoded, BPE merge counts from a few % more text barely move val loss, and one shared pass
+    keeps a streamed Hugging Face dataset to two reads. The same source and config give byte-identical
+    shards, tokenizer and `content_hash`.
+    """
 
     def documents() -> Iterator[str]:
         return iter_documents(cfg.source, text_field=cfg.hf_text_field, hf_split=cfg.hf_split)
@@ -135,20 +156,6 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) ->
     tmp = out_dir / (PREPARED_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, out_dir / PREPARED_META)  # atomic: meta.json exists only once everything else does
-    return PreparedData(out_dir, tokenizer, tokenizer.vocab_size, paths["train"], paths["val"], meta)
-
-
-def _remove_previous(out_dir: Path) -> None:
-    """Delete an earlier preparation's meta.json and the shards it lists (and only those), so re-preparing in
-    place with fewer shards leaves no stale files behind."""
-    meta_path = out_dir / PREPARED_META
-    if is_prepared_dir(out_dir):
-        meta = json.loads(meta_path.read_text())
-        meta_path.unlink()
-        for split in ("train", "val"):
-            for entry in meta.get(split, {}).get("shards", []):
-                (out_dir / Path(entry["file"]).name).unlink(missing_ok=True)
-    meta_path.unlink(missing_ok=True)
 
 
 def _build_meta(cfg: DataConfig, out_dir: Path, tokenizer: Tokenizer, paths: dict[str, list[Path]],

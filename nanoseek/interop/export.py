@@ -63,6 +63,14 @@ def hf_model_type(cfg: ModelConfig) -> str:
     return "qwen3" if cfg.qk_norm else "llama"
 
 
+def export_files(out_dir: Path) -> set[str]:
+    """The files an earlier export (or a transformers folder) in `out_dir` holds that a new export replaces."""
+    if not (out_dir / "config.json").is_file():
+        return set()
+    fixed = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    return fixed | {p.name for p in out_dir.iterdir() if _OUR_WEIGHT_FILES.match(p.name)}
+
+
 def export_hf(model: nn.Module | str | Path, out_dir: str | Path, tokenizer=None,
               dtype: torch.dtype | str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write `model` as a folder `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with the

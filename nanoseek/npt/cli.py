@@ -10,7 +10,6 @@ student: base weights plus adapters, data/ with the base's tokenizer), so the gu
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -25,6 +24,8 @@ from nanoseek.npt.config import DEFAULT_RANK, AdapterConfig, parse_layers
 from nanoseek.npt.convert import Teacher, convert_to_npt
 from nanoseek.npt.quantize import check_quantization, quantize_base
 from nanoseek.npt.storage import save_adapters
+from nanoseek.rundir import hold, unique_run_dir
+from nanoseek.train.distributed import launched_by_torchrun
 from nanoseek.train.hardware import resolve_device
 from nanoseek.train.objectives import DistillationObjective
 from nanoseek.train.trainer import Trainer
@@ -137,7 +138,9 @@ def run_npt(args: Npt) -> NptResult:
     """Everything `nanoseek npt` does; returns an NptResult."""
     device = resolve_device(args.device)
     check_quantization(args.quantize, device)  # before minutes of loading
-    run_dir = Path(args.out) if args.out else Path("runs") / f"npt-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.out) if args.out else unique_run_dir("runs", "npt")
+    if launched_by_torchrun()[0] == 0:  # one writer per run directory: rank 0 (or the only process)
+        hold(run_dir, "npt")
     base = load_base(args.base)
     student = base.model
     adapter_cfg, reg_weight, kl_weight = _layout(args, run_dir, student)

@@ -25,6 +25,7 @@ checks the content first and refuses, naming the key, anything that would not lo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -41,6 +42,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from nanoseek.train.writes import torch_save
 
 __all__ = ["Checkpoint", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
            "best_checkpoint", "CHECKPOINTS_DIR"]
@@ -142,6 +145,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     root = _root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
+    _check_free_space(root)
     final = root / f"step-{step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
     tmp.mkdir()
@@ -149,7 +153,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         _write_safetensors(tmp / MODEL_FILE, model_state, "model_state")
         if ema_state is not None:
             _write_safetensors(tmp / EMA_FILE, ema_state, "ema_state")
-        torch.save(trainer_state, tmp / TRAINER_FILE)
+        torch_save(trainer_state, tmp / TRAINER_FILE)  # a failed write is the OSError it is (train/writes.py)
         _write_text(tmp / CONFIG_FILE, _to_json(config, "config"))
         files = {}
         for path in sorted(tmp.iterdir()):
@@ -167,6 +171,22 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         raise
     _prune(root, keep_last, keep_best, keep=final)
     return final
+
+
+def _check_free_space(root: Path) -> None:
+    """Refuse before writing when the disk cannot hold another checkpoint the size of the latest one (the one
+    case where the size is known in advance); an unforeseen full disk still fails cleanly mid-write."""
+    latest = latest_checkpoint(root.parent)
+    if latest is None:
+        return
+    try:
+        files = json.loads((latest / META_FILE).read_text())["files"]
+        needed = sum(int(info["bytes"]) for info in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{free:,} bytes free, the latest checkpoint took {needed:,}", str(root))
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -242,7 +262,13 @@ def _write_safetensors(path: Path, state: dict[str, torch.Tensor], what: str) ->
     metadata = {"format": "pt", _ORDER_KEY: json.dumps(list(state))}
     if aliases:
         metadata[_ALIASES_KEY] = json.dumps(aliases)
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:  # an I/O failure inside the Rust writer: re-raise it as the OSError it is
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _check_weights_only_loadable(value: Any, where: str) -> None:
@@ -338,7 +364,8 @@ def _broken(path: Path, reason: str) -> str:
     earlier = []
     if _STEP_DIR.match(path.name):
         earlier = [p for p in list_checkpoints(path.parent.parent) if _step_of(p) < _step_of(path)]
-    fix = (f"use the previous checkpoint {str(earlier[-1])!r}" if earlier
+    fix = (f"use the previous checkpoint {str(earlier[-1])!r} (nanoseek train --resume-from {earlier[-1].name})"
+           if earlier
            else "no earlier complete checkpoint exists; restart training without resuming")
     return f"checkpoint {str(path)!r} {reason}; {fix}"
 

@@ -4,7 +4,8 @@ The trainer calls `check(stats)` with the step's `StepStats` after backward and 
 optimizer, the GradScaler update or the MoE bias update. The verdict is one of:
 
 - ok       -- apply the step.
-- skip     -- non-finite loss or gradient, an out-of-range batch, or a loss / grad-norm spike
+- skip     -- non-finite loss or gradient, an out-of-range batch, an LR that is not a finite float32
+              (checked even with the guard off: it could only write NaN weights), or a loss / grad-norm spike
               (more than `spike_sigma` std above the rolling window, OLMo-core style; loss spikes are
               kept out of the window). Nothing changes but the data position.
 - rollback -- `max_skips` skips inside `window` steps (grad-norm spikes do not count: with finite
@@ -27,6 +28,8 @@ import torch
 
 from nanoseek.config import GuardConfig
 
+_FLOAT32_MAX = 3.4028234663852886e38  # an LR above it is inf once the optimizer computes in float32
+
 
 @dataclass
 class RankView:
@@ -48,6 +51,7 @@ class StepStats:
     values: dict[str, float] = field(default_factory=dict)  # for the metrics: loss components, grad_norm, lr, ...
     device_grad_norm: torch.Tensor | None = None  # grad_norm still on the device, for clipping without a sync
     rank: RankView = field(default_factory=RankView)
+    lrs: list[float] = field(default_factory=list)  # each parameter group's LR for this update (host floats)
 
 
 @dataclass
@@ -101,6 +105,9 @@ class StabilityGuard:
     def check(self, stats: StepStats) -> Verdict:
         """Judge one step from its loss and (unclipped) total grad norm; update counters."""
         step, loss, grad_norm = stats.step, stats.loss, stats.grad_norm
+        refused = self.check_update(step, stats.lrs)  # even with the guard off: it could only write NaN weights
+        if refused is not None:
+            return refused
         if not self.cfg.enabled:
             return Verdict("ok")
         if not stats.batch_ok:
@@ -134,6 +141,14 @@ class StabilityGuard:
         self.stats["loss"].add(loss)
         self.stats["grad_norm"].add(grad_norm)
         return Verdict("ok")
+
+    def check_update(self, step: int, lrs: list[float]) -> Verdict | None:
+        """Before the optimizer step (host floats, no sync): an LR that is not a finite float32 would write
+        NaN/Inf into every weight it touches, however finite the gradients are. None: the update may go on."""
+        bad = next((lr for lr in lrs if not math.isfinite(lr) or abs(lr) > _FLOAT32_MAX), None)
+        if bad is None:
+            return None
+        return self._skip(step, f"non-finite learning rate ({bad:g})", bad)
 
     def _skip(self, step: int, cause: str, value: float) -> Verdict:
         self.n_skips += 1

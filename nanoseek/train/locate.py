@@ -1,8 +1,9 @@
 """The NaN locator: replay a bad step with hooks on every module and name the first that went
 non-finite, so a skipped step is explained (which step, which batch, which module) without a debugger.
 
-On a non-finite event the trainer saves the batch, the RNG state and the model state under
-`RUN_DIR/bad_batches/step-N/`; `nanoseek diagnose RUN_DIR [--step N]` replays it any time later.
+On a non-finite event the trainer saves the batch and the RNG state (batch.safetensors: tensors only,
+nothing a loader could execute) and the model state under `RUN_DIR/bad_batches/step-N/`;
+`nanoseek diagnose RUN_DIR [--step N]` replays it any time later.
 Replay order: forward hooks (first module whose output is non-finite, in execution order, so a
 child is named before its parent), then the loss, then backward hooks (first module whose
 gradient is non-finite), and last the recorded parameter gradients of the original step.
@@ -19,15 +20,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nanoseek.train.distributed import Distributed, local
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.guard import StepStats, Verdict
-from nanoseek.train.rng import rng_state
 
 MAX_SAVED = 5  # bad batches kept per run: the first ones explain a run best
+BATCH_FILE = "batch.safetensors"
+LEGACY_BATCH_FILE = "batch.pt"  # written by earlier versions; read with weights_only=True only
 
 
 @dataclass
@@ -156,9 +158,7 @@ def locate_and_save(run_dir: Path, step: int, verdict: Verdict, batches: list[tu
     if len(saved) < MAX_SAVED:
         out_dir = root / f"step-{step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"x": torch.stack([b[0] for b in batches]), "y": torch.stack([b[1] for b in batches])},
-                   out_dir / "batch.pt")
-        torch.save(rng_state(), out_dir / "rng.pt")
+        save_file(batch_record(batches), str(out_dir / BATCH_FILE))  # tensors only: nothing to unpickle on load
         if nonfinite:
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             if model.config.tie_embeddings:
@@ -169,6 +169,31 @@ def locate_and_save(run_dir: Path, step: int, verdict: Verdict, batches: list[tu
                 "nonfinite_grads": bad_grads[:20], "rank": injector.rank, "world_size": injector.world_size}
         (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return finding.module if finding else None
+
+
+def batch_record(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The step's batches (x: [grad_accum, B, T], y: [grad_accum, B, T + lookahead - 1]) and the torch RNG
+    state at the fault, as plain tensors for safetensors."""
+    record = {"x": torch.stack([b[0] for b in batches]).contiguous(),
+              "y": torch.stack([b[1] for b in batches]).contiguous(), "rng_torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        record.update({f"rng_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return record
+
+
+def load_batch(bad_dir: Path) -> dict[str, torch.Tensor]:
+    """A saved bad batch. safetensors holds no code; a legacy pickle is read with weights_only=True, which no
+    environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD included) overrides when passed explicitly."""
+    path = bad_dir / BATCH_FILE if (bad_dir / BATCH_FILE).is_file() else bad_dir / LEGACY_BATCH_FILE
+    try:
+        if path.name == BATCH_FILE:
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # corrupt, or a pickle holding more than tensors: never unpickled further
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: not a bad-batch record nanoseek can read safely ({reason}); delete it") from None
 
 
 class BadStepRecorder:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +79,16 @@ def restore_run(ckpt, cfg: RunConfig, dist: Distributed, model: torch.nn.Module,
     set_rng_state(state["rng"])  # rank 0's; the ranks draw in lock-step, so it is every rank's
 
 
-def resume_note(path: Path, state: dict, max_steps: int, world_size: int, global_batch: int) -> str:
-    """The console note for a run resumed from the checkpoint at `path` with trainer state `state`."""
+def resume_note(path: Path, state: dict, max_steps: int, world_size: int, global_batch: int,
+                overrides: Sequence[str] = (), aside: Path | None = None) -> str:
+    """The console note for a run resumed from the checkpoint at `path` with trainer state `state`; `overrides`:
+    the settings given now over the checkpoint's own; `aside`: where its later checkpoints were moved."""
     step = state["step"]
     notes = [f"resuming from {path} (step {step} of {max_steps})"]
+    if overrides:
+        notes.append("settings given now, over the checkpoint's own: " + ", ".join(overrides))
+    if aside is not None:
+        notes.append(f"the later checkpoints were moved to {aside} (kept; this run continues from {path.name})")
     if step >= max_steps:
         notes.append(f"the run is already at step {step} >= max_steps {max_steps}: "
                      "nothing to train; pass a larger --max-steps to train it further")

@@ -30,15 +30,16 @@ import dataclasses
 import functools
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanoseek.config import RunConfig
+from nanoseek.config import ModelConfig, RunConfig
 from nanoseek.data import TokenLoader, prepare_data
 from nanoseek.model import Transformer
+from nanoseek.rundir import is_new, unique_run_dir
+from nanoseek.train import resume as resuming
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from nanoseek.train.distributed import Distributed, launched_by_torchrun, local
 from nanoseek.train.faults import FaultInjector
@@ -53,6 +54,7 @@ from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor, up
 from nanoseek.train.state import Progress, restore_run, resume_note, run_state
 from nanoseek.train.rng import seed_everything
 from nanoseek.train.rollback import RollbackKeeper
+from nanoseek.train.safety import refuse_nonfinite_weights
 from nanoseek.train.stop import GracefulStop
 from nanoseek.train.steplog import StepLog
 
@@ -66,13 +68,16 @@ class TrainResult:
     opt_step: int
     train_loss: float
     val_loss: float | None
-    status: str  # finished | early-stopped | aborted | interrupted (Ctrl-C: saved, resumable)
+    status: str  # finished | early-stopped | aborted | interrupted (Ctrl-C, SIGTERM, SIGUSR1: saved, resumable)
     n_skips: int
     n_rollbacks: int
+    stop_signal: int | None = None  # what stopped an interrupted run: SIGINT, SIGTERM or SIGUSR1
 
     @property
     def exit_code(self) -> int:
-        return {"aborted": 3, "interrupted": 130}.get(self.status, 0)
+        if self.status == "interrupted":
+            return 128 + (self.stop_signal or 2)  # the shell's code for a process ended by that signal
+        return {"aborted": 3}.get(self.status, 0)
 
 
 class Trainer:
@@ -82,17 +87,18 @@ class Trainer:
     replaces the one built from `cfg.model`; only its parameters with requires_grad train.
     `objective(model, x, y) -> ModelOutput` replaces the next-token loss (distillation against a
     teacher, say); its `losses` dict is logged, and `losses["ce"]` (else the total) is the eval metric.
+    `resume_from` (step-N, N or a checkpoint directory of the run) resumes an earlier checkpoint than the latest.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
-                 model: Transformer | None = None, objective: Objective = next_token_objective):
+                 model: Transformer | None = None, objective: Objective = next_token_objective,
+                 resume_from: str | None = None):
         # The process group first: it decides this rank's device (cuda:LOCAL_RANK under torchrun).
         self.dist = Distributed.setup(cfg.train.dist, resolve_device(cfg.device))
-        created = not Path(run_dir).exists()
+        self.resume_from = resume_from
+        created = is_new(run_dir)  # absent, or only locked by this command so far
         try:
-            if resume and created:
-                raise ValueError(f"--resume: {run_dir} does not exist; point --out at the run to continue, "
-                                 "or start a new run without --resume")
+            resuming.check_run_dir(Path(run_dir), cfg, resume)  # before anything is written (train/resume.py)
             self._build(cfg, Path(run_dir), resume, model, objective)
             self._open_log(show_progress, self._resume() if resume else "")
         except BaseException:  # a bad --data or --out must leave neither the process group nor a half run
@@ -111,9 +117,6 @@ class Trainer:
             torch.set_flush_denormal(True)  # denormals make CPU matmuls crawl late in training
         if tc.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("precision='bf16' needs an Ampere or newer GPU; use --train.precision fp16")
-        if not resume and latest_checkpoint(run_dir) is not None:
-            raise ValueError(f"{run_dir} already holds a run with checkpoints; continue it with --resume, "
-                             "or choose a new --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         with self.dist.main_first():  # rank 0 tokenizes into run_dir/data; the others then read it
@@ -134,7 +137,7 @@ class Trainer:
                                         vocab_size=self.data.vocab_size)
         self.built_model = model is None
         self._build_model(model if model is not None else Transformer(cfg.model))
-        self.progress = Progress()
+        self.progress, self.saved_step = Progress(), -1
         self.objective = self.train_objective = objective
         self.schedule = functools.partial(lr_factor, cfg=tc)
         if cfg.guard.inject:  # --inject: each fault wraps the part of the step it breaks (train/faults.py)
@@ -159,6 +162,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        # Plain functions, not bound methods: the bad-step recorder holds them, and a trainer in a reference
+        # cycle would keep its files open after a failure until the garbage collector ran.
+        self._autocast = functools.partial(autocast_context, self.device.type, self.autocast_dtype)
+        self._whole_copy = functools.partial(whole_copy, self.cfg.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _open_log(self, show_progress: bool, resume_note: str) -> None:
@@ -170,22 +177,24 @@ class Trainer:
         for note in (self.dist.note, resume_note):
             if note:
                 self.logger.write(note)
-        self.saved_step = self.step if resume_note else -1
         self.recorder = BadStepRecorder(self.run_dir, self.dist, self.model, self.cfg.guard.inject, self._autocast,
                                         self._whole_copy if self.built_model else None,
                                         self.logger.write) if self.cfg.guard.save_bad_batches else None
 
     def _resume(self) -> str:
-        """Load the latest checkpoint (full state: any mode and world size). Returns a note for the console."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            raise ValueError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; "
-                             "start without --resume (or point --out at the run to continue)")
+        """Load the latest checkpoint, or `resume_from` (full state: any mode and world size), after
+        refusing settings that cannot continue it (train/resume.py). Returns a note for the console."""
+        path = resuming.find_checkpoint(self.run_dir, self.resume_from)
+        if path is None:  # stopped before its first checkpoint: again from step 0, on its own data and config
+            return resuming.restart_without_checkpoint(self.run_dir, self.cfg)
         ckpt = read_checkpoint(path)
+        overrides = resuming.check_continuation(ckpt.config, self.cfg.to_dict(), str(path))
         restore_run(ckpt, self.cfg, self.dist, self.model, self.optimizer, self.scaler, self.train_loader, self.guard,
                     self.ema, self.progress)
+        self.saved_step = self.step
+        aside = resuming.set_aside_later(self.run_dir, path) if self.dist.is_main else None
         return resume_note(path, ckpt.trainer_state, self.cfg.train.max_steps, self.dist.world_size,
-                           self.global_batch)
+                           self.global_batch, overrides, aside)
 
     @property
     def global_batch(self) -> int:
@@ -200,7 +209,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         try:
-            with GracefulStop(enabled=self.dist.world_size == 1) as stop:
+            with GracefulStop(world_size=self.dist.world_size) as stop:
                 self.stop = stop
                 return self._train()
         except BaseException:  # Ctrl-C or an error mid-run: leave the process group (a no-op in one process)
@@ -236,7 +245,7 @@ class Trainer:
         if self.saved_step != self.step:
             self.save(self.progress.last_val)
         result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("ce", math.nan),
-                             self.progress.last_val, status, guard.n_skips, guard.n_rollbacks)
+                             self.progress.last_val, status, guard.n_skips, guard.n_rollbacks, self.stop.signum)
         self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
                          "val_loss": result.val_loss, "skips": guard.n_skips, "rollbacks": guard.n_rollbacks})
         self.logger.close()
@@ -257,7 +266,7 @@ class Trainer:
                 return "early-stopped"
         elif self.step % tc.save_every == 0:
             self.save(None)
-        return "interrupted" if self.stop.requested else None
+        return "interrupted" if self.stop.should_stop(self.dist) else None  # every rank stops at one step
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -295,10 +304,11 @@ class Trainer:
         sample_stats = step % self.cfg.guard.stats_every == 0
         self.model.before_step(self.opt_step, track_stats=sample_stats)
         apply_lr_factor(self.optimizer, self.schedule(self.opt_step) * self.guard.lr_scale)
-        lr = {"lr": self.optimizer.param_groups[0]["lr"]}
+        lrs = [group["lr"] for group in self.optimizer.param_groups]  # host floats: the guard checks them, no sync
+        lr = {"lr": lrs[0]}
         if not self.dist.all_ok(rank_ok):
             return StepStats(step, math.nan, math.nan, False, {"loss": math.nan, "grad_norm": math.nan, **lr},
-                             rank=RankView(rank_ok))
+                             rank=RankView(rank_ok), lrs=lrs)
         sums, logit_max = {}, None
         for micro, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -323,7 +333,7 @@ class Trainer:
         if logit_max is not None:
             values["logit_max"] = float(logit_max)
         return StepStats(step, values["loss"], values["grad_norm"], True, {**values, **lr}, grad_norm,
-                         RankView(True, sums["loss"], local_norm))
+                         RankView(True, sums["loss"], local_norm), lrs)
 
     def _local_grads(self) -> list[torch.Tensor]:
         """This rank's part of every gradient: the whole gradient in one process or under DDP, the local
@@ -356,11 +366,6 @@ class Trainer:
                 self.scaler.update()  # lowers the scale; the step itself is dropped
             self.model.after_skipped_step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # ---- metrics, eval, checkpoints ---------------------------------------------------------------
 
@@ -395,6 +400,7 @@ class Trainer:
     def save(self, val_loss: float | None = None) -> Path:
         """Write a checkpoint (every rank calls this; rank 0 writes full, unsharded state)."""
         tc = self.cfg.train
+        refuse_nonfinite_weights(self.model, self.step, self.dist)  # NaN weights are never a "good" checkpoint
         self.saved_step = self.step
         model_state, trainer_state = self.dist.full_model_state(self.model), self.trainer_state()
         if self.dist.is_main:
@@ -415,14 +421,20 @@ class Trainer:
         self.dist.close()
         self.dist = self.dist.detached()
 
-    def _whole_copy(self, state: dict[str, torch.Tensor]) -> Transformer:
-        """An unsharded model on this rank's device holding the full `state` (NPT blocks included). Its
-        init runs under a forked RNG, so this rank's random stream stays in step with the others'."""
-        with torch.random.fork_rng(devices=[]):
-            return model_from_state(self.cfg.model, state).to(self.device)
+
+def autocast_context(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The training precision's autocast (none for fp32)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def whole_copy(config: ModelConfig, device: torch.device, state: dict[str, torch.Tensor]) -> Transformer:
+    """An unsharded model on `device` holding the full `state` (NPT blocks included). Its init runs under a
+    forked RNG, so this rank's random stream stays in step with the others'."""
+    with torch.random.fork_rng(devices=[]):
+        return model_from_state(config, state).to(device)
 
 
 def default_run_dir(preset: str) -> Path:
     if launched_by_torchrun()[2] > 1:  # each rank would read its own clock and pick its own directory
         raise ValueError("under torchrun pass --out RUN_DIR: every rank must write to the same run directory")
-    return Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return unique_run_dir("runs", preset)

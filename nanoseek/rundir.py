@@ -1,0 +1,243 @@
+"""One writer per directory, and outputs that are replaced whole or not at all.
+
+`hold(directory, command)` takes an OS-level lock (`fcntl.flock`) on `DIRECTORY/.nanoseek.lock` for the rest
+of the command: a second `nanoseek train/prepare/convert/heal/npt` on the same directory is refused in one
+line naming the holder's PID. The kernel drops the lock when its process exits, however it exits (kill -9,
+a crash, a power-cycled node leaves no process), so a stale lock file never blocks anyone; the file itself
+stays behind on purpose: deleting a lock file races with a process that has just opened it.
+
+`replacing(target, owned)` is the write-new-then-swap of a folder that is replaced whole (prepared data, an
+export): everything is written into a sibling staging folder; only when that succeeded is the old folder
+renamed aside, the new one renamed into place and the old one removed. A failure at any point before the
+swap leaves the old folder exactly as it was; a crash between the two renames leaves the old folder, intact,
+under its `.NAME.old-PID` name next to the target. A user's own files in the folder are kept (carried
+over as hard links); one the command would overwrite is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK_FILE = ".nanoseek.lock"
+
+try:  # POSIX; on Windows runs are not locked (msvcrt locks are per byte range and not inherited alike)
+    import fcntl
+except ImportError:  # pragma: no cover - not on the platforms CI runs
+    fcntl = None
+
+
+class _Lock:
+    def __init__(self, directory: Path, fd: int, created: bool):
+        self.directory, self.fd, self.created, self.count = directory, fd, created, 1
+
+
+_held: dict[str, _Lock] = {}  # realpath of the locked directory -> its lock (re-entrant within a process)
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        text = lock_path.read_text().split()
+    except OSError:
+        return "another process"
+    return f"pid {text[0]} ({' '.join(text[1:])})" if text else "another process"
+
+
+def check_folder_path(path: Path) -> None:
+    """ValueError (one line) if `path` or a folder above it is an existing file, so it cannot be a folder."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f" ({part} is a file)"
+                raise ValueError(f"--out {path}: not a directory{where}; choose another --out")
+            return
+
+
+def hold(directory: str | Path, command: str) -> None:
+    """Lock `directory` (created if missing) for this process until `release_all()` or exit.
+
+    Raises ValueError, one line naming the holder's PID, when another process holds it."""
+    directory = Path(directory).expanduser()
+    check_folder_path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(directory)
+    if key in _held:
+        _held[key].count += 1
+        return
+    lock_path = directory / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"{directory} is in use by {_holder(lock_path)}: one process writes a run directory "
+                             "at a time; wait for it to finish (or stop it), or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} nanoseek {command} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _held[key] = _Lock(directory, fd, created)
+
+
+def is_new(directory: str | Path) -> bool:
+    """True if `directory` does not exist or holds nothing but its lock file (nothing to lose in it)."""
+    directory = Path(directory).expanduser()
+    return not directory.exists() or (directory.is_dir() and all(p.name == LOCK_FILE for p in directory.iterdir()))
+
+
+def release(directory: str | Path) -> None:
+    """Drop one hold on `directory`; the last one unlocks it, and removes the directory if this process
+    created it and nothing but the lock file was written there (a command that failed validation)."""
+    key = os.path.realpath(Path(directory).expanduser())
+    lock = _held.get(key)
+    if lock is None:
+        return
+    lock.count -= 1
+    if lock.count:
+        return
+    del _held[key]
+    if lock.created and lock.directory.is_dir() and [p.name for p in lock.directory.iterdir()] == [LOCK_FILE]:
+        (lock.directory / LOCK_FILE).unlink(missing_ok=True)  # still ours: nobody else can have locked it
+        with contextlib.suppress(OSError):
+            lock.directory.rmdir()
+    os.close(lock.fd)  # closing the last descriptor releases the flock
+
+
+def release_all() -> None:
+    for key in list(_held):
+        lock = _held[key]
+        lock.count = 1
+        release(lock.directory)
+
+
+@contextlib.contextmanager
+def command_scope() -> Iterator[None]:
+    """Locks taken inside are released when the command returns or fails (for `nanoseek.cli.main`)."""
+    try:
+        yield
+    finally:
+        release_all()
+
+
+# ---- run names -------------------------------------------------------------------------------------
+
+
+def unique_run_dir(root: str | Path, prefix: str) -> Path:
+    """A path ROOT/PREFIX-YYYYmmdd-HHMMSS-XXXXXX that does not exist yet: the random suffix keeps two runs
+    started in the same second (on one node or many) apart; `hold` then creates and locks it."""
+    while True:
+        path = Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        if not path.exists():
+            return path
+
+
+# ---- validate before you touch -------------------------------------------------------------------
+
+
+def _foreign(directory: Path, owned: set[str]) -> list[Path]:
+    """Entries of `directory` the command did not write (the lock file is always its own)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name != LOCK_FILE and p.name not in owned)
+
+
+def _refuse(directory: Path, names: list[str], what: str, why: str) -> None:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ValueError(f"{directory} holds {shown}, {why}; nothing was changed: choose a new or empty folder for "
+                     f"the {what}, or move those away")
+
+
+@contextlib.contextmanager
+def replacing(target: str | Path, owned: set[str], writes: set[str], what: str) -> Iterator[Path]:
+    """Yield a fresh staging folder next to `target`; once the body succeeded, it becomes `target`.
+
+    owned: the names in an existing `target` that an earlier run of the command wrote (replaced). Any other
+    file is the user's: it is carried into the new folder as a hard link (no byte moves, so a crash at any
+    point leaves it where it was). A foreign folder, or a foreign file named like one the command writes
+    (`writes`, or found in the staging folder at the end), is refused before anything changes. On an
+    exception the staging folder is removed and `target` is untouched."""
+    target = Path(target).expanduser()
+    check_folder_path(target)
+    foreign = _foreign(target, owned)
+    clash = [p.name for p in foreign if p.is_dir() or p.name in writes]
+    if clash:
+        _refuse(target, clash, what, "which it did not write and would replace")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _recover(target)
+    staging = target.parent / f".{target.name}.new-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        staging.mkdir()
+    except OSError as err:  # name the folder the user asked for, not the staging one
+        raise OSError(err.errno, err.strerror, str(target)) from None
+    try:
+        yield staging
+        foreign = _foreign(target, owned)  # again: the user may have added files meanwhile
+        clash = [p.name for p in foreign if p.is_dir() or (staging / p.name).exists()]
+        if clash:
+            _refuse(target, clash, what, "which it did not write and would replace")
+        for path in foreign:
+            os.link(path, staging / path.name)
+        if (target / LOCK_FILE).is_file():  # the lock (the same inode) travels with the folder it locks
+            with contextlib.suppress(OSError):
+                os.link(target / LOCK_FILE, staging / LOCK_FILE)
+        _swap(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _recover(target: Path) -> None:
+    """Tidy what a process killed mid-replacement left next to `target` (names carry its PID; a live PID's
+    are left alone): a staging folder is removed; an old folder moved aside is renamed back if the swap
+    never completed (no `target`), else removed."""
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
+        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("new", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+        return
+    aside = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside, target)  # put the old one back
+        raise
+    _fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
