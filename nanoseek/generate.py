@@ -218,7 +218,8 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                    generator: torch.Generator | None = None, truncate: bool = False,
                    compile: bool = False) -> list[list[int]]:
     """Continue every prompt in one batch (no loop over prompts): each row's new tokens, cut after its first
-    eos_id (kept). Greedy rows equal what `generate` gives that prompt alone."""
+    eos_id (kept). Greedy rows equal what `generate` gives that prompt alone. The rows share one context of
+    max_seq_len slots, so the longest prompt bounds how many tokens every row can get."""
     batch, pad = pad_prompts(prompts, device=model.embed.weight.device)
     out = generate(model, batch, max_new_tokens, sampling, eos_id, generator, truncate=truncate, pad=pad,
                    compile=compile)
