@@ -3,6 +3,8 @@
     python bench/bench_decode.py                       # CPU defaults: 6 layers, dim 256, 8 heads
     python bench/bench_decode.py --device cuda --dim 1024 --n-layers 12 --n-heads 16 \
         --kv-lora-rank 256 --batch-sizes 1 64 --prompt-len 512 --new-tokens 256 --no-uncached
+    python bench/bench_decode.py --real FOLDER --dtype bfloat16 --batch-sizes 1 8 --new-tokens 64
+                                                       # a real model against transformers: see decode_real.py
 
 Models (dense SwiGLU everywhere, no MTP, so only attention and its cache differ):
   mha        n_kv_heads = n_heads: 2 * n_heads * head_dim cached values per token and layer
@@ -49,6 +51,10 @@ class Args:
     dtype: str = "float32"
     """float32 or bfloat16 (weights and cache)."""
     models: tuple[str, ...] = ("mha", "gqa", "mla", "mla-naive")
+    real: str | None = None
+    """A transformers folder: compare nanoseek with transformers' generate on it (bench/decode_real.py)."""
+    compile: bool = False
+    """With --real: compile nanoseek's decode step (the warm-up includes the compilation)."""
 
 
 def build(name: str, args: Args) -> Transformer:
@@ -86,6 +92,11 @@ def timed_decode(model: Transformer, batch: int, args: Args, use_cache: bool) ->
 
 
 def main(args: Args) -> None:
+    if args.real:
+        from decode_real import compare  # bench/ is the script's directory, hence on sys.path
+
+        compare(args.real, getattr(torch, args.dtype), args.batch_sizes, args.new_tokens, args.repeats, args.compile)
+        return
     if args.device == "cpu":
         torch.set_num_threads(1)
         torch.set_flush_denormal(True)

@@ -18,6 +18,7 @@ import torch
 
 from nanoseek.model import Transformer
 from nanoseek.model.cache import new_static_caches
+from nanoseek.model.packed import pack_linears
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         # A CPU generator drives the draw on any device, so a seed gives the same text everywhere.
         return torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+def prepare_for_generation(model: Transformer, dtype: torch.dtype | None = None, pack: bool = True) -> int:
+    """Ready `model` for decoding alone, in place: eval mode, weights in `dtype` (None: as they are) and, on
+    CPU, linear layers prepacked for oneDNN (model/packed.py). Returns how many layers were packed.
+    Leave `pack` off for a compiled step: inductor's weight freezing packs them itself."""
+    model.eval()
+    if dtype is not None:
+        model.to(dtype)
+    return pack_linears(model) if pack else 0
 
 
 def check_prompt(model: Transformer, prompt: torch.Tensor, truncate: bool = False) -> torch.Tensor:

@@ -148,3 +148,21 @@ def test_bf16_generation_within_tolerance_of_fp32(arch):
         fp32_on_bf16 = full(decoded).logits[0, prompt.shape[1] - 1:-1].float()  # scores of bf16's choices
         picked = fp32_on_bf16.gather(1, decoded[0, prompt.shape[1]:, None]).squeeze(1)
         assert (fp32_on_bf16.max(-1).values - picked).max() <= BF16_GAP_TOL * scale
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla-qlora"])
+def test_decode_step_traces_without_graph_breaks(arch):
+    from nanoseek.generate import decode_step
+
+    model = tiny(arch, torch.float32)
+    layout, caches = new_static_caches(model, 2, 16, torch.tensor([0, 3]))
+    explained = torch._dynamo.explain(decode_step)(model, layout, caches, torch.tensor([[3], [4]]), torch.tensor(7))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager():
+    model = tiny("gqa", torch.float32)
+    prompt, pad = pad_prompts(PROMPTS[:2])
+    eager = generate(model, prompt, 12, GREEDY, pad=pad)
+    assert torch.equal(generate(model, prompt, 12, GREEDY, pad=pad, compile=True), eager)
