@@ -38,17 +38,21 @@ PROMPTS = [
 BANDWIDTH_BYTES = 256 * 2**20
 
 
-def measure_bandwidth() -> tuple[float, float]:
-    """(copy GB/s counting read + write bytes, read-only GB/s) of one thread over a 256 MiB tensor."""
+def measure_bandwidth(tries: int = 5) -> tuple[float, float]:
+    """(copy GB/s counting read + write bytes, read-only GB/s) of one thread over a 256 MiB tensor: the best
+    of `tries` each (the least disturbed by other jobs; what the memory system can give one thread)."""
     src = torch.ones(BANDWIDTH_BYTES // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    start = time.perf_counter()
-    dst.copy_(src)
-    copy = 2 * src.nbytes / (time.perf_counter() - start) / 1e9
-    start = time.perf_counter()
-    src.sum()
-    return copy, src.nbytes / (time.perf_counter() - start) / 1e9
+    copy, read = [], []
+    for _ in range(tries):
+        start = time.perf_counter()
+        dst.copy_(src)
+        copy.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
+        start = time.perf_counter()
+        src.sum()
+        read.append(src.nbytes / (time.perf_counter() - start) / 1e9)
+    return max(copy), max(read)
 
 
 def load(folder: str, dtype: torch.dtype, compile: bool):
@@ -64,29 +68,40 @@ def load(folder: str, dtype: torch.dtype, compile: bool):
     return tokenizer, reference, model, packed
 
 
+class Clock:
+    """Wall seconds and this process's CPU seconds since creation. On a machine shared with other jobs the
+    CPU time leaves out the time the scheduler gave to others (memory-bandwidth contention stays in both)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def run_transformers(reference, tokenizer, prompts: list[str], new_tokens: int, cache: str | None):
-    """(seconds, new tokens [B, n]) of transformers' generate on a left-padded batch."""
+    """((wall, cpu) seconds, new tokens [B, n]) of transformers' generate on a left-padded batch."""
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     extra = {"cache_implementation": cache} if cache else {}
-    start = time.perf_counter()
+    clock = Clock()
     with torch.no_grad():
         out = reference.generate(**batch, max_new_tokens=new_tokens, do_sample=False, top_p=None, top_k=None,
                                  temperature=None, pad_token_id=tokenizer.pad_token_id, **extra)
-    return time.perf_counter() - start, out[:, batch.input_ids.shape[1]:]
+    return clock.read(), out[:, batch.input_ids.shape[1]:]
 
 
 def run_nanoseek(model, tokenizer, prompts: list[str], new_tokens: int, compile: bool):
-    """(seconds, seconds to the first token, new tokens [B, n]) of nanoseek on the same prompts."""
+    """((wall, cpu) seconds, (wall, cpu) to the first token, new tokens [B, n]) of nanoseek, same prompts."""
     from nanoseek.generate import pad_prompts
 
     ids, pad = pad_prompts([tokenizer(p).input_ids for p in prompts])
-    start = time.perf_counter()
+    clock = Clock()
     pieces, first = [], None
     for nxt in stream(model, ids, new_tokens, GREEDY, pad=pad if pad.any() else None, compile=compile):
         pieces.append(nxt)
-        first = first or time.perf_counter() - start
-    return time.perf_counter() - start, first, torch.cat(pieces, dim=1)
+        first = first or clock.read()
+    return clock.read(), first, torch.cat(pieces, dim=1)
 
 
 def first_difference(got: torch.Tensor, want: torch.Tensor) -> str:
@@ -121,33 +136,35 @@ def compare(folder: str, dtype: torch.dtype, batch_sizes: tuple[int, ...], new_t
             out = runners[name](b, new_tokens)
             times.setdefault((name, b), []).append(out[0])
             if name == "nanoseek":
-                steps.setdefault(b, []).append((out[0] - out[1]) / (new_tokens - 1))
+                steps.setdefault(b, []).append([(t - f) / (new_tokens - 1) for t, f in zip(out[0], out[1])])
             checks.setdefault(b, {})[name] = out[-1]
     report(times, steps, bandwidth, checks, weight_bytes, new_tokens, dtype, packed, compile)
 
 
 def report(times, steps, bandwidth, checks, weight_bytes, new_tokens, dtype, packed, compile) -> None:
+    """times[(who, batch)]: [(wall, cpu)] per repeat; steps[batch]: nanoseek's [(wall, cpu)] decode step."""
     copy_bw = statistics.median(c for c, _ in bandwidth)
     read_bw = statistics.median(r for _, r in bandwidth)
     print(f"# {dtype}, {new_tokens} new tokens, greedy; nanoseek {packed} linears prepacked, "
           f"{'compiled' if compile else 'eager'} step; weights {weight_bytes / 1e6:.1f} MB; "
           f"copy bandwidth {copy_bw:.2f} GB/s (read+write), read-only {read_bw:.2f} GB/s (medians)")
-    print(f"{'batch':>5} {'who':<20} {'tokens/s':>9} {'x vs best transformers':>23}  tokens")
+    print(f"{'batch':>5} {'who':<20} {'tok/s wall':>10} {'x best':>7} {'tok/s cpu':>10} {'x best':>7}  tokens")
     for b in sorted(checks):
-        best = min(statistics.median(v) for (name, batch), v in times.items()
-                   if batch == b and name.startswith("transformers"))
-        for (name, batch), values in times.items():
-            if batch != b:
-                continue
-            seconds = statistics.median(values)
+        medians = {name: [statistics.median(t[i] for t in v) for i in (0, 1)]
+                   for (name, batch), v in times.items() if batch == b}
+        best = [min(m[i] for name, m in medians.items() if name.startswith("transformers")) for i in (0, 1)]
+        for name, (wall, cpu) in medians.items():
             same = first_difference(checks[b]["nanoseek"], checks[b][name]) if name != "nanoseek" else "-"
-            print(f"{b:>5} {name:<20} {b * new_tokens / seconds:>9.1f} {best / seconds:>23.2f}  {same}")
-            print(json.dumps({"batch": b, "who": name, "tokens_per_s": b * new_tokens / seconds, "seconds": seconds,
-                              "vs_best_transformers": best / seconds, "tokens_vs_nanoseek": same,
+            print(f"{b:>5} {name:<20} {b * new_tokens / wall:>10.1f} {best[0] / wall:>7.2f} "
+                  f"{b * new_tokens / cpu:>10.1f} {best[1] / cpu:>7.2f}  {same}")
+            print(json.dumps({"batch": b, "who": name, "tokens_per_s_wall": b * new_tokens / wall,
+                              "tokens_per_s_cpu": b * new_tokens / cpu, "vs_best_transformers_wall": best[0] / wall,
+                              "vs_best_transformers_cpu": best[1] / cpu, "tokens_vs_nanoseek": same,
                               "dtype": str(dtype), "compiled": compile}))
-        step = statistics.median(steps[b])
-        rate = weight_bytes / step / 1e9
-        print(f"{b:>5} roofline: step {step * 1e3:.1f} ms, weights read at {rate:.2f} GB/s = "
-              f"{100 * rate / copy_bw:.0f}% of copy bandwidth, {100 * rate / read_bw:.0f}% of read-only")
-        print(json.dumps({"batch": b, "step_ms": step * 1e3, "weight_gb_per_s": rate, "copy_gb_per_s": copy_bw,
-                          "read_gb_per_s": read_bw, "fraction_of_copy": rate / copy_bw}))
+        for i, clock in enumerate(("wall", "cpu")):
+            step = statistics.median(s[i] for s in steps[b])
+            rate = weight_bytes / step / 1e9
+            print(f"{b:>5} roofline ({clock} time): step {step * 1e3:.1f} ms, weights read at {rate:.2f} GB/s = "
+                  f"{100 * rate / copy_bw:.0f}% of copy bandwidth, {100 * rate / read_bw:.0f}% of read-only")
+            print(json.dumps({"batch": b, "clock": clock, "step_ms": step * 1e3, "weight_gb_per_s": rate,
+                              "copy_gb_per_s": copy_bw, "read_gb_per_s": read_bw, "fraction_of_copy": rate / copy_bw}))
