@@ -140,7 +140,8 @@ def _generate_batch(model, tok, prompts: list[str], args: Generate, sampling, ge
         sys.stdout.write(text + tok.decode([t for t in row if t != tok.eos_id]) + "\n")
     sys.stdout.flush()
     seconds, n_new = time.perf_counter() - start, sum(len(row) for row in rows)
-    _log(f"{len(prompts)} prompts in one batch: {n_new} tokens in {seconds:.2f}s ({n_new / max(seconds, 1e-9):.1f} tokens/s)")
+    _log(f"{len(prompts)} prompts in one batch: {n_new} tokens in {seconds:.2f}s "
+         f"({n_new / max(seconds, 1e-9):.1f} tokens/s)")
     return 0
 
 
