@@ -121,7 +121,10 @@ _COMPILED = {}
 
 
 def compiled_step():
-    """decode_step under torch.compile, made once per process (each model / shape adds its own trace)."""
+    """decode_step under torch.compile, made once per process (each model / shape adds its own trace).
+
+    Freezing bakes the weights into the compiled step as constants: compile only a model whose weights no
+    longer change (generation after loading, not sampling between training steps)."""
     if "step" not in _COMPILED:
         options = {"freezing": True} if torch.backends.mkldnn.is_available() else None
         _COMPILED["step"] = torch.compile(decode_step, dynamic=False, options=options)
