@@ -48,7 +48,7 @@ def main() -> None:
             for name, trainer in trainers.items():
                 start = time.perf_counter()
                 trainer.train_step()
-                trainer._maybe_snapshot()  # what train() does after an ok step
+                trainer.rollback.after_good_step(trainer.step, trainer.opt_step)  # what train() does after an ok step
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}

@@ -139,7 +139,7 @@ class Bench:
         self.model_config = ModelConfig.from_preset(cfg.preset, **overrides)
         torch.manual_seed(args.seed)
         self.model = Transformer(self.model_config).to(device).train()
-        self.model.loss_chunk = cfg.loss_chunk
+        self.model.set_training_options(loss_chunk=cfg.loss_chunk)
         if cfg.fp8:
             from nanoseek.train.fp8 import enable_fp8
 

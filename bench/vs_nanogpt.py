@@ -186,13 +186,13 @@ def nanoseek_worker(spec: dict) -> None:
     import torch.nn.functional as F
 
     torch.set_num_threads(1)
-    from nanoseek.cli import Train, train_defaults
+    from nanoseek.cli import parse_train
     from nanoseek.data import load_tokenizer
     from nanoseek.train.loading import load_model
     from nanoseek.train.trainer import Trainer
 
     argv = spec["argv"]
-    cfg = tyro.cli(Train, args=argv, default=train_defaults(argv)).run_config()
+    cfg = parse_train(argv).run_config()
     cfg = dataclasses.replace(cfg, out=spec["run_dir"], device="cpu")
     trainer = Trainer(cfg, spec["run_dir"], show_progress=False)
     starts: list[float] = []

@@ -2,6 +2,7 @@
 
 from nanoseek.config import PRESETS, DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
 from nanoseek.model import ModelOutput, Transformer
+from nanoseek.train.loading import load_model
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,4 @@ def load_checkpoint(path, map_location="cpu"):
 
     Returns (model, config): the Transformer in eval mode and its ModelConfig.
     """
-    from nanoseek.train.loading import load_model
-
     return load_model(path, map_location)

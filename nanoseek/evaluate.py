@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.data.corpus import is_prepared_dir, iter_documents
-from nanoseek.data.shards import load_prepared, read_tokens
+from nanoseek.data.loader import token_windows
+from nanoseek.data.prepare import load_prepared
+from nanoseek.data.shards import read_tokens
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import Transformer
 
@@ -63,22 +64,6 @@ def token_stream(source: str | None, tokenizer: Tokenizer, run_data: Path | None
     return ids[:max_tokens] if max_tokens else ids
 
 
-def token_windows(ids: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive windows: inputs [b, T] and targets [b, T] (shifted by one), every token after the
-    first scored once; the shorter last window comes in a batch of its own."""
-    rows = [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
-    full = [r for r in rows if len(r) == seq_len + 1]
-    for i in range(0, len(full), batch_size):
-        yield from _as_batch(full[i:i + batch_size])
-    yield from _as_batch([r for r in rows if len(r) != seq_len + 1])
-
-
-def _as_batch(rows: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if rows and len(rows[0]) > 1:
-        batch = torch.from_numpy(np.stack(rows))
-        yield batch[:, :-1], batch[:, 1:]
-
-
 @torch.no_grad()
 def evaluate_ids(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, seq_len: int | None = None,
                  batch_size: int = 8, autocast_dtype: torch.dtype | None = None, progress: bool = False) -> EvalResult:
@@ -100,7 +85,7 @@ def evaluate_ids(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, seq_
     n_batches = math.ceil(n_full / batch_size) + (1 if tail else 0)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    for x, y in tqdm(token_windows(ids, seq_len, batch_size), total=n_batches, desc="eval", unit="batch",
+    for x, y in tqdm(token_windows([ids], seq_len, batch_size, tail=True), total=n_batches, desc="eval", unit="batch",
                      disable=not progress):
         with autocast:
             out = model(x.to(device), y.to(device))

@@ -1,4 +1,4 @@
-"""GQA -> MLA + MoE conversion (nanoseek/interop/convert*.py) and distillation healing (heal.py).
+"""GQA -> MLA + MoE conversion (nanoseek/convert/*.py) and distillation healing (heal.py).
 
 References: the dense model's own logits (the conversion must reproduce them where the maths allows),
 brute force (the RoPE choice), the original rotary frequencies, and transformers' DeepseekV3 (the export).
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
-from nanoseek.interop.convert import ConversionReport, convert_to_mla_moe, target_config
-from nanoseek.interop.convert_mla import choose_rope_pairs, rope_config
-from nanoseek.interop.heal import compare, heal
+from nanoseek.convert.convert import ConversionReport, convert_to_mla_moe, target_config
+from nanoseek.convert.mla import choose_rope_pairs, rope_config
+from nanoseek.convert.heal import compare, heal
 from nanoseek.model import Transformer
 from nanoseek.model.layers import RotaryEmbedding
 
@@ -178,7 +178,7 @@ def test_compare_kl_is_teacher_to_student_against_f_kl_div():
 
 
 def test_kl_to_teacher_is_the_written_out_sum():
-    from nanoseek.npt.objective import kl_to_teacher
+    from nanoseek.train.objectives import kl_to_teacher
 
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
@@ -189,7 +189,7 @@ def test_kl_to_teacher_is_the_written_out_sum():
 
 
 def test_distill_objective_is_zero_for_an_exact_conversion():
-    from nanoseek.interop.heal import distill_objective
+    from nanoseek.convert.heal import distill_objective
 
     model = dense(n_kv_heads=1)
     converted, _ = convert_to_mla_moe(model, tokens(6, seed=1), kv_lora_rank=64, rope_dims=16, log=None)
@@ -219,10 +219,10 @@ def test_reduced_rank_kl_is_reported_and_heal_lowers_it(tmp_path):
                         train=TrainConfig(max_steps=40, batch_size=8, lr=3e-3, warmup_steps=4, weight_decay=0.0,
                                           eval_every=40, save_every=40, eval_batches=2, tensorboard=False),
                         guard=GuardConfig(), device="cpu")
-    from nanoseek.data.shards import prepare_data
+    from nanoseek.data import prepare_data
 
     prepared = prepare_data(run_cfg.data, tmp_path / "prepared", progress=False)
-    from nanoseek.interop.cli_convert import _split_ids, _windows
+    from nanoseek.cli.convert import _split_ids, _windows
 
     calib = _windows(_split_ids(prepared.out_dir, "train", 1024), 32)
     held_out = torch.from_numpy(_split_ids(prepared.out_dir, "val", 512))

@@ -19,10 +19,12 @@ from nanoseek.data import (
     load_tokenizer,
     prepare_data,
     read_shard,
+    token_windows,
     train_tokenizer,
-    write_shards,
+    validation_batches,
 )
 from nanoseek.data.shards import HEADER_BYTES, MAGIC, read_tokens
+from shard_helpers import next_windows, write_shards
 
 UNICODE_TEXT = "naïve café — 日本語 🙂🚀 x² ∑\n\ttabs  and   spaces\r\nend"
 
@@ -262,12 +264,13 @@ def test_loader_walks_shard_boundary_in_order(tmp_path):
     assert loader.n_windows == len(expected) == 10 and loader.batches_per_epoch == 5
     got = []
     for _ in range(loader.batches_per_epoch):
+        windows = next_windows(loader)
         x, targets = loader.next_batch()
         assert x.dtype == targets.dtype == torch.long and x.shape == targets.shape == (2, 8)
         got += [torch.cat([row_x, row_t[-1:]]).numpy() for row_x, row_t in zip(x, targets)]
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
-    assert loader.last_windows == [("s1_00000.bin", 16), ("s1_00000.bin", 24)]  # 24 + 9 <= 37: stays inside
+    assert windows == [("s1_00000.bin", 16), ("s1_00000.bin", 24)]  # 24 + 9 <= 37: stays inside
     loader.next_batch()
     assert loader.epoch == 1 and loader.position == 2  # wrapped to the next epoch
 
@@ -278,9 +281,10 @@ def test_mtp_targets_line_up_with_raw_stream(tmp_path):
     loader = TokenLoader(paths, batch_size=3, seq_len=seq_len, lookahead=lookahead, seed=3)
     raw = {p.name: a for p, a in zip(paths, arrays)}
     for _ in range(6):
+        windows = next_windows(loader)
         x, targets = loader.next_batch()
         assert targets.shape == (3, seq_len + lookahead - 1)
-        for row, (name, offset) in enumerate(loader.last_windows):
+        for row, (name, offset) in enumerate(windows):
             stream = raw[name]
             np.testing.assert_array_equal(x[row].numpy(), stream[offset:offset + seq_len])
             for k in range(lookahead):  # depth-k MTP target = token k+1 ahead of each input position
@@ -295,10 +299,11 @@ def test_rank_striding_is_disjoint_and_covers_single_rank_batch(tmp_path):
     ranks = [TokenLoader(paths, batch_size=2, seq_len=10, lookahead=2, rank=r, world_size=2, seed=7) for r in (0, 1)]
     for _ in range(single.batches_per_epoch + 3):  # into the second (reshuffled) epoch
         x, targets = single.next_batch()
+        windows = [next_windows(loader) for loader in ranks]
         parts = [loader.next_batch() for loader in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x)
         assert torch.equal(torch.cat([p[1] for p in parts]), targets)
-        assert not set(ranks[0].last_windows) & set(ranks[1].last_windows)
+        assert not set(windows[0]) & set(windows[1])
     assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
 
 
@@ -335,11 +340,35 @@ def test_epochs_reshuffle_deterministically_and_eval_starts_at_beginning(tmp_pat
     as_rows = lambda batches: sorted(tuple(row.tolist()) for b in batches for row in b)  # noqa: E731
     assert as_rows(epoch0) == as_rows(epoch1)  # same windows, new order
 
-    before = loader.state_dict()
-    eval_a, eval_b = list(loader.iter_eval(3)), list(loader.iter_eval(3))
-    assert loader.state_dict() == before and len(eval_a) == 3
+    shards = [read_shard(path) for path in paths]
+    eval_a, eval_b = list(token_windows(shards, 9, 2, max_batches=3)), list(token_windows(shards, 9, 2, max_batches=3))
+    assert len(eval_a) == 3
     assert all(torch.equal(a[0], b[0]) for a, b in zip(eval_a, eval_b))
     np.testing.assert_array_equal(eval_a[0][0][0].numpy(), arrays[0][:9])  # natural order from the start
+
+
+def test_validation_batches_are_the_unshuffled_loaders_batches_on_every_rank(tmp_path):
+    paths, _ = write_stream(tmp_path, [90, 75, 60])
+    for world in (1, 2):
+        for rank in range(world):
+            loader = TokenLoader(paths, batch_size=3, seq_len=8, lookahead=2, rank=rank, world_size=world,
+                                 shuffle=False)
+            got = validation_batches(paths, 3, 8, lookahead=2, rank=rank, world_size=world, max_batches=100)
+            assert len(got) == loader.batches_per_epoch  # only full global batches
+            for x, targets in got:
+                rx, rt = loader.next_batch()
+                assert torch.equal(x, rx) and torch.equal(targets, rt)
+    assert len(validation_batches(paths, 3, 8, lookahead=2, max_batches=2)) == 2
+
+
+def test_token_windows_score_every_token_once_with_a_tail(tmp_path):
+    ids = np.arange(23)
+    batches = list(token_windows([ids], seq_len=5, batch_size=3, tail=True))
+    assert [tuple(x.shape) for x, _ in batches] == [(3, 5), (1, 5), (1, 2)]  # 4 full windows, then 23 - 20 = 3
+    targets = torch.cat([y.flatten() for _, y in batches])
+    assert torch.equal(targets, torch.arange(1, 23))
+    for x, y in batches:
+        assert torch.equal(y, x + 1)
 
 
 def test_loader_rejects_short_shard_and_oversized_batch(tmp_path):

@@ -133,6 +133,19 @@ def test_parse_fault_round_trips(spec):
     assert fault.step == int(spec.rpartition("@")[2])
 
 
+def test_the_config_layer_parses_faults_without_importing_the_trainer():
+    """`--inject` is checked when the config is built, from the config layer: config.py imports the fault
+    spec, not train/faults.py (whose imports reach back to the model and the config)."""
+    code = ("import sys; from nanoseek.config import GuardConfig; GuardConfig(inject=('nan-loss@3',)); "
+            "print(sorted(m for m in sys.modules if m.startswith('nanoseek.train')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout.strip()  # nanoseek/__init__ loads checkpoint reading; never the trainer or the injector
+    assert "nanoseek.train.faults" not in loaded and "nanoseek.train.trainer" not in loaded, loaded
+    with pytest.raises(ValueError, match="unknown kind"):
+        GuardConfig(inject=("nan-los@3",))
+
+
 @pytest.mark.parametrize("spec, why", [
     ("nan-loss", "missing @STEP"), ("nan-loss@", "missing @STEP"), ("nan-loss@x", "whole number"),
     ("nan-loss@-1", "whole number"), ("nan-loss@1.5", "whole number"),

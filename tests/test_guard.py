@@ -17,7 +17,7 @@ import torch
 import nanoseek
 from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint
-from nanoseek.train.guard import StabilityGuard
+from nanoseek.train.guard import StabilityGuard, StepStats
 from nanoseek.train.optim import lr_factor
 from nanoseek.train.trainer import Trainer
 from tiny import write_corpus
@@ -37,7 +37,7 @@ def warmed(n: int = len(LOSSES), **overrides) -> StabilityGuard:
     """A guard that has accepted n healthy steps (0..n-1)."""
     guard = make_guard(**overrides)
     for step in range(n):
-        assert guard.check(step, LOSSES[step], NORMS[step]).ok
+        assert guard.check(StepStats(step, LOSSES[step], NORMS[step])).ok
     return guard
 
 
@@ -56,7 +56,7 @@ def test_healthy_steps_are_ok_and_fill_the_window():
 ])
 def test_nonfinite_values_and_bad_batches_are_skipped(loss, grad_norm, batch_ok, cause):
     guard = warmed()
-    verdict = guard.check(10, loss, grad_norm, batch_ok)
+    verdict = guard.check(StepStats(10, loss, grad_norm, batch_ok))
     assert (verdict.action, verdict.ok) == ("skip", False) and verdict.cause.startswith(cause)
     assert guard.n_skips == 1 and list(guard.recent_skips) == [10]
     assert list(guard.stats["loss"].values) == LOSSES  # nothing from a bad step enters the statistics
@@ -65,26 +65,26 @@ def test_nonfinite_values_and_bad_batches_are_skipped(loss, grad_norm, batch_ok,
 def test_fp16_gradient_overflow_is_the_scaler_working_not_a_fault():
     guard = make_guard("fp16")
     for step in range(5):  # overflows never count as skips, never escalate
-        verdict = guard.check(step, 2.0, math.inf)
+        verdict = guard.check(StepStats(step, 2.0, math.inf))
         assert verdict.action == "overflow" and "GradScaler" in verdict.cause
     assert guard.n_skips == 0 and not guard.recent_skips and not guard.stats["grad_norm"].values
-    assert guard.check(5, math.nan, math.inf).action == "skip"  # a NaN loss is a fault in any precision
-    assert make_guard("bf16").check(0, 2.0, math.inf).action == "skip"
-    assert make_guard("fp32").check(0, 2.0, math.inf).action == "skip"
+    assert guard.check(StepStats(5, math.nan, math.inf)).action == "skip"  # a NaN loss is a fault in any precision
+    assert make_guard("bf16").check(StepStats(0, 2.0, math.inf)).action == "skip"
+    assert make_guard("fp32").check(StepStats(0, 2.0, math.inf)).action == "skip"
 
 
 def test_disabled_guard_accepts_everything():
     guard = make_guard(enabled=False)
     for step, (loss, norm, ok) in enumerate([(math.nan, 1.0, True), (2.0, math.inf, True), (2.0, 1.0, False)] * 3):
-        assert guard.check(step, loss, norm, ok).ok
+        assert guard.check(StepStats(step, loss, norm, ok)).ok
     assert guard.n_skips == 0 and not guard.recent_skips
 
 
 def test_spike_detection_waits_for_warmup():
     guard = warmed(4)  # warmup=5: not armed yet, so even a huge loss passes (and enters the window)
-    assert guard.check(4, 50.0, 1.0).ok and guard.stats["loss"].values[-1] == 50.0
+    assert guard.check(StepStats(4, 50.0, 1.0)).ok and guard.stats["loss"].values[-1] == 50.0
     guard = warmed(5)
-    verdict = guard.check(5, 50.0, 1.0)
+    verdict = guard.check(StepStats(5, 50.0, 1.0))
     assert verdict.action == "skip" and verdict.cause.startswith("loss spike") and verdict.value == 50.0
 
 
@@ -95,7 +95,7 @@ def test_spike_detection_waits_for_warmup():
     (2.0, 3.0, "skip"),  # a grad-norm spike
 ])
 def test_spike_needs_both_sigma_and_ratio(loss, norm, action):
-    verdict = warmed().check(10, loss, norm)
+    verdict = warmed().check(StepStats(10, loss, norm))
     assert verdict.action == action
     if action == "skip":
         assert ("grad_norm spike" if norm > 2 else "loss spike") in verdict.cause
@@ -104,54 +104,54 @@ def test_spike_needs_both_sigma_and_ratio(loss, norm, action):
 def test_std_floor_keeps_a_flat_window_from_flagging_noise():
     guard = make_guard()
     for step in range(10):
-        assert guard.check(step, 2.0, 1.0).ok  # std 0: the floor is 2% of the mean
-    assert guard.check(10, 2.23, 1.0).ok  # 5.75 floored sigmas, and above the 1.1x ratio: noise
+        assert guard.check(StepStats(step, 2.0, 1.0)).ok  # std 0: the floor is 2% of the mean
+    assert guard.check(StepStats(10, 2.23, 1.0)).ok  # 5.75 floored sigmas, and above the 1.1x ratio: noise
     guard = make_guard()
     for step in range(10):
-        guard.check(step, 2.0, 1.0)
-    assert guard.check(10, 2.3, 1.0).action == "skip"  # 7.5 floored sigmas
+        guard.check(StepStats(step, 2.0, 1.0))
+    assert guard.check(StepStats(10, 2.3, 1.0)).action == "skip"  # 7.5 floored sigmas
 
 
 def test_spikes_are_kept_out_of_the_window():
     guard = warmed()
-    assert guard.check(10, 9.0, 1.0).action == "skip" and guard.consecutive_spikes == 1
+    assert guard.check(StepStats(10, 9.0, 1.0)).action == "skip" and guard.consecutive_spikes == 1
     assert list(guard.stats["loss"].values) == LOSSES
-    assert guard.check(11, 2.0, 1.0).ok and guard.consecutive_spikes == 0
+    assert guard.check(StepStats(11, 2.0, 1.0)).ok and guard.consecutive_spikes == 0
     assert list(guard.stats["loss"].values) == LOSSES + [2.0]
 
 
 def test_two_spikes_in_a_row_roll_back():
     guard = warmed()
-    assert guard.check(10, 9.0, 1.0).action == "skip"
-    verdict = guard.check(11, 9.5, 1.0)
+    assert guard.check(StepStats(10, 9.0, 1.0)).action == "skip"
+    verdict = guard.check(StepStats(11, 9.5, 1.0))
     assert verdict.action == "rollback" and "stays high (2 spikes in a row)" in verdict.cause
     guard.rolled_back()
     assert (guard.n_rollbacks, guard.lr_scale, guard.consecutive_spikes) == (1, 0.5, 0) and not guard.recent_skips
     # Spikes that are not consecutive are only skips (2 < max_skips=3).
     guard = warmed()
-    assert [guard.check(s, v, 1.0).action for s, v in [(10, 9.0), (11, 2.0), (12, 9.0)]] == ["skip", "ok", "skip"]
+    assert [guard.check(StepStats(s, v, 1.0)).action for s, v in [(10, 9.0), (11, 2.0), (12, 9.0)]] == ["skip", "ok", "skip"]
 
 
 def test_max_skips_within_the_window_roll_back():
     guard = warmed(max_skips=3, window=10)
-    assert guard.check(20, math.nan, 1.0).action == "skip"
-    assert guard.check(22, 2.0, math.inf).action == "skip"
-    verdict = guard.check(24, 2.0, 1.0, batch_ok=False)
+    assert guard.check(StepStats(20, math.nan, 1.0)).action == "skip"
+    assert guard.check(StepStats(22, 2.0, math.inf)).action == "skip"
+    verdict = guard.check(StepStats(24, 2.0, 1.0, batch_ok=False))
     assert verdict.action == "rollback" and verdict.cause.startswith("3 skips within 10 steps, last: bad batch")
     # The same three skips spread wider than the window stay skips.
     guard = warmed(max_skips=3, window=10)
-    assert [guard.check(step, math.nan, 1.0).action for step in (20, 30, 40)] == ["skip"] * 3
+    assert [guard.check(StepStats(step, math.nan, 1.0)).action for step in (20, 30, 40)] == ["skip"] * 3
     assert list(guard.recent_skips) == [40] and guard.n_skips == 3
 
 
 def test_grad_norm_spikes_are_skipped_but_never_roll_back_and_a_new_level_is_absorbed():
     guard = warmed(max_skips=3)
-    assert guard.check(10, math.nan, 1.0).action == "skip"  # one real fault in the window
-    actions = [guard.check(step, 2.0, 10.0).action for step in range(11, 20)]  # the gradient's scale jumps 10x
+    assert guard.check(StepStats(10, math.nan, 1.0)).action == "skip"  # one real fault in the window
+    actions = [guard.check(StepStats(step, 2.0, 10.0)).action for step in range(11, 20)]  # the gradient's scale jumps 10x
     assert "rollback" not in actions and actions[0] == "skip"
     assert actions[-1] == "ok"  # the spikes joined the window: the new level is normal within a few steps
     assert list(guard.recent_skips) == [10]  # only the NaN counts towards max_skips
-    assert guard.check(20, math.nan, 1.0).action == "skip"  # two faults in the window: still below three
+    assert guard.check(StepStats(20, math.nan, 1.0)).action == "skip"  # two faults in the window: still below three
 
 
 @pytest.mark.parametrize("max_rollbacks", [0, 1, 2])
@@ -159,8 +159,8 @@ def test_rollbacks_are_capped_then_abort(max_rollbacks):
     guard = warmed(max_skips=2, max_rollbacks=max_rollbacks, rollback_lr_factor=0.5)
     step = 10
     for round_ in range(max_rollbacks + 1):
-        assert guard.check(step, math.nan, 1.0).action == "skip"
-        verdict = guard.check(step + 1, math.nan, 1.0)
+        assert guard.check(StepStats(step, math.nan, 1.0)).action == "skip"
+        verdict = guard.check(StepStats(step + 1, math.nan, 1.0))
         step += 2
         if round_ < max_rollbacks:
             assert verdict.action == "rollback"
@@ -172,9 +172,9 @@ def test_rollbacks_are_capped_then_abort(max_rollbacks):
 def test_state_dict_round_trip():
     guard = warmed(max_skips=5, window=12)
     for step, (loss, norm) in enumerate([(math.nan, 1.0), (9.0, 1.0), (2.0, 1.0), (9.0, 1.0), (9.0, 1.0)], start=10):
-        guard.check(step, loss, norm)
+        guard.check(StepStats(step, loss, norm))
     guard.rolled_back()
-    guard.check(15, 9.0, 1.0)  # a spike after the rollback: consecutive_spikes = 1
+    guard.check(StepStats(15, 9.0, 1.0))  # a spike after the rollback: consecutive_spikes = 1
     state = guard.state_dict()
     assert state["n_skips"] == 5 and state["n_rollbacks"] == 1 and state["lr_scale"] == 0.5
     assert state["consecutive_spikes"] == 1 and state["recent_skips"] == [15] and len(state["loss"]) == 11
@@ -185,7 +185,7 @@ def test_state_dict_round_trip():
     assert restored.state_dict() == state and restored.stats["loss"].values.maxlen == 12
     fresh = StabilityGuard(GuardConfig(warmup=5, window=12, max_skips=5))
     probe = [(16, 9.0, 1.0), (17, 2.0, 1.0), (18, math.nan, 1.0), (19, 2.0, 5.0), (20, 2.1, 1.1)]
-    verdicts = [(guard.check(*p).action, restored.check(*p).action, fresh.check(*p).action) for p in probe]
+    verdicts = [(guard.check(StepStats(*p)).action, restored.check(StepStats(*p)).action, fresh.check(StepStats(*p)).action) for p in probe]
     assert [v[0] for v in verdicts] == [v[1] for v in verdicts] == ["rollback", "ok", "skip", "skip", "ok"]
     assert [v[2] for v in verdicts] != [v[0] for v in verdicts]  # the state is what decides
     assert restored.state_dict() == guard.state_dict()
@@ -446,7 +446,7 @@ def test_exhausted_rollbacks_abort_with_a_finite_checkpoint(corpus, tmp_path, ma
     assert_finite(ckpt.model_state)
     assert_finite(ckpt.trainer_state["optimizer"])
     # It holds the last verified-good snapshot, not whatever the weights were at the fault.
-    assert not differences(ckpt.model_state, run.trainer.snapshots["good"]["model"])
+    assert not differences(ckpt.model_state, run.trainer.rollback.good["model"])
     model, _ = nanoseek.load_checkpoint(run.run_dir)
     assert torch.isfinite(model(torch.zeros(1, 8, dtype=torch.long)).logits).all()
 
@@ -497,13 +497,13 @@ def test_rollback_right_after_resume_restores_the_checkpoint(corpus, tmp_path):
     restored = {}
 
     def capture_rollback(trainer: Trainer) -> None:
-        original = trainer._rollback
+        original = trainer.rollback.roll_back
 
-        def rollback():
-            to_step = original()
+        def rollback(progress):
+            to_step = original(progress)
             restored.update(model_and_optimizer_state(trainer), step=to_step)
             return to_step
-        trainer._rollback = rollback
+        trainer.rollback.roll_back = rollback
 
     faults = ["nan-loss@9", "nan-loss@10", "nan-loss@11"]
     cfg = tiny_config(corpus, 14, faults, guard={"max_skips": 3})

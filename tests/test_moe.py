@@ -239,6 +239,30 @@ def test_router_losses_off_by_default():
     assert losses == {}
 
 
+def test_router_losses_come_up_the_forward_summed_over_layers():
+    """The output's aux / z are the sum of every MoE layer's own gate losses (MTP block included), with or
+    without targets, and a second forward does not add the first one's."""
+    cfg = ModelConfig.from_preset("tiny", vocab_size=64, n_layers=3, n_dense_layers=1, mtp_depth=1,
+                                  aux_loss_coef=0.01, router_z_loss_coef=1e-3)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    per_gate: list[dict] = []
+    handles = [moe.gate.register_forward_hook(lambda m, args, out: per_gate.append(out[2]))
+               for _, moe in model.moe_layers()]
+    idx, targets = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 13))
+    out = model(idx, targets)
+    assert len(per_gate) == 3  # layers 1 and 2, and the MTP module's block
+    for name in ("aux", "z"):
+        torch.testing.assert_close(out.losses[name], sum(g[name] for g in per_gate), rtol=1e-6, atol=0)
+    per_gate.clear()
+    plain = model(idx)  # no targets: no MTP pass, the main layers' router losses only
+    for handle in handles:
+        handle.remove()
+    assert len(per_gate) == 2 and plain.loss is None
+    for name in ("aux", "z"):
+        torch.testing.assert_close(plain.losses[name], sum(g[name] for g in per_gate), rtol=1e-6, atol=0)
+
+
 # ---- auxiliary-loss-free balancing ---------------------------------------------------------------
 
 

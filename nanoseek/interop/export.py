@@ -29,6 +29,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.interop.names import ROPE_ROWS, STACKED_EXPERTS, interleaved_to_halves, resolve_dtype, to_hf_name
 from nanoseek.model.layers import _yarn_mscale
 from nanoseek.train.distributed import unwrap
+from nanoseek.train.loading import load_model
 
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
                  "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -74,7 +75,6 @@ def export_hf(model: nn.Module | str | Path, out_dir: str | Path, tokenizer=None
         The MoE correction bias stays float32, as transformers keeps it.
     """
     if isinstance(model, (str, Path)):
-        from nanoseek.train.loading import load_model
 
         model, _ = load_model(model)
     model = unwrap(model)  # torch.compile / DDP wrappers: their state-dict names carry prefixes

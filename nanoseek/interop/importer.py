@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.data.tokenizer import TOKENIZER_FILE, _load_tokenizer_json
 from nanoseek.interop.names import (ROPE_ROWS, STACKED_EXPERTS, from_hf_name, halves_to_interleaved, resolve_dtype,
                                    to_hf_name)
-from nanoseek.train.checkpoint import COMPLETE_FILE
 from nanoseek.model import Transformer
 from nanoseek.model.layers import _yarn_mscale
+from nanoseek.train.checkpoint import COMPLETE_FILE
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "deepseek_v3", "deepseek_v2")
 CONFIG_FILE = "config.json"
@@ -132,8 +133,6 @@ def import_hf(path: str | Path, dtype: torch.dtype | str = torch.float32) -> Tra
 
 def load_hf_tokenizer(path: str | Path):
     """The folder's tokenizer.json as a nanoseek HFTokenizer (kind "file"), or None when there is none."""
-    from nanoseek.data.tokenizer import TOKENIZER_FILE, _load_tokenizer_json
-
     folder = _folder(path)
     if not (folder / TOKENIZER_FILE).is_file():
         return None
@@ -399,22 +398,31 @@ def nanoseek_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf: 
         warnings.warn(f"{len(skipped_mtp)} tensors of layers >= num_hidden_layers={cfg.n_layers} (multi-token "
                       f"prediction, e.g. {skipped_mtp[0]}) are not imported", stacklevel=3)
     for name, slices in experts.items():
-        n = expected[name].shape[0]
-        for j in range(n):
-            if j not in slices:
-                raise ValueError(f"weight {to_hf_name(name, model_type, expert=j)} is missing (expert {j} of {n}); "
-                                 "the checkpoint is incomplete")
-        shapes = {tuple(t.shape) for t in slices.values()}
-        if len(shapes) > 1 or max(slices) >= n:
-            raise ValueError(f"weights {to_hf_name(name, model_type, expert=0)}.. hold experts of shapes "
-                             f"{sorted(shapes)} or more than {n} experts; they do not match {CONFIG_FILE}")
-        state[name] = torch.stack([slices[j] for j in range(n)])
+        state[name] = _stacked_experts(name, slices, expected[name].shape[0], model_type)
     if cfg.tie_embeddings and "embed.weight" in state:
         state["head.weight"] = state["embed.weight"]
     if model_type == "deepseek_v2":  # softmax routing has no correction bias: nanoseek's stays inert at 0
         for name, value in expected.items():
             if name.endswith("gate.balance_bias"):
                 state.setdefault(name, torch.zeros_like(value))
+    _check_complete(state, expected, model_type)
+    return state
+
+
+def _stacked_experts(name: str, slices: dict[int, torch.Tensor], n: int, model_type: str) -> torch.Tensor:
+    """Per-expert tensors {expert id: [...]} -> [n, ...] in expert order; ValueError for a gap or a mismatch."""
+    for j in range(n):
+        if j not in slices:
+            raise ValueError(f"weight {to_hf_name(name, model_type, expert=j)} is missing (expert {j} of {n}); "
+                             "the checkpoint is incomplete")
+    shapes = {tuple(t.shape) for t in slices.values()}
+    if len(shapes) > 1 or max(slices) >= n:
+        raise ValueError(f"weights {to_hf_name(name, model_type, expert=0)}.. hold experts of shapes "
+                         f"{sorted(shapes)} or more than {n} experts; they do not match {CONFIG_FILE}")
+    return torch.stack([slices[j] for j in range(n)])
+
+
+def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model_type: str) -> None:
     for name, value in expected.items():
         if name not in state:
             hf_name = to_hf_name(name, model_type, expert=0 if name.endswith(STACKED_EXPERTS) else None)
@@ -424,7 +432,6 @@ def nanoseek_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf: 
             hf_name = to_hf_name(name, model_type, expert=0 if name.endswith(STACKED_EXPERTS) else None)
             raise ValueError(f"weight {hf_name} has shape {tuple(state[name].shape)} but {CONFIG_FILE} implies "
                              f"{tuple(value.shape)} (nanoseek {name}); the config and the weights disagree")
-    return state
 
 
 # ---- small helpers -------------------------------------------------------------------------------------

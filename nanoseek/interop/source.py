@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek.config import RunConfig
 from nanoseek.interop.importer import import_hf, is_hf_folder, load_hf_tokenizer
 from nanoseek.model import Transformer
+from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
 
 
 @dataclass
@@ -36,7 +38,6 @@ def load_source_model(path: str | Path, flag: str) -> SourceModel:
                              "(tokenizer.save_pretrained(folder)) so text is tokenised as the model expects")
         return SourceModel(import_hf(path).eval(), "hf", str(path / "tokenizer.json"))
 
-    from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
 
     model, _ = load_model(path)
     run_dir = run_dir_of(path)
@@ -53,8 +54,6 @@ def load_source_model(path: str | Path, flag: str) -> SourceModel:
 
 
 def _preset_of(run_dir: Path) -> str:
-    from nanoseek.config import RunConfig
-
     try:
         return RunConfig.load_toml(run_dir / "config.toml").preset
     except ValueError:

@@ -79,10 +79,9 @@ def allowed_keys(q_len: int, k_len: int, start_pos: int, key_mask: torch.Tensor 
 
 
 # Longest sequence for which CPU training attends in fp32 when activations are bf16/fp16. PyTorch's CPU
-# flash-attention backward in reduced precision is slow at short sequences (one thread, AMX CPU): forward +
-# backward at [B, H, T, D] = [12, 4, 64, 32] take 7.8 ms in bf16 and 3.0 ms for bf16 inputs attended in fp32
-# (casts included); at T = 256 the two are close (19.2 vs 24.7 ms at [12, 4, 256, 32], 24.4 vs 22.2 ms at
-# [4, 8, 256, 64]); bf16 wins from T = 1024 (bench/RESULTS.md, "CPU kernel choices").
+# flash-attention backward in reduced precision is slow at short sequences: attending bf16 inputs in fp32
+# (casts included) is the faster choice at short sequences, the two are close at 256 tokens, and bf16 wins
+# from 1024 (bench/bench_cpu_kernels.py; figures in bench/RESULTS.md, "CPU kernel choices").
 CPU_FP32_ATTENTION_MAX_LEN = 256
 
 

@@ -37,8 +37,8 @@ class RMSNorm(nn.Module):
 
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a hand-written backward: in eager mode autograd records ~8 elementwise ops per norm and
-    replays each in backward, while the closed form needs 5 full-size passes (bench/RESULTS.md, "CPU kernel
-    choices": 0.45 ms vs 0.61 ms forward + backward at [12, 64, 128] on one CPU thread).
+    replays each in backward, while the closed form needs 5 full-size passes (measured faster forward +
+    backward on one CPU thread: bench/RESULTS.md, "CPU kernel choices").
 
     With xhat = x * r, r = 1 / sqrt(mean(x^2) + eps) and y = w * xhat (D features):
         dL/dx = r * (g w - xhat * mean(g w xhat)),   dL/dw = sum over tokens of g * xhat.
@@ -78,8 +78,8 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
-        # Opt-in clamp of the SwiGLU pre-activations (seed 000's "clip extreme activations"): never
-        # silent, the number of clamped values is kept in `clamped` for the metrics.
+        # Opt-in clamp of the SwiGLU pre-activations against extreme activations: never silent, the
+        # number of clamped values is kept in `clamped` (Transformer.health_stats logs it).
         self.clamp = clamp
         self.register_buffer("clamped", torch.zeros((), dtype=torch.long), persistent=False)
 

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.layers import MLP, clamp_counted
-
-# Set while activation checkpointing recomputes a block, so expert loads are counted once per step.
-_recomputing = False
-
-
-@contextlib.contextmanager
-def recomputing() -> Iterator[None]:
-    global _recomputing
-    previous, _recomputing = _recomputing, True
-    try:
-        yield
-    finally:
-        _recomputing = previous
-
 
 class Gate(nn.Module):
     """Top-k router (DeepSeek-V3, arXiv 2412.19437, section 2.1.2).
@@ -49,6 +32,7 @@ class Gate(nn.Module):
         # Tokens routed to each expert since the last bias update (summed over micro-batches).
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.count_loads = True  # off while activation checkpointing recomputes the block: count once per step
         self.track_stats = False
         self.register_buffer("logit_stats", torch.zeros(2), persistent=False)  # max |logit|, mean z
 
@@ -70,7 +54,7 @@ class Gate(nn.Module):
         if self.score_func == "sigmoid":
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
-        if self.training and not _recomputing:
+        if self.training and self.count_loads:
             with torch.no_grad():
                 self.load += expert_counts(indices.flatten(), self.n_experts).to(self.load.dtype)
         if self.track_stats:
@@ -244,13 +228,15 @@ class MoE(nn.Module):
         # n shared experts of width moe_inter_dim are exactly one SwiGLU of width n * moe_inter_dim.
         self.shared_experts = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.swiglu_clamp)
                                if cfg.n_shared_experts else None)
-        self.losses: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim]. Router losses of this call are left in `self.losses`."""
+    def forward(self, x: torch.Tensor, router_losses: list | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]. The router losses of this call ({'aux', 'z'} when on, scalars) are
+        appended to `router_losses`, which the Transformer's forward sums into its output's losses."""
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
-        weights, indices, self.losses = self.gate(flat, bsz)
+        weights, indices, losses = self.gate(flat, bsz)
+        if router_losses is not None:
+            router_losses.append(losses)
         out = self.experts(flat, weights, indices).view(bsz, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -31,13 +31,13 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, start_pos: int = 0,
-                cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+                cache=None, router_losses: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, next_embed: [B, L, dim] -> (h^k [B, L, dim] for the next depth, normed output for the head).
 
         start_pos/cache let speculative decoding run the module incrementally (its block's own KV cache).
         """
         h = self.eh_proj(torch.cat([self.enorm(next_embed), self.hnorm(hidden)], dim=-1))
-        h = self.block(h, start_pos, None, cache)
+        h = self.block(h, start_pos, None, cache, router_losses)
         return h, self.norm(h)
 
 

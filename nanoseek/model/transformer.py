@@ -15,8 +15,9 @@ from torch.utils.checkpoint import checkpoint
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import GQAttention, MLAttention, build_attention
 from nanoseek.model.layers import MLP, RMSNorm
-from nanoseek.model.moe import MoE, recomputing
+from nanoseek.model.moe import Experts, MoE
 from nanoseek.model.mtp import MTPModule, mtp_length
+from nanoseek.model.npt import NPTBlock
 
 IGNORE_INDEX = -100
 
@@ -42,9 +43,12 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim, cfg.swiglu_clamp)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim] (the residual stream)."""
+                cache=None, router_losses: list | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim] (the residual stream). An MoE appends its router losses to
+        `router_losses`."""
         x = x + self.attn(self.attn_norm(x), start_pos, key_mask, cache)
+        if isinstance(self.ffn, MoE):
+            return x + self.ffn(self.ffn_norm(x), router_losses)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -66,13 +70,13 @@ class Transformer(nn.Module):
         n_modules = cfg.mtp_depth if cfg.mtp_kind == "modules" else 0
         # MTP blocks reuse the last layer's kind (MoE or dense), as DeepSeek-V3 does.
         self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers - 1)) for _ in range(n_modules))
-        # A buffer, not a Python float: the trainer ramps it without triggering a recompile.
+        # A buffer, not a Python float: ramped every step (before_step) without triggering a recompile.
         self.register_buffer("mtp_weight", torch.tensor(float(cfg.mtp_weight)), persistent=False)
-        self.activation_checkpointing = False
-        # Tokens per chunk of the fused head + cross-entropy when targets are given (0: plain, full logits).
-        self.loss_chunk = 0
+        self.set_training_options()
         self.track_logit_max = False
         self.reset_parameters()
+        for i in cfg.npt_layers:  # an `nanoseek npt` student's converted blocks (model/npt.py)
+            self.layers[i] = NPTBlock(self.layers[i], cfg.npt_rank, cfg.npt_safe_mode)
         self.set_stat_tracking(False)
 
     # ---- initialisation ----------------------------------------------------------------------
@@ -97,12 +101,14 @@ class Transformer(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
 
-    def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache) -> torch.Tensor:
+    def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache,
+                   router_losses: list) -> torch.Tensor:
         if self.activation_checkpointing and self.training and cache is None:
-            # Non-reentrant checkpointing; `recomputing` stops MoE loads being counted twice.
-            return checkpoint(block, x, start_pos, key_mask, None, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), recomputing()))
-        return block(x, start_pos, key_mask, cache)
+            # Non-reentrant checkpointing; the recompute must not count the block's MoE loads a second time
+            # (the router losses it appends again come after the forward summed them: unread).
+            return checkpoint(block, x, start_pos, key_mask, None, router_losses, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), _loads_not_counted(block)))
+        return block(x, start_pos, key_mask, cache, router_losses)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, caches: list | None = None,
@@ -116,39 +122,31 @@ class Transformer(nn.Module):
         if caches is not None and self.training and self.activation_checkpointing:
             raise ValueError("KV caches cannot be used while training with activation checkpointing; call model.eval()")
         x = self.embed(idx)  # [B, T, dim]
+        router: list[dict[str, torch.Tensor]] = []  # each MoE layer's router losses, in call order
         for i, block in enumerate(self.layers):
-            x = self._run_block(block, x, start_pos, attention_mask, caches[i] if caches else None)
+            x = self._run_block(block, x, start_pos, attention_mask, caches[i] if caches else None, router)
         cfg = self.config
         if targets is not None and self.loss_chunk > 0:  # no [B, T, vocab] logits: see chunked_cross_entropy
             normed = self.norm(x)
             ce, lse_sq, logit_max = chunked_cross_entropy(
                 self.head, normed, targets[:, :idx.shape[1]], self.loss_chunk,
                 logsumexp_sq=cfg.logit_z_loss_coef > 0, logit_max=self.track_logit_max)
-            losses = {"ce": ce, **self._mtp_losses(x, normed, targets)}
+            losses = {"ce": ce, **self._mtp_losses(x, normed, targets, router)}
             if cfg.logit_z_loss_coef > 0:
                 losses["logit_z"] = cfg.logit_z_loss_coef * lse_sq
-            return self._total(ModelOutput(None, logit_max=logit_max), losses)
+            return self._total(ModelOutput(None, logit_max=logit_max), losses, router)
         logits = self.head(self.norm(x))
-        if targets is None:
-            return ModelOutput(logits, hidden=x)
+        if targets is None:  # no loss; the router losses are still there for an objective of its own
+            return ModelOutput(logits, hidden=x, losses=_sum_router_losses(router))
         losses = {"ce": _cross_entropy(logits, targets[:, :idx.shape[1]])}
-        losses.update(self._mtp_losses(x, logits, targets))
+        losses.update(self._mtp_losses(x, logits, targets, router))
         if cfg.logit_z_loss_coef > 0:  # PaLM (arXiv 2204.02311, section 5): keeps log Z near 0
             losses["logit_z"] = cfg.logit_z_loss_coef * _loss_dtype(logits).logsumexp(-1).pow(2).mean()
-        return self._total(ModelOutput(logits), losses)
+        return self._total(ModelOutput(logits), losses, router)
 
-    def router_losses(self) -> dict[str, torch.Tensor]:
-        """The MoE router losses of the last forward pass, summed over layers: 'aux' and 'z' when on."""
-        losses = {}
-        for name in ("aux", "z"):
-            parts = [m.losses[name] for m in self.modules() if isinstance(m, MoE) and name in m.losses]
-            if parts:
-                losses[name] = torch.stack(parts).sum()
-        return losses
-
-    def _total(self, out: ModelOutput, losses: dict[str, torch.Tensor]) -> ModelOutput:
-        """Adds the router losses of this forward pass, and the weighted sum of everything as `loss`."""
-        losses.update(self.router_losses())
+    def _total(self, out: ModelOutput, losses: dict[str, torch.Tensor], router: list) -> ModelOutput:
+        """Adds this forward pass's router losses, and the weighted sum of everything as `loss`."""
+        losses.update(_sum_router_losses(router))
         total = losses["ce"]
         mtp = [v for k, v in losses.items() if k.startswith("mtp_")]
         if mtp:  # DeepSeek-V3 eq. 25: lambda / D * sum_k L_k
@@ -159,14 +157,16 @@ class Transformer(nn.Module):
         out.loss, out.losses = total, losses
         return out
 
-    def _mtp_losses(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _mtp_losses(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                    router: list) -> dict[str, torch.Tensor]:
         """x: [B, T, dim] the last layer's output; logits: the main [B, T, vocab] logits, or with loss_chunk
-        the normed final hidden [B, T, dim] they come from (never materialised then)."""
+        the normed final hidden [B, T, dim] they come from (never materialised then). MTP blocks append
+        their router losses to `router`."""
         cfg, seq_len = self.config, x.shape[1]
         losses = {}
         if cfg.mtp_depth == 0:
             return losses
-        if cfg.mtp_kind == "shared":  # seed 004: the main logits also scored k+1 ahead
+        if cfg.mtp_kind == "shared":  # one head: the main logits also scored against the tokens k+1 ahead
             for k in range(1, cfg.mtp_depth + 1):
                 n = mtp_length(seq_len, targets.shape[1], k)
                 if n > 0:
@@ -180,7 +180,7 @@ class Transformer(nn.Module):
                 break
             # Token t_{i+k} is targets[:, i+k-1]; ignored (padding) ids are embedded as token 0.
             next_tokens = targets[:, k - 1:k - 1 + n].clamp(min=0)
-            hidden, normed = module(hidden[:, :n], self.embed(next_tokens))
+            hidden, normed = module(hidden[:, :n], self.embed(next_tokens), router_losses=router)
             losses[f"mtp_{k}"] = self._head_loss(normed, targets[:, k:k + n], is_hidden=True)
         return losses
 
@@ -236,7 +236,55 @@ class Transformer(nn.Module):
         n_attn_layers = cfg.n_layers + len(self.mtp)
         return 6.0 * n_active + 6.0 * n_attn_layers * cfg.n_heads * seq_len * (d_qk + d_v)
 
-    # ---- hooks for the trainer ---------------------------------------------------------------
+    # ---- the training interface: what a trainer calls on the model --------------------------------
+
+    def set_training_options(self, loss_chunk: int = 0, activation_checkpointing: bool = False,
+                             mtp_rampup_steps: int = 0) -> None:
+        """Set once before training. loss_chunk: tokens per chunk of the fused head + cross-entropy when
+        targets are given (0: plain, full logits); activation_checkpointing: recompute each block in
+        backward; mtp_rampup_steps: optimizer steps over which the MTP weight ramps up to its value."""
+        self.loss_chunk, self.activation_checkpointing = loss_chunk, activation_checkpointing
+        self.mtp_rampup_steps = mtp_rampup_steps
+
+    def before_step(self, opt_step: int, track_stats: bool) -> None:
+        """Before a step's first forward: the MTP weight of update `opt_step` on its ramp, and whether this
+        step records the statistics `health_stats` reads."""
+        self.mtp_weight.fill_(self.config.mtp_weight * min(1.0, (opt_step + 1) / max(self.mtp_rampup_steps, 1)))
+        self.set_stat_tracking(track_stats)
+
+    def after_optimizer_step(self, sum_=None, max_=None) -> None:
+        """After an applied update: the MoE balance-bias step and QK-clip. `sum_` / `max_`: in-place
+        reductions over data-parallel ranks (None in one process), so every replica moves alike."""
+        self.update_balance_bias(sum_)
+        self.apply_qk_clip(max_)
+
+    def after_skipped_step(self) -> None:
+        """After a dropped update: the expert loads it counted must not move the balance bias."""
+        self.reset_expert_loads()
+
+    @torch.no_grad()
+    def health_stats(self) -> dict[str, float]:
+        """Statistics of the last forward with stat tracking on, read to the host in one transfer: values
+        the opt-in SwiGLU clamp clamped so far (never silent), max attention logit per layer, expert load
+        imbalance (max/mean; left out before any token was counted), router max logit and z."""
+        stats: dict[str, torch.Tensor] = {}
+        if self.config.swiglu_clamp > 0:
+            stats["swiglu_clamped"] = sum(m.clamped for m in self.modules() if isinstance(m, (MLP, Experts)))
+        for name, attn in self.attention_layers():
+            if attn.track_max_logit:
+                stats[f"attn_logit_max/{name}"] = attn.max_logit.max()
+        for name, moe in self.moe_layers():
+            load = moe.gate.last_load
+            stats[f"expert_load_imbalance/{name}"] = torch.where(load.sum() > 0, load.max() / load.mean(),
+                                                                 torch.full_like(load.mean(), math.nan))
+            stats[f"router_logit_max/{name}"], stats[f"router_z/{name}"] = moe.gate.logit_stats.unbind()
+        if not stats:
+            return {}
+        device = next(iter(stats.values())).device
+        values = torch.stack([v.float().to(device) for v in stats.values()]).tolist()
+        return {k: v for k, v in zip(stats, values) if not (k.startswith("expert_load_imbalance/") and math.isnan(v))}
+
+    # ---- the parts behind it ---------------------------------------------------------------------
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
@@ -277,6 +325,28 @@ class Transformer(nn.Module):
             _reduce_together([attn.max_logit for attn in layers], reduce)
             for attn in layers:
                 attn.qk_clip_(self.config.qk_clip_threshold)
+
+
+def _sum_router_losses(router: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The MoE router losses of one forward pass, summed over layers: 'aux' and 'z' when on."""
+    losses = {}
+    for name in ("aux", "z"):
+        parts = [layer[name] for layer in router if name in layer]
+        if parts:
+            losses[name] = torch.stack(parts).sum()
+    return losses
+
+
+@contextlib.contextmanager
+def _loads_not_counted(block: nn.Module):
+    gates = [m.gate for m in block.modules() if isinstance(m, MoE)]
+    for gate in gates:
+        gate.count_loads = False
+    try:
+        yield
+    finally:
+        for gate in gates:
+            gate.count_loads = True
 
 
 @torch.no_grad()

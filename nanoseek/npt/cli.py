@@ -13,16 +13,21 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import tyro
 
-from nanoseek.config import require_non_negative, require_positive
-from nanoseek.npt.config import DEFAULT_RANK
-
-if TYPE_CHECKING:
-    from nanoseek.model import Transformer
-    from nanoseek.npt.convert import Teacher
+from nanoseek.config import DataConfig, GuardConfig, RunConfig, TrainConfig, require_non_negative, require_positive
+from nanoseek.data import is_prepared_dir, load_prepared
+from nanoseek.model import Transformer
+from nanoseek.npt.base import BaseModel, load_base
+from nanoseek.npt.config import DEFAULT_RANK, AdapterConfig, parse_layers
+from nanoseek.npt.convert import Teacher, convert_to_npt
+from nanoseek.npt.quantize import check_quantization, quantize_base
+from nanoseek.npt.storage import save_adapters
+from nanoseek.train.hardware import resolve_device
+from nanoseek.train.objectives import DistillationObjective
+from nanoseek.train.trainer import Trainer
 
 RUN_FILE = "npt.json"
 
@@ -90,14 +95,11 @@ class NptResult:
     status: str
     n_skips: int
     adapters_dir: Path
-    model: "Transformer"  # the trained student: the base with NPT blocks
-    teacher: "Teacher"
+    model: Transformer  # the trained student: the base with NPT blocks
+    teacher: Teacher
 
 
-def _data_config(args: Npt, base, seq_len: int):
-    from nanoseek.config import DataConfig
-    from nanoseek.data import is_prepared_dir
-
+def _data_config(args: Npt, base: BaseModel, seq_len: int) -> tuple[DataConfig, bool]:
     source = args.data or (str(base.prepared_data) if base.prepared_data else "builtin:pydocs")
     prepared = Path(source).expanduser().is_dir() and is_prepared_dir(Path(source).expanduser())
     if base.tokenizer == "char" and not prepared:
@@ -107,36 +109,19 @@ def _data_config(args: Npt, base, seq_len: int):
     return DataConfig(source=source, tokenizer=tokenizer, seq_len=seq_len), prepared
 
 
-def run_npt(args: Npt):
-    """Everything `nanoseek npt` does; returns an NptResult."""
-    from nanoseek.config import GuardConfig, RunConfig, TrainConfig
-    from nanoseek.data import load_prepared
-    from nanoseek.npt.base import load_base
-    from nanoseek.npt.config import AdapterConfig, parse_layers
-    from nanoseek.npt.convert import convert_to_npt
-    from nanoseek.npt.objective import DistillationObjective
-    from nanoseek.npt.quantize import check_quantization, quantize_base
-    from nanoseek.npt.storage import save_adapters
-    from nanoseek.train.trainer import Trainer, resolve_device
+def _layout(args: Npt, run_dir: Path, student: Transformer) -> tuple[AdapterConfig, float, float]:
+    """(adapter layout, reg_weight, kl_weight): from the flags, or on --resume from the run's npt.json (the
+    layout and loss the checkpoints were written with, whatever the flags say now)."""
+    if not args.resume:
+        layers = parse_layers(args.layers, student)
+        return AdapterConfig(layers=layers, rank=args.rank, safe_mode=args.safe_mode), args.reg_weight, args.kl_weight
+    if not (run_dir / RUN_FILE).is_file():
+        raise ValueError(f"--resume: {run_dir} has no {RUN_FILE}; it is not an `nanoseek npt` run")
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    return AdapterConfig.from_dict(record["adapters"]), record["reg_weight"], record["kl_weight"]
 
-    device = resolve_device(args.device)
-    check_quantization(args.quantize, device)  # before minutes of loading
-    run_dir = Path(args.out) if args.out else Path("runs") / f"npt-{time.strftime('%Y%m%d-%H%M%S')}"
-    base = load_base(args.base)
-    student = base.model
-    if args.resume:
-        if not (run_dir / RUN_FILE).is_file():
-            raise ValueError(f"--resume: {run_dir} has no {RUN_FILE}; it is not an `nanoseek npt` run")
-        record = json.loads((run_dir / RUN_FILE).read_text())
-        # The layout and loss the checkpoints were written with, whatever the flags say now.
-        adapter_cfg = AdapterConfig.from_dict(record["adapters"])
-        reg_weight, kl_weight = record["reg_weight"], record["kl_weight"]
-    else:
-        adapter_cfg = AdapterConfig(layers=parse_layers(args.layers, student), rank=args.rank, safe_mode=args.safe_mode)
-        reg_weight, kl_weight = args.reg_weight, args.kl_weight
-    teacher = convert_to_npt(student, adapter_cfg)
-    n_quantized = quantize_base(student, args.quantize, device)
 
+def _run_config(args: Npt, base: BaseModel, student: Transformer, run_dir: Path) -> tuple[RunConfig, bool]:
     seq_len = min(args.seq_len, student.config.max_seq_len)
     data, prepared = _data_config(args, base, seq_len)
     train = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -145,6 +130,21 @@ def run_npt(args: Npt):
                         tensorboard=False, log_every=10)
     cfg = RunConfig(model=student.config, data=data, train=train, guard=GuardConfig(inject=tuple(args.inject)),
                     preset=base.preset, out=str(run_dir), seed=args.seed, device=args.device)
+    return cfg, prepared
+
+
+def run_npt(args: Npt) -> NptResult:
+    """Everything `nanoseek npt` does; returns an NptResult."""
+    device = resolve_device(args.device)
+    check_quantization(args.quantize, device)  # before minutes of loading
+    run_dir = Path(args.out) if args.out else Path("runs") / f"npt-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = load_base(args.base)
+    student = base.model
+    adapter_cfg, reg_weight, kl_weight = _layout(args, run_dir, student)
+    teacher = convert_to_npt(student, adapter_cfg)
+    n_quantized = quantize_base(student, args.quantize, device)
+    cfg, prepared = _run_config(args, base, student, run_dir)
+    data = cfg.data
     objective = DistillationObjective(teacher, adapter_cfg.layers, reg_weight, kl_weight)
     trainer = Trainer(cfg, run_dir, resume=args.resume, show_progress=args.progress, model=student,
                       objective=objective)

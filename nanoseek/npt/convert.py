@@ -7,13 +7,15 @@ Block objects over those very modules. A model that does not fit twice in memory
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from nanoseek.model import Transformer
 from nanoseek.model.moe import Gate
 from nanoseek.npt.config import AdapterConfig
-from nanoseek.npt.layer import NPTAdapter, NPTBlock
+from nanoseek.model.npt import NPTAdapter, NPTBlock
 
 
 class Teacher:
@@ -70,6 +72,9 @@ def convert_to_npt(model: Transformer, cfg: AdapterConfig) -> Teacher:
     for i in cfg.layers:
         model.layers[i] = NPTBlock(model.layers[i], cfg.rank, cfg.safe_mode)
     model.npt_config = cfg
+    # Recorded in the model config, so that checkpoints say what to build: Transformer(config) makes these blocks.
+    model.config = dataclasses.replace(model.config, npt_layers=cfg.layers, npt_rank=cfg.rank,
+                                       npt_safe_mode=cfg.safe_mode)
     return teacher
 
 
@@ -82,29 +87,3 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' weights alone, under their names in the student's state dict (layers.I.adapter.*)."""
     return {f"layers.{i}.adapter.{name}": tensor for i, adapter in adapters(model).items()
             for name, tensor in adapter.state_dict().items()}
-
-
-def adapter_config_from_state(state: dict[str, torch.Tensor]) -> AdapterConfig | None:
-    """Read the adapter layout back from a state dict's names and shapes (None if it holds no adapter):
-    layers from `layers.I.adapter.down.weight` [rank, dim], safe mode from the absence of gate_scale."""
-    downs = {int(name.split(".")[1]): tensor for name, tensor in state.items()
-             if name.startswith("layers.") and name.endswith(".adapter.down.weight")}
-    if not downs:
-        return None
-    layers = tuple(sorted(downs))
-    ranks = {int(t.shape[0]) for t in downs.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"adapters of different ranks {sorted(ranks)}; every converted layer must share one rank")
-    scaled = {i for i in layers if f"layers.{i}.adapter.gate_scale.weight" in state}
-    if scaled and scaled != set(layers):
-        raise ValueError("some adapters have a multiplicative path and some do not; the state dict is mixed")
-    return AdapterConfig(layers=layers, rank=ranks.pop(), safe_mode=not scaled)
-
-
-def convert_for_state(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
-    """Give a freshly built base `model` the adapters a saved student state dict has (if any), so that
-    `model.load_state_dict(state)` fits: how an `nanoseek npt` run's checkpoints load for generation."""
-    cfg = adapter_config_from_state(state)
-    if cfg is not None:
-        convert_to_npt(model, cfg)
-    return model

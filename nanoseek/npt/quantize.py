@@ -1,7 +1,7 @@
 """Quantised frozen base weights (bitsandbytes 4-bit NF4 or 8-bit), CUDA only, fp32 compute.
 
-Seed 002 found that a quantised base must compute in fp32 (mixed precision on top of quantisation
-gave NaNs), so `Npt` refuses --quantize with --precision bf16/fp16, 4-bit layers are built with
+A quantised base must compute in fp32 (mixed precision on top of quantisation has produced NaNs in
+earlier adapter training), so `Npt` refuses --quantize with --precision bf16/fp16, 4-bit layers are built with
 compute_dtype=float32, and every quantised layer is fed and returns fp32 (8-bit layers run
 bitsandbytes' int8 matmul inside). Only the frozen MLP and GQA attention projections of model.layers
 are quantised (MLA attention reads its weights directly and stays as it is); embeddings, norms, the
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nanoseek.model.attention import MLAttention
-from nanoseek.npt.layer import NPTAdapter
+from nanoseek.model.npt import NPTAdapter
 
 MODES = ("none", "4bit", "8bit")
 

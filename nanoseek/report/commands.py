@@ -15,6 +15,7 @@ from nanoseek.report.html import render_html
 from nanoseek.report.records import read_run
 from nanoseek.report.runs import format_runs, list_runs
 from nanoseek.report.summary import summary_text
+from nanoseek.train.distributed import launched_by_torchrun
 
 __all__ = ["Report", "Runs", "cmd_report", "cmd_runs", "write_report", "finish_train", "REPORT_PNG", "REPORT_HTML"]
 
@@ -83,8 +84,6 @@ def cmd_runs(args: Runs) -> int:
 
 def finish_train(run_dir: str | Path, result) -> str:
     """After `nanoseek train`: write the report when matplotlib is there, and return the run summary."""
-    from nanoseek.train.distributed import launched_by_torchrun
-
     run_dir = Path(run_dir)
     rank, _, world_size = launched_by_torchrun()
     if rank != 0:  # under torchrun only rank 0 writes the log and the report

@@ -19,13 +19,13 @@ import math
 import re
 import statistics
 import sys
-import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from nanoseek.config import tomllib  # the standard library's, or tomli on Python 3.10
 from nanoseek.train.metrics import METRICS_FILE
 
 __all__ = ["RunLog", "read_run", "read_config", "loss_components", "layer_fields", "typical_record_interval"]
@@ -129,21 +129,12 @@ def read_run(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> 
         raise ValueError(f"run dir {str(run_dir)!r} {what}; pass a directory written by `nanoseek train` "
                          f"(it holds config.toml and {METRICS_FILE})")
     log = RunLog(run_dir=run_dir, config=read_config(run_dir / CONFIG_FILE), mtime=path.stat().st_mtime)
-    first_problem = None
+    problems: list[str] = []
     frontier = 0  # one past the last training step: where the next record of this segment would be
     segment_start = None
     times: list[float] = []
     with open(path, encoding="utf-8", errors="replace") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            record, problem = _parse(line)
-            if problem is None and not line.endswith("\n"):
-                problem = "unterminated last line (a crash or a write in progress)"
-            if problem is not None:
-                log.skipped_lines += 1
-                first_problem = first_problem or f"line {number}: {problem}"
-                continue
+        for record in _records(file, problems):
             kind, step = record["kind"], record["step"]
             if kind not in KINDS:
                 continue  # a kind a newer version writes: not an error, just nothing this report draws
@@ -175,10 +166,25 @@ def read_run(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> 
     if segment_start is not None and times:
         log.elapsed_s += times[-1] - segment_start
     log.record_times = times[-50:]
-    if log.skipped_lines:
-        (warn or _stderr)(f"nanoseek: warning: {path}: skipped {log.skipped_lines} malformed "
-                          f"line{'s' if log.skipped_lines > 1 else ''} (first at {first_problem})")
+    log.skipped_lines = len(problems)
+    if problems:
+        (warn or _stderr)(f"nanoseek: warning: {path}: skipped {len(problems)} malformed "
+                          f"line{'s' if len(problems) > 1 else ''} (first at {problems[0]})")
     return log
+
+
+def _records(lines: Iterable[str], problems: list[str]) -> Iterator[dict]:
+    """The well-formed records of metrics.jsonl lines; each malformed line adds 'line N: what' to problems."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record, problem = _parse(line)
+        if problem is None and not line.endswith("\n"):
+            problem = "unterminated last line (a crash or a write in progress)"
+        if problem is not None:
+            problems.append(f"line {number}: {problem}")
+        else:
+            yield record
 
 
 def typical_record_interval(log: RunLog) -> float | None:

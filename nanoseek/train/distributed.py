@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanoseek.model.moe import MoE
+
 MODES = ("none", "ddp", "fsdp")
 
 
@@ -179,8 +181,6 @@ class Distributed:
         if self.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            from nanoseek.model.moe import MoE
 
             self.mesh = init_device_mesh(self.device.type, (self.world_size,))
             param_dtype = torch.bfloat16 if precision == "bf16" else None

@@ -1,73 +1,31 @@
-"""Fault injection (`--inject KIND@STEP`), to prove a setup survives what it claims to survive.
+"""Fault injection (`--inject KIND@STEP`, parsed by nanoseek/fault_spec.py), to prove a setup survives what
+it claims to survive.
 
-Kinds: nan-loss, nan-grad, inf-grad, inf-act:MODULE_PATH (a `named_modules()` path such as
-`layers.1.attn`), lr-spike:FACTOR, bad-batch (token ids past the vocabulary). Each fires once,
-at the step (data batch index) it names. Under torchrun a fault fires on every rank unless the spec
-ends in `:rankR` (`nan-grad@5:rank1`): then only on rank R, which is how a test proves that one rank's
-NaN makes every rank skip.
+Installed only with --inject, as wrappers around the parts of a step each kind breaks, so the trainer's
+step holds no injection code: bad-batch wraps the train loader, inf-act and nan-loss the training
+objective, lr-spike the LR schedule, nan-grad and inf-grad the GradScaler's unscale (the first thing
+after backward and after DDP/FSDP's gradient sync, so a one-rank fault stays on that rank). Each wrapper
+reads the step from the trainer's `Progress`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
-import math
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from nanoseek.fault_spec import KINDS, Fault, parse_fault
 from nanoseek.train.distributed import local
 
-KINDS = ("nan-loss", "nan-grad", "inf-grad", "inf-act", "lr-spike", "bad-batch")
-
-
-@dataclass(frozen=True)
-class Fault:
-    kind: str
-    step: int
-    arg: str = ""  # module path for inf-act, factor for lr-spike
-    rank: int | None = None  # fire on this data-parallel rank only; None: on every rank
-
-    def __str__(self) -> str:
-        where = f":rank{self.rank}" if self.rank is not None else ""
-        return f"{self.kind}{':' + self.arg if self.arg else ''}@{self.step}{where}"
-
-
-def parse_fault(spec: str) -> Fault:
-    usage = "write KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5, lr-spike:100@40, nan-grad@5:rank1"
-    head, sep, tail = spec.rpartition("@")
-    step, _, where = tail.partition(":")
-    if not sep or not step:
-        raise ValueError(f"--inject {spec!r}: missing @STEP; {usage}")
-    if not step.isdigit():
-        raise ValueError(f"--inject {spec!r}: the step after @ must be a whole number, not {step!r}; {usage}")
-    rank = None
-    if where:
-        if not (where.startswith("rank") and where[4:].isdigit()):
-            raise ValueError(f"--inject {spec!r}: {where!r} after @STEP must be rankN (the rank to fire on); {usage}")
-        rank = int(where[4:])
-    kind, _, arg = head.partition(":")
-    if kind not in KINDS:
-        raise ValueError(f"--inject {spec!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if kind == "inf-act" and not arg:
-        raise ValueError(f"--inject {spec!r}: inf-act needs a module path, e.g. inf-act:layers.0.attn@5")
-    if arg and kind not in ("inf-act", "lr-spike"):
-        raise ValueError(f"--inject {spec!r}: {kind} takes no argument; write {kind}@{step}")
-    if kind == "lr-spike" and rank is not None:  # ranks with different LRs would silently drift apart
-        raise ValueError(f"--inject {spec!r}: lr-spike acts on every rank alike; drop ':rank{rank}'")
-    if kind == "lr-spike":
-        try:
-            if not 0 < float(arg) < math.inf:  # also rejects nan
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"--inject {spec!r}: lr-spike needs a positive factor, e.g. lr-spike:100@40") from None
-    return Fault(kind, int(step), arg, rank)
+__all__ = ["KINDS", "Fault", "parse_fault", "FaultInjector"]
 
 
 class FaultInjector:
-    """Applies parsed faults at their steps; the trainer calls one method per stage of a step.
+    """Applies parsed faults at their steps: one method per kind of damage, and `wrap_*` to install them.
 
     `rank` / `world_size`: this process' data-parallel rank; faults selected for another rank stay quiet.
     """
@@ -79,24 +37,22 @@ class FaultInjector:
                 raise ValueError(f"--inject {fault}: there is no rank {fault.rank} in a run of {world_size} "
                                  f"process(es); pick a rank below {world_size} or drop ':rank{fault.rank}'")
         self.rank, self.world_size = rank, world_size
-        modules = dict(model.named_modules())
+        self.modules = dict(model.named_modules())
         for fault in self.faults:
-            if fault.kind == "inf-act" and fault.arg not in modules:
-                names = [name for name in modules if name]
+            if fault.kind == "inf-act" and fault.arg not in self.modules:
+                names = [name for name in self.modules if name]
                 near = (difflib.get_close_matches(fault.arg, names, n=5, cutoff=0.6)
                         or [name for name in names if fault.arg.split(".")[-1] in name][:5])
                 raise ValueError(f"--inject {fault}: model has no module {fault.arg!r}"
                                  f"{'; similar: ' + ', '.join(near) if near else ''}")
-        self.modules = modules
-
-    def _here(self, fault: Fault, step: int) -> bool:
-        return fault.step == step and fault.rank in (None, self.rank)
 
     def _at(self, step: int, *kinds: str) -> list[Fault]:
-        return [f for f in self.faults if self._here(f, step) and f.kind in kinds]
+        return [f for f in self.faults if f.step == step and f.rank in (None, self.rank) and f.kind in kinds]
 
     def active(self, step: int) -> list[str]:
-        return [str(f) for f in self.faults if self._here(f, step)]
+        return [str(f) for f in self._at(step, *KINDS)]
+
+    # ---- the damage ----------------------------------------------------------------------------
 
     def batch(self, step: int, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
         if self._at(step, "bad-batch"):
@@ -134,6 +90,46 @@ class FaultInjector:
         finally:
             for handle in handles:
                 handle.remove()
+
+    # ---- installing it: wrappers around the step's parts ------------------------------------------
+
+    def wrap_loader(self, loader, progress, vocab_size: int):
+        """bad-batch: the loader's batches of the step get ids past the vocabulary."""
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = loader.next_batch()
+            return self.batch(progress.step, x, vocab_size), y
+        return _Wrapped(loader, next_batch=next_batch)
+
+    def wrap_objective(self, objective: Callable, progress) -> Callable:
+        """inf-act and nan-loss: in the objective's forward, and on its total loss."""
+        def objective_with_faults(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+            with self.activations(progress.step):
+                out = objective(model, x, y)
+            return dataclasses.replace(out, loss=self.loss(progress.step, out.loss))
+        return objective_with_faults
+
+    def wrap_schedule(self, schedule: Callable[[int], float], progress) -> Callable[[int], float]:
+        """lr-spike: the LR factor of the step times the spike."""
+        return lambda opt_step: schedule(opt_step) * self.lr_factor(progress.step)
+
+    def wrap_scaler(self, scaler: torch.amp.GradScaler, progress, model: nn.Module):
+        """nan-grad and inf-grad: one gradient element poisoned as unscale_ starts (after backward and the
+        gradient sync, before the GradScaler looks for infs)."""
+        def unscale_(optimizer: torch.optim.Optimizer) -> None:
+            self.grads(progress.step, model)
+            scaler.unscale_(optimizer)
+        return _Wrapped(scaler, unscale_=unscale_)
+
+
+class _Wrapped:
+    """`inner` with some methods replaced; everything else (state_dict, skip, ...) is inner's own."""
+
+    def __init__(self, inner, **methods: Callable):
+        self.inner = inner
+        vars(self).update(methods)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 def _poison_output(module: nn.Module, args, output):

@@ -1,7 +1,7 @@
 """Float8 training by module (torchao), with the fragile parts kept in high precision.
 
-Which linears go to fp8 is a stability decision (seed 000: fp8 in the MLA projections made early
-layers unstable): the MLA projections (wq/wq_a/wq_b, wkv_a, wkv_b), the router and the output head
+Which linears go to fp8 is a stability decision (fp8 in the MLA projections has made early layers
+unstable in earlier MLA training): the MLA projections (wq/wq_a/wq_b, wkv_a, wkv_b), the router and the output head
 stay in bf16/fp32, as do layers whose dims are not multiples of 16 (an fp8 GEMM requirement).
 Real fp8 matmuls need CUDA compute capability >= 8.9 (Ada, Hopper); elsewhere we refuse clearly.
 """

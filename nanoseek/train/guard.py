@@ -1,7 +1,7 @@
 """StabilityGuard: judge every step before it touches the weights.
 
-The trainer calls `check()` after backward and before clipping, the optimizer, the GradScaler
-update or the MoE bias update. The verdict is one of:
+The trainer calls `check(stats)` with the step's `StepStats` after backward and before clipping, the
+optimizer, the GradScaler update or the MoE bias update. The verdict is one of:
 
 - ok       -- apply the step.
 - skip     -- non-finite loss or gradient, an out-of-range batch, or a loss / grad-norm spike
@@ -21,16 +21,41 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from nanoseek.config import GuardConfig
 
 
 @dataclass
+class RankView:
+    """One rank's own side of a step (the global numbers hide which rank a fault began on)."""
+
+    batch_ok: bool = True
+    loss: torch.Tensor | None = None  # this rank's mean loss; None when no forward ran
+    grad_norm: torch.Tensor | None = None  # the norm of this rank's gradients (its shards under FSDP)
+
+
+@dataclass
+class StepStats:
+    """What one step is judged by: the same numbers on every rank (global means and grad norm)."""
+
+    step: int
+    loss: float
+    grad_norm: float  # unclipped; NaN when no forward ran
+    batch_ok: bool = True  # False: some rank holds token ids outside [0, vocab_size), nothing ran
+    values: dict[str, float] = field(default_factory=dict)  # for the metrics: loss components, grad_norm, lr, ...
+    device_grad_norm: torch.Tensor | None = None  # grad_norm still on the device, for clipping without a sync
+    rank: RankView = field(default_factory=RankView)
+
+
+@dataclass
 class Verdict:
     action: str  # ok | skip | rollback | abort | overflow
-    cause: str = ""
+    cause: str = ""  # why, in words for the log
     value: float = 0.0
+    module: str | None = None  # where a non-finite value began, once the NaN locator has named it
 
     @property
     def ok(self) -> bool:
@@ -73,11 +98,12 @@ class StabilityGuard:
         self.n_rollbacks = 0
         self.lr_scale = 1.0
 
-    def check(self, step: int, loss: float, grad_norm: float, batch_ok: bool = True) -> Verdict:
-        """Judge one step from its (unclipped) total grad norm and loss; update counters."""
+    def check(self, stats: StepStats) -> Verdict:
+        """Judge one step from its loss and (unclipped) total grad norm; update counters."""
+        step, loss, grad_norm = stats.step, stats.loss, stats.grad_norm
         if not self.cfg.enabled:
             return Verdict("ok")
-        if not batch_ok:
+        if not stats.batch_ok:
             return self._skip(step, "bad batch: token ids outside [0, vocab_size)", math.nan)
         if not math.isfinite(loss):
             return self._skip(step, "non-finite loss", loss)

@@ -1,4 +1,4 @@
-"""`--hardware auto`: pick the training precision for the device at hand.
+"""The device to run on (`resolve_device`) and `--hardware auto`: the training precision for it.
 
 The choice is a pure function of what can be read off the device (`choose_precision`), so it is tested
 on any machine with made-up devices; `detect` reads the real one and `apply_hardware` rewrites a RunConfig.
@@ -10,9 +10,8 @@ on any machine with made-up devices; `detect` reads the real one and `apply_hard
 - RTX 4090 (sm_89): bf16. Ada has fp8 too, but its gain at our model sizes is unmeasured.
 - Other CUDA GPUs: fp16 + GradScaler. fp16 tensor cores exist on every GPU since Volta; bf16 not before
   Ampere (on sm >= 80 the printed line says bf16 is an option).
-- CPU with AMX (Intel Sapphire Rapids and later): bf16. oneDNN's AMX bf16 matmuls run 3.2-4.7x faster than
-  fp32 on one core; the dense nanoGPT-recipe step is 0.75x fp32's, the `tiny` MLA + MoE step 0.96x
-  (bench/RESULTS.md, "Second pass").
+- CPU with AMX (Intel Sapphire Rapids and later): bf16. oneDNN's AMX bf16 matmuls are several times faster
+  than fp32 and a whole training step gets faster too (measured in bench/RESULTS.md, "Second pass").
 - Other CPUs: fp32 (bf16 matmuls there are emulated or half-rate).
 """
 
@@ -24,6 +23,15 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" | "cpu" | "cuda" -> the torch.device to run on (auto: cuda when a GPU is visible)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use --device cpu (or auto)")
+    return torch.device(name)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ModelConfig, RunConfig
+from nanoseek.data import load_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import best_checkpoint, read_checkpoint
 
@@ -38,12 +39,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
 
 
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], strict: bool = True) -> Transformer:
-    """A Transformer of `cfg` holding `state`; an `nanoseek npt` run's state (the base plus NPT adapters)
-    gets its NPT blocks first."""
-    from nanoseek.npt.convert import convert_for_state  # here, not at the top: nanoseek.npt imports this module
-
+    """A Transformer of `cfg` holding `state` (an `nanoseek npt` student's config records its NPT blocks)."""
     model = Transformer(cfg)
-    convert_for_state(model, state)
     model.load_state_dict(state, strict=strict)
     return model
 
@@ -59,8 +56,6 @@ def run_dir_of(path: str | Path) -> Path | None:
 
 def load_run_tokenizer(path: str | Path):
     """The tokenizer a run trained with (saved with its prepared data)."""
-    from nanoseek.data import load_tokenizer
-
     run_dir = run_dir_of(path)
     if run_dir is None:
         raise ValueError(f"no run directory (with data/ and config.toml) at or above {path}")

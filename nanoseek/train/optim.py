@@ -207,9 +207,8 @@ def _newton_schulz_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor
 
     Where the iteration runs in bf16 (CUDA, AMX CPUs), matrices of one shape go together, up to
     NS_BATCH_ELEMENTS: one batched call per shape instead of one per matrix, the same numbers with far fewer
-    small ops (28 matrices of a 4-layer, 128-wide model: 13.4 ms batched in bf16 on an AMX CPU vs 20.8 ms one
-    by one). In fp32 on CPU batching is slower (24.5 vs 21.1 ms), so each matrix goes alone there
-    (bench/RESULTS.md, "CPU kernel choices").
+    small ops. In fp32 on CPU batching measured slower, so each matrix goes alone there (both measured in
+    bench/RESULTS.md, "CPU kernel choices").
     """
     if not params:
         return []
@@ -345,3 +344,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         phase = ((step - warmup) % cfg.cycle_steps) / cfg.cycle_steps
         return floor + (1 - floor) * 0.5 * (1 + math.cos(2 * math.pi * phase))
     raise ValueError(f"schedule={cfg.schedule!r}: unknown; choose 'cosine', 'wsd', 'constant' or 'cyclic'")
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, tensor by tensor (integer buffers are copied)."""
+    for ema_t, t in zip(ema.state_dict().values(), model.state_dict().values()):
+        if ema_t.dtype.is_floating_point:
+            ema_t.lerp_(t, 1 - decay)
+        else:
+            ema_t.copy_(t)

@@ -1,13 +1,21 @@
-"""The training loop: one code path for CPU and GPU, fp32/bf16/fp16, with the stability guard.
+"""The training loop: one code path for CPU and GPU, fp32/bf16/fp16, one process or torchrun.
 
-A step (one data batch per micro-batch, `grad_accum` micro-batches):
-  forward under autocast -> backward (GradScaler in fp16) -> one fused host read of the loss
-  components and the total grad norm -> StabilityGuard verdict -> only if ok: clip, optimizer
-  step, scaler update, MoE balance-bias update, QK-clip, EMA -> metrics -> eval / checkpoint.
+One step is a pipeline of plain calls (DESIGN.md, "The path of one training step"), `train_step`:
 
-Two counters: `step` counts data batches consumed (always advances, so data moves on past a bad
-batch) and `opt_step` counts applied updates (drives the LR schedule and MTP ramp, so a skipped
-step leaves the schedule exactly where it was).
+    read_batches()         grad_accum micro-batches; token ids checked on the host before any forward
+    forward_backward()     forward under autocast -> loss components -> backward (GradScaler in fp16)
+                           -> one fused host read of the components and the grad norm: StepStats
+    guard.check(stats)     the Verdict, before anything is updated (train/guard.py)
+    recorder.record()      a fault: save the batch, replay it to name the module (train/locate.py)
+    apply(verdict)         ok: clip, optimizer, scaler, model.after_optimizer_step (MoE balance bias,
+                           QK-clip), EMA; otherwise the update is dropped whole
+
+and the loop (`_train`) then reacts to the verdict (roll back via train/rollback.py, or abort), logs,
+and at the step boundary (`_step_boundary`) evaluates, saves and honours a stop request.
+
+Two counters (`Progress`): `step` counts data batches consumed (always advances, so data moves on past a
+bad batch) and `opt_step` counts applied updates (drives the LR schedule and MTP ramp, so a skipped step
+leaves the schedule exactly where it was).
 
 Under torchrun the same loop runs on every rank (`distributed.py`: DDP or FSDP2): the host read above
 becomes one all-reduce of the loss components and grad norm, so every rank's guard judges the global
@@ -19,31 +27,36 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nanoseek.config import RunConfig
-from nanoseek.diagnose import locate_and_save, nonfinite_grads
-from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
+from nanoseek.data import TokenLoader, prepare_data
 from nanoseek.model import Transformer
-from nanoseek.model.transformer import ModelOutput
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
-from nanoseek.train.distributed import Distributed, launched_by_torchrun, local, unwrap
+from nanoseek.train.distributed import Distributed, launched_by_torchrun, local
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
-from nanoseek.train.guard import StabilityGuard, Verdict
+from nanoseek.train.guard import RankView, StabilityGuard, StepStats, Verdict
+from nanoseek.train.hardware import resolve_device
 from nanoseek.train.loading import model_from_state
-from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
-from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
-from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
+from nanoseek.train.objectives import Objective, next_token_objective
+from nanoseek.train.locate import BadStepRecorder
+from nanoseek.train.evaluation import validation_losses
+from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor, update_ema
+from nanoseek.train.state import Progress, restore_run, resume_note, run_state
+from nanoseek.train.rng import seed_everything
+from nanoseek.train.rollback import RollbackKeeper
+from nanoseek.train.stop import GracefulStop
+from nanoseek.train.steplog import StepLog
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # x [B, T], y [B, T + lookahead - 1] (token ids, on the host)
 
 
 @dataclass
@@ -60,22 +73,6 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return {"aborted": 3, "interrupted": 130}.get(self.status, 0)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA GPU is visible; use --device cpu (or auto)")
-    return torch.device(name)
-
-
-Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], ModelOutput]
-
-
-def next_token_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
-    """The default objective: the model's own next-token (+ MTP, aux, z) loss."""
-    return model(x, y)
 
 
 class Trainer:
@@ -96,31 +93,34 @@ class Trainer:
             if resume and created:
                 raise ValueError(f"--resume: {run_dir} does not exist; point --out at the run to continue, "
                                  "or start a new run without --resume")
-            self._build(cfg, run_dir, resume, show_progress, model, objective)
+            self._build(cfg, Path(run_dir), resume, model, objective)
+            self._open_log(show_progress, self._resume() if resume else "")
         except BaseException:  # a bad --data or --out must leave neither the process group nor a half run
             self.dist.close(wait=False)
             if created and self.dist.is_main and latest_checkpoint(run_dir) is None:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
-    def _build(self, cfg: RunConfig, run_dir: str | Path, resume: bool, show_progress: bool,
-               model: Transformer | None, objective: Objective) -> None:
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.objective = objective
-        tc = cfg.train
+    # ---- setup -------------------------------------------------------------------------------
+
+    def _build(self, cfg: RunConfig, run_dir: Path, resume: bool, model: Transformer | None,
+               objective: Objective) -> None:
+        self.cfg, self.run_dir, tc = cfg, run_dir, cfg.train
         self.device = self.dist.device
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals make CPU matmuls crawl late in training
         if tc.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("precision='bf16' needs an Ampere or newer GPU; use --train.precision fp16")
-        if not resume and latest_checkpoint(self.run_dir) is not None:
-            raise ValueError(f"{self.run_dir} already holds a run with checkpoints; continue it with --resume, "
+        if not resume and latest_checkpoint(run_dir) is not None:
+            raise ValueError(f"{run_dir} already holds a run with checkpoints; continue it with --resume, "
                              "or choose a new --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-
         with self.dist.main_first():  # rank 0 tokenizes into run_dir/data; the others then read it
-            self.data = self._prepare_data()
+            data_cfg = cfg.data
+            if (run_dir / "data" / "meta.json").exists():  # a resumed run reuses its own prepared shards
+                data_cfg = dataclasses.replace(data_cfg, source=str(run_dir / "data"))
+            self.data = prepare_data(data_cfg, run_dir / "data")
         if model is not None and model.config.vocab_size < self.data.vocab_size:
             raise ValueError(f"the data's vocabulary ({self.data.vocab_size}) is larger than the model's "
                              f"({model.config.vocab_size}); tokenize with the model's own tokenizer "
@@ -132,11 +132,24 @@ class Trainer:
                                         lookahead=self.lookahead, rank=self.dist.rank,
                                         world_size=self.dist.world_size, seed=cfg.seed,
                                         vocab_size=self.data.vocab_size)
-
         self.built_model = model is None
-        self.model = (model if model is not None else Transformer(cfg.model)).to(self.device)
-        self.model.activation_checkpointing = tc.activation_checkpointing
-        self.model.loss_chunk = tc.loss_chunk
+        self._build_model(model if model is not None else Transformer(cfg.model))
+        self.progress = Progress()
+        self.objective = self.train_objective = objective
+        self.schedule = functools.partial(lr_factor, cfg=tc)
+        if cfg.guard.inject:  # --inject: each fault wraps the part of the step it breaks (train/faults.py)
+            faults = FaultInjector(cfg.guard.inject, self.model, self.dist.rank, self.dist.world_size)
+            self.train_loader = faults.wrap_loader(self.train_loader, self.progress, self.data.vocab_size)
+            self.train_objective = faults.wrap_objective(objective, self.progress)
+            self.schedule = faults.wrap_schedule(self.schedule, self.progress)
+            self.scaler = faults.wrap_scaler(self.scaler, self.progress, self.model)
+        self.guard = StabilityGuard(cfg.guard, tc.precision)
+        self.rollback = RollbackKeeper(cfg.guard, self.dist, self.model, self.optimizer, self.scaler, self.ema)
+
+    def _build_model(self, model: Transformer) -> None:
+        tc = self.cfg.train
+        self.model = model.to(self.device)
+        self.model.set_training_options(tc.loss_chunk, tc.activation_checkpointing, tc.mtp_rampup_steps)
         if tc.fp8:
             enable_fp8(self.model, self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if tc.ema_decay > 0 else None
@@ -146,38 +159,21 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-        self.guard = StabilityGuard(cfg.guard, tc.precision)
-        self.faults = FaultInjector(cfg.guard.inject, self.model, self.dist.rank, self.dist.world_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.last_bad_grads: list[str] = []
 
-        self.step = self.opt_step = 0
-        self.saved_step = -1
-        self.best_val, self.evals_since_best = math.inf, 0
-        self.last_val: float | None = None
-        self.snapshots: dict[str, dict | None] = {"good": None, "pending": None}
-        resume_note = self._resume() if resume else ""
-        if not resume and self.dist.is_main:
-            cfg.save_toml(self.run_dir / "config.toml")
-        self.logger = MetricsLogger(self.run_dir, tensorboard=tc.tensorboard, wandb=tc.wandb,
-                                    wandb_project=tc.wandb_project, config=cfg.to_dict(), total_steps=tc.max_steps,
-                                    start_step=self.step, show_progress=show_progress, enabled=self.dist.is_main)
+    def _open_log(self, show_progress: bool, resume_note: str) -> None:
+        if not resume_note and self.dist.is_main:
+            self.cfg.save_toml(self.run_dir / "config.toml")
+        self.log = StepLog(self.cfg, self.run_dir, self.model, self.device, self.dist.world_size,
+                           self.dist.is_main, self.step, show_progress)
+        self.logger = self.log.logger
         for note in (self.dist.note, resume_note):
             if note:
                 self.logger.write(note)
-        self.throughput = Throughput()
-        peak = device_peak_flops(self.device, tc.precision)
-        self.peak_flops = peak * self.dist.world_size if peak is not None else None  # tokens/s are global
-        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
-
-    # ---- setup -------------------------------------------------------------------------------
-
-    def _prepare_data(self) -> PreparedData:
-        data_dir = self.run_dir / "data"
-        data_cfg = self.cfg.data
-        if (data_dir / "meta.json").exists():  # a resumed run reuses its own prepared shards
-            data_cfg = dataclasses.replace(data_cfg, source=str(data_dir))
-        return prepare_data(data_cfg, data_dir)
+        self.saved_step = self.step if resume_note else -1
+        self.recorder = BadStepRecorder(self.run_dir, self.dist, self.model, self.cfg.guard.inject, self._autocast,
+                                        self._whole_copy if self.built_model else None,
+                                        self.logger.write) if self.cfg.guard.save_bad_batches else None
 
     def _resume(self) -> str:
         """Load the latest checkpoint (full state: any mode and world size). Returns a note for the console."""
@@ -186,51 +182,215 @@ class Trainer:
             raise ValueError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; "
                              "start without --resume (or point --out at the run to continue)")
         ckpt = read_checkpoint(path)
-        _check_fits(ckpt, unwrap(self.model), self.cfg)
-        self.dist.load_model_state(self.model, ckpt.model_state)
-        state = ckpt.trainer_state
-        self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        for group, fresh in zip(self.optimizer.param_groups, build_optimizer(self.model, self.cfg.train).param_groups):
-            group["base_lr"] = fresh["base_lr"]  # an LR given on the command line at resume wins
-        self.scaler.load_state_dict(state["scaler"])
-        self.train_loader.load_state_dict(state["loader"])
-        self.guard.load_state_dict(state["guard"])
-        if self.ema is not None and ckpt.ema_state is not None:
-            self.ema.load_state_dict(ckpt.ema_state)
-        self.step, self.opt_step = state["step"], state["opt_step"]
-        self.saved_step = self.step
-        self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
-        self.last_val = state.get("last_val")
-        set_rng_state(state["rng"])  # rank 0's; the ranks draw in lock-step, so it is every rank's
-        notes = [f"resuming from {path} (step {self.step} of {self.cfg.train.max_steps})"]
-        if self.step >= self.cfg.train.max_steps:
-            notes.append(f"the run is already at step {self.step} >= max_steps {self.cfg.train.max_steps}: "
-                         "nothing to train; pass a larger --max-steps to train it further")
-        saved_world, saved_batch = state.get("world_size", 1), state.get("global_batch")
-        if saved_world != self.dist.world_size or saved_batch not in (None, self.global_batch):
-            was = f"{saved_batch} sequences" if saved_batch is not None else "unknown"
-            notes.append(f"resuming a run saved by {saved_world} process(es) on {self.dist.world_size}: the data "
-                         f"cursor re-strides over the ranks; global batch {self.global_batch} sequences per step "
-                         f"(was {was})")
-        return "\n".join(notes)
+        restore_run(ckpt, self.cfg, self.dist, self.model, self.optimizer, self.scaler, self.train_loader, self.guard,
+                    self.ema, self.progress)
+        return resume_note(path, ckpt.trainer_state, self.cfg.train.max_steps, self.dist.world_size,
+                           self.global_batch)
 
     @property
     def global_batch(self) -> int:
         """Sequences per optimizer step over all ranks."""
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.dist.world_size
 
-    # ---- state ---------------------------------------------------------------------------------
+    # The counters live in `progress` (which the fault wrappers read); these name them as the loop does.
+    step = property(lambda self: self.progress.step, lambda self, value: setattr(self.progress, "step", value))
+    opt_step = property(lambda self: self.progress.opt_step)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        try:
+            with GracefulStop(enabled=self.dist.world_size == 1) as stop:
+                self.stop = stop
+                return self._train()
+        except BaseException:  # Ctrl-C or an error mid-run: leave the process group (a no-op in one process)
+            self.dist.close(wait=False)
+            raise
+
+    def _train(self) -> TrainResult:
+        tc, guard = self.cfg.train, self.guard
+        self.model.train()
+        status, last_values = None, {"loss": math.nan}
+        self.rollback.after_good_step(self.step, self.opt_step)
+        while status is None and self.step < tc.max_steps:
+            verdict, values, _ = self.train_step()
+            self.log.throughput.add(self.log.tokens_per_step)
+            if verdict.ok:
+                last_values = values
+                self.rollback.after_good_step(self.step, self.opt_step)
+            elif verdict.action == "abort":
+                self.log.event(self.step - 1, verdict)
+                self.rollback.restore_weights(self.progress)  # the final checkpoint holds the last good ones
+                status = "aborted"
+                break
+            elif verdict.action == "rollback":
+                to_step = self.rollback.roll_back(self.progress)
+                guard.rolled_back()
+                self.log.event(self.step - 1, verdict, detail=f"restored step {to_step}, lr x{guard.lr_scale:g}",
+                               restored_step=to_step, lr_scale=guard.lr_scale)
+            else:
+                self.log.event(self.step - 1, verdict)
+            self._log_step(values, verdict)
+            status = self._step_boundary(verdict)
+        status = status or "finished"
+        if self.saved_step != self.step:
+            self.save(self.progress.last_val)
+        result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("ce", math.nan),
+                             self.progress.last_val, status, guard.n_skips, guard.n_rollbacks)
+        self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
+                         "val_loss": result.val_loss, "skips": guard.n_skips, "rollbacks": guard.n_rollbacks})
+        self.logger.close()
+        self._leave_process_group()
+        return result
+
+    def _step_boundary(self, verdict: Verdict) -> str | None:
+        """Between two steps, where the run's state is whole: move the data past a rolled-back window,
+        evaluate, save. Returns a status that ends the run, or None to go on."""
+        tc, skip = self.cfg.train, self.cfg.guard.rollback_skip_batches
+        if verdict.action == "rollback" and skip:
+            # Only now, so the event and the record above name the step that faulted. A "batch" here
+            # is a step's data: grad_accum loader batches, so steps and data stay in line.
+            self.train_loader.skip(skip * tc.grad_accum)
+            self.step += skip
+        if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+            if self._eval_and_maybe_stop():
+                return "early-stopped"
+        elif self.step % tc.save_every == 0:
+            self.save(None)
+        return "interrupted" if self.stop.requested else None
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[Verdict, dict[str, float], list[Batch]]:
+        """Read -> forward/backward -> judge -> (on a fault: record) -> apply or drop. Returns the verdict,
+        the step's values for the metrics and its batches."""
+        batches, rank_ok = self.read_batches()
+        stats = self.forward_backward(batches, rank_ok)
+        verdict = self.guard.check(stats)
+        if not verdict.ok and self.recorder is not None:
+            verdict = self.recorder.record(verdict, stats, batches)
+        self.apply(verdict, stats)
+        self.step += 1
+        return verdict, stats.values, batches
+
+    def read_batches(self) -> tuple[list[Batch], bool]:
+        """The step's grad_accum micro-batches, and whether their token ids all lie in [0, vocab_size): an
+        out-of-range id would crash the embedding (a device assert on GPU), so it is checked on the host."""
+        batches = []
+        for micro in range(self.cfg.train.grad_accum):
+            x, y = self.train_loader.next_batch()
+            batches.append((x, y))
+            if int(x.max()) >= self.data.vocab_size or int(x.min()) < 0:
+                # The step is dropped whole: pass over its other micro-batches too, so the data moves on
+                # exactly as after any other skipped step.
+                self.train_loader.skip(self.cfg.train.grad_accum - 1 - micro)
+                return batches, False
+        return batches, True
+
+    def forward_backward(self, batches: list[Batch], rank_ok: bool) -> StepStats:
+        """Forward and backward over the micro-batches, then the step's global loss components and grad
+        norm in one host read. Every rank must know whether any rank holds a bad batch before the first
+        forward (DDP/FSDP collectives would wait forever on a rank that dropped out), so none runs then."""
+        tc, step = self.cfg.train, self.step
+        sample_stats = step % self.cfg.guard.stats_every == 0
+        self.model.before_step(self.opt_step, track_stats=sample_stats)
+        apply_lr_factor(self.optimizer, self.schedule(self.opt_step) * self.guard.lr_scale)
+        lr = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if not self.dist.all_ok(rank_ok):
+            return StepStats(step, math.nan, math.nan, False, {"loss": math.nan, "grad_norm": math.nan, **lr},
+                             rank=RankView(rank_ok))
+        sums, logit_max = {}, None
+        for micro, (x, y) in enumerate(batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.dist.grad_sync(self.forward_model, micro == tc.grad_accum - 1):
+                with self._autocast():
+                    out = self.train_objective(self.forward_model, x, y)
+                loss = out.loss / tc.grad_accum
+                self.scaler.scale(loss).backward()
+            for name, value in out.losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / tc.grad_accum
+            sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+            if sample_stats:
+                logit_max = out.logits.detach().abs().max().float() if out.logits is not None else out.logit_max
+        self.scaler.unscale_(self.optimizer)
+        self.dist.sync_scaler(self.scaler, self.optimizer)
+        local_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._local_grads())).float())
+        names = list(sums)
+        # Global means and norm (a no-op in one process), so every rank judges the same numbers.
+        reduced, grad_norm = self.dist.reduce_step([sums[n] for n in names], local_norm)
+        # The one host sync of the step: loss components and grad norm together.
+        values = dict(zip(names + ["grad_norm"], torch.stack(reduced + [grad_norm]).tolist()))
+        if logit_max is not None:
+            values["logit_max"] = float(logit_max)
+        return StepStats(step, values["loss"], values["grad_norm"], True, {**values, **lr}, grad_norm,
+                         RankView(True, sums["loss"], local_norm))
+
+    def _local_grads(self) -> list[torch.Tensor]:
+        """This rank's part of every gradient: the whole gradient in one process or under DDP, the local
+        shard under FSDP (views, so clipping them in place clips the gradients)."""
+        return [local(p.grad) for p in self.params if p.grad is not None]
+
+    def apply(self, verdict: Verdict, stats: StepStats) -> None:
+        """Only an ok verdict changes anything: clip, noise, optimizer, scaler, the model's post-update
+        work, EMA. Otherwise the update is dropped: weights, moments, scaler (but for an fp16 overflow,
+        which lowers the scale), balance bias and opt_step stay exactly as they were."""
+        tc = self.cfg.train
+        if verdict.ok:
+            grads = self._local_grads()
+            if tc.grad_clip > 0:  # clip_grads_with_norm_'s arithmetic, on the local parts
+                coef = torch.clamp(tc.grad_clip / (stats.device_grad_norm + 1e-6), max=1.0)
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
+            if tc.grad_noise > 0:  # Neelakantan et al. 2015, sigma^2 = eta / (1 + t)^0.55
+                sigma = math.sqrt(tc.grad_noise / (1 + self.opt_step) ** 0.55)
+                for g in grads:  # ranks draw in lock-step, so DDP replicas add the same noise
+                    g.add_(torch.randn_like(g), alpha=sigma)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            several = self.dist.world_size > 1  # one process: no collective, and no gather of loads for one
+            self.model.after_optimizer_step(self.dist.sum_ if several else None, self.dist.max_ if several else None)
+            if self.ema is not None:
+                update_ema(self.ema, self.model, tc.ema_decay)
+            self.progress.opt_step += 1
+        else:
+            if verdict.action == "overflow":
+                self.scaler.update()  # lowers the scale; the step itself is dropped
+            self.model.after_skipped_step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ---- metrics, eval, checkpoints ---------------------------------------------------------------
+
+    def _log_step(self, values: dict[str, float], verdict: Verdict) -> None:
+        self.log.step(self.step - 1, self.opt_step, self.guard.n_skips, values, verdict)
+
+    def evaluate(self, model: Transformer | None = None) -> dict[str, float]:
+        """Mean loss components over the first eval_batches validation batches (always the same ones)."""
+        return validation_losses(model or self.model, self.objective, self.cfg, self.data, self.lookahead,
+                                 self.dist, self._autocast)
+
+    def _eval_and_maybe_stop(self) -> bool:
+        tc = self.cfg.train
+        losses = self.evaluate()
+        val = losses.get("ce", losses["loss"])
+        record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
+        if self.ema is not None:
+            ema_losses = self.evaluate(self.ema)
+            record["val_loss_ema"] = ema_losses.get("ce", ema_losses["loss"])
+        self.logger.log(record)
+        self.logger.write(f"step {self.step}: val loss {val:.4f}" +
+                          (f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""))
+        self.progress.validated(val)
+        self.save(val)
+        return bool(tc.early_stop_patience) and self.progress.evals_since_best >= tc.early_stop_patience
 
     def trainer_state(self) -> dict:
         """Everything but the weights that exact resume needs (under FSDP a collective: call on every rank)."""
-        return {
-            "step": self.step, "opt_step": self.opt_step,
-            "optimizer": self.dist.full_optimizer_state(self.model, self.optimizer),
-            "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(),
-            "guard": self.guard.state_dict(), "best_val": self.best_val,
-            "evals_since_best": self.evals_since_best, "last_val": self.last_val, "rng": rng_state(),
-            "world_size": self.dist.world_size, "global_batch": self.global_batch,
-        }
+        return run_state(self.dist, self.model, self.optimizer, self.scaler, self.train_loader, self.guard,
+                         self.progress, self.global_batch)
 
     def save(self, val_loss: float | None = None) -> Path:
         """Write a checkpoint (every rank calls this; rank 0 writes full, unsharded state)."""
@@ -244,280 +404,6 @@ class Trainer:
                                    keep_last=tc.keep_last, keep_best=tc.keep_best)
         self.dist.barrier()  # every rank returns once the checkpoint is complete on disk
         return path if self.dist.is_main else latest_checkpoint(self.run_dir)
-
-    def _snapshot(self) -> dict:
-        """An in-memory copy of everything a rollback restores (on CPU, so GPU memory is spared; under FSDP
-        each rank keeps its own shards)."""
-        return self.dist.offload({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                  "scaler": self.scaler.state_dict(), "opt_step": self.opt_step, "step": self.step,
-                                  "ema": self.ema.state_dict() if self.ema is not None else None})
-
-    def _maybe_snapshot(self) -> None:
-        # A snapshot becomes "good" only after it has survived snapshot_every healthy steps, so a
-        # bad update that looked fine when applied (an LR spike) is never what we roll back to.
-        # With no snapshot yet (a run resumed between snapshot steps), take one now, or a rollback
-        # before the next snapshot step would have nothing to restore.
-        due = self.step % self.cfg.guard.snapshot_every == 0 or self.snapshots["good"] is None
-        if not self.cfg.guard.enabled or not due:
-            return
-        if self.snapshots["pending"] is not None:
-            self.snapshots["good"] = self.snapshots["pending"]
-        self.snapshots["pending"] = self._snapshot()
-        if self.snapshots["good"] is None:
-            self.snapshots["good"] = self.snapshots["pending"]
-
-    def _rollback(self) -> int:
-        """Restore the last good snapshot; the data cursor stays where it is (the bad window is skipped)."""
-        snap = self.snapshots["good"]
-        self.model.load_state_dict(self.dist.restore(snap["model"]))
-        self.optimizer.load_state_dict(self.dist.restore(snap["optimizer"]))
-        self.scaler.load_state_dict(snap["scaler"])
-        if self.ema is not None:
-            self.ema.load_state_dict(snap["ema"])
-        self.opt_step = snap["opt_step"]
-        self.snapshots["pending"] = None
-        self.guard.rolled_back()
-        return snap["step"]
-
-    # ---- one step ------------------------------------------------------------------------------
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def train_step(self) -> tuple[Verdict, dict[str, float], list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Forward/backward over grad_accum micro-batches; judge; apply or drop. Returns the verdict,
-        the step's scalar values and the batches (kept for the bad-batch record)."""
-        tc, step = self.cfg.train, self.step
-        model = self.model
-        sample_stats = step % self.cfg.guard.stats_every == 0
-        model.set_stat_tracking(sample_stats)
-        model.mtp_weight.fill_(self.cfg.model.mtp_weight * min(1.0, (self.opt_step + 1) / max(tc.mtp_rampup_steps, 1)))
-        factor = lr_factor(self.opt_step, tc) * self.guard.lr_scale * self.faults.lr_factor(step)
-        apply_lr_factor(self.optimizer, factor)
-
-        # Read and check the whole step's data first: every rank must know whether any rank holds a bad
-        # batch before the first forward, since DDP/FSDP collectives would otherwise wait forever on a
-        # rank that dropped out of the step.
-        batches, local_ok = [], True
-        for micro in range(tc.grad_accum):
-            x, y = self.train_loader.next_batch()
-            x = self.faults.batch(step, x, self.data.vocab_size)
-            batches.append((x, y))
-            if int(x.max()) >= self.data.vocab_size or int(x.min()) < 0:  # checked on the host copy
-                local_ok = False  # an out-of-range id would crash the embedding (a device assert on GPU)
-                # The step is dropped whole: pass over its other micro-batches too, so the data moves on
-                # exactly as after any other skipped step.
-                self.train_loader.skip(tc.grad_accum - 1 - micro)
-                break
-        self.local_batch_ok, self.local_values = local_ok, None
-        batch_ok = self.dist.all_ok(local_ok)
-
-        sums, logit_max = {}, None
-        for micro, (x, y) in enumerate(batches if batch_ok else []):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.dist.grad_sync(self.forward_model, micro == tc.grad_accum - 1):
-                with self._autocast(), self.faults.activations(step):
-                    out = self.objective(self.forward_model, x, y)
-                loss = self.faults.loss(step, out.loss) / tc.grad_accum
-                self.scaler.scale(loss).backward()
-            for name, value in out.losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() / tc.grad_accum
-            sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
-            if sample_stats:
-                logit_max = out.logits.detach().abs().max().float() if out.logits is not None else out.logit_max
-        self.faults.grads(step, model)
-
-        if batch_ok:
-            self.scaler.unscale_(self.optimizer)
-            self.dist.sync_scaler(self.scaler, self.optimizer)
-            # This rank's part of every gradient: the whole gradient in one process or under DDP, the
-            # local shard under FSDP (views, so clipping them in place clips the gradients).
-            grads = [local(p.grad) for p in self.params if p.grad is not None]
-            local_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-            self.local_values = (sums["loss"], local_norm)  # this rank's own, to find a fault's rank
-            names = list(sums)
-            # Global means and norm (a no-op in one process), so every rank judges the same numbers.
-            reduced, grad_norm = self.dist.reduce_step([sums[n] for n in names], local_norm)
-            # The one host sync of the step: loss components and grad norm together.
-            values = dict(zip(names + ["grad_norm"], torch.stack(reduced + [grad_norm]).tolist()))
-            if logit_max is not None:
-                values["logit_max"] = float(logit_max)
-        else:
-            values = {"loss": math.nan, "grad_norm": math.nan}
-        verdict = self.guard.check(step, values["loss"], values["grad_norm"], batch_ok)
-
-        if verdict.ok:
-            if tc.grad_clip > 0:  # clip_grads_with_norm_'s arithmetic, on the local parts
-                coef = torch.clamp(tc.grad_clip / (grad_norm + 1e-6), max=1.0)
-                torch._foreach_mul_(grads, coef.to(grads[0].device))
-            if tc.grad_noise > 0:  # Neelakantan et al. 2015, sigma^2 = eta / (1 + t)^0.55
-                sigma = math.sqrt(tc.grad_noise / (1 + self.opt_step) ** 0.55)
-                for g in grads:  # ranks draw in lock-step, so DDP replicas add the same noise
-                    g.add_(torch.randn_like(g), alpha=sigma)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            several = self.dist.world_size > 1  # one process: no collective, and no gather of loads for one
-            model.update_balance_bias(self.dist.sum_ if several else None)  # loads of the whole global batch
-            model.apply_qk_clip(self.dist.max_ if several else None)
-            if self.ema is not None:
-                self._update_ema()
-            self.opt_step += 1
-        else:
-            if verdict.action == "overflow":
-                self.scaler.update()  # lowers the scale; the step itself is dropped
-            self.last_bad_grads = nonfinite_grads(self.model) if verdict.cause.startswith("non-finite") else []
-            model.reset_expert_loads()
-        self.optimizer.zero_grad(set_to_none=True)
-        values["lr"] = self.optimizer.param_groups[0]["lr"]
-        self.step += 1
-        return verdict, values, batches
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = self.cfg.train.ema_decay
-        for ema_t, t in zip(self.ema.state_dict().values(), self.model.state_dict().values()):
-            if ema_t.dtype.is_floating_point:
-                ema_t.lerp_(t, 1 - decay)
-            else:
-                ema_t.copy_(t)
-
-    # ---- eval ----------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self, model: Transformer | None = None) -> dict[str, float]:
-        """Mean loss components over the first eval_batches validation batches (always the same ones)."""
-        model = model or self.model
-        world = self.dist.world_size
-        windows = count_windows(self.data.val_shards, self.cfg.data.seq_len, self.lookahead)
-        # Ranks split the same global validation batches one process of batch_size * world_size would see.
-        loader = TokenLoader(self.data.val_shards, max(min(self.cfg.train.batch_size, windows // world), 1),
-                             self.cfg.data.seq_len, lookahead=self.lookahead, rank=self.dist.rank, world_size=world,
-                             vocab_size=self.data.vocab_size, shuffle=False)
-        was_training = model.training
-        model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        n = min(self.cfg.train.eval_batches, max(loader.batches_per_epoch, 1))
-        for _ in range(n):
-            x, y = loader.next_batch()
-            with self._autocast():
-                out = self.objective(model, x.to(self.device), y.to(self.device))
-            for name, value in {"loss": out.loss, **out.losses}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().double() / n
-        model.train(was_training)
-        names = list(sums)
-        if not names:
-            return {}
-        means = self.dist.mean_(torch.stack([sums[k] for k in names]))  # over ranks; a no-op in one process
-        return dict(zip(names, means.tolist()))
-
-    # ---- the loop ------------------------------------------------------------------------------
-
-    def _log_event(self, verdict: Verdict, module: str | None = None, **extra) -> None:
-        record = {"kind": "event", "event": verdict.action, "step": self.step - 1, "cause": verdict.cause,
-                  "module": module, "action": verdict.action, "value": verdict.value, **extra}
-        where = f" in {module}" if module else ""
-        line = f"[guard] step {self.step - 1}: {verdict.cause}{where} -> {verdict.action}"
-        if extra.get("detail"):
-            line += f" ({extra['detail']})"
-        self.logger.event(record, line)
-
-    def _on_fault(self, verdict: Verdict, batches) -> str | None:
-        """Record the batch and (first time a value goes non-finite) locate the module. Returns it."""
-        if verdict.action == "overflow" or not self.cfg.guard.save_bad_batches:
-            return None
-        if not self.dist.active:
-            return locate_and_save(self, verdict, batches)
-        return self._on_fault_distributed(verdict, batches)
-
-    def _on_fault_distributed(self, verdict: Verdict, batches) -> str | None:
-        """The bad-batch record of a multi-process run: rank 0 writes the batch of the rank where the fault
-        began (its own batch was bad, else its own loss, else its own gradients were non-finite), replayed
-        with that rank's fault injections on an unsharded copy of the weights. A collective: every rank
-        calls it, as every rank holds the same verdict."""
-        if self.dist.mode == "fsdp" and not self.built_model:  # no way to rebuild an unsharded copy of it
-            self.logger.write(f"[guard] step {self.step - 1}: no bad-batch record (FSDP with a model passed to the "
-                              "Trainer cannot be replayed on one rank; use --dist ddp to keep records)")
-            return None
-        loss, grad_norm = self.local_values or (0.0, 0.0)  # None: no forward ran (a bad batch somewhere)
-        mine = {"batch_ok": self.local_batch_ok, "loss_ok": math.isfinite(float(loss)),
-                "grad_ok": math.isfinite(float(grad_norm)), "bad_grads": self.last_bad_grads,
-                "batches": [(x.cpu(), y.cpu()) for x, y in batches]}
-        everyone = self.dist.gather_objects(mine)
-        nonfinite = verdict.cause.startswith("non-finite")
-        state = self.dist.full_model_state(self.model) if nonfinite and self.dist.mode == "fsdp" else None
-        if not self.dist.is_main:
-            return None
-        culprit = next((r for key in ("batch_ok", "loss_ok", "grad_ok") for r, info in enumerate(everyone)
-                        if not info[key]), 0)
-        self.last_bad_grads = sorted({name for info in everyone for name in info["bad_grads"]})
-        model = self.model
-        if state is not None:  # the sharded module cannot run alone on rank 0: replay a whole copy
-            model = self._whole_copy(state)
-        faults = FaultInjector(self.cfg.guard.inject, model, culprit, self.dist.world_size)
-        module = locate_and_save(self, verdict, everyone[culprit]["batches"], model=model, faults=faults)
-        self.logger.write(f"[guard] step {self.step - 1}: the fault began on rank {culprit}")
-        return module
-
-    def train(self) -> TrainResult:
-        try:
-            with _GracefulStop(enabled=self.dist.world_size == 1) as stop:
-                self.stop = stop
-                return self._train()
-        except BaseException:  # Ctrl-C or an error mid-run: leave the process group (a no-op in one process)
-            self.dist.close(wait=False)
-            raise
-
-    def _train(self) -> TrainResult:
-        tc = self.cfg.train
-        self.model.train()
-        status, last_values = "finished", {"loss": math.nan}
-        tokens_per_step = tc.batch_size * tc.grad_accum * self.cfg.data.seq_len * self.dist.world_size  # global
-        self._maybe_snapshot()
-        while self.step < tc.max_steps:
-            verdict, values, batches = self.train_step()
-            self.throughput.add(tokens_per_step)
-            if not verdict.ok:
-                module = self._on_fault(verdict, batches)
-                if verdict.action == "rollback":
-                    to_step = self._rollback()
-                    self._log_event(verdict, module, detail=f"restored step {to_step}, lr x{self.guard.lr_scale:g}",
-                                    restored_step=to_step, lr_scale=self.guard.lr_scale)
-                elif verdict.action == "abort":
-                    self._log_event(verdict, module)
-                    status = "aborted"
-                    self._rollback_for_abort()
-                    break
-                else:
-                    self._log_event(verdict, module)
-            else:
-                last_values = values
-                self._maybe_snapshot()
-            self._log_step(values, verdict)
-            if verdict.action == "rollback" and self.cfg.guard.rollback_skip_batches:
-                # Only now, so the event and the record above name the step that faulted. A "batch" here
-                # is a step's data: grad_accum loader batches, so steps and data stay in line.
-                self.train_loader.skip(self.cfg.guard.rollback_skip_batches * tc.grad_accum)
-                self.step += self.cfg.guard.rollback_skip_batches
-            if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
-                if self._eval_and_maybe_stop():
-                    status = "early-stopped"
-                    break
-            elif self.step % tc.save_every == 0:
-                self.save(None)
-            if self.stop.requested:
-                status = "interrupted"
-                break
-        if self.saved_step != self.step:
-            self.save(self.last_val)
-        result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("ce", math.nan), self.last_val,
-                             status, self.guard.n_skips, self.guard.n_rollbacks)
-        self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
-                         "val_loss": self.last_val, "skips": self.guard.n_skips, "rollbacks": self.guard.n_rollbacks})
-        self.logger.close()
-        self._leave_process_group()
-        return result
 
     def _leave_process_group(self) -> None:
         """After the last step, make this trainer a one-process trainer over an ordinary module: under FSDP
@@ -534,111 +420,6 @@ class Trainer:
         init runs under a forked RNG, so this rank's random stream stays in step with the others'."""
         with torch.random.fork_rng(devices=[]):
             return model_from_state(self.cfg.model, state).to(self.device)
-
-    def _rollback_for_abort(self) -> None:
-        if self.snapshots["good"] is not None:  # the final checkpoint holds the last good weights
-            snap = self.snapshots["good"]
-            self.model.load_state_dict(self.dist.restore(snap["model"]))
-            self.optimizer.load_state_dict(self.dist.restore(snap["optimizer"]))
-            self.opt_step = snap["opt_step"]
-
-    def _log_step(self, values: dict[str, float], verdict: Verdict) -> None:
-        if not self.dist.is_main:  # only rank 0 logs: no host reads for a record nobody writes
-            return
-        record = {"kind": "train", "step": self.step - 1, "opt_step": self.opt_step, "action": verdict.action,
-                  "skipped_steps": self.guard.n_skips, **values}
-        if (self.step - 1) % self.cfg.guard.stats_every == 0:
-            record.update(self._health_stats())
-        if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.max_steps:
-            tps = self.throughput.rate()
-            record["tokens_per_sec"] = tps
-            record["mfu"] = mfu(self.flops_per_token, tps, self.peak_flops)
-            record["peak_mem_gb"] = peak_memory_gb(self.device)
-        self.logger.log(record)
-        shown = {"ce": values["ce"]} if "ce" in values else {"loss": values.get("loss")}  # as the val loss reads
-        self.logger.progress(self.step - 1, **shown, tok_s=record.get("tokens_per_sec"))
-
-    @torch.no_grad()
-    def _health_stats(self) -> dict[str, float]:
-        """Sampled model statistics for the log, read to the host in one transfer."""
-        stats: dict[str, torch.Tensor] = {}
-        if self.cfg.model.swiglu_clamp > 0:  # the opt-in clamp is never silent: values clamped so far
-            stats["swiglu_clamped"] = sum(b for n, b in self.model.named_buffers() if n.endswith("clamped"))
-        for name, attn in self.model.attention_layers():
-            if attn.track_max_logit:
-                stats[f"attn_logit_max/{name}"] = attn.max_logit.max()
-        for name, moe in self.model.moe_layers():
-            load = moe.gate.last_load
-            # max/mean of the expert loads; NaN before any token was counted (the entry is then left out)
-            stats[f"expert_load_imbalance/{name}"] = torch.where(load.sum() > 0, load.max() / load.mean(),
-                                                                 torch.full_like(load.mean(), math.nan))
-            stats[f"router_logit_max/{name}"] = moe.gate.logit_stats[0]
-            stats[f"router_z/{name}"] = moe.gate.logit_stats[1]
-        if not stats:
-            return {}
-        values = torch.stack([v.float().to(self.device) for v in stats.values()]).tolist()
-        return {k: v for k, v in zip(stats, values) if not (k.startswith("expert_load_imbalance/") and math.isnan(v))}
-
-    def _eval_and_maybe_stop(self) -> bool:
-        tc = self.cfg.train
-        losses = self.evaluate()
-        val = losses.get("ce", losses["loss"])
-        record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
-        if self.ema is not None:
-            ema_losses = self.evaluate(self.ema)
-            record["val_loss_ema"] = ema_losses.get("ce", ema_losses["loss"])
-        self.logger.log(record)
-        self.logger.write(f"step {self.step}: val loss {val:.4f}" +
-                          (f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""))
-        self.last_val = val
-        if val < self.best_val:
-            self.best_val, self.evals_since_best = val, 0
-        else:
-            self.evals_since_best += 1
-        self.save(val)
-        return bool(tc.early_stop_patience) and self.evals_since_best >= tc.early_stop_patience
-
-
-def _check_fits(ckpt, model: torch.nn.Module, cfg: RunConfig) -> None:
-    """Refuse, in one line, a checkpoint whose tensors do not fit the model (a changed --preset or --model.*)."""
-    own = model.state_dict()
-    misfits = sorted(set(own) ^ set(ckpt.model_state)) + sorted(
-        name for name, tensor in ckpt.model_state.items() if name in own and own[name].shape != tensor.shape)
-    if not misfits:
-        return
-    saved = ckpt.config.get("model", {})
-    now = cfg.model.to_dict()
-    changed = [f"model.{key}={now[key]!r} (saved: {saved[key]!r})" for key in now
-               if key in saved and key != "derived" and saved[key] != now[key]]
-    what = ", ".join(changed[:4]) or f"{len(misfits)} tensors differ, first {misfits[0]}"
-    raise ValueError(f"--resume: the checkpoint in {ckpt.path} does not fit this model ({what}); drop the model "
-                     "flags (--preset, --model.*) to continue the run, or start a new run with another --out")
-
-
-class _GracefulStop:
-    """Ctrl-C while training: the first finishes the current step, saves a checkpoint and stops (resumable);
-    a second interrupts at once. Only in a single process's main thread: under torchrun the ranks would
-    stop at different steps, so the signal keeps its default meaning there."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested = False
-
-    def __enter__(self) -> "_GracefulStop":
-        if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nnanoseek: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
-              flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def default_run_dir(preset: str) -> Path:

@@ -1,8 +1,8 @@
 """The `nanoseek` command line: one subcommand per job, each a dataclass that tyro turns into flags.
 
-Config precedence for `train`: preset (or --config TOML, or the run's own config.toml with
---resume) < dotted section flags (--model.dim, --train.lr, --data.seq-len, --guard.window ...) <
-the shortcuts (--data, --out, --max-steps, --seed, --device, --inject).
+`train` reads its settings through nanoseek.config.load_config: the preset (or --config TOML, or the run's
+own config.toml with --resume), then the flags on top (--model.dim, --train.lr, --data.seq-len,
+--guard.window ..., and --data, --max-steps, --dist, --inject, --seed, --device, --out).
 """
 
 from __future__ import annotations
@@ -14,66 +14,134 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 import tyro
 
-from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
-from nanoseek.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
-from nanoseek.interop.cli_convert import Convert, Heal, cmd_convert, cmd_heal
+from nanoseek.cli.convert import Convert, Heal, cmd_convert, cmd_heal
+from nanoseek.cli.inference import Check, Eval, Generate, cmd_check, cmd_eval, cmd_generate
+from nanoseek.config import DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from nanoseek.data import load_tokenizer, prepare_data
+from nanoseek.diagnose import diagnose_run
+from nanoseek.generate import generate
+from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, load_hf_tokenizer
+from nanoseek.interop.names import DTYPES
 from nanoseek.npt.cli import Npt, cmd_npt
+from nanoseek.report import finish_train
 from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
+from nanoseek.train.hardware import apply_hardware, resolve_device
+from nanoseek.train.loading import load_model, load_run_tokenizer
+from nanoseek.train.trainer import Trainer, default_run_dir
+
+
+# The config sections as flags. Four settings are flags of their own, without a section prefix, because
+# users reach for them first: --data (data.source), --max-steps, --dist (train.*) and --inject (guard.*).
+
+
+@dataclass
+class ModelFlags(ModelConfig):
+    derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class DataFlags(DataConfig):
+    source: Annotated[str, tyro.conf.arg(name="data", prefix_name=False)] = "builtin:pydocs"
+    """Corpus: builtin:pydocs | builtin:stdlib | a file, directory or glob of .txt/.md/.jsonl/.parquet |
+    hf:NAME | a directory written by `nanoseek prepare`."""
+
+
+@dataclass
+class TrainFlags(TrainConfig):
+    max_steps: Annotated[int, tyro.conf.arg(prefix_name=False)] = 300
+    """Training steps (data batches)."""
+    dist: Annotated[Literal["none", "ddp", "fsdp"], tyro.conf.arg(prefix_name=False)] = "none"
+    """Data parallelism under `torchrun --nproc_per_node=N -m nanoseek train`: ddp, or fsdp (FSDP2 shards
+    weights, gradients and optimizer state). batch_size stays per process."""
+
+
+@dataclass
+class GuardFlags(GuardConfig):
+    inject: Annotated[tuple[str, ...], tyro.conf.arg(prefix_name=False), tyro.conf.UseAppendAction] = ()
+    """Fault injection to test the stability guard: KIND@STEP, repeatable. Kinds: nan-loss, nan-grad,
+    inf-grad, inf-act:MODULE, lr-spike:FACTOR, bad-batch. Under torchrun, KIND@STEP:rankN fires on rank N only."""
+
+
+def _as(cls: type, section: object) -> object:
+    """`section` as an instance of `cls` (a config dataclass or its flags subclass), field by field."""
+    return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
 class Train:
     """Train a model. With no arguments: the `tiny` MLA+MoE+MTP model on the built-in corpus
-    (CPython's reference docs), on CPU in a few minutes, ending with a generated sample."""
+    (CPython's reference docs), on CPU in a few minutes, ending with a generated sample.
+
+    Settings come from the preset (or --config FILE, or with --resume the run's own config.toml), then
+    the flags on top (nanoseek.config.load_config)."""
 
     preset: str = "tiny"
     """Model preset: tiny, tiny-dense, tiny-gqa, small, medium, large, xl, smoldeepseek-135m."""
-    data: str | None = None
-    """Corpus: builtin:pydocs | builtin:stdlib | a file, directory or glob of .txt/.md/.jsonl/.parquet |
-    hf:NAME | a directory written by `nanoseek prepare`. Shortcut for --data.source."""
+    config: Path | None = None
+    """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
     out: str | None = None
     """Run directory (default: runs/PRESET-TIMESTAMP)."""
-    max_steps: int | None = None
-    """Training steps (data batches). Shortcut for --train.max-steps."""
     resume: bool = False
     """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU)."""
-    seed: int | None = None
+    seed: int = 1337
     """Random seed (weights, data order)."""
-    device: Literal["auto", "cpu", "cuda"] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train (auto: cuda if available)."""
-    dist: Literal["none", "ddp", "fsdp"] | None = None
-    """Data parallelism under `torchrun --nproc_per_node=N -m nanoseek train`: ddp, or fsdp (FSDP2 shards
-    weights, gradients and optimizer state). Shortcut for --train.dist."""
     hardware: Literal["manual", "auto"] = "manual"
     """auto: set --train.precision/--train.fp8 for the device (H100/H200: bf16 + fp8 with torchao; A100,
     RTX 4090: bf16; other GPUs: fp16 + GradScaler; CPUs with AMX: bf16; other CPUs: fp32) and print why;
     manual: as configured."""
-    config: Path | None = None
-    """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
-    inject: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    """Fault injection to test the stability guard: KIND@STEP, repeatable. Kinds: nan-loss, nan-grad,
-    inf-grad, inf-act:MODULE, lr-spike:FACTOR, bad-batch. Under torchrun, KIND@STEP:rankN fires on rank N only."""
     sample: bool = True
     """Print a generated sample at the end."""
     progress: bool = True
     """Show a progress bar."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data_section: Annotated[DataConfig, tyro.conf.arg(name="data")] = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
+    model: ModelFlags = field(default_factory=ModelFlags)
+    data: DataFlags = field(default_factory=DataFlags)
+    train: TrainFlags = field(default_factory=TrainFlags)
+    guard: GuardFlags = field(default_factory=GuardFlags)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, **options) -> "Train":
+        return cls(preset=cfg.preset, out=cfg.out or None, seed=cfg.seed, device=cfg.device,
+                   model=_as(ModelFlags, cfg.model), data=_as(DataFlags, cfg.data), train=_as(TrainFlags, cfg.train),
+                   guard=_as(GuardFlags, cfg.guard), **options)
 
     def run_config(self) -> RunConfig:
-        guard = self.guard
-        if self.inject:
-            guard = dataclasses.replace(guard, inject=tuple(guard.inject) + tuple(self.inject))
-        data = dataclasses.replace(self.data_section, source=self.data) if self.data else self.data_section
-        train = dataclasses.replace(self.train, max_steps=self.max_steps) if self.max_steps else self.train
-        train = dataclasses.replace(train, dist=self.dist) if self.dist else train
-        base = RunConfig(model=self.model, data=data, train=train, guard=guard, preset=self.preset)
-        return dataclasses.replace(base, out=self.out or base.out, seed=self.seed if self.seed is not None else base.seed,
-                                   device=self.device or base.device)
+        return RunConfig(model=_as(ModelConfig, self.model), data=_as(DataConfig, self.data),
+                         train=_as(TrainConfig, self.train), guard=_as(GuardConfig, self.guard),
+                         preset=self.preset, out=self.out or "", seed=self.seed, device=self.device)
+
+
+@dataclass
+class _Start:
+    """What decides every other default of `train`: read first, the rest of argv is left for Train."""
+
+    preset: str | None = None
+    config: Path | None = None
+    out: str | None = None
+    resume: bool = False
+    data: str | None = None
+
+
+def parse_train(argv: list[str]) -> Train:
+    """`nanoseek train` ARGV -> Train: load_config(preset | config file | the resumed run's config.toml),
+    then every flag on top of it."""
+    start, _ = tyro.cli(_Start, args=argv, return_unknown_args=True, add_help=False, console_outputs=False)
+    config = start.config
+    if start.resume:
+        if not start.out:
+            raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+        saved = Path(start.out) / "config.toml"
+        config = config or (saved if saved.exists() else None)
+    base = load_config(start.preset, config)
+    if start.resume and config is not None and start.data is not None and start.data != base.data.source:
+        raise ValueError(f"--resume continues {start.out} on its own data ({base.data.source}), not --data "
+                         f"{start.data}; drop --data, or train on new data in a new run (--out NEW)")
+    default = Train.from_config(base, config=config)
+    return tyro.cli(Train, args=argv, prog="nanoseek train", default=default)
 
 
 @dataclass
@@ -82,15 +150,7 @@ class Prepare:
 
     out: str
     """Directory to write."""
-    data: str = "builtin:pydocs"
-    """Corpus (same forms as `train --data`)."""
-    tokenizer: str = "bpe"
-    """char | byte | bpe | path/to/tokenizer.json"""
-    vocab_size: int = 2048
-    """BPE vocabulary size."""
-    seq_len: int = 128
-    """Sequence length the shards must hold at least a few windows of."""
-    val_fraction: float = 0.05
+    data: DataFlags = field(default_factory=DataFlags)
 
 
 @dataclass
@@ -114,48 +174,9 @@ class Export:
     """Weight dtype on disk (default: the source's)."""
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of `--flag VALUE` or `--flag=VALUE` in argv, if present (read before tyro parses,
-    because the preset, config file or resumed run decides every other default)."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def train_defaults(argv: list[str]) -> Train:
-    resume = "--resume" in argv
-    out, preset, config = _flag_value(argv, "--out"), _flag_value(argv, "--preset"), _flag_value(argv, "--config")
-    if resume and not out:
-        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
-    if resume and config is None and out and (Path(out) / "config.toml").exists():
-        config = str(Path(out) / "config.toml")
-    if config:
-        base = RunConfig.load_toml(config)
-        data = _flag_value(argv, "--data")
-        if resume and data is not None and data != base.data.source:
-            raise ValueError(f"--resume continues {out} on its own data ({base.data.source}), not --data {data}; "
-                             "drop --data, or train on new data in a new run (--out NEW)")
-    else:
-        name = preset or "tiny"
-        base = RunConfig(model=ModelConfig.from_preset(name), preset=name)
-    if preset and config and preset != base.preset:
-        base = dataclasses.replace(base, model=ModelConfig.from_preset(preset), preset=preset)
-    return Train(preset=base.preset, model=base.model, data_section=base.data, train=base.train,
-                 guard=dataclasses.replace(base.guard, inject=()), out=base.out or None, seed=base.seed,
-                 device=base.device, inject=tuple(base.guard.inject))
-
-
 def cmd_train(args: Train) -> int:
-    from nanoseek.train.trainer import Trainer, default_run_dir
-
     cfg = args.run_config()
     if args.hardware == "auto":
-        from nanoseek.train.hardware import apply_hardware
-        from nanoseek.train.trainer import resolve_device
-
         cfg, choice = apply_hardware(cfg, resolve_device(cfg.device))
         print(f"nanoseek train: --hardware auto -> {choice.precision}{' + fp8' if choice.fp8 else ''}: {choice.reason}")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.preset)
@@ -173,15 +194,11 @@ def cmd_train(args: Train) -> int:
         return result.exit_code
     model = trainer.model  # under FSDP: an unsharded copy of the final weights
     if args.sample and cfg.train.sample_tokens and result.status not in ("aborted", "interrupted"):
-        from nanoseek.generate import generate
-        import torch
-
         tok = trainer.data.tokenizer
         prompt = torch.tensor([[tok.eos_id]], device=trainer.device)  # a document boundary: any tokenizer has it
         text = tok.decode(generate(model, prompt, cfg.train.sample_tokens, eos_id=tok.eos_id)[0, 1:].tolist())
         (run_dir / "samples.txt").write_text(text)
         print("--- sample ---\n" + text + "\n--------------")
-    from nanoseek.report import finish_train
 
     print(finish_train(run_dir, result))  # steps, tokens, time, best val, checkpoints, guard events, report
     if result.status == "aborted":
@@ -194,21 +211,16 @@ def cmd_train(args: Train) -> int:
 
 
 def cmd_prepare(args: Prepare) -> int:
-    from nanoseek.data import prepare_data
-
-    cfg = DataConfig(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                     val_fraction=args.val_fraction)
+    cfg = _as(DataConfig, args.data)
     prepared = prepare_data(cfg, Path(args.out))
     meta = prepared.meta
-    print(f"prepared {args.data} -> {args.out}: vocab {prepared.vocab_size}, "
+    print(f"prepared {cfg.source} -> {args.out}: vocab {prepared.vocab_size}, "
           f"{meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens in "
           f"{len(prepared.train_shards)} + {len(prepared.val_shards)} shards, content {meta['content_hash'][:12]}")
     return 0
 
 
 def cmd_diagnose(args: Diagnose) -> int:
-    from nanoseek.diagnose import diagnose_run
-
     path, finding, meta = diagnose_run(args.run_dir, args.step)
     print(f"bad batch {path}: step {meta['step']}, cause: {meta['cause']}, action: {meta['action']}")
     if meta.get("injected"):
@@ -218,10 +230,6 @@ def cmd_diagnose(args: Diagnose) -> int:
 
 
 def cmd_export(args: Export) -> int:
-    from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, load_hf_tokenizer
-    from nanoseek.interop.names import DTYPES
-    from nanoseek.train.loading import load_model
-
     source = Path(args.path)
     if source.exists() and Path(args.out).resolve() == source.resolve():
         raise ValueError(f"--out {args.out} is the source folder itself; write the export to a new folder")
@@ -242,9 +250,6 @@ def cmd_export(args: Export) -> int:
 def _checkpoint_tokenizer(path: Path):
     """The tokenizer of a run or checkpoint directory: the run's prepared data, else tokenizer files saved in the
     checkpoint or run directory (or its tokenizer/ folder); None when there is none."""
-    from nanoseek.data import load_tokenizer
-    from nanoseek.train.loading import load_run_tokenizer
-
     try:
         return load_run_tokenizer(path)
     except ValueError:
@@ -278,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             cls, handler = COMMANDS[argv[0]]
-            default = train_defaults(argv) if cls is Train else None
-            args = tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}", default=default)
+            args = parse_train(argv[1:]) if cls is Train else tyro.cli(cls, args=argv[1:], prog=f"nanoseek {argv[0]}")
             return handler(args)
         # No (or an unknown) subcommand: tyro prints the overview or the error.
         tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}, prog="nanoseek",

@@ -23,7 +23,13 @@ import torch
 import tyro
 
 from nanoseek.config import DataConfig, GuardConfig, RunConfig, TrainConfig
+from nanoseek.convert.convert import convert_to_mla_moe, target_config
+from nanoseek.convert.heal import heal
+from nanoseek.data import is_prepared_dir, load_prepared, prepare_data, read_tokens
+from nanoseek.interop.source import load_source_model
+from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
 from nanoseek.train.distributed import launched_by_torchrun
+from nanoseek.train.loading import load_model, run_dir_of
 
 CONVERSION_FILE = "conversion.json"
 HEAL_FILE = "heal.json"
@@ -118,8 +124,6 @@ class Heal:
 
 def load_source(path: str | Path, flag: str = "--from"):
     """(dense model, tokenizer spec for DataConfig.tokenizer) from a transformers folder or a nanoseek run."""
-    from nanoseek.interop.source import load_source_model
-
     source = load_source_model(path, flag)
     if source.tokenizer == "char":
         raise ValueError(f"the run at {path} uses a 'char' tokenizer; convert needs a tokenizer.json or byte one")
@@ -128,8 +132,6 @@ def load_source(path: str | Path, flag: str = "--from"):
 
 def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
     """The first `n_tokens` ids of a prepared directory's train or val split."""
-    from nanoseek.data.shards import load_prepared, read_tokens
-
     prepared = load_prepared(data_dir)
     return read_tokens(prepared.train_shards if split == "train" else prepared.val_shards, n_tokens)
 
@@ -146,11 +148,6 @@ def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
 
 
 def cmd_convert(args: Convert) -> int:
-    from nanoseek.data.corpus import is_prepared_dir
-    from nanoseek.data.shards import prepare_data
-    from nanoseek.interop.convert import convert_to_mla_moe, target_config
-    from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
-
     out = Path(args.out)
     if latest_checkpoint(out) is not None:
         raise ValueError(f"--out {out} already holds checkpoints; choose a new directory")
@@ -201,9 +198,6 @@ def cmd_convert(args: Convert) -> int:
 
 
 def cmd_heal(args: Heal) -> int:
-    from nanoseek.interop.heal import heal
-    from nanoseek.train.loading import load_model, run_dir_of
-
     ckpt = Path(args.ckpt)
     if not ckpt.exists():
         raise ValueError(f"--ckpt {ckpt}: does not exist; pass the run directory `nanoseek convert` wrote")

@@ -19,25 +19,24 @@ What an NPTBlock computes from the same frozen modules:
 So attention no longer writes into the residual stream: what it found reaches the block only through
 the gate of the MLP, per token. The adapter (down, gate_shift, gate_scale) is the only trainable part.
 
-Why these choices (seed 002, an earlier NPT project that fought NaNs):
+Why these choices (lessons of earlier NPT training that fought NaNs):
 - The multiplicative factor must never reach 0 (a `1 + tanh` factor did, zeroing activations and
   sending gradients to 0 or inf) nor grow without bound: `0.5 + sigmoid(.)` lies in [0.5, 1.5] for
   every input, +-inf included (it saturates at the ends exactly, never overflows), and is exactly 1 at
-  its zero initialisation. (The seed writes `0.5 * sigmoid(.) + 0.5`, but that spans (0.5, 1.0) and is
-  0.75 at zero, which would shrink every gate by a quarter at init; `0.5 + sigmoid(.)` has the bound
-  and the identity start the seed intended.)
+  its zero initialisation. (`0.5 * sigmoid(.) + 0.5` would span only (0.5, 1.0) and be 0.75 at zero,
+  shrinking every gate by a quarter at init.)
 - The additive path is scaled by SHIFT_SCALE = 0.1 and gate_shift starts at N(0, 0.001): at init it
   moves each gate pre-activation by 0.1 * |gate_shift(down(a))|, orders of magnitude below w1(m).
 - The adapter reads the attention output relative to the residual stream (a / rms(x)), and `down` starts
   at N(0, 1/dim) (fan-in), so z has the same O(1) scale in a 64-wide test model and a 4096-wide one (where
-  1/sqrt(dim) is the seed's 0.016-0.02). With a raw `a` and a fixed 0.02, a small model's z was ~1e-3 and
+  1/sqrt(dim) is 0.016). With a raw `a` and a fixed std of 0.02, a small model's z was ~1e-3 and
   the zero-initialised gate_scale needed thousands of steps to move.
 
 Bound at initialisation (checked in tests/test_npt.py): with gate_scale at zero the factor is exactly 1,
 so the block differs from `x + w2(silu(w1 m) * w3 m)` (the block with its attention residual dropped)
 only through 0.1 * shift; for the tiny test model that is under 1e-3 of the output's norm (about 1e-4,
 7e-5 to 1.3e-4 with the random init; the test prints it). The student as a whole therefore starts as the base model minus the converted layers'
-attention residuals; teacher-student training (objective.py) teaches the adapters to put that back.
+attention residuals; teacher-student training (train/objectives.py) teaches the adapters to put that back.
 """
 
 from __future__ import annotations
@@ -47,9 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.layers import MLP, clamp_counted
-from nanoseek.model.transformer import Block
 
-SHIFT_SCALE = 0.1  # seed 002: the additive path enters at a tenth of its size
+SHIFT_SCALE = 0.1  # the additive path enters at a tenth of its size
 SHIFT_INIT_STD = 0.001
 FACTOR_MIN, FACTOR_MAX = 0.5, 1.5
 
@@ -77,7 +75,7 @@ def gate_factor(logits: torch.Tensor) -> torch.Tensor:
 class NPTAdapter(nn.Module):
     """Low-rank map from the attention output to the two gate modulations.
 
-    down:       dim -> rank      (the seed's A_proj), N(0, 1/dim)
+    down:       dim -> rank      (A_proj), N(0, 1/dim)
     gate_shift: rank -> inter    (B_add), N(0, 0.001)
     gate_scale: rank -> inter    (B_mult), zeros; absent in safe mode
     """
@@ -113,7 +111,7 @@ class NPTBlock(nn.Module):
     the frozen weights keep their state-dict names and are shared with, not copied from, the base.
     """
 
-    def __init__(self, block: Block, rank: int, safe_mode: bool = False):
+    def __init__(self, block: nn.Module, rank: int, safe_mode: bool = False):
         super().__init__()
         if not isinstance(block.ffn, MLP):
             raise ValueError(f"layer {block.layer_id} has a {type(block.ffn).__name__} feed-forward; NPT modulates "
@@ -129,8 +127,8 @@ class NPTBlock(nn.Module):
         self.adapter = NPTAdapter(w1.in_features, w1.out_features, rank, safe_mode).to(device, dtype)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim] (the residual stream); same signature as Block."""
+                cache=None, router_losses: list | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim] (the residual stream); same signature as Block (dense: no router losses)."""
         attn_out = self.attn(self.attn_norm(x), start_pos, key_mask, cache)
         shift, scale_logits = self.adapter(relative_to(attn_out, x))
         m = self.ffn_norm(x)  # the block's input, not x + attn_out: attention reaches the MLP only via the gate

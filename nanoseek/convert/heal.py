@@ -2,9 +2,8 @@
 
 `compare(teacher, student, ids)` scores held-out tokens with both: KL(teacher || student) of the next-token
 distributions, both perplexities and top-1 agreement. `heal(...)` fine-tunes the student with the ordinary
-Trainer (stability guard, checkpoints, metrics) under `distill_objective`: KL on the logits (Hinton et al.
-2015; end-to-end distillation is what X-EcoMLA, arXiv 2503.11132, uses after an MLA conversion), optionally
-plus a normalised MSE between the two models' per-layer hidden states and a next-token CE term.
+Trainer (stability guard, checkpoints, metrics) under train/objectives.py's `distill_objective`: KL on the
+logits, optionally plus a normalised MSE between the two models' per-layer hidden states and a next-token CE term.
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoseek.evaluate import token_windows
-from nanoseek.model.transformer import ModelOutput, _cross_entropy
-from nanoseek.train.distributed import unwrap
+from nanoseek.data.loader import token_windows
+from nanoseek.train.objectives import distill_objective
+from nanoseek.train.trainer import Trainer
 
 
 @dataclass
@@ -48,7 +47,7 @@ def compare(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tenso
         if ids.numel() < 2:
             raise ValueError(f"{ids.numel()} held-out tokens: need at least 2; give more held-out text")
         seq_len = min(seq_len or 512, student.config.max_seq_len, teacher.config.max_seq_len)
-        pairs = token_windows(ids.cpu().numpy(), seq_len, batch_size)
+        pairs = token_windows([ids.cpu().numpy()], seq_len, batch_size, tail=True)
     else:
         pairs = ((rows[:, :-1], rows[:, 1:]) for rows in ids.split(batch_size))
     was = teacher.training, student.training
@@ -67,61 +66,6 @@ def compare(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tenso
         count += y.numel()
     teacher.train(was[0]), student.train(was[1])
     return Comparison(kl / count, math.exp(ce_t / count), math.exp(ce_s / count), agree / count, count)
-
-
-def distill_objective(teacher: torch.nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0,
-                      ce_weight: float = 0.0):
-    """An `objective(model, x, y) -> ModelOutput` for Trainer: T^2 * KL(teacher_T || student_T) per token
-    (+ hidden_weight * mean over layers of MSE(h_student, h_teacher) / mean(h_teacher^2), + ce_weight * CE).
-
-    x, y: [B, T] and [B, >= T] token ids. The teacher runs without gradients on x's device (moved there on
-    first use). Logged components: kl, hidden (when on), student_ce; the eval metric is the total.
-    """
-    from nanoseek.npt.objective import kl_to_teacher, normalised_mse  # here: nanoseek.npt imports nanoseek.interop
-
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}: must be > 0")
-    teacher.requires_grad_(False).eval()
-
-    def layer_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[ModelOutput, list[torch.Tensor]]:
-        outputs: list[torch.Tensor] = []
-        inner = unwrap(model)  # the blocks of the module inside torch.compile / DDP
-        handles = [block.register_forward_hook(lambda m, a, out: outputs.append(out)) for block in inner.layers]
-        try:
-            return model(x), outputs
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
-        if next(teacher.parameters()).device != x.device:
-            teacher.to(x.device)
-        with torch.no_grad():
-            if hidden_weight:
-                teacher_out, teacher_hidden = layer_outputs(teacher, x)
-            else:
-                teacher_out, teacher_hidden = teacher(x), []
-        if hidden_weight:
-            out, hidden = layer_outputs(model, x)
-        else:
-            out, hidden = model(x), []
-        kl = kl_to_teacher(out.logits, teacher_out.logits, temperature)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(ce_weight)):  # only logged when its weight is 0
-            ce = _cross_entropy(out.logits, y[:, :x.shape[1]])
-        losses = {"kl": kl, "student_ce": ce.detach()}
-        total = kl
-        if hidden_weight:
-            losses["hidden"] = torch.stack([normalised_mse(h, t) for h, t in zip(hidden, teacher_hidden)]).mean()
-            total = total + hidden_weight * losses["hidden"]
-        if ce_weight:
-            total = total + ce_weight * ce
-        router = unwrap(model).router_losses()  # MoE aux / z losses, when the config turns them on
-        losses.update(router)
-        for value in router.values():
-            total = total + value
-        return ModelOutput(out.logits, total, losses)
-
-    return objective
 
 
 @dataclass
@@ -146,8 +90,6 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, run_cfg, run_dir: s
     replaced by the student's config). eval_ids: held-out ids [N] for the before/after `compare`.
     The healed student is saved as the run's checkpoints in run_dir (generate/eval/export read it).
     """
-    from nanoseek.train.trainer import Trainer
-
     before = compare(teacher, student, eval_ids)
     trainer = Trainer(run_cfg, run_dir, show_progress=show_progress, model=student,
                       objective=distill_objective(teacher, temperature, hidden_weight, ce_weight))

@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
+from nanoseek.check import check_presets
+from nanoseek.evaluate import evaluate_ids, token_stream
+from nanoseek.generate import Sampling, check_prompt, generate_batch, prepare_for_generation, stream
+from nanoseek.speculative import speculative_generate
+from nanoseek.train.hardware import resolve_device
+from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
+
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -72,13 +81,6 @@ def _prompts(args: Generate) -> list[str]:
 
 
 def cmd_generate(args: Generate) -> int:
-    import torch
-
-    from nanoseek.generate import Sampling, check_prompt, prepare_for_generation, stream
-    from nanoseek.speculative import speculative_generate
-    from nanoseek.train.loading import load_model, load_run_tokenizer
-    from nanoseek.train.trainer import resolve_device
-
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.speculative and args.temperature != 0:
         raise ValueError("--speculative decodes greedily; add --temperature 0")
@@ -125,10 +127,6 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 def _generate_batch(model, tok, prompts: list[str], args: Generate, sampling, generator) -> int:
     """Every prompt of --prompt-file in one left-padded batch; each printed with its continuation, in order."""
-    import torch
-
-    from nanoseek.generate import generate_batch
-
     if not args.cache:
         raise ValueError("--prompt-file decodes its prompts as one batch from the cache; drop --no-cache")
     start = time.perf_counter()
@@ -196,12 +194,6 @@ class Eval:
 
 
 def cmd_eval(args: Eval) -> int:
-    import torch
-
-    from nanoseek.evaluate import evaluate_ids, token_stream
-    from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
-    from nanoseek.train.trainer import resolve_device
-
     device = resolve_device(args.device)
     model, _ = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
     tok = load_run_tokenizer(args.ckpt)
@@ -230,9 +222,6 @@ class Check:
 
 
 def cmd_check(args: Check) -> int:
-    from nanoseek.check import check_presets
-    from nanoseek.train.trainer import resolve_device
-
     results = check_presets(list(args.presets) or None, resolve_device(args.device))
     print(f"{'preset':<20} {'':<5} {'params':>9} {'time':>7}  detail")
     for result in results:

@@ -32,10 +32,10 @@ from typing import Literal
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.interop.convert_mla import (RopeChoice, choose_rope_pairs, convert_attention,
+from nanoseek.convert.mla import (RopeChoice, choose_rope_pairs, convert_attention,
                                           pair_scores, rope_config)
-from nanoseek.interop.convert_moe import split_mlp, upcycle_mlp
-from nanoseek.interop.heal import compare
+from nanoseek.convert.moe import split_mlp, upcycle_mlp
+from nanoseek.convert.heal import compare
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE, expert_counts
 

@@ -1,0 +1,208 @@
+"""Batches of token windows from shards: `TokenLoader` for training (shuffled epochs, exact cursor, rank
+striding) and `token_windows` / `validation_batches` for evaluation (natural order, the same every time).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek.data.shards import read_shard, read_shard_header
+
+
+def count_windows(shards: Iterable[str | Path], seq_len: int, lookahead: int = 1) -> int:
+    """How many TokenLoader windows the shards hold (headers only), e.g. to size an eval batch to a small val set."""
+    lengths = (read_shard_header(path)[1] for path in shards)
+    return sum((n - lookahead) // seq_len for n in lengths if n >= seq_len + lookahead)
+
+
+class TokenLoader:
+    """Batches of token windows from memory-mapped shards, with multi-token targets and rank striding.
+
+    A window is seq_len + lookahead consecutive tokens inside one shard, starting at a multiple of seq_len, so
+    every token is a next-token target once per epoch and no window reads past its shard's end. An epoch is
+    an order over all windows: shard order, then window order within a shard; with `shuffle` both are
+    permuted by a generator keyed on (seed, epoch), so an epoch's order depends only on those, costs memory
+    proportional to one shard's window count, and differs between epochs. Without `shuffle` the order is
+    the shards' natural order. Batches take consecutive windows of that order: global batch g is windows
+    [g*B*W, (g+1)*B*W) (W = world_size) and rank r takes the r-th block of B, so ranks are disjoint and
+    together equal a single-rank loader with batch size B*W. An epoch's last windows that do not fill a
+    global batch are left out (with `shuffle`, a different few each epoch). The cursor (epoch, position) is the same on
+    every rank, so any rank's `state_dict` resumes all of them.
+    """
+
+    def __init__(self, shards: list[Path], batch_size: int, seq_len: int, lookahead: int = 1, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, vocab_size: int | None = None, shuffle: bool = True):
+        for name, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("lookahead", lookahead, 1),
+                                   ("world_size", world_size, 1), ("seed", seed, 0)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r}: must be an integer >= {least}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}: must be in [0, world_size={world_size})")
+        if not shards:
+            raise ValueError("no shards given; prepare data first (`nanoseek prepare`) and pass its shard lists")
+        self.shards = [Path(p) for p in shards]
+        self.batch_size, self.seq_len, self.lookahead = batch_size, seq_len, lookahead
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.vocab_size = vocab_size
+        self.window = seq_len + lookahead
+        lengths = [read_shard_header(path)[1] for path in self.shards]
+        for path, n in zip(self.shards, lengths):
+            if n < self.window:
+                raise ValueError(f"{path}: {n} tokens, shorter than one window of seq_len+lookahead={self.window}; "
+                                 "lower seq_len or re-run `nanoseek prepare` with a larger data.shard_tokens")
+        self.shard_lengths = lengths
+        self.windows_per_shard = np.array([(n - lookahead) // seq_len for n in lengths], dtype=np.int64)
+        self.n_windows = int(self.windows_per_shard.sum())
+        self.global_batch = batch_size * world_size
+        if self.n_windows < self.global_batch:
+            raise ValueError(f"the shards hold {self.n_windows} windows of {self.window} tokens but one batch "
+                             f"needs batch_size*world_size={self.global_batch}; lower the batch size or seq_len, "
+                             "or use more data")
+        self.epoch = 0
+        self.position = 0  # windows of this epoch consumed by all ranks together
+        self._tokens: dict[int, np.memmap] = {}
+        self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n_windows // self.global_batch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch: x LongTensor [B, T], targets LongTensor [B, T + lookahead - 1].
+
+        targets[:, j] is the token j+1 positions after x's first: targets[:, :T] are next-token targets and
+        targets[:, k:k+T] the (k+1)-ahead targets of multi-token prediction.
+        """
+        if self.position + self.global_batch > self.n_windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position + self.rank * self.batch_size
+        self.position += self.global_batch
+        return self._read(self.epoch, start, shuffled=self.shuffle)
+
+    def skip(self, n_batches: int) -> None:
+        """Move the cursor `n_batches` global batches forward without reading (to step over a bad data window)."""
+        for _ in range(n_batches):
+            if self.position + self.global_batch > self.n_windows:
+                self.epoch, self.position = self.epoch + 1, 0
+            self.position += self.global_batch
+
+    def state_dict(self) -> dict:
+        """The exact cursor as plain ints (JSON-able), plus what it is only valid for."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                "n_windows": self.n_windows, "seq_len": self.seq_len, "lookahead": self.lookahead}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a cursor; batch_size and world_size may differ (the cursor counts windows, not batches)."""
+        for key in ("seed", "shuffle", "n_windows", "seq_len", "lookahead"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"data loader state has {key}={state.get(key)!r} but this loader has "
+                                 f"{getattr(self, key)!r}; resume with the same data and settings")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.n_windows:
+            raise ValueError(f"data loader state epoch={epoch}, position={position} is out of range; "
+                             "the checkpoint's data state is corrupt")
+        self.epoch, self.position = epoch, position
+
+    # ---- internals ----
+
+    def _read(self, epoch: int, start: int, shuffled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.empty((self.batch_size, self.window), dtype=np.int64)
+        for row in range(self.batch_size):
+            shard, offset = self._locate(epoch, start + row, shuffled)
+            rows[row] = self._shard_tokens(shard)[offset:offset + self.window]
+        x = torch.from_numpy(np.ascontiguousarray(rows[:, :self.seq_len]))
+        targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
+        return x, targets
+
+    def _locate(self, epoch: int, index: int, shuffled: bool) -> tuple[int, int]:
+        """Window `index` of `epoch`'s order -> (shard number, token offset in that shard)."""
+        order, starts = self._epoch_layout(epoch if shuffled else -1)
+        slot = int(np.searchsorted(starts, index, side="right")) - 1
+        shard = int(order[slot])
+        local = index - int(starts[slot])
+        if shuffled:
+            local = int(self._window_permutation(epoch, shard)[local])
+        return shard, local * self.seq_len
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard order of `epoch` (-1: natural) and the first window index of each shard in that order."""
+        if self._layout is None or self._layout[0] != epoch:
+            order = np.arange(len(self.shards))
+            if epoch >= 0:
+                order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shards))
+            counts = self.windows_per_shard[order]
+            self._layout = (epoch, order, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        return self._layout[1], self._layout[2]
+
+    def _window_permutation(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._permutations:
+            if len(self._permutations) >= 4:  # a batch touches at most a few shards; keep memory to a few
+                self._permutations.clear()
+            rng = np.random.default_rng([self.seed, epoch, 1, shard])
+            self._permutations[key] = rng.permutation(int(self.windows_per_shard[shard]))
+        return self._permutations[key]
+
+    def _shard_tokens(self, shard: int) -> np.memmap:
+        if shard not in self._tokens:  # validated on first use: the id range check reads the whole shard once
+            self._tokens[shard] = read_shard(self.shards[shard], self.vocab_size)
+        return self._tokens[shard]
+
+
+def token_windows(arrays: Iterable[np.ndarray], seq_len: int, batch_size: int, lookahead: int = 1, rank: int = 0,
+                  world_size: int = 1, max_batches: int | None = None, drop_last: bool = False,
+                  tail: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluation batches in natural order: x LongTensor [b, T], targets [b, T + lookahead - 1] (as TokenLoader's).
+
+    Windows of seq_len + lookahead tokens start at every multiple of seq_len inside each array (a shard's
+    tokens, or ids held in memory), so every token after the first is a next-token target once. Consecutive
+    windows form global batches of batch_size * world_size; rank r takes the r-th block of batch_size. A last
+    global batch short of windows is used only without `drop_last` in one process (every rank must run the
+    same batches). With `tail`,
+    each array's last, shorter window (if it holds a target) comes in a batch of its own after the rest.
+    Arrays are read lazily: stopping after `max_batches` reads only what those batches need.
+    """
+    window, per_step, tails = seq_len + lookahead, batch_size * world_size, []
+
+    def windows() -> Iterator[np.ndarray]:
+        for tokens in arrays:
+            n_full = max((len(tokens) - lookahead) // seq_len, 0)
+            for start in range(0, n_full * seq_len, seq_len):
+                yield tokens[start:start + window]
+            if tail and len(tokens) - n_full * seq_len > lookahead:
+                tails.append(tokens[n_full * seq_len:])
+
+    rows, produced = windows(), 0
+    while max_batches is None or produced < max_batches:
+        group = list(itertools.islice(rows, per_step))
+        if not group or ((drop_last or world_size > 1) and len(group) < per_step):
+            break
+        yield _as_batch(group[rank * batch_size:(rank + 1) * batch_size], lookahead)
+        produced += 1
+    for rest in tails:
+        yield _as_batch([rest], lookahead)
+
+
+def validation_batches(shards: list[Path], batch_size: int, seq_len: int, lookahead: int = 1, rank: int = 0,
+                       world_size: int = 1, vocab_size: int | None = None, max_batches: int | None = None,
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `max_batches` batches of a validation split (the same ones at every evaluation of a run).
+
+    The batch shrinks below batch_size when the split holds fewer windows than one global batch, so a
+    small validation set still gives at least one batch per rank.
+    """
+    batch_size = max(min(batch_size, count_windows(shards, seq_len, lookahead) // world_size), 1)
+    arrays = (read_shard(path, vocab_size) for path in shards)
+    return list(token_windows(arrays, seq_len, batch_size, lookahead, rank, world_size, max_batches, drop_last=True))
+
+
+def _as_batch(rows: list[np.ndarray], lookahead: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = np.stack(rows).astype(np.int64)
+    x = torch.from_numpy(np.ascontiguousarray(batch[:, :batch.shape[1] - lookahead]))
+    return x, torch.from_numpy(np.ascontiguousarray(batch[:, 1:]))

@@ -1,0 +1,258 @@
+"""`prepare_data`: corpus -> tokenizer -> train/val shards + meta.json, and `load_prepared` to open the result.
+
+A prepared directory holds train_*.bin, val_*.bin (shards.py's format), the tokenizer files and meta.json,
+written last, so a folder whose preparation crashed is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from nanoseek.config import DataConfig
+from nanoseek.data.corpus import PREPARED_FORMAT, PREPARED_META, describe_source, is_prepared_dir, iter_documents
+from nanoseek.data.shards import FORMAT_VERSION, REBUILD, ShardWriter, file_sha256, read_shard_header, token_dtype
+from nanoseek.data.tokenizer import META_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer, train_tokenizer
+
+# Train/val split (see `_split_threshold`): documents are cut into line-aligned pieces of at most this many
+# characters, so even a single-file corpus (one long document) splits, and each piece is placed by its hash.
+SPLIT_PIECE_CHARS = 1 << 12
+_HASH_BUCKETS = 1 << 16
+# Each split must hold this many sequences of seq_len tokens, plus room for multi-token-prediction look-ahead.
+MIN_SPLIT_SEQUENCES = 4
+MAX_LOOKAHEAD = 8
+_ENCODE_BATCH = 256  # documents per encode_batch call: enough to keep the Rust BPE threads busy
+
+
+@dataclass
+class PreparedData:
+    """A prepared directory: tokenizer, shard lists and the meta.json describing them."""
+
+    out_dir: Path
+    tokenizer: Tokenizer
+    vocab_size: int
+    train_shards: list[Path]
+    val_shards: list[Path]
+    meta: dict
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against meta.json (reads all data; catches flipped bytes the header can't)."""
+        for split in ("train", "val"):
+            for entry in self.meta[split]["shards"]:
+                path = self.out_dir / entry["file"]
+                if file_sha256(path) != entry["sha256"]:
+                    raise ValueError(f"{path}: contents do not match the sha256 in meta.json (corrupt or "
+                                     f"modified); {REBUILD}")
+
+
+def load_prepared(directory: str | Path) -> PreparedData:
+    """Open a directory written by `prepare_data`, checking that its files exist and match meta.json."""
+    directory = Path(directory).expanduser()
+    meta_path = directory / PREPARED_META
+    if not meta_path.is_file():
+        raise ValueError(f"{directory} has no {PREPARED_META}; it is not prepared data, run `nanoseek prepare` "
+                         "with --out pointing there first")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        raise ValueError(f"{meta_path} is not valid JSON; {REBUILD}") from None
+    if meta.get("format") != PREPARED_FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
+                         f"this nanoseek reads {PREPARED_FORMAT!r} version {FORMAT_VERSION}; {REBUILD}")
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"{directory}: tokenizer has {tokenizer.vocab_size} ids but meta.json says "
+                         f"{meta['vocab_size']}; {REBUILD}")
+    shards = {}
+    for split in ("train", "val"):
+        shards[split] = []
+        for entry in meta[split]["shards"]:
+            path = directory / entry["file"]
+            _, count, _ = read_shard_header(path)
+            if count != entry["tokens"]:
+                raise ValueError(f"{path}: holds {count} tokens but meta.json lists {entry['tokens']}; {REBUILD}")
+            shards[split].append(path)
+    return PreparedData(directory, tokenizer, meta["vocab_size"], shards["train"], shards["val"], meta)
+
+
+def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
+    """Corpus -> tokenizer -> train/val shards + meta.json in `out_dir`; reuse `cfg.source` if it is prepared.
+
+    Two streaming passes over the source: the first measures the split and trains the tokenizer, the second
+    encodes. The tokenizer learns from the whole corpus (train and val): a char vocabulary must cover val or
+    val could not be encoded, BPE merge counts from a few % more text barely move val loss, and one shared pass
+    keeps a streamed Hugging Face dataset to two reads. The same source and config give byte-identical
+    shards, tokenizer and `content_hash`.
+    """
+    source_dir = Path(cfg.source).expanduser()
+    if source_dir.is_dir() and is_prepared_dir(source_dir):
+        return load_prepared(source_dir)  # `nanoseek train --data PREPARED_DIR`: use it as it is
+    min_shard = 2 * (cfg.seq_len + MAX_LOOKAHEAD)
+    if cfg.shard_tokens < min_shard:
+        raise ValueError(f"data.shard_tokens={cfg.shard_tokens}: must be >= {min_shard} (two sequences of "
+                         f"seq_len={cfg.seq_len} plus look-ahead) so every shard holds a training window")
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_previous(out_dir)  # from here until meta.json is written the folder is not "prepared"
+
+    def documents() -> Iterator[str]:
+        return iter_documents(cfg.source, text_field=cfg.hf_text_field, hf_split=cfg.hf_split)
+
+    # Pass 1: hash every piece into the histogram while the tokenizer trains on the same stream.
+    histogram = np.zeros(_HASH_BUCKETS, dtype=np.int64)
+    pieces = _scan_pieces(tqdm(documents(), desc="prepare 1/2 scan", unit="doc", disable=not progress), histogram)
+    tokenizer = train_tokenizer(cfg.tokenizer, pieces, cfg.vocab_size)
+    for _ in pieces:  # byte/file tokenizers and the BPE character cap leave the scan unfinished
+        pass
+    val_bucket_max = _split_threshold(histogram, cfg.val_fraction, cfg.source)
+    tokenizer.save(out_dir)
+
+    # Pass 2: encode each run of same-split pieces, end it with eos, stream it into that split's shards.
+    writers = {split: ShardWriter(out_dir, split, cfg.shard_tokens, tokenizer.vocab_size) for split in ("train", "val")}
+    runs = {"train": 0, "val": 0}
+    encoded = _encode_runs(tqdm(documents(), desc="prepare 2/2 encode", unit="doc", disable=not progress),
+                           tokenizer, val_bucket_max)
+    for split, tokens in encoded:
+        writers[split].write(tokens)
+        runs[split] += 1
+    min_tokens = MIN_SPLIT_SEQUENCES * cfg.seq_len + MAX_LOOKAHEAD
+    for split, writer in writers.items():
+        if writer.total_tokens < min_tokens:
+            raise ValueError(f"{cfg.source}: the {split} split has {writer.total_tokens} tokens, fewer than "
+                             f"{min_tokens} ({MIN_SPLIT_SEQUENCES} sequences of seq_len={cfg.seq_len}); use a larger "
+                             f"corpus, raise data.val_fraction (now {cfg.val_fraction}) or lower data.seq_len")
+    paths = {split: writer.close() for split, writer in writers.items()}
+
+    meta = _build_meta(cfg, out_dir, tokenizer, paths, runs, val_bucket_max)
+    tmp = out_dir / (PREPARED_META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, out_dir / PREPARED_META)  # atomic: meta.json exists only once everything else does
+    return PreparedData(out_dir, tokenizer, tokenizer.vocab_size, paths["train"], paths["val"], meta)
+
+
+def _remove_previous(out_dir: Path) -> None:
+    """Delete an earlier preparation's meta.json and the shards it lists (and only those), so re-preparing in
+    place with fewer shards leaves no stale files behind."""
+    meta_path = out_dir / PREPARED_META
+    if is_prepared_dir(out_dir):
+        meta = json.loads(meta_path.read_text())
+        meta_path.unlink()
+        for split in ("train", "val"):
+            for entry in meta.get(split, {}).get("shards", []):
+                (out_dir / Path(entry["file"]).name).unlink(missing_ok=True)
+    meta_path.unlink(missing_ok=True)
+
+
+def _build_meta(cfg: DataConfig, out_dir: Path, tokenizer: Tokenizer, paths: dict[str, list[Path]],
+                runs: dict[str, int], val_bucket_max: int) -> dict:
+    splits = {}
+    for split, shard_paths in paths.items():
+        entries = [{"file": p.name, "tokens": read_shard_header(p)[1], "sha256": file_sha256(p)} for p in shard_paths]
+        splits[split] = {"tokens": sum(e["tokens"] for e in entries), "documents": runs[split], "shards": entries}
+    tokenizer_files = {name: _canonical_json_sha256(out_dir / name)
+                       for name in (META_FILE, TOKENIZER_FILE) if (out_dir / name).is_file()}
+    content = {"tokenizer": tokenizer_files,
+               "shards": {split: [e["sha256"] for e in splits[split]["shards"]] for split in splits}}
+    return {
+        "format": PREPARED_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": cfg.source,
+        "source_description": describe_source(cfg.source),
+        "text_field": cfg.hf_text_field,
+        "hf_split": cfg.hf_split,
+        "tokenizer": {"kind": tokenizer.kind, "requested": cfg.tokenizer, "vocab_size": tokenizer.vocab_size,
+                      "eos_id": tokenizer.eos_id, "files": sorted(tokenizer_files)},
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "seq_len": cfg.seq_len,
+        "split": {"method": "blake2b-64 of line-aligned text pieces; val = hash bucket <= val_bucket_max",
+                  "val_fraction": cfg.val_fraction, "piece_chars": SPLIT_PIECE_CHARS,
+                  "hash_buckets": _HASH_BUCKETS, "val_bucket_max": val_bucket_max},
+        "train": splits["train"],
+        "val": splits["val"],
+        "content_hash": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def _canonical_json_sha256(path: Path) -> str:
+    # Hash the parsed JSON, not the bytes: the same tokenizer must hash the same whatever the writer's spacing.
+    value = json.loads(path.read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# ---- the train/val split --------------------------------------------------------------------------
+#
+# A split unit is a piece of a document (<= SPLIT_PIECE_CHARS, cut after a newline when there is one), placed
+# by the top 16 bits of its blake2b hash. Pass 1 adds each piece's length to its bucket; the validation set is
+# then every piece whose bucket is <= the first bucket at which the running total reaches val_fraction of the
+# characters. So: deterministic, independent of document order, identical pieces (duplicated licence headers)
+# always land on the same side, val is never empty and is within one piece of val_fraction even for a corpus
+# of a few documents, and nothing but a 65536-entry histogram is kept in memory.
+
+
+def _pieces(text: str) -> list[str]:
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + SPLIT_PIECE_CHARS, len(text))
+        if end < len(text):
+            newline = text.rfind("\n", start, end)
+            if newline > start:
+                end = newline + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def _bucket(piece: str) -> int:
+    digest = hashlib.blake2b(piece.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> (64 - 16)
+
+
+def _scan_pieces(documents: Iterable[str], histogram: np.ndarray) -> Iterator[str]:
+    for text in documents:
+        for piece in _pieces(text):
+            histogram[_bucket(piece)] += len(piece)
+            yield piece
+
+
+def _split_threshold(histogram: np.ndarray, val_fraction: float, source: str) -> int:
+    cumulative = np.cumsum(histogram)
+    total = int(cumulative[-1])
+    bucket = int(np.searchsorted(cumulative, val_fraction * total, side="left"))
+    if cumulative[bucket] >= total:  # val would swallow everything: give the last non-empty bucket to train
+        filled = np.flatnonzero(histogram)
+        if len(filled) < 2:
+            raise ValueError(f"{source}: too little text to split into train and val ({total} characters); "
+                             "use a larger corpus")
+        bucket = int(filled[-2])
+    return bucket
+
+
+def _encode_runs(documents: Iterable[str], tokenizer: Tokenizer,
+                 val_bucket_max: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (split, ids + [eos]) per run of consecutive same-split pieces; a fully-train document is one run."""
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> Iterator[tuple[str, np.ndarray]]:
+        encoded = tokenizer.encode_batch([text for _, text in batch])
+        for (split, _), ids in zip(batch, encoded):
+            tokens = np.empty(len(ids) + 1, dtype=np.int64)
+            tokens[:-1] = ids
+            tokens[-1] = tokenizer.eos_id
+            yield split, tokens
+        batch.clear()
+
+    for text in documents:
+        for is_val, group in itertools.groupby(_pieces(text), key=lambda p: _bucket(p) <= val_bucket_max):
+            batch.append(("val" if is_val else "train", "".join(group)))
+        if len(batch) >= _ENCODE_BATCH:
+            yield from flush()
+    yield from flush()

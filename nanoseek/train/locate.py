@@ -1,0 +1,215 @@
+"""The NaN locator: replay a bad step with hooks on every module and name the first that went
+non-finite, so a skipped step is explained (which step, which batch, which module) without a debugger.
+
+On a non-finite event the trainer saves the batch, the RNG state and the model state under
+`RUN_DIR/bad_batches/step-N/`; `nanoseek diagnose RUN_DIR [--step N]` replays it any time later.
+Replay order: forward hooks (first module whose output is non-finite, in execution order, so a
+child is named before its parent), then the loss, then backward hooks (first module whose
+gradient is non-finite), and last the recorded parameter gradients of the original step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from nanoseek.train.distributed import Distributed, local
+from nanoseek.train.faults import FaultInjector
+from nanoseek.train.guard import StepStats, Verdict
+from nanoseek.train.rng import rng_state
+
+MAX_SAVED = 5  # bad batches kept per run: the first ones explain a run best
+
+
+@dataclass
+class Finding:
+    stage: str  # forward | loss | backward | grad | clean
+    module: str | None = None
+    tensor: str = ""
+    detail: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        if self.stage == "clean":
+            return "replay is finite everywhere: the fault did not reproduce (data- or state-dependent)"
+        where = f"module {self.module!r}" if self.module is not None else "the loss"
+        return f"first non-finite value in {self.stage} at {where}, {self.tensor}; {_ranges(self.detail)}"
+
+
+def _ranges(detail: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in detail.items())
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def _summary(tensors: list[torch.Tensor]) -> dict:
+    """Range of the finite values and the count of non-finite ones."""
+    if not tensors:
+        return {}
+    flat = torch.cat([t.detach().float().flatten() for t in tensors])
+    finite = flat[torch.isfinite(flat)]
+    out = {"nonfinite": int((~torch.isfinite(flat)).sum()), "numel": flat.numel()}
+    if finite.numel():
+        out.update(min=f"{finite.min().item():.4g}", max=f"{finite.max().item():.4g}")
+    return out
+
+
+def _nonfinite(tensors: list[torch.Tensor]) -> bool:
+    return any(not bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultInjector | None = None,
+           step: int = -1, autocast=None, grad_findings: list[str] | None = None) -> Finding:
+    """Re-run forward/backward of one batch with hooks; x: [B, T], y: [B, T + lookahead - 1]."""
+    found: list[Finding] = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def forward_hook(module, args, output):
+        if not found and _nonfinite(_tensors(output)):
+            found.append(Finding("forward", names[module] or "<model>", "output",
+                                 {"input": _summary(_tensors(args)), "output": _summary(_tensors(output))}))
+
+    def backward_hook(module, grad_input, grad_output):
+        if not found and _nonfinite(_tensors(grad_input)):
+            found.append(Finding("backward", names[module] or "<model>", "grad_input",
+                                 {"grad_output": _summary(_tensors(grad_output)), "grad_input": _summary(_tensors(grad_input))}))
+
+    was_training = model.training
+    model.zero_grad(set_to_none=True)
+    model.train()
+    try:
+        finding = _replay(model, x, y, injector, step, autocast, forward_hook, backward_hook, found)
+    finally:  # leave the model as it was: no gradients, no expert loads counted by the replay
+        model.zero_grad(set_to_none=True)
+        model.reset_expert_loads()
+        model.train(was_training)
+    if finding is None and grad_findings:  # finite on replay: name the parameters of the original step
+        param = grad_findings[0]
+        finding = Finding("grad", param.rsplit(".", 1)[0], f"gradient of {param}", {"parameters": len(grad_findings)})
+    return finding or Finding("clean")
+
+
+def _replay(model, x, y, injector, step, autocast, forward_hook, backward_hook, found) -> Finding | None:
+    """Forward with `forward_hook` on every module, the loss, backward with `backward_hook`: the first
+    Finding of the three stages, or None if all stayed finite."""
+    with injector.activations(step) if injector else contextlib.nullcontext():  # before the diagnostic hooks
+        with _hooks([m.register_forward_hook(forward_hook) for m in model.modules()]):
+            with autocast or contextlib.nullcontext():
+                out = model(x, y)
+    if found:
+        return found[0]
+    loss = injector.loss(step, out.loss) if injector else out.loss
+    if not math.isfinite(float(loss.detach())):
+        bad = {k: float(v.detach()) for k, v in out.losses.items() if not math.isfinite(float(v.detach()))}
+        return Finding("loss", None, "loss", {"components": bad or "all finite; the total is not"})
+    with _hooks([m.register_full_backward_hook(backward_hook) for m in model.modules() if m is not model]):
+        loss.backward()
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def _hooks(handles: list):
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def nonfinite_grads(model: nn.Module) -> list[str]:
+    """Names of parameters whose gradient (this rank's part of it, under FSDP) holds a NaN or Inf (only
+    called on the fault path)."""
+    return [name for name, p in model.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())]
+
+
+def locate_and_save(run_dir: Path, step: int, verdict: Verdict, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    model: nn.Module, injector: FaultInjector, bad_grads: list[str],
+                    autocast: Callable[[], contextlib.AbstractContextManager], device: torch.device) -> str | None:
+    """Save a faulted step's batches under run_dir/bad_batches/step-N/ and, for a non-finite fault, replay
+    the first one with hooks to name the module where it began. Returns that module (None if not found).
+
+    batches: the step's (x [B, T], y [B, T + lookahead - 1]) pairs; injector: the faults of the rank
+    whose batches these are (replayed too); bad_grads: names of the parameters whose gradient was
+    non-finite; autocast: the training precision's context."""
+    root = run_dir / "bad_batches"
+    saved = sorted(root.glob("step-*")) if root.exists() else []
+    nonfinite = verdict.cause.startswith("non-finite")
+    finding = None
+    if nonfinite:
+        x, y = batches[0]
+        finding = replay(model, x.to(device), y.to(device), injector, step, autocast(), bad_grads)
+    if len(saved) < MAX_SAVED:
+        out_dir = root / f"step-{step:08d}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"x": torch.stack([b[0] for b in batches]), "y": torch.stack([b[1] for b in batches])},
+                   out_dir / "batch.pt")
+        torch.save(rng_state(), out_dir / "rng.pt")
+        if nonfinite:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            if model.config.tie_embeddings:
+                state.pop("head.weight", None)
+            save_file(state, str(out_dir / "model.safetensors"))
+        meta = {"step": step, "cause": verdict.cause, "action": verdict.action, "injected": injector.active(step),
+                "finding": finding.line() if finding else None, "module": finding.module if finding else None,
+                "nonfinite_grads": bad_grads[:20], "rank": injector.rank, "world_size": injector.world_size}
+        (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    return finding.module if finding else None
+
+
+class BadStepRecorder:
+    """On a faulted step: find the parameters with non-finite gradients, then `locate_and_save`. One code
+    path for one process and torchrun: every rank calls `record` (a collective: every rank holds the same
+    verdict) and rank 0 writes the batch of the rank where the fault began (its own batch was bad, else
+    its own loss, else its own gradients were non-finite), replayed with that rank's fault injections,
+    under FSDP on an unsharded copy of the weights (`whole_copy(state)`; None when the model cannot be
+    rebuilt on one rank)."""
+
+    def __init__(self, run_dir: Path, dist: Distributed, model: nn.Module, inject: tuple[str, ...],
+                 autocast: Callable[[], contextlib.AbstractContextManager],
+                 whole_copy: Callable[[dict], nn.Module] | None, log: Callable[[str], None]):
+        self.run_dir, self.dist, self.model, self.inject = run_dir, dist, model, inject
+        self.autocast, self.whole_copy, self.log = autocast, whole_copy, log
+
+    def record(self, verdict: Verdict, stats: StepStats, batches: list) -> Verdict:
+        """Returns the verdict with the module the fault began in (if found)."""
+        if verdict.action == "overflow":
+            return verdict
+        step, view, nonfinite = stats.step, stats.rank, verdict.cause.startswith("non-finite")
+        if self.dist.mode == "fsdp" and self.whole_copy is None:
+            self.log(f"[guard] step {step}: no bad-batch record (FSDP with a model passed to the Trainer cannot be "
+                     "replayed on one rank; use --dist ddp to keep records)")
+            return verdict
+        mine = {"batch_ok": view.batch_ok, "bad_grads": nonfinite_grads(self.model) if nonfinite else [],
+                "batches": [(x.cpu(), y.cpu()) for x, y in batches],
+                # no loss or norm: no forward ran (a bad batch somewhere)
+                "loss_ok": view.loss is None or math.isfinite(float(view.loss)),
+                "grad_ok": view.grad_norm is None or math.isfinite(float(view.grad_norm))}
+        everyone = self.dist.gather_objects(mine)
+        state = self.dist.full_model_state(self.model) if nonfinite and self.dist.mode == "fsdp" else None
+        if not self.dist.is_main:
+            return verdict
+        culprit = next((r for key in ("batch_ok", "loss_ok", "grad_ok") for r, info in enumerate(everyone)
+                        if not info[key]), 0)
+        bad_grads = list(dict.fromkeys(name for info in everyone for name in info["bad_grads"]))
+        model = self.whole_copy(state) if state is not None else self.model  # a shard cannot run alone
+        injector = FaultInjector(self.inject, model, culprit, self.dist.world_size)
+        module = locate_and_save(self.run_dir, step, verdict, everyone[culprit]["batches"], model, injector,
+                                 bad_grads, self.autocast, self.dist.device)
+        if self.dist.world_size > 1:
+            self.log(f"[guard] step {step}: the fault began on rank {culprit}")
+        return dataclasses.replace(verdict, module=module)

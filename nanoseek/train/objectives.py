@@ -1,0 +1,161 @@
+"""Training objectives: `objective(model, x, y) -> ModelOutput`, what the Trainer minimises.
+
+x [B, T] token ids, y [B, T + lookahead - 1] next-token (and MTP) targets; the returned `losses` are logged
+and `losses["ce"]` (else the total) is the eval metric.
+
+- `next_token_objective`: the model's own next-token (+ MTP, aux, z) loss; the default.
+- `distill_objective(teacher, ...)`: logit distillation, T^2 * KL(teacher_T || student_T) (Hinton et al.
+  2015; end-to-end distillation is what X-EcoMLA, arXiv 2503.11132, uses after an MLA conversion), optionally
+  plus a normalised MSE between the models' per-layer hidden states and a next-token CE term (`nanoseek heal`).
+- `DistillationObjective`: NPT adapters (`nanoseek npt`): the student (base + adapters) must reproduce the
+  teacher's (frozen base's) hidden state at every converted layer,
+
+      loss = mean_l nmse_l + reg_weight * reg + kl_weight * kl
+
+  nmse_l = ||h_s - h_t||^2 / ||h_t||^2 over the whole batch at converted layer l, in fp32. Scale-invariant:
+  it is the relative squared error whatever the size of the residual stream (a plain MSE grows with the
+  hidden size and norm, and on a large model its first steps give huge gradients). At init it is the
+  relative size of what the conversion removed (the attention residual), O(1) for any model.
+  reg = mean_l (mean(shift^2) + mean(scale_logits^2)) / 2: the adapters' raw outputs, per element so the
+  weight does not depend on the MLP width. kl = KL(teacher || student) of the next-token distributions,
+  optional (kl_weight > 0). `student_ce` (the student's next-token loss) is logged, never optimised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.npt import NPTBlock
+from nanoseek.model.transformer import ModelOutput, _cross_entropy
+from nanoseek.train.distributed import unwrap
+
+NMSE_FLOOR = 1e-12  # a teacher state of exactly zero norm (never seen in practice) must not divide by 0
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], ModelOutput]
+
+
+def next_token_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+    """The default objective: the model's own next-token (+ MTP, aux, z) loss."""
+    return model(x, y)
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions at `temperature`, mean over tokens, times T^2
+    (Hinton et al. 2015, so the gradient scale does not depend on T), in fp32. logits [B, T, vocab] -> scalar."""
+    log_s = F.log_softmax(student_logits.float() / temperature, -1).flatten(0, -2)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, -1).flatten(0, -2)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """student, teacher [B, T, dim] -> scalar sum((s - t)^2) / sum(t^2), in fp32."""
+    s, t = student.float(), teacher.float()
+    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(NMSE_FLOOR)
+
+
+@contextlib.contextmanager
+def outputs_of(modules: dict) -> Iterator[dict]:
+    """{key: module} -> {key: that module's forward output}, filled while the model runs inside the block.
+    Forward hooks read the outputs without changing what the model's forward returns."""
+    seen: dict = {}
+    handles = [module.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(key, out))
+               for key, module in modules.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def student_ce(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The student's next-token loss, logged beside a distillation loss: logits [B, T, V] against y[:, :T]."""
+    return _cross_entropy(logits, y[:, :x.shape[1]])
+
+
+def distill_objective(teacher: nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0,
+                      ce_weight: float = 0.0) -> Objective:
+    """T^2 * KL(teacher_T || student_T) per token (+ hidden_weight * mean over layers of
+    MSE(h_student, h_teacher) / mean(h_teacher^2), + ce_weight * CE), see the module docstring.
+
+    The teacher runs without gradients on x's device (moved there on first use). Logged components: kl,
+    hidden (when on), student_ce; the eval metric is the total.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0")
+    teacher.requires_grad_(False).eval()
+
+    def run(model: nn.Module, x: torch.Tensor) -> tuple[ModelOutput, list[torch.Tensor]]:
+        blocks = dict(enumerate(unwrap(model).layers)) if hidden_weight else {}  # inside torch.compile / DDP
+        with outputs_of(blocks) as hidden:
+            out = model(x)
+        return out, [hidden[i] for i in sorted(hidden)]
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+        if next(teacher.parameters()).device != x.device:
+            teacher.to(x.device)
+        with torch.no_grad():
+            teacher_out, teacher_hidden = run(teacher, x)
+        out, hidden = run(model, x)
+        kl = kl_to_teacher(out.logits, teacher_out.logits, temperature)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(ce_weight)):  # only logged when its weight is 0
+            ce = student_ce(out.logits, x, y)
+        losses = {"kl": kl, "student_ce": ce.detach()}
+        total = kl
+        if hidden_weight:
+            losses["hidden"] = torch.stack([normalised_mse(h, t) for h, t in zip(hidden, teacher_hidden)]).mean()
+            total = total + hidden_weight * losses["hidden"]
+        if ce_weight:
+            total = total + ce_weight * ce
+        router = out.losses  # the model's own MoE aux / z losses, when the config turns them on
+        losses.update(router)
+        for value in router.values():
+            total = total + value
+        return ModelOutput(out.logits, total, losses)
+
+    return objective
+
+
+class DistillationObjective:
+    """`objective(student, x, y) -> ModelOutput` for the Trainer (see the module docstring).
+
+    x [B, T] token ids; y [B, T(+lookahead)] next-token targets (only for the logged student_ce).
+    """
+
+    def __init__(self, teacher: Callable, layer_ids: tuple[int, ...], reg_weight: float = 0.01,
+                 kl_weight: float = 0.0):
+        if reg_weight < 0 or kl_weight < 0:
+            raise ValueError(f"reg_weight={reg_weight}, kl_weight={kl_weight}: weights must be >= 0")
+        self.teacher, self.layer_ids = teacher, tuple(layer_ids)
+        self.reg_weight, self.kl_weight = reg_weight, kl_weight
+
+    def __call__(self, student: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+        target_hidden, target_logits = self.teacher(x, self.layer_ids, with_logits=self.kl_weight > 0)
+        blocks = {i: unwrap(student).layers[i] for i in self.layer_ids}  # the trainer passes the DDP / compile wrapper
+        for i, block in blocks.items():
+            if not isinstance(block, NPTBlock):
+                raise ValueError(f"layer {i} of the student is not an NPT block; convert it with convert_to_npt")
+        with outputs_of(blocks) as hidden, outputs_of({i: b.adapter for i, b in blocks.items()}) as adapter_out:
+            out = student(x)
+
+        nmse = torch.stack([normalised_mse(hidden[i], target_hidden[i]) for i in self.layer_ids]).mean()
+        reg_parts = []
+        for i in self.layer_ids:
+            shift, scale_logits = adapter_out[i]
+            part = shift.float().pow(2).mean()
+            if scale_logits is not None:
+                part = (part + scale_logits.float().pow(2).mean()) / 2
+            reg_parts.append(part)
+        reg = torch.stack(reg_parts).mean()
+        losses = {"nmse": nmse, "reg": reg}
+        total = nmse + self.reg_weight * reg
+        if self.kl_weight > 0:
+            losses["kl"] = kl_to_teacher(out.logits, target_logits)
+            total = total + self.kl_weight * losses["kl"]
+        with torch.no_grad():
+            losses["student_ce"] = student_ce(out.logits, x, y)
+        return ModelOutput(out.logits, total, losses)
