@@ -3,6 +3,9 @@
     python bench/bench_decode.py                       # CPU defaults: 6 layers, dim 256, 8 heads
     python bench/bench_decode.py --device cuda --dim 1024 --n-layers 12 --n-heads 16 \
         --kv-lora-rank 256 --batch-sizes 1 64 --prompt-len 512 --new-tokens 256 --no-uncached
+    python bench/bench_decode.py --real FOLDER --dtype bfloat16 --batch-sizes 1 8 --new-tokens 64
+                                                       # a real model against transformers: see decode_real.py
+    python bench/bench_decode.py --converted RUN --dtype bfloat16   # MLA / MTP on a converted model
 
 Models (dense SwiGLU everywhere, no MTP, so only attention and its cache differ):
   mha        n_kv_heads = n_heads: 2 * n_heads * head_dim cached values per token and layer
@@ -49,6 +52,12 @@ class Args:
     dtype: str = "float32"
     """float32 or bfloat16 (weights and cache)."""
     models: tuple[str, ...] = ("mha", "gqa", "mla", "mla-naive")
+    real: str | None = None
+    """A transformers folder: compare nanoseek with transformers' generate on it (bench/decode_real.py)."""
+    compile: bool = False
+    """With --real: compile nanoseek's decode step (the warm-up includes the compilation)."""
+    converted: str | None = None
+    """A `nanoseek convert --to mla` run: time its latent-cache and MTP speculative decoding (decode_converted.py)."""
 
 
 def build(name: str, args: Args) -> Transformer:
@@ -86,6 +95,16 @@ def timed_decode(model: Transformer, batch: int, args: Args, use_cache: bool) ->
 
 
 def main(args: Args) -> None:
+    if args.real:
+        from decode_real import compare  # bench/ is the script's directory, hence on sys.path
+
+        compare(args.real, getattr(torch, args.dtype), args.batch_sizes, args.new_tokens, args.repeats, args.compile)
+        return
+    if args.converted:
+        from decode_converted import compare as compare_converted
+
+        compare_converted(args.converted, getattr(torch, args.dtype), args.batch_sizes, args.new_tokens, args.repeats)
+        return
     if args.device == "cpu":
         torch.set_num_threads(1)
         torch.set_flush_denormal(True)

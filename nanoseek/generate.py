@@ -1,8 +1,12 @@
 """Sampling: prefill once, then decode one token at a time from the KV cache (the latent cache for MLA).
 
-`stream` yields each new token as soon as it exists; `generate` collects them. Neither reads a value
-back to the host per token except where asked to: the end-of-text check runs every `sync_every`
-tokens (finished rows are padded with eos meanwhile), so a GPU keeps decoding ahead of Python.
+`stream` yields each new token as soon as it exists; `generate` collects them; `generate_batch` decodes
+prompts of different lengths as one left-padded batch. Neither reads a value back to the host per token
+except where asked to: the end-of-text check runs every `sync_every` tokens (finished rows are padded with
+eos meanwhile), so a GPU keeps decoding ahead of Python.
+
+The default cache is static (model/cache.py, driven by `StaticDecoder`): every decode step has the same
+shapes, so `compile` traces it once. The dynamic cache (`static_cache=False`) is the simpler reference.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.model import Transformer
+from nanoseek.model.cache import new_static_caches
+from nanoseek.model.packed import pack_linears
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def prepare_for_generation(model: Transformer, dtype: torch.dtype | None = None, pack: bool = True) -> int:
+    """Ready `model` for decoding alone, in place: eval mode, weights in `dtype` (None: as they are) and, on
+    CPU, linear layers prepacked for oneDNN (model/packed.py). Returns how many layers were packed.
+    Leave `pack` off for a compiled step: inductor's weight freezing packs them itself."""
+    model.eval()
+    if dtype is not None:
+        model.to(dtype)
+    return pack_linears(model) if pack else 0
+
+
 def check_prompt(model: Transformer, prompt: torch.Tensor, truncate: bool = False) -> torch.Tensor:
     """The prompt as the model can take it: [B, T0] with T0 < max_seq_len (room for one new token).
 
@@ -74,13 +90,78 @@ def check_prompt(model: Transformer, prompt: torch.Tensor, truncate: bool = Fals
     return prompt
 
 
+class StaticDecoder:
+    """Prefill, then one-token steps over static caches. pad: [B] left-padding length of each row (None:
+    none). `compile` compiles the step (torch.compile, static shapes; with frozen weights on CPU, where
+    inductor hands linear layers to oneDNN's prepacked kernels): one trace per batch size and cache length."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, pad: torch.Tensor | None = None,
+                 compile: bool = False):
+        self.model = model
+        self.layout, self.caches = new_static_caches(model, batch, max_len, pad)
+        self._step = compiled_step() if compile else decode_step
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """prompt [B, T0] (left-padded as `pad` says) -> logits of the next token [B, vocab]."""
+        self.layout.advance(0, prompt.shape[1])
+        return self.model(prompt, caches=self.caches).logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        """tokens [B, 1] written at cache slot `slot` -> logits of the next token [B, vocab]."""
+        return self._step(self.model, self.layout, self.caches, tokens, torch.tensor(slot, device=tokens.device))
+
+
+def decode_step(model: Transformer, layout, caches: list, tokens: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """One token per row at cache slot `slot` (a 0-dim tensor: a compiled step never sees a new constant)."""
+    layout.advance(slot, 1)
+    return model(tokens, caches=caches, start_pos=slot).logits[:, -1]
+
+
+_COMPILED = {}
+
+
+def compiled_step():
+    """decode_step under torch.compile, made once per process (each model / shape adds its own trace).
+
+    Freezing bakes the weights into the compiled step as constants: compile only a model whose weights no
+    longer change (generation after loading, not sampling between training steps)."""
+    if "step" not in _COMPILED:
+        options = {"freezing": True} if torch.backends.mkldnn.is_available() else None
+        _COMPILED["step"] = torch.compile(decode_step, dynamic=False, options=options)
+    return _COMPILED["step"]
+
+
+def _first_and_next(model: Transformer, prompt: torch.Tensor, total: int, pad: torch.Tensor | None,
+                    use_cache: bool, static_cache: bool, compile: bool):
+    """(logits after the prompt [B, vocab], next(tokens [B, 1], position) -> logits) for the chosen cache."""
+    if use_cache and static_cache:
+        decoder = StaticDecoder(model, prompt.shape[0], total, pad, compile)
+        return decoder.prefill(prompt), decoder.step
+    if pad is not None:
+        raise ValueError("a ragged (left-padded) batch decodes from the static cache; leave use_cache and "
+                         "static_cache on, or decode its prompts one at a time")
+    if use_cache:
+        caches = model.new_caches(prompt.shape[0], total)
+        return (model(prompt, caches=caches).logits[:, -1],
+                lambda nxt, pos: model(nxt, caches=caches, start_pos=pos).logits[:, -1])
+    seq = [prompt]  # use_cache False re-runs the whole sequence for every token (the slow reference path)
+
+    def rerun(nxt: torch.Tensor, pos: int) -> torch.Tensor:
+        seq[0] = torch.cat([seq[0], nxt], dim=1)
+        return model(seq[0]).logits[:, -1]
+    return model(prompt).logits[:, -1], rerun
+
+
 @torch.no_grad()
 def stream(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
            eos_id: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
-           truncate: bool = False, sync_every: int = 16) -> Iterator[torch.Tensor]:
+           truncate: bool = False, sync_every: int = 16, pad: torch.Tensor | None = None,
+           static_cache: bool = True, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield new tokens [B, 1] one at a time (at most max_new_tokens, never past max_seq_len).
 
-    use_cache False re-runs the whole sequence for every token (the slow reference path).
+    pad: [B] left-padding length of each row of `prompt` (a ragged batch, see `pad_prompts`).
+    use_cache False re-runs the whole sequence for every token (the slow reference path); static_cache
+    False uses the dynamic cache; compile compiles the decode step (static cache only).
     Rows that emitted eos_id keep emitting it; the stream ends once every row has (checked every
     `sync_every` tokens, and on every token for a batch of one, which is already synchronous).
     """
@@ -89,11 +170,12 @@ def stream(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampli
     was_training = model.training
     model.eval()
     try:
+        full_len = prompt.shape[1]
         prompt = check_prompt(model, prompt, truncate)
+        if pad is not None:  # truncation cuts padding first
+            pad = (pad - (full_len - prompt.shape[1])).clamp(min=0)
         total = min(model.config.max_seq_len, prompt.shape[1] + max_new_tokens)
-        caches = model.new_caches(prompt.shape[0], total) if use_cache else None
-        seq = prompt
-        logits = model(prompt, caches=caches).logits[:, -1]  # prefill: [B, vocab]
+        logits, step = _first_and_next(model, prompt, total, pad, use_cache, static_cache, compile)
         done = torch.zeros(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
         for n in range(total - prompt.shape[1]):
             nxt = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)  # [B, 1]
@@ -106,24 +188,26 @@ def stream(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampli
                 break
             if eos_id is not None and (prompt.shape[0] == 1 or (n + 1) % sync_every == 0) and bool(done.all()):
                 break
-            if use_cache:
-                logits = model(nxt, caches=caches, start_pos=pos).logits[:, -1]
-            else:
-                seq = torch.cat([seq, nxt], dim=1)
-                logits = model(seq).logits[:, -1]
+            logits = step(nxt, pos)
     finally:
         model.train(was_training)
 
 
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_id: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
-             truncate: bool = False) -> torch.Tensor:
+             truncate: bool = False, pad: torch.Tensor | None = None, static_cache: bool = True,
+             compile: bool = False) -> torch.Tensor:
     """prompt: [B, T0] -> [B, T0 + n], n <= max_new_tokens (fewer at eos or at max_seq_len).
 
     With truncate, T0 counts the prompt as the model saw it (its last max_seq_len - 1 tokens).
+    pad, static_cache, compile: as for `stream`.
     """
+    full_len = prompt.shape[1]
     prompt = check_prompt(model, prompt, truncate)
-    new = list(stream(model, prompt, max_new_tokens, sampling, eos_id, generator, use_cache))
+    if pad is not None:
+        pad = (pad - (full_len - prompt.shape[1])).clamp(min=0)
+    new = list(stream(model, prompt, max_new_tokens, sampling, eos_id, generator, use_cache, pad=pad,
+                      static_cache=static_cache, compile=compile))
     out = torch.cat([prompt, *new], dim=1)
     if eos_id is not None and new:  # drop trailing all-eos columns the periodic check let through
         finished = (out[:, prompt.shape[1]:] == eos_id).long().cumsum(1) > 0  # [B, n]: at/after each first eos
@@ -131,3 +215,29 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, samp
         if bool(all_done.any()):
             out = out[:, :prompt.shape[1] + int(all_done.int().argmax()) + 1]
     return out
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of any lengths -> (left-padded batch [B, T0], pad [B]); the pad token is never attended."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (an empty prompt or an empty list was given)")
+    width = max(len(p) for p in prompts)
+    batch = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    return batch, torch.tensor([width - len(p) for p in prompts], device=device)
+
+
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+                   sampling: Sampling = Sampling(), eos_id: int | None = None,
+                   generator: torch.Generator | None = None, truncate: bool = False,
+                   compile: bool = False) -> list[list[int]]:
+    """Continue every prompt in one batch (no loop over prompts): each row's new tokens, cut after its first
+    eos_id (kept). Greedy rows equal what `generate` gives that prompt alone. The rows share one context of
+    max_seq_len slots, so the longest prompt bounds how many tokens every row can get."""
+    batch, pad = pad_prompts(prompts, device=model.embed.weight.device)
+    out = generate(model, batch, max_new_tokens, sampling, eos_id, generator, truncate=truncate, pad=pad,
+                   compile=compile)
+    rows = out[:, min(batch.shape[1], model.config.max_seq_len - 1):].tolist()
+    if eos_id is not None:
+        rows = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    return rows

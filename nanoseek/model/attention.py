@@ -137,6 +137,22 @@ def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return out if has_key is None else out * has_key.to(out.dtype)
 
 
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor,
+                   eager: bool) -> torch.Tensor:
+    """GQA attention from a static cache under its mask. q [B, H, T, D], k/v [B, Hkv, S, D], allowed
+    [B, 1, T, S] -> [B, H, T, D]. For one new token the `repeat` query heads of a group become rows against
+    their shared key head (query head h reads kv head h // repeat): no copy of the cache per query head."""
+    bsz, heads, seq_len, head_dim = q.shape
+    repeat = heads // k.shape[1]
+    if seq_len == 1 and not eager:
+        out = F.scaled_dot_product_attention(q.reshape(bsz, k.shape[1], repeat, head_dim), k, v,
+                                             attn_mask=allowed, scale=scale)  # [B, Hkv, repeat, D]
+        return out.reshape(bsz, heads, 1, head_dim)
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return _attend_rows(q, k, v, scale, allowed, eager)
+
+
 @torch.no_grad()
 def max_logit_per_head(q: torch.Tensor, k: torch.Tensor, scale: float, start_pos: int = 0,
                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,11 +210,16 @@ class GQAttention(_AttentionStats):
             q, k, v = q.float(), k.float(), v.float()
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
+        layout = getattr(cache, "layout", None)  # a static cache (model/cache.py): per-row positions and mask
+        rope_pos = start_pos if layout is None else layout.positions
+        q, k = self.rotary(q, rope_pos), self.rotary(k, rope_pos)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), T, D]
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         repeat = self.n_heads // self.n_kv_heads
+        if layout is not None:
+            out = attend_grouped(q, k, v, self.scale, layout.mask, self.eager).to(act_dtype)  # [B, H, T, D]
+            return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
         if repeat > 1:  # query head h reads kv head h // repeat, as transformers' repeat_kv
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if self.track_max_logit:
@@ -258,21 +279,26 @@ class MLAttention(_AttentionStats):
                 cache: LatentCache | None = None) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
         bsz, seq_len, _ = x.shape
+        layout = getattr(cache, "layout", None)  # a static cache (model/cache.py): per-row positions and mask
+        rope_pos = start_pos if layout is None else layout.positions
         q_nope, q_rope = self.query(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_rope = self.rotary(q_rope, start_pos)
+        q_rope = self.rotary(q_rope, rope_pos)
         kv_latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_latent = self.kv_norm(kv_latent)  # [B, T, R]
-        k_rope = self.rotary(k_rope.unsqueeze(2), start_pos).squeeze(2)  # [B, T, Dr], one head for all
+        k_rope = self.rotary(k_rope.unsqueeze(2), rope_pos).squeeze(2)  # [B, T, Dr], one head for all
         if cache is not None:
             kv_latent, k_rope = cache.update(start_pos, kv_latent, k_rope)  # [B, S, ...]
             if self.absorb:
-                out = self._absorbed(q_nope, q_rope, kv_latent, k_rope, start_pos, key_mask)
+                out = self._absorbed(q_nope, q_rope, kv_latent, k_rope, start_pos, key_mask, layout)
                 return self.wo(out.reshape(bsz, seq_len, -1))
         kv = self.wkv_b(kv_latent).view(bsz, kv_latent.shape[1], self.n_heads, -1)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, S, H, ...]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, Dqk]
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # [B, H, S, Dv]
+        if layout is not None:
+            out = _attend_rows(q, k, v, self.scale, layout.mask, self.eager)  # [B, H, T, Dv]
+            return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
         if self.track_max_logit:
             self.max_logit.copy_(max_logit_per_head(q, k, self.scale, start_pos, key_mask))
         out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager)  # [B, H, T, Dv]
@@ -281,7 +307,7 @@ class MLAttention(_AttentionStats):
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
-                  start_pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+                  start_pos: int, key_mask: torch.Tensor | None, layout=None) -> torch.Tensor:
         """Attention straight from the latent cache, K and V never expanded (DeepSeek-V2 section 2.1.3).
 
         With W_UK_h, W_UV_h the key/value rows of wkv_b for head h:
@@ -303,7 +329,9 @@ class MLAttention(_AttentionStats):
         k = torch.cat([kv_latent, k_rope], dim=-1).unsqueeze(1)  # [B, 1, S, R + Dr]
         v = kv_latent.unsqueeze(1)  # [B, 1, S, R]
         mask = None
-        if seq_len > 1 or key_mask is not None:  # a single new token with no padding sees every key
+        if layout is not None:  # static cache: its mask [B, 1, T, S]; one query position broadcasts over heads
+            mask = layout.mask if seq_len == 1 else layout.mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)
+        elif seq_len > 1 or key_mask is not None:  # a single new token with no padding sees every key
             allowed = allowed_keys(seq_len, k.shape[2], start_pos, key_mask, q.device)  # [B|1, 1, T, S]
             mask = allowed.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)  # [B|1, 1, H*T, S]
         # The scale stays that of qk_head_dim: these are the same logits, computed in another order.

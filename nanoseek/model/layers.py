@@ -172,25 +172,29 @@ class RotaryEmbedding(nn.Module):
             found = self.tables[dtype]
         return found
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Rotate x: [B, T, H, dim] (positions start_pos..start_pos+T-1) -> same shape and dtype.
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """Rotate x: [B, T, H, dim] (positions start_pos..start_pos+T-1, or start_pos itself when it is a
+        [B, T] tensor of per-row positions, as static caches give) -> same shape and dtype.
 
         Computed in fp32 (fp64 for a float64 model), whatever the activation dtype."""
         seq_len = x.shape[1]
-        if start_pos + seq_len > self.max_seq_len:
+        if torch.is_tensor(start_pos):  # [B, T]; SlotLayout keeps them inside its cache, hence the context
+            positions = start_pos
+        elif start_pos + seq_len > self.max_seq_len:
             raise ValueError(f"position {start_pos + seq_len - 1} is past max_seq_len={self.max_seq_len}; "
                              "raise model.max_seq_len or feed shorter sequences")
+        else:
+            positions = slice(start_pos, start_pos + seq_len)
         real = torch.promote_types(x.dtype, torch.float32)
-        positions = slice(start_pos, start_pos + seq_len)
         if torch.compiler.is_compiling():
             # Inductor generates no code for complex operators; it fuses this real form into one kernel.
-            cos, sin = self.table(real, x.device)[:, positions, None, :]  # [T, 1, dim/2] each
+            cos, sin = self.table(real, x.device)[:, positions].unsqueeze(-2)  # [(B,) T, 1, dim/2] each
             even, odd = x[..., 0::2].to(real), x[..., 1::2].to(real)
             rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
             return rotated.to(x.dtype)
         rotation = self.table(torch.complex128 if real == torch.float64 else torch.complex64, x.device)
         pairs = torch.view_as_complex(x.to(real).contiguous().unflatten(-1, (-1, 2)))  # [B, T, H, dim/2]
-        return torch.view_as_real(pairs * rotation[positions, None, :]).flatten(-2).to(x.dtype)
+        return torch.view_as_real(pairs * rotation[positions].unsqueeze(-2)).flatten(-2).to(x.dtype)
 
 
 def softmax_scale(cfg: ModelConfig, head_dim: int) -> float:

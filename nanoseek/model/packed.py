@@ -1,0 +1,59 @@
+"""Linear layers prepared for decoding on CPU: each weight reordered once into oneDNN's blocked layout.
+
+A decode step at a small batch is a chain of matrix-vector products, each reading its weight once, so its
+speed is how close the kernel comes to memory bandwidth. On one thread of an AVX-512-BF16 CPU, PyTorch's
+plain bf16 `F.linear` reads weights at roughly half the rate of oneDNN's kernel on a prepacked weight
+(bench/RESULTS.md, "Generation on the real model"); packing once at load time removes the per-call reorder.
+Inference only: a packed layer has no gradient and does not follow `model.to()`; pack last.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def can_pack(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """oneDNN prepacking: CPU builds with mkldnn, fp32 or bf16 (bf16 only where the CPU has bf16 support)."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T with W prepacked for oneDNN (no bias: nanoseek's linears have none)."""
+
+    def __init__(self, weight: torch.Tensor, batch_hint: int = 1):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        # batch_hint: the rows per call oneDNN should choose its blocking for (the decode batch).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features]."""
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, packed"
+
+
+# Linears whose weight the model also reads directly (MLA's absorbed attention splits wkv_b per head).
+_READ_DIRECTLY = ("wkv_b",)
+
+
+@torch.no_grad()
+def pack_linears(model: nn.Module, batch_hint: int = 1) -> int:
+    """Replace every bias-free nn.Linear of `model` (in place) by a PackedLinear; returns how many.
+
+    Nothing happens where `can_pack` says no (a GPU, a build without oneDNN, fp16). For generation only."""
+    weight = next(model.parameters())
+    if not can_pack(weight.dtype, weight.device):
+        return 0
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear and child.bias is None and name not in _READ_DIRECTLY]
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child.weight, batch_hint))
+    return len(swaps)
