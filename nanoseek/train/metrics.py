@@ -37,8 +37,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else value.tolist()
-        return jsonable(value)
+        return jsonable(value.item() if value.numel() == 1 else value.tolist())
     if isinstance(value, (np.ndarray, np.generic)):
         return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
@@ -144,14 +143,11 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush and close every sink; safe to call twice."""
-        if self._bar is not None:
-            self._bar.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        for sink in (self._bar, self._tensorboard, self._file):
+            if sink is not None:
+                sink.close()
         if self._wandb is not None:
             self._wandb.finish()
-        if self._file is not None:
-            self._file.close()
         self._file = self._tensorboard = self._wandb = self._bar = None
         self.enabled = False
 
@@ -169,8 +165,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
+    value = value.item() if isinstance(value, torch.Tensor) else value
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -190,14 +185,11 @@ class Throughput:
 
     def reset(self) -> None:
         """Start a new interval (e.g. after eval or a checkpoint, which are not training throughput)."""
-        self._start = time.perf_counter()
-        self._tokens = 0
-        self._steps = 0
+        self._start, self._tokens = time.perf_counter(), 0
 
     def add(self, tokens: int) -> None:
         """Count the tokens of one optimizer step."""
         self._tokens += tokens
-        self._steps += 1
 
     def rate(self) -> float:
         """Tokens/s since the last reset, then reset. 0.0 if no time has passed."""
@@ -262,6 +254,4 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> fl
 
     flops_per_token: training FLOPs per token (PaLM appendix B: 6 * N_active + attention), from the model.
     """
-    if peak is None or peak <= 0:
-        return None
-    return flops_per_token * tokens_per_sec / peak
+    return flops_per_token * tokens_per_sec / peak if peak is not None and peak > 0 else None
