@@ -55,8 +55,7 @@ def _summary_rows(log: RunLog, now: float) -> list[tuple[str, str]]:
     rows = [("status", run_status(log, now)), ("last step", _fmt(log.last_step)),
             ("optimizer updates kept", _fmt(log.train[-1].get("opt_step")) if log.train else "")]
     if log.train:
-        ce = log.train[-1].get("ce", log.train[-1].get("loss"))
-        rows.append(("last train ce", _fmt(ce)))
+        rows.append(("last train ce", _fmt(log.train[-1].get("ce", log.train[-1].get("loss")))))
     rows.append(("best val loss", f"{best[0]:.4f} at step {best[1]}" if best else "no eval yet"))
     if last_eval is not None:
         rows.append(("last val loss", f"{_fmt(last_eval.get('val_loss'))} at step {last_eval['step']}"))
@@ -92,9 +91,7 @@ def _table(caption: str, rows: list[tuple[str, str]]) -> str:
 
 def _value(log: RunLog, section: str, key: str) -> str:
     value = log.config.get(key) if not section else log.setting(section, key)
-    if value is None or value == [] or value == "":
-        return ""
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return ", ".join(map(str, value)) if isinstance(value, list) else "" if value in (None, "") else str(value)
 
 
 def _fmt(value) -> str:
