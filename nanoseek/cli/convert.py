@@ -214,13 +214,12 @@ def cmd_heal(args: Heal) -> int:
                          f"{cfg.vocab_size}; pass the model it was converted from")
     out = Path(args.out or f"{str(run).rstrip('/')}-healed")
     base = RunConfig.load_toml(run / "config.toml")
-    if args.data is None:  # train on the conversion's own shards, copied so the healed run is self-contained
+    source = args.data
+    if source is None:  # train on the conversion's own shards, copied so the healed run is self-contained
         if not (out / "data" / "meta.json").is_file():
             shutil.copytree(run / "data", out / "data", dirs_exist_ok=True)
-        data_cfg = dataclasses.replace(base.data, source=str(out / "data"))
-    else:
-        data_cfg = dataclasses.replace(base.data, source=args.data)
-    data_cfg = dataclasses.replace(data_cfg, seq_len=args.seq_len or data_cfg.seq_len)
+        source = str(out / "data")
+    data_cfg = dataclasses.replace(base.data, source=source, seq_len=args.seq_len or base.data.seq_len)
     train = dataclasses.replace(args.train, max_steps=args.steps) if args.steps else args.train
     run_cfg = RunConfig(model=cfg, data=data_cfg, train=train, guard=args.guard, preset=base.preset, out=str(out), seed=args.seed,
                         device=args.device)
