@@ -1,8 +1,9 @@
 """Float8 training by module (torchao), with the fragile parts kept in high precision.
 
 Which linears go to fp8 is a stability decision: the MLA projections (wq/wq_a/wq_b, wkv_a, wkv_b), whose
-low-rank latents feed every head's keys and values, the router (DeepSeek-V3 keeps gating in high precision)
-and the output head stay in bf16/fp32, as do layers whose dims are not multiples of 16 (an fp8 GEMM requirement).
+low-rank latents feed every head's keys and values, the router and the output head (DeepSeek-V3, arXiv
+2412.19437 section 3.3.1, keeps both in high precision) stay in bf16/fp32, as do layers whose dims are not
+multiples of 16 (an fp8 GEMM requirement).
 Real fp8 matmuls need CUDA compute capability >= 8.9 (Ada, Hopper); elsewhere we refuse clearly.
 """
 
