@@ -27,7 +27,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.interop.names import ROPE_ROWS, STACKED_EXPERTS, interleaved_to_halves, resolve_dtype, to_hf_name
-from nanoseek.model.layers import _yarn_mscale
+from nanoseek.model.layers import _yarn_mscale, yarn_attention_factor
 from nanoseek.train.distributed import unwrap
 from nanoseek.train.loading import load_model
 
@@ -257,10 +257,7 @@ def _rope_attention_factor(cfg: ModelConfig) -> float:
     """YaRN's factor on cos/sin as nanoseek applies it. For GQA, transformers' Llama/Qwen3 have no
     softmax-scale mscale, so nanoseek's mscale(mscale_all_dim)^2 on the logits is folded in here: every
     GQA head dim is rotated, so scaling cos/sin by m scales each q.k logit by m^2."""
-    if cfg.mscale_all_dim:
-        factor = _yarn_mscale(cfg.rope_factor, cfg.mscale) / _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
-    else:
-        factor = _yarn_mscale(cfg.rope_factor, cfg.mscale)
+    factor = yarn_attention_factor(cfg)
     if cfg.attention == "gqa" and cfg.mscale_all_dim:
         factor *= _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
     return factor
