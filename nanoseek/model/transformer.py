@@ -209,8 +209,9 @@ class Transformer(nn.Module):
         """Parameter count; `active` counts only the n_activated_experts of each MoE layer."""
         seen, total = set(), 0
         for name, param in self.named_parameters():
-            skipped = (not include_mtp and name.startswith("mtp.")) or (not include_embedding and name == "embed.weight")
-            if id(param) in seen or skipped:
+            if id(param) in seen or (not include_mtp and name.startswith("mtp.")):
+                continue
+            if not include_embedding and name == "embed.weight":
                 continue
             seen.add(id(param))
             total += param.numel()
