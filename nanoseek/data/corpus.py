@@ -236,12 +236,10 @@ def _text_of(record: object, text_field: str, where: str) -> str:
         raise ValueError(f"{where}: record has no field {text_field!r} (it has: {keys}); "
                          "set the text field (data.hf_text_field) to the one holding the text")
     text = record[text_field]
-    if text is None:
-        return ""
-    if not isinstance(text, str):
+    if text is not None and not isinstance(text, str):
         raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not text; "
                          "choose a field that holds strings")
-    return text
+    return text or ""
 
 
 # ---- Hugging Face datasets ----------------------------------------------------------------------

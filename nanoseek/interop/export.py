@@ -144,10 +144,8 @@ def hf_state_dict(model: nn.Module, model_type: str | None = None,
 
     if cfg.uses_moe and cfg.n_shared_experts == 0:
         for i in range(cfg.n_dense_layers, cfg.n_layers):
-            prefix = f"model.layers.{i}.mlp.shared_experts"
-            put(f"{prefix}.gate_proj.weight", torch.zeros(0, cfg.dim))
-            put(f"{prefix}.up_proj.weight", torch.zeros(0, cfg.dim))
-            put(f"{prefix}.down_proj.weight", torch.zeros(cfg.dim, 0))
+            for proj, shape in (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0))):
+                put(f"model.layers.{i}.mlp.shared_experts.{proj}.weight", torch.zeros(shape))
     return out
 
 
@@ -159,8 +157,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_by
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
+            shards, size = shards + [{}], 0
         shards[-1][name] = tensor
         size += nbytes
     metadata = {"format": "pt"}
