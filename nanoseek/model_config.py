@@ -232,8 +232,7 @@ class ModelConfig:
             _fail("n_activated_experts", self.n_activated_experts,
                   f"must be <= n_routed_experts={self.n_routed_experts}")
         if self.n_routed_experts % self.n_expert_groups:
-            _fail("n_expert_groups", self.n_expert_groups,
-                  f"must divide n_routed_experts={self.n_routed_experts}")
+            _fail("n_expert_groups", self.n_expert_groups, f"must divide n_routed_experts={self.n_routed_experts}")
         if self.n_limited_groups > self.n_expert_groups:
             _fail("n_limited_groups", self.n_limited_groups, f"must be <= n_expert_groups={self.n_expert_groups}")
         per_group = self.n_routed_experts // self.n_expert_groups
