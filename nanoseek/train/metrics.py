@@ -217,11 +217,9 @@ def peak_memory_gb(device: str | torch.device) -> float:
 # which is what torch uses (the RTX 4090 does twice that with fp16 accumulation).
 # Matched in order against torch.cuda.get_device_name, so specific names come before general ones.
 _PEAK_TFLOPS = [
-    (r"H200 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
-    (r"H200", dict(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),
-    (r"H100 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
+    (r"H[12]00 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
     (r"H100 PCIe", dict(bf16=756.0, fp16=756.0, tf32=378.0, fp32=51.2)),
-    (r"H100", dict(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),  # SXM5 ("H100 80GB HBM3")
+    (r"H[12]00", dict(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),  # H200, H100 SXM5 ("H100 80GB HBM3")
     (r"A100", dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5)),
     (r"RTX 4090", dict(bf16=165.2, fp16=165.2, tf32=82.6, fp32=82.6)),
     (r"\bL4\b", dict(bf16=121.0, fp16=121.0, tf32=60.0, fp32=30.3)),
