@@ -23,10 +23,8 @@ CHECK_TOKENS = 20  # generated per preset
 
 def tiny_variant(cfg: ModelConfig) -> ModelConfig:
     """The same architecture at tiny sizes."""
-    experts = cfg.n_routed_experts
-    if experts:
-        groups = cfg.n_expert_groups
-        experts = groups * max(1, min(experts, 8) // groups)
+    groups = cfg.n_expert_groups
+    experts = groups * max(1, min(cfg.n_routed_experts, 8) // groups) if cfg.n_routed_experts else 0
     n_heads = min(cfg.n_heads, 4)
     kv = {}
     if cfg.attention == "gqa":
@@ -75,8 +73,7 @@ def check_config(name: str, cfg: ModelConfig, device: str | torch.device = "cpu"
         model.eval()
         prompt = idx[:1, :8]
         tokens = generate(model, prompt, CHECK_TOKENS, GREEDY)
-        mismatch = _cache_mismatch(model, tokens, prompt.shape[1])
-        if mismatch is not None:
+        if (mismatch := _cache_mismatch(model, tokens, prompt.shape[1])) is not None:
             return CheckResult(name, False, params, time.perf_counter() - start,
                                f"decode: cached token {mismatch} differs from a full re-forward")
         detail = (f"{cfg.attention}{' + MoE' if cfg.n_routed_experts else ''}"

@@ -239,8 +239,7 @@ class ModelConfig:
             _fail("n_activated_experts", self.n_activated_experts,
                   f"must be <= n_routed_experts={self.n_routed_experts}")
         if self.n_routed_experts % self.n_expert_groups:
-            _fail("n_expert_groups", self.n_expert_groups,
-                  f"must divide n_routed_experts={self.n_routed_experts}")
+            _fail("n_expert_groups", self.n_expert_groups, f"must divide n_routed_experts={self.n_routed_experts}")
         if self.n_limited_groups > self.n_expert_groups:
             _fail("n_limited_groups", self.n_limited_groups, f"must be <= n_expert_groups={self.n_expert_groups}")
         per_group = self.n_routed_experts // self.n_expert_groups
@@ -301,17 +300,13 @@ def _known_fields(cls: type, values: dict, section: str) -> dict:
     return dict(values)
 
 
-def _tiny(**kw: Any) -> ModelConfig:
-    return ModelConfig(**kw)
-
-
 PRESETS: dict[str, ModelConfig] = {
     # CPU-fast: MLA + MoE (1 shared + 8 routed, top-2) + one MTP module.
-    "tiny": _tiny(),
+    "tiny": ModelConfig(),
     # MLA with dense SwiGLU everywhere, no MTP.
-    "tiny-dense": _tiny(n_routed_experts=0, mtp_depth=0),
+    "tiny-dense": ModelConfig(n_routed_experts=0, mtp_depth=0),
     # The GQA baseline (Llama-style, exports to transformers' Llama): 4 query heads share 2 KV heads.
-    "tiny-gqa": _tiny(attention="gqa", n_kv_heads=2, n_routed_experts=0, mtp_depth=0),
+    "tiny-gqa": ModelConfig(attention="gqa", n_kv_heads=2, n_routed_experts=0, mtp_depth=0),
     "small": ModelConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, max_seq_len=512,
                          kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
                          inter_dim=1024, n_routed_experts=16, n_activated_experts=2, moe_inter_dim=256),

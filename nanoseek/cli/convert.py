@@ -141,8 +141,7 @@ def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
 def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"only {len(ids)} calibration tokens for seq_len={seq_len}; give more text or lower "
-                         "--seq-len")
+        raise ValueError(f"only {len(ids)} calibration tokens for seq_len={seq_len}; give more text or lower --seq-len")
     return torch.from_numpy(ids[:n * seq_len].reshape(n, seq_len))
 
 

@@ -42,12 +42,9 @@ _FIX_SOURCE = ("pass builtin:pydocs, builtin:stdlib, a .txt/.md/.jsonl/.parquet 
 
 def is_prepared_dir(path: str | Path) -> bool:
     """True if `path` is a directory written by `prepare_data` (it holds a nanoseek meta.json)."""
-    meta = Path(path) / PREPARED_META
-    if not meta.is_file():
-        return False
     try:
-        return json.loads(meta.read_text()).get("format") == PREPARED_FORMAT
-    except (OSError, ValueError):
+        return json.loads((Path(path) / PREPARED_META).read_text()).get("format") == PREPARED_FORMAT
+    except (OSError, ValueError, AttributeError):  # no meta.json, not JSON, or not a JSON object
         return False
 
 
@@ -57,8 +54,7 @@ def iter_documents(source: str, *, text_field: str = "text", hf_split: str = "tr
     The source is checked now (a bad path raises here, not at the first `next`); the text is read lazily.
     Empty documents are skipped; a source with no text at all raises ValueError once exhausted.
     """
-    documents = _open_source(source, text_field, hf_split)
-    return _non_empty(documents, source)
+    return _non_empty(_open_source(source, text_field, hf_split), source)
 
 
 def describe_source(source: str) -> str:
@@ -103,8 +99,7 @@ def _open_source(source: str, text_field: str, hf_split: str) -> Iterator[str]:
                          f"`nanoseek train --data {source}` (or prepare_data) which reuses it as-is")
     if path.is_dir() and _is_saved_hf_dataset(path):
         return _hf_documents(f"hf:{path}", text_field, hf_split)
-    files = _resolve_files(source)
-    return _file_documents(files, text_field)
+    return _file_documents(_resolve_files(source), text_field)
 
 
 def _non_empty(documents: Iterator[str], source: str) -> Iterator[str]:
@@ -145,11 +140,11 @@ def _resolve_files(source: str) -> list[Path]:
 
 
 def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n} B"
+    return f"{n:.1f} GB"
 
 
 # ---- builtin corpora ----------------------------------------------------------------------------
@@ -166,8 +161,7 @@ def _pydoc_topics() -> dict[str, str]:
 
 def _pydocs_documents() -> Iterator[str]:
     topics = _pydoc_topics()
-    for key in sorted(topics):  # dict order is an implementation detail of the generated file; sort it
-        yield topics[key]
+    return (topics[key] for key in sorted(topics))  # dict order is a detail of the generated file; sort it
 
 
 def _stdlib_root() -> Path:
@@ -242,12 +236,10 @@ def _text_of(record: object, text_field: str, where: str) -> str:
         raise ValueError(f"{where}: record has no field {text_field!r} (it has: {keys}); "
                          "set the text field (data.hf_text_field) to the one holding the text")
     text = record[text_field]
-    if text is None:
-        return ""
-    if not isinstance(text, str):
+    if text is not None and not isinstance(text, str):
         raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not text; "
                          "choose a field that holds strings")
-    return text
+    return text or ""
 
 
 # ---- Hugging Face datasets ----------------------------------------------------------------------

@@ -116,9 +116,7 @@ class TokenLoader:
         for row in range(self.batch_size):
             shard, offset = self._locate(epoch, start + row, shuffled)
             rows[row] = self._shard_tokens(shard)[offset:offset + self.window]
-        x = torch.from_numpy(np.ascontiguousarray(rows[:, :self.seq_len]))
-        targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
-        return x, targets
+        return _as_batch(rows, self.lookahead)
 
     def _locate(self, epoch: int, index: int, shuffled: bool) -> tuple[int, int]:
         """Window `index` of `epoch`'s order -> (shard number, token offset in that shard)."""
@@ -133,11 +131,9 @@ class TokenLoader:
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard order of `epoch` (-1: natural) and the first window index of each shard in that order."""
         if self._layout is None or self._layout[0] != epoch:
-            order = np.arange(len(self.shards))
-            if epoch >= 0:
-                order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shards))
-            counts = self.windows_per_shard[order]
-            self._layout = (epoch, order, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+            n = len(self.shards)
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(n) if epoch >= 0 else np.arange(n)
+            self._layout = (epoch, order, np.concatenate([[0], np.cumsum(self.windows_per_shard[order])[:-1]]))
         return self._layout[1], self._layout[2]
 
     def _window_permutation(self, epoch: int, shard: int) -> np.ndarray:
@@ -164,8 +160,8 @@ def token_windows(arrays: Iterable[np.ndarray], seq_len: int, batch_size: int, l
     tokens, or ids held in memory), so every token after the first is a next-token target once. Consecutive
     windows form global batches of batch_size * world_size; rank r takes the r-th block of batch_size. A last
     global batch short of windows is used only without `drop_last` in one process (every rank must run the
-    same batches). With `tail`,
-    each array's last, shorter window (if it holds a target) comes in a batch of its own after the rest.
+    same batches). With `tail`, each array's last, shorter window (if it holds a target) comes in a batch of
+    its own after the rest.
     Arrays are read lazily: stopping after `max_batches` reads only what those batches need.
     """
     window, per_step, tails = seq_len + lookahead, batch_size * world_size, []
@@ -202,7 +198,8 @@ def validation_batches(shards: list[Path], batch_size: int, seq_len: int, lookah
     return list(token_windows(arrays, seq_len, batch_size, lookahead, rank, world_size, max_batches, drop_last=True))
 
 
-def _as_batch(rows: list[np.ndarray], lookahead: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_batch(rows: list[np.ndarray] | np.ndarray, lookahead: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows [b, T + lookahead] -> (x [b, T], targets [b, T + lookahead - 1])."""
     batch = np.stack(rows).astype(np.int64)
     x = torch.from_numpy(np.ascontiguousarray(batch[:, :batch.shape[1] - lookahead]))
     return x, torch.from_numpy(np.ascontiguousarray(batch[:, 1:]))

@@ -135,10 +135,7 @@ class ByteTokenizer(Tokenizer):
         rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         rust.decoder = decoders.ByteLevel()
         rust.add_special_tokens([EOS_TOKEN])
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        rust.save(str(directory / TOKENIZER_FILE))
-        _write_hf_config(directory, EOS_TOKEN, EOS_TOKEN, model_max_length)
+        _write_hf_files(Path(directory), rust, EOS_TOKEN, EOS_TOKEN, model_max_length)
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -146,10 +143,8 @@ def _byte_alphabet() -> dict[int, str]:
     the rest are shifted above U+0100 in byte order), so every byte is a visible, non-space character."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
     mapping = {b: chr(b) for b in printable}
-    shifted = (b for b in range(256) if b not in mapping)
-    for offset, b in enumerate(shifted):
-        mapping[b] = chr(256 + offset)
-    return mapping
+    shifted = [b for b in range(256) if b not in mapping]
+    return {**mapping, **{b: chr(256 + offset) for offset, b in enumerate(shifted)}}
 
 
 # ---- bpe / tokenizer.json -----------------------------------------------------------------------
@@ -190,14 +185,14 @@ class HFTokenizer(Tokenizer):
         self.rust.save(str(directory / TOKENIZER_FILE))
 
     def to_hf_files(self, directory: str | Path, model_max_length: int | None = None) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.rust.save(str(directory / TOKENIZER_FILE))
-        _write_hf_config(directory, self.eos_token, self.pad_token, model_max_length)
+        _write_hf_files(Path(directory), self.rust, self.eos_token, self.pad_token, model_max_length)
 
 
-def _write_hf_config(directory: Path, eos_token: str, pad_token: str, model_max_length: int | None) -> None:
-    # Written by hand: transformers 5.x's save_pretrained names the class "TokenizersBackend", which 4.x
+def _write_hf_files(directory: Path, rust, eos_token: str, pad_token: str, model_max_length: int | None) -> None:
+    """tokenizer.json and tokenizer_config.json in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rust.save(str(directory / TOKENIZER_FILE))
+    # tokenizer_config.json by hand: transformers 5.x's save_pretrained names the class "TokenizersBackend", which 4.x
     # cannot load; "PreTrainedTokenizerFast" loads in both (reference/ecosystem.md section 6).
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos_token, "eos_token": eos_token,
               "pad_token": pad_token, "unk_token": None, "clean_up_tokenization_spaces": False}

@@ -27,7 +27,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.interop.names import ROPE_ROWS, STACKED_EXPERTS, interleaved_to_halves, resolve_dtype, to_hf_name
-from nanoseek.model.layers import _yarn_mscale
+from nanoseek.model.layers import _yarn_mscale, yarn_attention_factor
 from nanoseek.train.distributed import unwrap
 from nanoseek.train.loading import load_model
 
@@ -83,7 +83,6 @@ def export_hf(model: nn.Module | str | Path, out_dir: str | Path, tokenizer=None
         The MoE correction bias stays float32, as transformers keeps it.
     """
     if isinstance(model, (str, Path)):
-
         model, _ = load_model(model)
     model = unwrap(model)  # torch.compile / DDP wrappers: their state-dict names carry prefixes
     cfg: ModelConfig = model.config
@@ -153,10 +152,8 @@ def hf_state_dict(model: nn.Module, model_type: str | None = None,
 
     if cfg.uses_moe and cfg.n_shared_experts == 0:
         for i in range(cfg.n_dense_layers, cfg.n_layers):
-            prefix = f"model.layers.{i}.mlp.shared_experts"
-            put(f"{prefix}.gate_proj.weight", torch.zeros(0, cfg.dim))
-            put(f"{prefix}.up_proj.weight", torch.zeros(0, cfg.dim))
-            put(f"{prefix}.down_proj.weight", torch.zeros(cfg.dim, 0))
+            for proj, shape in (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0))):
+                put(f"model.layers.{i}.mlp.shared_experts.{proj}.weight", torch.zeros(shape))
     return out
 
 
@@ -168,8 +165,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_by
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
+            shards, size = shards + [{}], 0
         shards[-1][name] = tensor
         size += nbytes
     metadata = {"format": "pt"}
@@ -195,25 +191,12 @@ def hf_config(cfg: ModelConfig, model_type: str | None = None, dtype: torch.dtyp
     model_type = model_type or hf_model_type(cfg)
     dtype_name = str(dtype).removeprefix("torch.")
     config = {
-        "architectures": [ARCHITECTURES[model_type]],
-        "model_type": model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.inter_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": cfg.init_std,
-        "use_cache": True,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": None,
-        **_rope_config(cfg),
+        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim, "intermediate_size": cfg.inter_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+        "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
+        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None, **_rope_config(cfg),
         "torch_dtype": dtype_name,  # transformers 4.x
         "dtype": dtype_name,  # transformers 5.x
     }
@@ -229,35 +212,24 @@ def hf_config(cfg: ModelConfig, model_type: str | None = None, dtype: torch.dtyp
 def _deepseek_config(cfg: ModelConfig, model_type: str) -> dict:
     moe = cfg.uses_moe
     sigmoid = model_type == "deepseek_v3"
-    if sigmoid:
-        topk_method = "noaux_tc"
-    else:
-        topk_method = "group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy"
+    topk_method = "noaux_tc" if sigmoid else "group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy"
     return {
         # MLA: every head has its own K/V from the latent, so there are as many KV heads as query heads.
-        "num_key_value_heads": cfg.n_heads,
-        "q_lora_rank": cfg.q_lora_rank or None,
-        "kv_lora_rank": cfg.kv_lora_rank,
-        "qk_nope_head_dim": cfg.qk_nope_head_dim,
-        "qk_rope_head_dim": cfg.qk_rope_head_dim,
-        "v_head_dim": cfg.v_head_dim,
+        "num_key_value_heads": cfg.n_heads, "q_lora_rank": cfg.q_lora_rank or None,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
         "head_dim": cfg.qk_rope_head_dim,  # what transformers 5.x derives and saves
         "rope_interleave": True,  # nanoseek's RoPE rotates (x[2i], x[2i+1]); vLLM assumes this layout
         # MoE. A dense model has every layer below first_k_dense_replace, so no router is ever built.
-        "moe_intermediate_size": cfg.moe_inter_dim,
-        "n_routed_experts": cfg.n_routed_experts,
+        "moe_intermediate_size": cfg.moe_inter_dim, "n_routed_experts": cfg.n_routed_experts,
         "n_shared_experts": cfg.n_shared_experts if moe else 0,
         "num_experts_per_tok": cfg.n_activated_experts if moe else 0,
-        "first_k_dense_replace": cfg.n_dense_layers if moe else cfg.n_layers,
-        "moe_layer_freq": 1,
+        "first_k_dense_replace": cfg.n_dense_layers if moe else cfg.n_layers, "moe_layer_freq": 1,
         "routed_scaling_factor": cfg.route_scale,
         "norm_topk_prob": sigmoid,  # nanoseek renormalises sigmoid top-k weights only
-        "n_group": cfg.n_expert_groups,
-        "topk_group": cfg.n_limited_groups,
-        "topk_method": topk_method,
+        "n_group": cfg.n_expert_groups, "topk_group": cfg.n_limited_groups, "topk_method": topk_method,
         "scoring_func": "sigmoid" if sigmoid else "softmax",  # vLLM defaults to softmax when absent
-        "ep_size": 1,
-        "num_nextn_predict_layers": 0,  # MTP modules are training-only; not exported
+        "ep_size": 1, "num_nextn_predict_layers": 0,  # MTP modules are training-only; not exported
     }
 
 
@@ -274,12 +246,10 @@ def _rope_config(cfg: ModelConfig) -> dict:
     if cfg.rope_scaling == "yarn":
         scaling.update({
             "original_max_position_embeddings": cfg.rope_original_max_seq_len or cfg.max_seq_len,
-            "beta_fast": float(cfg.beta_fast),
-            "beta_slow": float(cfg.beta_slow),
+            "beta_fast": float(cfg.beta_fast), "beta_slow": float(cfg.beta_slow),
             # Written out, not inferred: transformers' inference drops `mscale` when mscale_all_dim is 0,
             # where DeepSeek's (and nanoseek's) formula keeps it.
-            "attention_factor": float(_rope_attention_factor(cfg)),
-        })
+            "attention_factor": float(_rope_attention_factor(cfg))})
         if cfg.attention == "mla":  # DeepSeek attention scales the softmax by mscale(mscale_all_dim)^2
             scaling.update({"mscale": float(cfg.mscale), "mscale_all_dim": float(cfg.mscale_all_dim)})
     kind = cfg.rope_scaling
@@ -292,10 +262,7 @@ def _rope_attention_factor(cfg: ModelConfig) -> float:
     """YaRN's factor on cos/sin as nanoseek applies it. For GQA, transformers' Llama/Qwen3 have no
     softmax-scale mscale, so nanoseek's mscale(mscale_all_dim)^2 on the logits is folded in here: every
     GQA head dim is rotated, so scaling cos/sin by m scales each q.k logit by m^2."""
-    if cfg.mscale_all_dim:
-        factor = _yarn_mscale(cfg.rope_factor, cfg.mscale) / _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
-    else:
-        factor = _yarn_mscale(cfg.rope_factor, cfg.mscale)
+    factor = yarn_attention_factor(cfg)
     if cfg.attention == "gqa" and cfg.mscale_all_dim:
         factor *= _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
     return factor
@@ -344,8 +311,7 @@ def _write_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> tuple[int | None
         warnings.warn(f"tokenizer not exported: {err}", stacklevel=3)
         return None, None
     eos = getattr(tokenizer, "eos_id", None)
-    # nanoseek's tokenizer_config uses the end-of-text token as bos too.
-    return eos, eos
+    return eos, eos  # nanoseek's tokenizer_config uses the end-of-text token as bos too
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, model: nn.Module) -> torch.dtype:

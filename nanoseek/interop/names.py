@@ -45,16 +45,15 @@ _COMMON = [
     ("head.weight", "lm_head.weight"),
 ]
 
-_MLA = [
-    ("layers.{i}.attn.wq.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-    ("layers.{i}.attn.wq_a.weight", "model.layers.{i}.self_attn.q_a_proj.weight"),
-    ("layers.{i}.attn.q_norm.weight", "model.layers.{i}.self_attn.q_a_layernorm.weight"),
-    ("layers.{i}.attn.wq_b.weight", "model.layers.{i}.self_attn.q_b_proj.weight"),
-    ("layers.{i}.attn.wkv_a.weight", "model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight"),
-    ("layers.{i}.attn.kv_norm.weight", "model.layers.{i}.self_attn.kv_a_layernorm.weight"),
-    ("layers.{i}.attn.wkv_b.weight", "model.layers.{i}.self_attn.kv_b_proj.weight"),
-    ("layers.{i}.attn.wo.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-]
+
+def _attention_rows(**theirs: str) -> list[tuple[str, str]]:
+    """Rows `layers.{i}.attn.OURS.weight` -> `model.layers.{i}.self_attn.THEIRS.weight`, from OURS=THEIRS."""
+    return [(f"layers.{{i}}.attn.{ours}.weight", f"model.layers.{{i}}.self_attn.{hf}.weight")
+            for ours, hf in theirs.items()]
+
+
+_MLA = _attention_rows(wq="q_proj", wq_a="q_a_proj", q_norm="q_a_layernorm", wq_b="q_b_proj",
+                       wkv_a="kv_a_proj_with_mqa", kv_norm="kv_a_layernorm", wkv_b="kv_b_proj", wo="o_proj")
 
 _MOE = [
     ("layers.{i}.ffn.gate.weight", "model.layers.{i}.mlp.gate.weight"),
@@ -67,14 +66,7 @@ _MOE = [
     ("layers.{i}.ffn.shared_experts.w2.weight", "model.layers.{i}.mlp.shared_experts.down_proj.weight"),
 ]
 
-_GQA = [
-    ("layers.{i}.attn.wq.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-    ("layers.{i}.attn.wk.weight", "model.layers.{i}.self_attn.k_proj.weight"),
-    ("layers.{i}.attn.wv.weight", "model.layers.{i}.self_attn.v_proj.weight"),
-    ("layers.{i}.attn.wo.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    ("layers.{i}.attn.q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
-    ("layers.{i}.attn.k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"),
-]
+_GQA = _attention_rows(wq="q_proj", wk="k_proj", wv="v_proj", wo="o_proj", q_norm="q_norm", k_norm="k_norm")
 
 # model_type -> name table. DeepseekV2 has no e_score_correction_bias; the exporter checks the bias is inert.
 NAME_TABLES: dict[str, list[tuple[str, str]]] = {
@@ -138,13 +130,14 @@ def interleaved_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     weight: [n_heads * head_dim, ...] (a q/k projection) or [head_dim] (a per-head norm weight);
     returns the same shape with rows of each head ordered [0, 2, 4, ..., 1, 3, 5, ...].
     """
-    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    heads = weight.reshape(-1, head_dim, *weight.shape[1:])
-    return heads[:, perm].reshape(weight.shape)
+    return _reorder_heads(weight, head_dim, torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]))
 
 
 def halves_to_interleaved(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Inverse of `interleaved_to_halves`: rows of each head from (i, i + d/2) pairs back to (2i, 2i+1)."""
-    perm = torch.stack([torch.arange(head_dim // 2), torch.arange(head_dim // 2) + head_dim // 2], dim=1).flatten()
-    heads = weight.reshape(-1, head_dim, *weight.shape[1:])
-    return heads[:, perm].reshape(weight.shape)
+    half = torch.arange(head_dim // 2)
+    return _reorder_heads(weight, head_dim, torch.stack([half, half + head_dim // 2], dim=1).flatten())
+
+
+def _reorder_heads(weight: torch.Tensor, head_dim: int, perm: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(-1, head_dim, *weight.shape[1:])[:, perm].reshape(weight.shape)

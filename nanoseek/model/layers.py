@@ -103,6 +103,15 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def yarn_attention_factor(cfg: ModelConfig) -> float:
+    """YaRN's extra factor on cos/sin (1 without YaRN); with mscale_all_dim, part of it moves into the
+    softmax scale instead (`softmax_scale`)."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    factor = _yarn_mscale(cfg.rope_factor, cfg.mscale)
+    return factor / _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim) if cfg.mscale_all_dim else factor
+
+
 def _yarn_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig, dim: int) -> torch.Tensor:
     """Blend interpolated (low-frequency) and extrapolated (high-frequency) dims, YaRN section 3.2."""
     original_len = cfg.rope_original_max_seq_len or cfg.max_seq_len
@@ -131,17 +140,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = dim
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        # Extra factor on cos/sin; YaRN with mscale_all_dim moves it into the softmax scale instead.
-        self.attention_factor = 1.0
         if cfg.rope_scaling == "linear":
             inv_freq = inv_freq / cfg.rope_factor
         elif cfg.rope_scaling == "yarn":
             inv_freq = _yarn_inv_freq(inv_freq, cfg, dim)
-            if cfg.mscale_all_dim:
-                self.attention_factor = _yarn_mscale(cfg.rope_factor, cfg.mscale) / _yarn_mscale(
-                    cfg.rope_factor, cfg.mscale_all_dim)
-            else:
-                self.attention_factor = _yarn_mscale(cfg.rope_factor, cfg.mscale)
+        self.attention_factor = yarn_attention_factor(cfg)
         self.inv_freq = inv_freq
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)  # [S, dim/2]
         # e^{i angle} times the YaRN factor, by dtype: a pair (x[2i], x[2i+1]) read as the complex number

@@ -24,8 +24,7 @@ class Gate(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.n_activated_experts
         self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
         self.n_groups, self.n_limited_groups = cfg.n_expert_groups, cfg.n_limited_groups
-        self.fp32 = cfg.router_fp32
-        self.balance_rate = cfg.balance_rate
+        self.fp32, self.balance_rate = cfg.router_fp32, cfg.balance_rate
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.router_z_loss_coef
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.register_buffer("balance_bias", torch.zeros(cfg.n_routed_experts))

@@ -197,10 +197,9 @@ class Transformer(nn.Module):
 
     def new_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list:
         """One KV cache per layer (full K/V for GQA, latent + rope key for MLA)."""
-        device = self.embed.weight.device
-        dtype = dtype or self.embed.weight.dtype
-        max_len = max_len or self.config.max_seq_len
-        return [block.attn.new_cache(batch, max_len, dtype, device) for block in self.layers]
+        weight = self.embed.weight
+        return [block.attn.new_cache(batch, max_len or self.config.max_seq_len, dtype or weight.dtype, weight.device)
+                for block in self.layers]
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Cache bytes per token over all layers."""

@@ -14,7 +14,6 @@ BaseModel = SourceModel  # model, kind ("nanoseek" | "hf"), tokenizer spec, prep
 def load_base(path: str | Path) -> BaseModel:
     """Load the base at `path` on CPU in fp32, in eval mode (its weights will be frozen)."""
     base = load_source_model(path, "--base")
-
     if any(isinstance(block, NPTBlock) for block in base.model.layers):
         raise ValueError(f"--base {str(path)!r} is itself an NPT run; pass the base it was trained on")
     return base

@@ -129,9 +129,8 @@ def _run_config(args: Npt, base: BaseModel, student: Transformer, run_dir: Path)
                         weight_decay=0.0, grad_clip=args.grad_clip, precision=args.precision,
                         eval_every=args.eval_every, save_every=args.eval_every, eval_batches=4, sample_tokens=0,
                         tensorboard=False, log_every=10)
-    cfg = RunConfig(model=student.config, data=data, train=train, guard=GuardConfig(inject=tuple(args.inject)),
-                    preset=base.preset, out=str(run_dir), seed=args.seed, device=args.device)
-    return cfg, prepared
+    return RunConfig(model=student.config, data=data, train=train, guard=GuardConfig(inject=tuple(args.inject)),
+                     preset=base.preset, out=str(run_dir), seed=args.seed, device=args.device), prepared
 
 
 def run_npt(args: Npt) -> NptResult:
@@ -177,13 +176,11 @@ def run_npt(args: Npt) -> NptResult:
     final = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     say(f"{result.status} at step {result.step}: distillation loss (validation) {final}, {result.n_skips} skipped "
           f"steps; adapters in {adapters_dir}")
-    if n_quantized:  # the checkpoints hold no quantised weights (quantize.py): rebuild the base, then attach
-        say(f"generate with: nanoseek.npt.attach_adapters(<the base, quantised again>, {adapters_dir!r})")
-    else:
-        say(f"generate with: nanoseek generate --ckpt {run_dir}")
+    # A quantised run's checkpoints hold no quantised weights (quantize.py): rebuild the base, then attach.
+    say(f"generate with: nanoseek.npt.attach_adapters(<the base, quantised again>, {adapters_dir!r})" if n_quantized
+        else f"generate with: nanoseek generate --ckpt {run_dir}")
     return NptResult(run_dir, initial, result.val_loss, result.status, result.n_skips, adapters_dir, student, teacher)
 
 
 def cmd_npt(args: Npt) -> int:
-    result = run_npt(args)
-    return 0 if result.status != "aborted" else 3
+    return 0 if run_npt(args).status != "aborted" else 3

@@ -157,9 +157,7 @@ def _loss_panel(report: ReportFigure, logs, labels, colors, overlay: bool) -> No
 def _mark_events(report: ReportFigure, ax, log: RunLog, label: str, overlay: bool, run_color: str) -> None:
     """Put each guard event on the loss curve at its step (labelled later by `_label_events`). The
     marker's shape is the action; its colour too for one run, the run's colour when runs are overlaid."""
-    steps, values = log.series("ce")
-    if not len(steps):
-        steps, values = log.series("loss")
+    steps, values = log.series("ce") if "ce" in loss_components(log)[0] else log.series("loss")
     by_action: dict[str, list[dict]] = {}
     for event in log.events:
         action = event.get("action") or event["event"]
@@ -371,10 +369,8 @@ def _value_near(steps: np.ndarray, values: np.ndarray, step: int) -> float:
     finite = np.isfinite(values)
     if not finite.any():
         return 0.0
-    before = finite & (steps <= step)
-    if before.any():
-        return float(values[np.flatnonzero(before)[-1]])
-    return float(values[np.flatnonzero(finite)[0]])
+    before = np.flatnonzero(finite & (steps <= step))
+    return float(values[before[-1] if len(before) else np.flatnonzero(finite)[0]])
 
 
 def _cell_edges(steps: np.ndarray) -> np.ndarray:

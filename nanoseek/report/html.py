@@ -49,17 +49,14 @@ def render_html(logs: list[RunLog], labels: list[str], png: bytes, now: float | 
 
 
 def _summary_rows(log: RunLog, now: float) -> list[tuple[str, str]]:
-    best = log.best_val()
-    last_eval = log.evals[-1] if log.evals else None
-    per_step = tokens_per_step(log)
+    best, per_step = log.best_val(), tokens_per_step(log)
     rows = [("status", run_status(log, now)), ("last step", _fmt(log.last_step)),
             ("optimizer updates kept", _fmt(log.train[-1].get("opt_step")) if log.train else "")]
     if log.train:
-        ce = log.train[-1].get("ce", log.train[-1].get("loss"))
-        rows.append(("last train ce", _fmt(ce)))
+        rows.append(("last train ce", _fmt(log.train[-1].get("ce", log.train[-1].get("loss")))))
     rows.append(("best val loss", f"{best[0]:.4f} at step {best[1]}" if best else "no eval yet"))
-    if last_eval is not None:
-        rows.append(("last val loss", f"{_fmt(last_eval.get('val_loss'))} at step {last_eval['step']}"))
+    if log.evals:
+        rows.append(("last val loss", f"{_fmt(log.evals[-1].get('val_loss'))} at step {log.evals[-1]['step']}"))
     if per_step:
         # config.toml does not record the process count: under torchrun multiply by it.
         rows.append(("tokens (per process)", f"{len(log.train) * per_step:,} ({per_step:,} per step)"))
@@ -92,9 +89,7 @@ def _table(caption: str, rows: list[tuple[str, str]]) -> str:
 
 def _value(log: RunLog, section: str, key: str) -> str:
     value = log.config.get(key) if not section else log.setting(section, key)
-    if value is None or value == [] or value == "":
-        return ""
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return ", ".join(map(str, value)) if isinstance(value, list) else "" if value in (None, "") else str(value)
 
 
 def _fmt(value) -> str:

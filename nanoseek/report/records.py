@@ -168,8 +168,9 @@ def read_run(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> 
     log.record_times = times[-50:]
     log.skipped_lines = len(problems)
     if problems:
-        (warn or _stderr)(f"nanoseek: warning: {path}: skipped {len(problems)} malformed "
-                          f"line{'s' if len(problems) > 1 else ''} (first at {problems[0]})")
+        (warn or (lambda message: print(message, file=sys.stderr)))(
+            f"nanoseek: warning: {path}: skipped {len(problems)} malformed "
+            f"line{'s' if len(problems) > 1 else ''} (first at {problems[0]})")
     return log
 
 
@@ -195,9 +196,6 @@ def typical_record_interval(log: RunLog) -> float | None:
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def _parse(line: str) -> tuple[dict | None, str | None]:

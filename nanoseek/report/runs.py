@@ -33,9 +33,7 @@ def run_status(log: RunLog, now: float | None = None) -> str:
         return "aborted"
     now = time.time() if now is None else now
     interval = typical_record_interval(log) or 0.0
-    if now - log.mtime <= max(RUNNING_IDLE_S, RUNNING_INTERVALS * interval):
-        return "running"
-    return "interrupted"
+    return "running" if now - log.mtime <= max(RUNNING_IDLE_S, RUNNING_INTERVALS * interval) else "interrupted"
 
 
 @dataclass
@@ -74,10 +72,8 @@ def list_runs(root: str | Path, now: float | None = None, warn=None) -> list[Run
     for path in find_runs(root):
         if not (path / METRICS_FILE).is_file():  # config written, no record yet: just starting
             modified = (path / CONFIG_FILE).stat().st_mtime if (path / CONFIG_FILE).is_file() else 0.0
-            if (path / "conversion.json").is_file():  # written whole by `nanoseek convert`: nothing trains
-                status = "converted"
-            else:
-                status = "running" if now - modified <= RUNNING_IDLE_S else "interrupted"
+            status = ("converted" if (path / "conversion.json").is_file()  # written whole by `nanoseek convert`
+                      else "running" if now - modified <= RUNNING_IDLE_S else "interrupted")
             infos.append(RunInfo(path, status, _preset_of(path), None, None, None, modified))
             continue
         log = read_run(path, warn=warn)

@@ -54,17 +54,13 @@ def summary_text(log: RunLog, result=None, report: str | None = None, now: float
     lines.append(_row("steps", f"{steps}" + (f" ({updates} optimizer updates kept)" if updates is not None else "")))
 
     per_step = tokens_per_step(log, world_size)
-    rate = ""
-    if per_step and log.elapsed_s > 0:
-        rate = f", {len(log.train) * per_step / log.elapsed_s:,.0f} tokens/s"
+    rate = f", {len(log.train) * per_step / log.elapsed_s:,.0f} tokens/s" if per_step and log.elapsed_s > 0 else ""
     tokens = f"{len(log.train) * per_step:,} ({per_step:,} per step) in " if per_step else ""
     lines.append(_row("tokens" if per_step else "time", f"{tokens}{format_duration(log.elapsed_s)}{rate}"))
 
-    if log.train:
-        last = log.train[-1]
-        ce = last.get("ce", last.get("loss"))
-        if isinstance(ce, float):
-            lines.append(_row("train ce", f"{ce:.4f} at step {last['step']}"))
+    last = log.train[-1] if log.train else {}
+    if isinstance(ce := last.get("ce", last.get("loss")), float):
+        lines.append(_row("train ce", f"{ce:.4f} at step {last['step']}"))
     best = log.best_val()
     lines.append(_row("best val", f"{best[0]:.4f} at step {best[1]} ({len(log.evals)} evals)" if best
                       else "no evaluation yet (every train.eval_every steps)"))
@@ -72,18 +68,15 @@ def summary_text(log: RunLog, result=None, report: str | None = None, now: float
     lines.append(_row("checkpoints", _checkpoints(run_dir)))
 
     counts = log.event_counts()
-    if not counts:
-        lines.append(_row("guard", "no events"))
-    else:
-        total = sum(counts.values())
-        lines.append(_row("guard", f"{total} event{'s' if total > 1 else ''}: "
-                          + ", ".join(f"{n} {action}" for action, n in counts.items())))
-        for event in log.events[:MAX_EVENT_LINES]:
-            where = f" in {event['module']}" if event.get("module") else ""
-            lines.append(_row("", f"step {event['step']} {event.get('action') or event['event']}: "
-                              f"{event.get('cause', '')}{where}"))
-        if total > MAX_EVENT_LINES:
-            lines.append(_row("", f"... {total - MAX_EVENT_LINES} more in {run_dir / 'metrics.jsonl'}"))
+    total = sum(counts.values())
+    lines.append(_row("guard", f"{total} event{'s' if total > 1 else ''}: "
+                      + ", ".join(f"{n} {action}" for action, n in counts.items()) if counts else "no events"))
+    for event in log.events[:MAX_EVENT_LINES]:
+        where = f" in {event['module']}" if event.get("module") else ""
+        lines.append(_row("", f"step {event['step']} {event.get('action') or event['event']}: "
+                          f"{event.get('cause', '')}{where}"))
+    if total > MAX_EVENT_LINES:
+        lines.append(_row("", f"... {total - MAX_EVENT_LINES} more in {run_dir / 'metrics.jsonl'}"))
     if report is not None:
         lines.append(_row("report", report))
     return "\n".join(lines)
@@ -101,8 +94,6 @@ def _checkpoints(run_dir: Path) -> str:
         detail = ", ".join(([f"val {val:.4f}"] if val is not None else []) + tags)
         described.append(f"{path.name}" + (f" ({detail})" if detail else ""))
     return f"{len(found)} kept in {run_dir / 'checkpoints'}: " + ", ".join(described)
-
-
 
 
 def _row(name: str, text: str) -> str:

@@ -98,8 +98,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    return next(reversed(list_checkpoints(run_dir)), None)
 
 
 def checkpoint_val_loss(path: Path) -> float | None:
@@ -119,8 +118,7 @@ def _ranked_by_val_loss(found: list[Path]) -> list[Path]:
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:
     """The complete checkpoint with the lowest val_loss, or None if none recorded one."""
-    ranked = _ranked_by_val_loss(list_checkpoints(run_dir))
-    return ranked[0] if ranked else None
+    return next(iter(_ranked_by_val_loss(list_checkpoints(run_dir))), None)
 
 
 # -----------------------------------------------------------------------------
@@ -154,15 +152,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         if ema_state is not None:
             _write_safetensors(tmp / EMA_FILE, ema_state, "ema_state")
         torch_save(trainer_state, tmp / TRAINER_FILE)  # a failed write is the OSError it is (train/writes.py)
-        _write_text(tmp / CONFIG_FILE, _to_json(config, "config"))
+        (tmp / CONFIG_FILE).write_text(_to_json(config, "config"), encoding="utf-8")
         files = {}
         for path in sorted(tmp.iterdir()):
             _fsync(path)
             files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         meta = {"step": step, "val_loss": _encode_float(val_loss), "time": time.time(), "files": files}
-        _write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _fsync(tmp / META_FILE)
-        _write_text(tmp / COMPLETE_FILE, f"{step}\n")
+        (tmp / COMPLETE_FILE).write_text(f"{step}\n", encoding="utf-8")
         _fsync(tmp / COMPLETE_FILE)
         _fsync(tmp)
         _publish(tmp, final)
@@ -192,16 +190,12 @@ def _check_free_space(root: Path) -> None:
 def _publish(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final` and make the rename durable. An existing `final` (an earlier save of the same
     step) is first moved aside: between the two renames this step is briefly absent, never half there."""
-    root = final.parent
+    aside = final.parent / f"{TMP_PREFIX}replaced-{final.name}"
     if final.exists():
-        aside = root / f"{TMP_PREFIX}replaced-{final.name}"
         os.replace(final, aside)
-        os.replace(tmp, final)
-        _fsync(root)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-        _fsync(root)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int, keep_best: int, keep: Path) -> None:
@@ -219,10 +213,7 @@ def _prune(root: Path, keep_last: int, keep_best: int, keep: Path) -> None:
 def _remove_stale_tmp(root: Path) -> None:
     for path in root.iterdir():
         if path.name.startswith(TMP_PREFIX):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _split_shared(state: dict[str, torch.Tensor], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -414,10 +405,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(text)
-
 
 def _to_json(value: dict, what: str) -> str:
     if not isinstance(value, dict):
@@ -430,10 +417,8 @@ def _to_json(value: dict, what: str) -> str:
 
 def _encode_float(value: float | None) -> float | str | None:
     """JSON has no NaN/Infinity: write non-finite floats as "nan" / "inf" / "-inf" (as metrics.jsonl does)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
+    value = None if value is None else float(value)
+    return str(value) if value is not None and not math.isfinite(value) else value
 
 
 def _decode_float(value: Any) -> float | None:

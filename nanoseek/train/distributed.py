@@ -51,8 +51,8 @@ MODES = ("none", "ddp", "fsdp")
 
 def launched_by_torchrun() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) in a plain process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
 
 
 def _is_dtensor(t) -> bool:
@@ -86,11 +86,9 @@ class Distributed:
                  owns_group: bool = False, note: str = "", is_main: bool | None = None):
         self.mode, self.rank, self.world_size, self.local_rank = mode, rank, world_size, local_rank
         self.is_main = rank == 0 if is_main is None else is_main  # rank 0: logs, prints, writes checkpoints
-        self.device = device
-        self.owns_group = owns_group
+        self.device, self.owns_group = device, owns_group
         self.note = note  # one line for the console (rank 0), e.g. why ddp was picked
-        self.cpu_group = None
-        self.mesh = None
+        self.cpu_group = self.mesh = None
         if mode != "none" and dist.get_backend() != "gloo":
             # Host flags over gloo: an NCCL collective on them would first wait for the GPU queue.
             self.cpu_group = dist.new_group(backend="gloo")
@@ -328,9 +326,8 @@ class Distributed:
         if saved_count != len(params):
             raise ValueError(f"the checkpoint's optimizer holds {saved_count} parameters but this model trains "
                              f"{len(params)}; resume with the same model and optimizer settings")
-        named_groups = []
-        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
-            named_groups.append({**saved, "params": [names[id(p)] for p in group["params"]]})
+        named_groups = [{**saved, "params": [names[id(p)] for p in group["params"]]}
+                        for group, saved in zip(optimizer.param_groups, state["param_groups"])]
         by_index = [names[id(p)] for p in params]
         named_state = {by_index[i]: s for i, s in state["state"].items()}
         set_optimizer_state_dict(model, optimizer, {"state": named_state, "param_groups": named_groups},

@@ -1,8 +1,9 @@
 """Float8 training by module (torchao), with the fragile parts kept in high precision.
 
-Which linears go to fp8 is a stability decision (fp8 in the MLA projections has made early layers
-unstable in earlier MLA training): the MLA projections (wq/wq_a/wq_b, wkv_a, wkv_b), the router and the output head
-stay in bf16/fp32, as do layers whose dims are not multiples of 16 (an fp8 GEMM requirement).
+Which linears go to fp8 is a stability decision: the MLA projections (wq/wq_a/wq_b, wkv_a, wkv_b), whose
+low-rank latents feed every head's keys and values, the router and the output head (DeepSeek-V3, arXiv
+2412.19437 section 3.3.1, keeps both in high precision) stay in bf16/fp32, as do layers whose dims are not
+multiples of 16 (an fp8 GEMM requirement).
 Real fp8 matmuls need CUDA compute capability >= 8.9 (Ada, Hopper); elsewhere we refuse clearly.
 """
 
@@ -32,6 +33,5 @@ def enable_fp8(model: nn.Module, device: torch.device, recipe: str = "tensorwise
     except ImportError:
         raise ValueError("train.fp8 needs torchao: pip install 'nanoseek[fp8]'") from None
     converted = [name for name, module in model.named_modules() if fp8_eligible(module, name)]
-    convert_to_float8_training(model, module_filter_fn=lambda module, name: fp8_eligible(module, name),
-                               config=Float8LinearConfig.from_recipe_name(recipe))
+    convert_to_float8_training(model, module_filter_fn=fp8_eligible, config=Float8LinearConfig.from_recipe_name(recipe))
     return converted

@@ -43,11 +43,8 @@ class Finding:
         if self.stage == "clean":
             return "replay is finite everywhere: the fault did not reproduce (data- or state-dependent)"
         where = f"module {self.module!r}" if self.module is not None else "the loss"
-        return f"first non-finite value in {self.stage} at {where}, {self.tensor}; {_ranges(self.detail)}"
-
-
-def _ranges(detail: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in detail.items())
+        ranges = ", ".join(f"{k}={v}" for k, v in self.detail.items())
+        return f"first non-finite value in {self.stage} at {where}, {self.tensor}; {ranges}"
 
 
 def _tensors(obj) -> list[torch.Tensor]:

@@ -37,8 +37,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else value.tolist()
-        return jsonable(value)
+        return jsonable(value.item() if value.numel() == 1 else value.tolist())
     if isinstance(value, (np.ndarray, np.generic)):
         return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
@@ -144,14 +143,11 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush and close every sink; safe to call twice."""
-        if self._bar is not None:
-            self._bar.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        for sink in (self._bar, self._tensorboard, self._file):
+            if sink is not None:
+                sink.close()
         if self._wandb is not None:
             self._wandb.finish()
-        if self._file is not None:
-            self._file.close()
         self._file = self._tensorboard = self._wandb = self._bar = None
         self.enabled = False
 
@@ -169,8 +165,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
+    value = value.item() if isinstance(value, torch.Tensor) else value
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -190,14 +185,11 @@ class Throughput:
 
     def reset(self) -> None:
         """Start a new interval (e.g. after eval or a checkpoint, which are not training throughput)."""
-        self._start = time.perf_counter()
-        self._tokens = 0
-        self._steps = 0
+        self._start, self._tokens = time.perf_counter(), 0
 
     def add(self, tokens: int) -> None:
         """Count the tokens of one optimizer step."""
         self._tokens += tokens
-        self._steps += 1
 
     def rate(self) -> float:
         """Tokens/s since the last reset, then reset. 0.0 if no time has passed."""
@@ -225,11 +217,9 @@ def peak_memory_gb(device: str | torch.device) -> float:
 # which is what torch uses (the RTX 4090 does twice that with fp16 accumulation).
 # Matched in order against torch.cuda.get_device_name, so specific names come before general ones.
 _PEAK_TFLOPS = [
-    (r"H200 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
-    (r"H200", dict(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),
-    (r"H100 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
+    (r"H[12]00 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
     (r"H100 PCIe", dict(bf16=756.0, fp16=756.0, tf32=378.0, fp32=51.2)),
-    (r"H100", dict(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),  # SXM5 ("H100 80GB HBM3")
+    (r"H[12]00", dict(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),  # H200, H100 SXM5 ("H100 80GB HBM3")
     (r"A100", dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5)),
     (r"RTX 4090", dict(bf16=165.2, fp16=165.2, tf32=82.6, fp32=82.6)),
     (r"\bL4\b", dict(bf16=121.0, fp16=121.0, tf32=60.0, fp32=30.3)),
@@ -262,6 +252,4 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> fl
 
     flops_per_token: training FLOPs per token (PaLM appendix B: 6 * N_active + attention), from the model.
     """
-    if peak is None or peak <= 0:
-        return None
-    return flops_per_token * tokens_per_sec / peak
+    return flops_per_token * tokens_per_sec / peak if peak is not None and peak > 0 else None

@@ -53,10 +53,6 @@ def _head_param_ids(model: nn.Module) -> set[int]:
             for p in m.parameters(recurse=False)}
 
 
-def _is_no_decay(name: str, p: nn.Parameter, embedding_ids: set[int]) -> bool:
-    return p.ndim < 2 or id(p) in embedding_ids or name.rsplit(".", 1)[-1] == "bias"
-
-
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Split the trainable parameters of `model` into tagged groups for `cfg.optimizer`.
 
@@ -70,7 +66,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if _is_no_decay(name, p, embedding_ids):
+        if p.ndim < 2 or id(p) in embedding_ids or name.rsplit(".", 1)[-1] == "bias":
             no_decay.append(p)
         elif cfg.optimizer == "muon" and id(p) not in head_ids:
             muon.append(p)
@@ -103,8 +99,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                          "unfreeze some parameters before building the optimizer")
     if cfg.optimizer == "adamw":
         # torch's fused AdamW: one kernel over all parameters instead of ~10 foreach ops, on CPU too
-        # (torch >= 2.4); the same update as the foreach path up to rounding, and 3-10x faster on CPU
-        # (bench/RESULTS.md, "Fast paths"). Needs float parameters on CPU or CUDA.
+        # (torch >= 2.4); the same update as the foreach path up to rounding, and faster on CPU
+        # (measured in bench/RESULTS.md, "Fast paths"). Needs float parameters on CPU or CUDA.
         params = [p for group in groups for p in group["params"]]
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -120,6 +116,14 @@ def apply_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Set every group's LR to its `base_lr` times `factor` (from `lr_factor`)."""
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
+
+
+def _call_closure(closure):
+    """torch.optim's closure protocol: re-evaluate the loss with gradients on (steps run under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 # -----------------------------------------------------------------------------
@@ -144,10 +148,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _call_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]
@@ -210,9 +211,7 @@ def _newton_schulz_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor
     small ops. In fp32 on CPU batching measured slower, so each matrix goes alone there (both measured in
     bench/RESULTS.md, "CPU kernel choices").
     """
-    if not params:
-        return []
-    if not (params[0].is_cuda or (params[0].device.type == "cpu" and cpu_has_amx())):
+    if not params or not (params[0].is_cuda or (params[0].device.type == "cpu" and cpu_has_amx())):
         return [[p] for p in params]
     batches: list[list[torch.Tensor]] = []
     open_batch: dict[tuple, list[torch.Tensor]] = {}
@@ -249,15 +248,9 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _call_closure(closure)
         for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_step(group)
-            else:
-                self._adamw_step(group)
+            (self._muon_step if group["use_muon"] else self._adamw_step)(group)
         return loss
 
     def _muon_step(self, group: dict) -> None:
@@ -293,13 +286,11 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
-            step = state["step"]
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             exp_avg.lerp_(p.grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             # Kingma & Ba 2015 bias correction, folded into the step size and the denominator.
-            bias_correction1 = 1 - beta1 ** step
-            bias_correction2 = 1 - beta2 ** step
+            bias_correction1, bias_correction2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
             denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
             if wd:
                 p.mul_(1 - lr * wd)
@@ -335,10 +326,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "wsd":
         decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
-        decay_start = cfg.max_steps - decay_steps
-        if step < decay_start:
-            return 1.0
-        progress = min(1.0, (step - decay_start) / decay_steps)
+        progress = min(1.0, max(0, step - (cfg.max_steps - decay_steps)) / decay_steps)
         return 1.0 - (1 - floor) * progress
     if cfg.schedule == "cyclic":
         phase = ((step - warmup) % cfg.cycle_steps) / cfg.cycle_steps

@@ -33,9 +33,8 @@ class RollbackKeeper:
         """Called at the start and after every healthy step. With no snapshot yet (a run resumed between
         snapshot steps) one is taken at once, or a rollback before the next snapshot step would have
         nothing to restore."""
-        due = step % self.cfg.snapshot_every == 0 or self.good is None
-        if not self.cfg.enabled or not due:
-            return
+        if not self.cfg.enabled or (step % self.cfg.snapshot_every and self.good is not None):
+            return  # not due
         if self.pending is not None:
             self.good = self.pending
         self.pending = self._snapshot(step, opt_step)
