@@ -20,10 +20,12 @@ def _log(message: str) -> None:
 
 @dataclass
 class Generate:
-    """Sample text from a trained run, a checkpoint, or the output of `nanoseek convert`/`heal`."""
+    """Sample text from a trained run, a checkpoint, the output of `nanoseek convert`/`heal`, a transformers
+    folder or a GGUF file."""
 
     ckpt: str
-    """A run directory (its best checkpoint, else its latest; see --which) or a checkpoint directory."""
+    """A run directory (its best checkpoint, else its latest; see --which), a checkpoint directory, a
+    transformers folder or a .gguf file."""
     prompt: str = "\n"
     """The text to continue."""
     prompt_file: Path | None = None
@@ -52,6 +54,11 @@ class Generate:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stream: bool = True
     """Print tokens as they are generated."""
+    chat: bool = False
+    """Wrap each prompt as a user turn in the model's chat template (instruct models) and stop at its
+    end-of-turn token."""
+    system: str | None = None
+    """With --chat: a system message (default: the template's own, if it has one)."""
 
 
 def _prompts(args: Generate) -> list[str]:
@@ -70,7 +77,7 @@ def cmd_generate(args: Generate) -> int:
 
     from nanoseek.generate import Sampling, check_prompt, stream
     from nanoseek.speculative import speculative_generate
-    from nanoseek.train.loading import load_model, load_run_tokenizer
+    from nanoseek.interop.any_model import chat_prompt, load_any_model
     from nanoseek.train.trainer import resolve_device
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -78,15 +85,17 @@ def cmd_generate(args: Generate) -> int:
         raise ValueError("--speculative decodes greedily; add --temperature 0")
     device = resolve_device(args.device)
     prompts = _prompts(args)
-    model, cfg = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
-    tok = load_run_tokenizer(args.ckpt)
-    _log(f"nanoseek generate: {model.checkpoint_path}{' (EMA weights)' if model.uses_ema else ''}, "
+    loaded = load_any_model(args.ckpt, device, use_ema=args.ema, which=args.which)
+    model, cfg, tok = loaded.model, loaded.model.config, loaded.tokenizer
+    _log(f"nanoseek generate: {loaded.label}{' (EMA weights)' if model.uses_ema else ''}, "
          f"{cfg.attention}, {model.num_params() / 1e6:.2f}M parameters, on {device}")
     generator = torch.Generator().manual_seed(args.seed)
     for text in prompts:
-        prompt = check_prompt(model, torch.tensor([tok.encode(text)], device=device), args.truncate)
+        ids, stops = chat_prompt(loaded.tokenizer_dir, text, args.system) if args.chat else (tok.encode(text), [])
+        stops = {tok.eos_id, *stops}
+        prompt = check_prompt(model, torch.tensor([ids], device=device), args.truncate)
         start, n_new = time.perf_counter(), 0
-        sys.stdout.write(text)
+        sys.stdout.write(text + ("\n" if args.chat else ""))
         if args.speculative:
             tokens, stats = speculative_generate(model, prompt, args.max_new_tokens, tok.eos_id)
             new = tokens[0, prompt.shape[1]:].tolist()
@@ -99,7 +108,7 @@ def cmd_generate(args: Generate) -> int:
             for nxt in stream(model, prompt, args.max_new_tokens, sampling, tok.eos_id, generator,
                               use_cache=args.cache):
                 n_new += 1
-                if int(nxt[0, 0]) == tok.eos_id:
+                if int(nxt[0, 0]) in stops:
                     break
                 printer.add(int(nxt[0, 0]))
             printer.flush()
@@ -142,10 +151,12 @@ class Eval:
     """Validation loss, perplexity and bits per byte of a trained model on held-out text."""
 
     ckpt: str
-    """A run directory (its best checkpoint, else its latest; see --which) or a checkpoint directory."""
+    """A run directory (its best checkpoint, else its latest; see --which), a checkpoint directory, a
+    transformers folder or a .gguf file."""
     data: str | None = None
     """Text to score: anything `train --data` accepts (builtin:pydocs, a file, directory, glob, hf:NAME) or a
-    prepared directory (its validation split). Default: the run's own validation split."""
+    prepared directory (its validation split). Default: the run's own validation split (required for a
+    transformers folder or GGUF file)."""
     seq_len: int | None = None
     """Window length (default: the model's max_seq_len)."""
     batch_size: int = 8
@@ -164,14 +175,17 @@ def cmd_eval(args: Eval) -> int:
     import torch
 
     from nanoseek.evaluate import evaluate_ids, token_stream
-    from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
+    from nanoseek.interop.any_model import load_any_model
     from nanoseek.train.trainer import resolve_device
 
     device = resolve_device(args.device)
-    model, _ = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
-    tok = load_run_tokenizer(args.ckpt)
-    run_dir = run_dir_of(args.ckpt)
-    ids = token_stream(args.data, tok, run_data=run_dir / "data", max_tokens=args.max_tokens)
+    loaded = load_any_model(args.ckpt, device, use_ema=args.ema, which=args.which)
+    model, tok = loaded.model, loaded.tokenizer
+    if args.data is None and loaded.run_dir is None:
+        raise ValueError(f"--ckpt {args.ckpt} is not a nanoseek run, so it has no validation split: pass --data "
+                         "(a file, directory, glob, builtin:pydocs or hf:NAME)")
+    run_data = loaded.run_dir / "data" if loaded.run_dir else None
+    ids = token_stream(args.data, tok, run_data=run_data, max_tokens=args.max_tokens)
     result = evaluate_ids(model, tok, ids, args.seq_len, args.batch_size,
                           torch.bfloat16 if args.precision == "bf16" else None, progress=True)
     source = args.data or "the run's validation split"
@@ -180,7 +194,7 @@ def cmd_eval(args: Eval) -> int:
         print(json.dumps({"checkpoint": str(model.checkpoint_path), "data": source, "weights": weights,
                           **result.as_dict()}))
     else:
-        _log(f"nanoseek eval: {model.checkpoint_path} ({weights} weights) on {source}")
+        _log(f"nanoseek eval: {loaded.label} ({weights} weights) on {source}")
         print(result.line())
     return 0
 

@@ -35,8 +35,8 @@ class Convert:
     report per-layer approximation errors, initial expert loads and the held-out KL / perplexity."""
 
     from_: Annotated[str, tyro.conf.arg(name="from")]
-    """A transformers folder (config.json + safetensors + tokenizer.json, e.g. SmolLM2-135M) or a nanoseek
-    GQA run / checkpoint directory."""
+    """A transformers folder (config.json + safetensors + tokenizer.json, e.g. SmolLM2-135M), a .gguf file
+    (needs `pip install 'nanoseek[gguf]'`) or a nanoseek GQA run / checkpoint directory."""
     out: str
     """Run directory to write (generate, eval, export and heal read it)."""
     to: Literal["mla-moe", "mla"] = "mla-moe"
@@ -117,13 +117,14 @@ class Heal:
 
 
 def load_source(path: str | Path, flag: str = "--from"):
-    """(dense model, tokenizer spec for DataConfig.tokenizer) from a transformers folder or a nanoseek run."""
+    """(dense model, tokenizer spec for DataConfig.tokenizer, tokenizer folder) from a transformers folder, a
+    GGUF file or a nanoseek run."""
     from nanoseek.interop.source import load_source_model
 
     source = load_source_model(path, flag)
     if source.tokenizer == "char":
         raise ValueError(f"the run at {path} uses a 'char' tokenizer; convert needs a tokenizer.json or byte one")
-    return source.model, source.tokenizer
+    return source.model, source.tokenizer, source.tokenizer_dir
 
 
 def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
@@ -148,13 +149,14 @@ def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
 def cmd_convert(args: Convert) -> int:
     from nanoseek.data.corpus import is_prepared_dir
     from nanoseek.data.shards import prepare_data
+    from nanoseek.interop.any_model import copy_chat_files
     from nanoseek.interop.convert import convert_to_mla_moe, target_config
     from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
 
     out = Path(args.out)
     if latest_checkpoint(out) is not None:
         raise ValueError(f"--out {out} already holds checkpoints; choose a new directory")
-    dense, tokenizer_spec = load_source(args.from_)
+    dense, tokenizer_spec, tokenizer_dir = load_source(args.from_)
     src = dense.config
     if src.attention != "gqa":  # before the defaults below, which read GQA fields; target_config checks the rest
         raise ValueError(f"--from {args.from_}: attention={src.attention!r}; convert takes a dense GQA/MHA/MQA model")
@@ -174,6 +176,7 @@ def cmd_convert(args: Convert) -> int:
         shutil.copytree(args.data, out / "data", dirs_exist_ok=True)
         data_cfg = dataclasses.replace(data_cfg, source=str(out / "data"))
     prepared = prepare_data(data_cfg, out / "data")
+    copy_chat_files(tokenizer_dir, out / "data")  # `generate --chat` on the converted run uses the same template
     if prepared.vocab_size > src.vocab_size:
         raise ValueError(f"the tokenizer has {prepared.vocab_size} ids but the model only {src.vocab_size}; "
                          "pass the model's own tokenizer")
@@ -214,7 +217,7 @@ def cmd_heal(args: Heal) -> int:
     if teacher_path is None:
         raise ValueError(f"{run} has no {CONVERSION_FILE}; pass --teacher (the original model)")
     student, cfg = load_model(ckpt)
-    teacher, _ = load_source(teacher_path, "--teacher")
+    teacher, _, _ = load_source(teacher_path, "--teacher")
     if teacher.config.vocab_size != cfg.vocab_size:
         raise ValueError(f"--teacher {teacher_path} has vocab_size {teacher.config.vocab_size}, the converted model "
                          f"{cfg.vocab_size}; pass the model it was converted from")

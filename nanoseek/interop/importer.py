@@ -108,12 +108,17 @@ def import_hf(path: str | Path, dtype: torch.dtype | str = torch.float32) -> Tra
     """Load a transformers folder as a nanoseek Transformer in eval mode, on CPU, weights in `dtype`.
 
     path: a folder with config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards with
-        model.safetensors.index.json (what `save_pretrained` and `export_hf` write).
+        model.safetensors.index.json (what `save_pretrained` and `export_hf` write), or a .gguf file
+        (dequantised by transformers; see interop/gguf.py).
     dtype: torch.float32 / bfloat16 / float16 (or "fp32" / "bf16" / "fp16"); MoE balance biases stay float32.
     Returns a model whose logits [B, T, vocab] match transformers' on the same folder (float32: a few 1e-6,
     mostly transformers computing RoPE angles in float32 where nanoseek uses float64).
     The transformers config is kept as `model.hf_config` (a dict).
     """
+    from nanoseek.interop.gguf import import_gguf, is_gguf_file  # gguf.py builds on this module
+
+    if is_gguf_file(Path(path).expanduser()):
+        return import_gguf(Path(path).expanduser(), dtype)
     folder = _folder(path)
     hf = read_hf_config(folder)
     dtype = resolve_dtype(dtype)
