@@ -58,8 +58,16 @@ class Convert:
     """The first layers keep their dense MLP (DeepSeek's first_k_dense_replace)."""
     router_std: float = 0.02
     """Spread of the initial router logits (small: top-k weights stay ~equal)."""
+    method: Literal["rorope", "partial"] = "rorope"
+    """rorope: per kept RoPE frequency the KV groups' principal component is the shared rope key and the rest of
+    every key becomes NoPE (TransMLA's RoRoPE; heads D + Dr wide); partial: partial RoPE (MHA2MLA), the other
+    frequencies' rotation dropped (heads D wide)."""
+    kv_latent_norm: bool = True
+    """Keep the RMSNorm on the KV latent (transformers' DeepseekV3 always has one; --no-kv-latent-norm is closer
+    to the original in nanoseek, and its export then adds the norm back with a constant weight)."""
     latent_init: Literal["activations", "weights"] = "activations"
-    """Below full rank: SVD of the K/V projections weighted by the calibration inputs, or of the bare weights."""
+    """--method partial, below full rank: SVD of the K/V projections weighted by the calibration inputs, or of
+    the bare weights."""
     data: str = "builtin:pydocs"
     """Text for calibration (its train split) and the held-out report (its val split); any `train --data` form
     (a prepared directory must have been tokenised with the model's tokenizer)."""
@@ -166,7 +174,7 @@ def cmd_convert(args: Convert) -> int:
     experts = args.experts if args.to == "mla-moe" else 0
     options = dict(kv_lora_rank=kv_rank, rope_dims=rope_dims, n_routed_experts=experts, n_shared_experts=args.shared,
                    n_activated_experts=args.top_k, moe=args.moe, n_dense_layers=args.dense_layers)
-    target_config(src, **options)  # a bad source (QK-norm, YaRN, MoE) or option fails before the data is tokenised
+    target_config(src, **options, method=args.method, kv_latent_norm=args.kv_latent_norm)  # a bad source (QK-norm, YaRN, MoE) or option fails before the data is tokenised
     seq_len = min(args.seq_len, src.max_seq_len)
     if args.calib_tokens < seq_len or args.eval_tokens < 2:
         raise ValueError(f"--calib-tokens {args.calib_tokens} / --eval-tokens {args.eval_tokens}: calibration needs "
@@ -187,7 +195,8 @@ def cmd_convert(args: Convert) -> int:
           f"head_dim {src.head_dim}) -> {args.to}; {calib.numel()} calibration, {held_out.numel()} held-out tokens",
           file=sys.stderr)
     model, report = convert_to_mla_moe(dense, calib, **options, router_std=args.router_std,
-                                       latent_init=args.latent_init, eval_ids=held_out, seed=args.seed)
+                                       latent_init=args.latent_init, method=args.method,
+                                       kv_latent_norm=args.kv_latent_norm, eval_ids=held_out, seed=args.seed)
     run_cfg = RunConfig(model=model.config, data=data_cfg, preset="converted", out=str(out), seed=args.seed)
     run_cfg.save_toml(out / "config.toml")
     save_checkpoint(out, 0, model.state_dict(), {}, run_cfg.to_dict())

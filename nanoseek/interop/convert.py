@@ -35,6 +35,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.interop.convert_mla import (RopeChoice, choose_rope_pairs, convert_attention,
                                           pair_scores, rope_config)
 from nanoseek.interop.convert_moe import split_mlp, upcycle_mlp
+from nanoseek.interop.convert_rorope import convert_attention_rorope
 from nanoseek.interop.heal import compare
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE, expert_counts
@@ -115,7 +116,7 @@ def _check_source(cfg: ModelConfig) -> None:
 
 def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_routed_experts: int,
                   n_shared_experts: int, n_activated_experts: int, moe: str, n_dense_layers: int,
-                  choice: RopeChoice | None = None) -> ModelConfig:
+                  choice: RopeChoice | None = None, method: str = "partial", kv_latent_norm: bool = True) -> ModelConfig:
     """The converted model's config (validated: a bad source or option fails here, before any work)."""
     _check_source(dense)
     head_dim = dense.head_dim
@@ -123,6 +124,9 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
         raise ValueError(f"rope_dims={rope_dims!r}: must be an even number in [2, head_dim={head_dim}]")
     if kv_lora_rank < 1:
         raise ValueError(f"kv_lora_rank={kv_lora_rank}: must be >= 1")
+    if method not in ("rorope", "partial"):
+        raise ValueError(f"method={method!r}: choose 'rorope' (every kept frequency's shared component, the rest "
+                         "as NoPE) or 'partial' (partial RoPE, the other pairs' rotation dropped)")
     if moe not in ("split", "upcycle"):
         raise ValueError(f"moe={moe!r}: choose 'split' (fine-grained experts) or 'upcycle' (copies)")
     moe_inter = dense.inter_dim
@@ -138,7 +142,8 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
     values = dense.to_dict()
     values.update(
         attention="mla", n_kv_heads=None, head_dim=None, kv_head_ratio=None, embd_scale=1.0, qk_norm=False,
-        q_lora_rank=0, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=head_dim - rope_dims,
+        q_lora_rank=0, kv_lora_rank=kv_lora_rank, kv_latent_norm=kv_latent_norm,
+        qk_nope_head_dim=head_dim if method == "rorope" else head_dim - rope_dims,
         qk_rope_head_dim=rope_dims, v_head_dim=head_dim,
         rope_theta=theta, rope_scaling="linear" if factor != 1.0 else "none", rope_factor=factor,
         n_routed_experts=n_routed_experts, n_shared_experts=n_shared_experts if n_routed_experts else 0,
@@ -199,14 +204,19 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
                        n_routed_experts: int = 0, n_shared_experts: int = 1, n_activated_experts: int = 2,
                        moe: Literal["split", "upcycle"] = "split", n_dense_layers: int = 1, router_std: float = 0.02,
                        latent_init: Literal["activations", "weights"] = "activations",
+                       method: Literal["rorope", "partial"] = "rorope", kv_latent_norm: bool = True,
                        eval_ids: torch.Tensor | None = None, seed: int = 0,
                        log: Callable[[str], None] | None = _log_stderr) -> tuple[Transformer, ConversionReport]:
     """dense GQA Transformer -> (MLA Transformer, ConversionReport). n_routed_experts=0 keeps the MLPs dense.
 
     calib_ids: [B, T] token ids whose activations drive the RoPE choice, the shared rope key, kv_norm's scale,
         the expert split and the router (a few thousand tokens of ordinary text are plenty).
+    method: "rorope" (convert_rorope.py: every kept frequency keeps the groups' principal component as the shared
+        rope key, the rest of the keys become NoPE; head width D + Dr) or "partial" (convert_mla.py: partial RoPE,
+        head width D; the only one that takes latent_init).
     latent_init: below full rank, truncate the SVD of the key/value projections weighted by the calibration
         inputs ("activations") or of the bare weights ("weights", MHA2MLA's); see convert_mla.latent_projections.
+    kv_latent_norm: keep the latent RMSNorm (False: nanoseek's MLA without it; transformers' export adds it back).
     eval_ids: optional held-out ids [B, T] (or 1-D) for the KL / perplexity comparison (heal.compare).
     The converted model is on CPU in `dense`'s dtype, in eval mode; `dense` is not modified.
     log: receives one line per layer and the summary (None: silent).
@@ -219,10 +229,13 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
                          "(--eval-tokens, or more text in --data)")
     if latent_init not in ("activations", "weights"):
         raise ValueError(f"latent_init={latent_init!r}: choose 'activations' or 'weights'")
+    if method == "rorope" and latent_init != "activations":
+        raise ValueError(f"latent_init={latent_init!r} applies to method='partial'; method='rorope' always takes "
+                         "the latent from the calibration activations")
     if router_std <= 0:
         raise ValueError(f"router_std={router_std}: must be > 0 (the spread of the initial router logits)")
     target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe,
-                  n_dense_layers)  # fail on a bad source or options before any work
+                  n_dense_layers, None, method, kv_latent_norm)  # fail on a bad source or options before any work
     say = log or (lambda line: None)
     n_heads, n_groups = src.n_heads, src.n_kv_heads
     records = collect_inputs(dense, calib_ids)
@@ -239,7 +252,7 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     scores = torch.stack(scores)  # [L, P]
     choice = choose_rope_pairs(scores.sum(0), rope_dims // 2)
     cfg = target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts,
-                        moe, n_dense_layers, choice)
+                        moe, n_dense_layers, choice, method, kv_latent_norm)
     dtype = dense.embed.weight.dtype
     model = Transformer(cfg).to(dtype)
     model.load_state_dict({k: v for k, v in dense.state_dict().items()
@@ -254,16 +267,8 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
 
     for i, (old, new, rec) in enumerate(zip(layers, model.layers, records)):
         u = _unit_rms(rec["resid"], src.norm_eps)  # [B, T, dim]
-        attn = old.attn
-        weights = convert_attention(attn.wq.weight.double().cpu(), attn.wk.weight.double().cpu(),
-                                    attn.wv.weight.double().cpu(), attn.wo.weight.double().cpu(),
-                                    old.attn_norm.weight.double().cpu(), u.flatten(0, 1), n_heads, n_groups,
-                                    choice.pairs, kv_lora_rank, cfg.norm_eps, latent_init == "activations")
-        new.attn_norm.weight.fill_(1.0)  # folded into the projections
-        for name in ("wq", "wkv_a", "wkv_b", "wo"):
-            getattr(new.attn, name).weight.copy_(getattr(weights, name))
-        new.attn.kv_norm.weight.copy_(weights.kv_norm)
-        new.ffn_norm.weight.copy_(old.ffn_norm.weight)
+        weights = _convert_attention(old, new, u.flatten(0, 1), src, cfg, choice.pairs, method,
+                                     latent_init == "activations")
         layer = LayerReport(i, float(scores[i, choice.pairs].sum()), weights.rope_error, weights.svd_error,
                             weights.kv_error, _attention_error(new.attn, u, rec["attn_out"]))
         _convert_ffn(old.ffn, new.ffn, rec["ffn_in"].flatten(0, 1).double(), cfg, moe, router_std, seed + i)
@@ -281,6 +286,28 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
         report.comparison = compare(dense, model, eval_ids).as_dict()
         say(report.lines()[-1])
     return model, report
+
+
+@torch.no_grad()
+def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, u: torch.Tensor, src: ModelConfig,
+                       cfg: ModelConfig, pairs: list[int], method: str, weighted: bool):
+    """Fill block `new`'s attention (and its norms) from dense block `old`; u: [N, dim] calibration inputs at
+    unit RMS. Returns the MLAWeights (with their error measures)."""
+    attn = old.attn
+    args = (attn.wq.weight.double().cpu(), attn.wk.weight.double().cpu(), attn.wv.weight.double().cpu(),
+            attn.wo.weight.double().cpu(), old.attn_norm.weight.double().cpu(), u, src.n_heads, src.n_kv_heads,
+            pairs, cfg.kv_lora_rank, cfg.norm_eps)
+    if method == "rorope":
+        weights = convert_attention_rorope(*args, kv_norm=cfg.kv_latent_norm)
+    else:
+        weights = convert_attention(*args, weighted)
+    new.attn_norm.weight.fill_(1.0)  # folded into the projections
+    for name in ("wq", "wkv_a", "wkv_b", "wo"):
+        getattr(new.attn, name).weight.copy_(getattr(weights, name))
+    if cfg.kv_latent_norm:
+        new.attn.kv_norm.weight.copy_(weights.kv_norm)
+    new.ffn_norm.weight.copy_(old.ffn_norm.weight)
+    return weights
 
 
 @torch.no_grad()

@@ -1,0 +1,121 @@
+"""GQA -> MLA for one attention layer, keeping every RoPE frequency that fits (the default `--method rorope`).
+
+Notation as in convert_mla.py: H query heads of head_dim D in G key/value groups, pair p = dims (2p, 2p+1),
+z_g,p = k_g,2p + i k_g,2p+1 the complex key of group g at pair p; u the attention input at unit RMS.
+
+RoRoPE (TransMLA, Meng et al., arXiv 2502.07864): RoPE rotates every group's pair p by the same angle, so
+any per-pair complex mix of the G groups commutes with it. Per kept pair we take the principal component
+s_p = sum_g a_g z_g (weighted by how much the queries read each group, `rope_coefficients`) as the shared rope
+key, and write each group's key as z_g = w_g s_p + r_g: the first term keeps its rotation exactly, the
+remainder r_g (small when the groups' keys are alike at that frequency) becomes a NoPE key. Unlike partial
+RoPE (MHA2MLA, `convert_mla.py`), nothing is dropped: with Dr = D every frequency keeps its rotation through
+the shared key, and only the part of the groups' keys outside their common component loses it.
+
+Each head's query/key width becomes D (NoPE: its group's key, all pairs, minus the rope part) + Dr (rope):
+q_h . k = Re(q conj(w_g s)) + Re(q conj(r_g)) exactly when nothing is truncated. MLA scales logits by
+(D + Dr)^-0.5 where GQA used D^-0.5, so the queries are multiplied by sqrt((D + Dr) / D) (TransMLA step 5).
+
+The NoPE keys and the values of all groups share one latent of rank R: the principal subspace of their outputs
+on calibration inputs (TransMLA's PCA on activations), after scaling the keys so their energy matches the
+values' (its "balanced K/V", BKV: without it the larger of the two takes the whole rank). With the latent
+RMSNorm on (transformers' DeepseekV3 always has it) its weight is the least-squares scalar that undoes the
+average scale; with it off (`kv_latent_norm=False`) the latent is used as projected.
+
+All arithmetic is float64 on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nanoseek.interop.convert_mla import MLAWeights, _complex_pairs, fill_spare_latent, mix_rows, rope_coefficients
+
+
+def rope_and_nope_keys(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_heads: int, n_groups: int,
+                       pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Split each group's key into the shared rope key (on `pairs`) and a NoPE remainder.
+
+    wq: [H*D, dim], wk: [G*D, dim], u: [N, dim] -> (rope query rows [H, Dr, dim], rope key rows [Dr, dim],
+    NoPE key rows [G, D, dim], rope residual energy share). Without rotation,
+    q_h . k_g = rope_query_h . rope_key + q_h . nope_g exactly, for every input.
+    """
+    head_dim = wq.shape[0] // n_heads
+    a, w, residual = rope_coefficients(wq, wk, u, n_heads, n_groups, pairs)
+    q_even, q_odd = _complex_pairs(wq, n_heads, head_dim, pairs)  # [H, n, dim]
+    k_even, k_odd = _complex_pairs(wk, n_groups, head_dim, pairs)  # [G, n, dim]
+    rope_key = mix_rows(a.T, k_even, k_odd).sum(0)  # [n, 2, dim]: s = sum_g a_g z_g
+    w_heads = w.repeat_interleave(n_heads // n_groups, dim=1).T  # [H, n]
+    rope_query = mix_rows(w_heads.conj(), q_even, q_odd)  # [H, n, 2, dim]: q * conj(w_g)
+    nope = wk.view(n_groups, head_dim // 2, 2, -1).clone()
+    nope[:, pairs] -= mix_rows(w.T, rope_key[:, 0], rope_key[:, 1])  # r_g = z_g - w_g s
+    return (rope_query.reshape(n_heads, -1, wq.shape[1]), rope_key.reshape(-1, wk.shape[1]),
+            nope.reshape(n_groups, head_dim, -1), residual)
+
+
+def balanced_latent(keys: torch.Tensor, values: torch.Tensor, u: torch.Tensor, rank: int, eps: float,
+                    norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One latent for the NoPE keys and values of all groups: PCA of [keys / alpha; values] on u.
+
+    keys: [G, Dk, dim], values: [G, Dv, dim], u: [N, dim]; alpha^2 = E|keys u|^2 / E|values u|^2.
+    Returns (down [R, dim], up [G*(Dk+Dv), R] with rows per group [keys; values], kv_norm weight [R],
+    relative error of keys and values on u, each weighted as balanced). With `norm` the latent is RMS-normalised
+    before `up` (the weight is the least-squares scalar); without, the weight is 1 and unused.
+    """
+    groups, dk, dim = keys.shape
+    k_out, v_out = u @ keys.reshape(-1, dim).T, u @ values.reshape(-1, dim).T
+    alpha = float((k_out.pow(2).mean() / v_out.pow(2).mean().clamp(min=1e-30)).sqrt().clamp(min=1e-30))
+    m = torch.cat([keys / alpha, values], dim=1).reshape(-1, dim)  # [G*(Dk+Dv), dim]
+    outputs = u @ m.T  # [N, rows]
+    eigvals, eigvecs = torch.linalg.eigh(outputs.T @ outputs / u.shape[0])
+    k = min(rank, int((eigvals > 1e-12 * eigvals[-1].clamp(min=1e-300)).sum()))  # the outputs' numerical rank
+    basis = eigvecs[:, eigvecs.shape[1] - k:].flip(-1)  # [rows, k]
+    down = torch.zeros(rank, dim, dtype=m.dtype)
+    up = torch.zeros(m.shape[0], rank, dtype=m.dtype)
+    down[:k], up[:, :k] = basis.T @ m, basis
+    if norm and k < rank:  # room to spare: orthonormal rows, the rest from u, so |latent| ~ |u| (fill_spare_latent)
+        q, r = torch.linalg.qr(down[:k].T)  # down[:k] = r^T q^T
+        down[:k], up[:, :k] = q.T, up[:, :k] @ r.T
+        fill_spare_latent(down, k, u)
+    latent = u @ down.T  # [N, R]
+    gamma = 1.0
+    pred = latent @ up.T
+    if norm:
+        normed = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + eps)
+        pred = normed @ up.T
+        gamma = float((outputs * pred).sum() / pred.pow(2).sum().clamp(min=1e-30))
+        pred = gamma * pred
+    error = float((outputs - pred).norm() / outputs.norm().clamp(min=1e-30))
+    scale = torch.ones(groups, dk + values.shape[1], 1, dtype=m.dtype)
+    scale[:, :dk] = alpha  # undo the balancing on the key rows
+    up = (up.view(groups, dk + values.shape[1], rank) * scale).reshape(-1, rank)
+    return down, up, torch.full((rank,), gamma, dtype=m.dtype), error
+
+
+def convert_attention_rorope(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+                             norm_weight: torch.Tensor, u: torch.Tensor, n_heads: int, n_groups: int,
+                             pairs: list[int], kv_lora_rank: int, eps: float, kv_norm: bool = True) -> MLAWeights:
+    """One GQA layer's weights -> MLA weights (qk_nope_head_dim = v_head_dim = D, qk_rope_head_dim = 2 len(pairs))
+    reading the same input with attn_norm's weight set to 1.
+
+    wq: [H*D, dim], wk, wv: [G*D, dim], wo: [dim, H*D], norm_weight: [dim], u: [N, dim] calibration inputs at
+    unit RMS, pairs: the RoPE pairs the shared key keeps (ascending), kv_norm: whether the latent is normalised.
+    """
+    wq, wk, wv = (w * norm_weight for w in (wq, wk, wv))
+    head_dim = wq.shape[0] // n_heads
+    per_group = n_heads // n_groups
+    rope_query, rope_key, nope, rope_error = rope_and_nope_keys(wq, wk, u, n_heads, n_groups, pairs)
+    values = wv.view(n_groups, head_dim, -1)
+    down, up, gamma, kv_error = balanced_latent(nope, values, u, kv_lora_rank, eps, kv_norm)
+    wkv_b = up.view(n_groups, 1, 2 * head_dim, -1).expand(-1, per_group, -1, -1)  # a group's rows for its heads
+    q_scale = math.sqrt((head_dim + 2 * len(pairs)) / head_dim)  # MLA's 1/sqrt(D + Dr) back to GQA's 1/sqrt(D)
+    new_wq = torch.cat([wq.view(n_heads, head_dim, -1), rope_query], dim=1).reshape(-1, wq.shape[1]) * q_scale
+    m = torch.cat([nope, values], dim=1).reshape(-1, wk.shape[1])
+    svd = torch.linalg.svdvals(m)
+    svd_error = float(svd[kv_lora_rank:].pow(2).sum().sqrt() / svd.pow(2).sum().sqrt().clamp(min=1e-30))
+    return MLAWeights(new_wq, torch.cat([down, rope_key]), gamma, wkv_b.reshape(-1, kv_lora_rank), wo.clone(),
+                      svd_error, kv_error, rope_error)
+
+
+__all__ = ["balanced_latent", "convert_attention_rorope", "rope_and_nope_keys"]
