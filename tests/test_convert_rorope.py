@@ -116,3 +116,33 @@ def test_full_rank_mqa_rorope_reproduces_the_dense_logits(kv_latent_norm):
     assert (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_latent_norm) == (16, 16, 16, kv_latent_norm)
     with torch.no_grad():
         assert float((dense(held).logits - converted(held).logits).abs().max()) < 2e-4
+
+
+def test_export_without_latent_norm_adds_it_back_with_the_typical_rms(tmp_path):
+    # transformers' DeepseekV3 always normalises the latent: the export writes the latent's calibrated RMS as
+    # kv_a_layernorm's weight, warns, and loads; nanoseek's own forward is the one without the norm.
+    import json
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    from nanoseek.interop import export_hf
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(attention="gqa", vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, inter_dim=96,
+                      n_routed_experts=0, mtp_depth=0, max_seq_len=64, init_std=0.1, rope_theta=500.0, norm_eps=1e-6)
+    dense = Transformer(cfg).eval()
+    calib = torch.randint(0, 128, (6, 48), generator=torch.Generator().manual_seed(1))
+    converted, _ = convert_to_mla_moe(dense, calib, kv_lora_rank=24, rope_dims=16, kv_latent_norm=False, log=None)
+    rms = [float(block.attn.latent_rms) for block in converted.layers]
+    assert all(r > 0 and r != 1.0 for r in rms)
+    with pytest.warns(UserWarning, match="kv_latent_norm=False"):
+        export_hf(converted, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["kv_lora_rank"] == 24
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    for block, r in zip(hf.model.layers, rms):
+        assert torch.allclose(block.self_attn.kv_a_layernorm.weight, torch.full((24,), r))
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.isfinite(hf(ids).logits).all()

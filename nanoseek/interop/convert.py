@@ -50,11 +50,14 @@ class LayerReport:
     kv_error: float  # relative error of NoPE keys and values on calibration tokens (kv_norm included)
     attn_error: float  # relative error of the attention output on calibration inputs
     expert_load: list[float] | None = None  # fraction of tokens per routed expert (sums to top_k)
+    ffn_error: float | None = None  # relative error of the MoE output vs the dense MLP's on calibration inputs
 
     def line(self) -> str:
         text = (f"layer {self.layer:3d}: attn out rel err {self.attn_error:.3e} | rope kept {self.rope_kept:.1%}, "
                 f"shared-key miss {self.rope_error:.2%} | latent svd err {self.svd_error:.3e}, "
                 f"kv err {self.kv_error:.3e}")
+        if self.ffn_error is not None:
+            text += f" | moe out rel err {self.ffn_error:.3e}"
         if self.expert_load is not None:
             text += f" | load max/mean {max(self.expert_load) / (sum(self.expert_load) / len(self.expert_load)):.2f}"
         return text
@@ -271,7 +274,8 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
                                      latent_init == "activations")
         layer = LayerReport(i, float(scores[i, choice.pairs].sum()), weights.rope_error, weights.svd_error,
                             weights.kv_error, _attention_error(new.attn, u, rec["attn_out"]))
-        _convert_ffn(old.ffn, new.ffn, rec["ffn_in"].flatten(0, 1).double(), cfg, moe, router_std, seed + i)
+        layer.ffn_error = _convert_ffn(old.ffn, new.ffn, rec["ffn_in"].flatten(0, 1).double(), cfg, moe, router_std,
+                                       seed + i)
         report.layers.append(layer)
         say(layer.line())
 
@@ -306,6 +310,9 @@ def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, u: torch.Tens
         getattr(new.attn, name).weight.copy_(getattr(weights, name))
     if cfg.kv_latent_norm:
         new.attn.kv_norm.weight.copy_(weights.kv_norm)
+    else:  # what an export's (always present) latent norm will scale back to
+        latent = u @ weights.wkv_a[:cfg.kv_lora_rank].T  # [N, R]
+        new.attn.latent_rms.fill_(float(latent.pow(2).mean(-1).sqrt().mean()))
     new.ffn_norm.weight.copy_(old.ffn_norm.weight)
     return weights
 
@@ -319,12 +326,14 @@ def _attention_error(attn: torch.nn.Module, u: torch.Tensor, reference: torch.Te
 
 @torch.no_grad()
 def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cfg: ModelConfig, moe: str,
-                 router_std: float, seed: int) -> None:
+                 router_std: float, seed: int) -> float | None:
+    """Fill `new` (dense MLP or MoE) from dense `old`; x: [N, dim] calibration inputs. Returns the MoE's relative
+    output error (None for a layer that stays dense)."""
     w1, w2, w3 = (getattr(old, n).weight.double().cpu() for n in ("w1", "w2", "w3"))
     if not isinstance(new, MoE):  # a dense layer stays as it is
         for name in ("w1", "w2", "w3"):
             getattr(new, name).weight.copy_(getattr(old, name).weight)
-        return
+        return None
     if moe == "split":
         weights = split_mlp(w1, w2, w3, x, cfg.n_shared_experts, cfg.n_routed_experts, cfg.n_activated_experts,
                             router_std, seed)
@@ -336,6 +345,16 @@ def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cf
             getattr(new.shared_experts, name).weight.copy_(getattr(weights, f"shared_{name}"))
     new.gate.weight.copy_(weights.gate)
     new.gate.balance_bias.copy_(weights.balance_bias)
+    return _ffn_error(old, new, x)
+
+
+@torch.no_grad()
+def _ffn_error(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor) -> float:
+    """Relative error of the MoE's output against the dense MLP's on calibration MLP inputs x [N, dim] (float64)."""
+    reference = copy.deepcopy(old).double().eval()(x[None])
+    out = copy.deepcopy(new).double().eval()(x[None])
+    out = out[0] if isinstance(out, tuple) else out
+    return float((out - reference).norm() / reference.norm().clamp(min=1e-30))
 
 
 @torch.no_grad()

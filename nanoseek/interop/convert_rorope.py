@@ -54,8 +54,31 @@ def rope_and_nope_keys(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_he
             nope.reshape(n_groups, head_dim, -1), residual)
 
 
+def _sqrt_and_inverse(cov: torch.Tensor, damping: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """cov [..., d, d] PSD -> (cov^(1/2), cov^(-1/2)), eigenvalues floored at damping * their mean."""
+    vals, vecs = torch.linalg.eigh(cov)
+    vals = vals.clamp(min=0) + damping * vals.mean(-1, keepdim=True).clamp(min=1e-30)
+    root = (vecs * vals.sqrt()[..., None, :]) @ vecs.transpose(-1, -2)
+    inverse = (vecs * vals.rsqrt()[..., None, :]) @ vecs.transpose(-1, -2)
+    return root, inverse
+
+
+def attention_weights(wq: torch.Tensor, wo: torch.Tensor, u: torch.Tensor, n_heads: int,
+                      n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much an error in a group's key or value dims matters: a key error e changes head h's logit by q_h . e,
+    so E[(q_h . e)^2] = e^T E[q_h q_h^T] e; a value error changes the output by wo_h e. Per group, summed over its
+    heads: (E[q q^T] [G, D, D], wo_h^T wo_h [G, D, D]). wq: [H*D, dim], wo: [dim, H*D], u: [N, dim]."""
+    head_dim = wq.shape[0] // n_heads
+    q = (u @ wq.T).view(-1, n_groups, n_heads // n_groups, head_dim)  # [N, G, H/G, D]
+    query_cov = torch.einsum("tghd,tghe->gde", q, q) / u.shape[0]
+    out = wo.view(wo.shape[0], n_groups, n_heads // n_groups, head_dim)  # [dim, G, H/G, D]
+    output_cov = torch.einsum("ighd,ighe->gde", out, out)
+    return query_cov, output_cov
+
+
 def balanced_latent(keys: torch.Tensor, values: torch.Tensor, u: torch.Tensor, rank: int, eps: float,
-                    norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+                    norm: bool, key_cov: torch.Tensor | None = None,
+                    value_cov: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """One latent for the NoPE keys and values of all groups: PCA of [keys / alpha; values] on u.
 
     keys: [G, Dk, dim], values: [G, Dv, dim], u: [N, dim]; alpha^2 = E|keys u|^2 / E|values u|^2.
@@ -64,6 +87,14 @@ def balanced_latent(keys: torch.Tensor, values: torch.Tensor, u: torch.Tensor, r
     before `up` (the weight is the least-squares scalar); without, the weight is 1 and unused.
     """
     groups, dk, dim = keys.shape
+    # Optional importance weighting (attention_weights): PCA in the space where squared error is what matters.
+    key_in = value_in = None
+    if key_cov is not None:
+        key_root, key_in = _sqrt_and_inverse(key_cov)
+        keys = key_root @ keys
+    if value_cov is not None:
+        value_root, value_in = _sqrt_and_inverse(value_cov)
+        values = value_root @ values
     k_out, v_out = u @ keys.reshape(-1, dim).T, u @ values.reshape(-1, dim).T
     alpha = float((k_out.pow(2).mean() / v_out.pow(2).mean().clamp(min=1e-30)).sqrt().clamp(min=1e-30))
     m = torch.cat([keys / alpha, values], dim=1).reshape(-1, dim)  # [G*(Dk+Dv), dim]
@@ -89,13 +120,19 @@ def balanced_latent(keys: torch.Tensor, values: torch.Tensor, u: torch.Tensor, r
     error = float((outputs - pred).norm() / outputs.norm().clamp(min=1e-30))
     scale = torch.ones(groups, dk + values.shape[1], 1, dtype=m.dtype)
     scale[:, :dk] = alpha  # undo the balancing on the key rows
-    up = (up.view(groups, dk + values.shape[1], rank) * scale).reshape(-1, rank)
+    up = up.view(groups, dk + values.shape[1], rank) * scale
+    if key_in is not None:
+        up = torch.cat([key_in @ up[:, :dk], up[:, dk:]], dim=1)
+    if value_in is not None:
+        up = torch.cat([up[:, :dk], value_in @ up[:, dk:]], dim=1)
+    up = up.reshape(-1, rank)
     return down, up, torch.full((rank,), gamma, dtype=m.dtype), error
 
 
 def convert_attention_rorope(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
                              norm_weight: torch.Tensor, u: torch.Tensor, n_heads: int, n_groups: int,
-                             pairs: list[int], kv_lora_rank: int, eps: float, kv_norm: bool = True) -> MLAWeights:
+                             pairs: list[int], kv_lora_rank: int, eps: float, kv_norm: bool = True,
+                             weighting: str = "attention") -> MLAWeights:
     """One GQA layer's weights -> MLA weights (qk_nope_head_dim = v_head_dim = D, qk_rope_head_dim = 2 len(pairs))
     reading the same input with attn_norm's weight set to 1.
 
@@ -107,7 +144,8 @@ def convert_attention_rorope(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tenso
     per_group = n_heads // n_groups
     rope_query, rope_key, nope, rope_error = rope_and_nope_keys(wq, wk, u, n_heads, n_groups, pairs)
     values = wv.view(n_groups, head_dim, -1)
-    down, up, gamma, kv_error = balanced_latent(nope, values, u, kv_lora_rank, eps, kv_norm)
+    covs = attention_weights(wq, wo, u, n_heads, n_groups) if weighting == "attention" else (None, None)
+    down, up, gamma, kv_error = balanced_latent(nope, values, u, kv_lora_rank, eps, kv_norm, *covs)
     wkv_b = up.view(n_groups, 1, 2 * head_dim, -1).expand(-1, per_group, -1, -1)  # a group's rows for its heads
     q_scale = math.sqrt((head_dim + 2 * len(pairs)) / head_dim)  # MLA's 1/sqrt(D + Dr) back to GQA's 1/sqrt(D)
     new_wq = torch.cat([wq.view(n_heads, head_dim, -1), rope_query], dim=1).reshape(-1, wq.shape[1]) * q_scale
