@@ -320,7 +320,7 @@ def test_cli_convert_and_heal_a_transformers_llama(tmp_path, capsys):
     assert rc == 0
     assert "KV cache" in capsys.readouterr().out
     model, cfg = load_model(out)
-    assert cfg.attention == "mla" and cfg.kv_lora_rank == 32 and cfg.qk_rope_head_dim == 4
+    assert cfg.attention == "mla" and cfg.kv_lora_rank == 32 and cfg.qk_rope_head_dim == 16  # rorope: every pair
     assert load_run_tokenizer(out).vocab_size == tok.vocab_size
     record = json.loads((out / "conversion.json").read_text())
     assert record["report"]["comparison"]["kl"] > 0 and len(record["report"]["layers"]) == 2

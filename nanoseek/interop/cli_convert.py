@@ -44,7 +44,8 @@ class Convert:
     kv_lora_rank: int | None = None
     """Latent rank (default n_kv_heads * head_dim: half of GQA's K+V cache). >= dim is exact for MQA."""
     rope_dims: int | None = None
-    """Dims per head that keep RoPE, in the shared rope key (even; default head_dim / 4)."""
+    """Width of the shared rope key (even): the RoPE frequencies kept (default: every one, head_dim, with
+    --method rorope; head_dim / 4 with --method partial)."""
     experts: int = 7
     """Routed experts per MoE layer."""
     shared: int = 1
@@ -170,7 +171,8 @@ def cmd_convert(args: Convert) -> int:
         raise ValueError(f"--from {args.from_}: attention={src.attention!r}; convert takes a dense GQA/MHA/MQA model")
     # None is the default; an explicit 0 reaches target_config, which refuses it by name.
     kv_rank = args.kv_lora_rank if args.kv_lora_rank is not None else src.n_kv_heads * src.head_dim
-    rope_dims = args.rope_dims if args.rope_dims is not None else max(2, src.head_dim // 4 // 2 * 2)
+    rope_dims = args.rope_dims if args.rope_dims is not None else (
+        src.head_dim if args.method == "rorope" else max(2, src.head_dim // 4 // 2 * 2))
     experts = args.experts if args.to == "mla-moe" else 0
     options = dict(kv_lora_rank=kv_rank, rope_dims=rope_dims, n_routed_experts=experts, n_shared_experts=args.shared,
                    n_activated_experts=args.top_k, moe=args.moe, n_dense_layers=args.dense_layers)

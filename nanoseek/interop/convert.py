@@ -270,7 +270,7 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
 
     for i, (old, new, rec) in enumerate(zip(layers, model.layers, records)):
         u = _unit_rms(rec["resid"], src.norm_eps)  # [B, T, dim]
-        weights = _convert_attention(old, new, u.flatten(0, 1), src, cfg, choice.pairs, method,
+        weights = _convert_attention(old, new, u, src, cfg, choice.pairs, method,
                                      latent_init == "activations")
         layer = LayerReport(i, float(scores[i, choice.pairs].sum()), weights.rope_error, weights.svd_error,
                             weights.kv_error, _attention_error(new.attn, u, rec["attn_out"]))
@@ -293,11 +293,12 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
 
 
 @torch.no_grad()
-def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, u: torch.Tensor, src: ModelConfig,
+def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, windows: torch.Tensor, src: ModelConfig,
                        cfg: ModelConfig, pairs: list[int], method: str, weighted: bool):
-    """Fill block `new`'s attention (and its norms) from dense block `old`; u: [N, dim] calibration inputs at
-    unit RMS. Returns the MLAWeights (with their error measures)."""
+    """Fill block `new`'s attention (and its norms) from dense block `old`; windows: [B, T, dim] calibration inputs
+    at unit RMS. Returns the MLAWeights (with their error measures)."""
     attn = old.attn
+    u = windows.flatten(0, 1)
     args = (attn.wq.weight.double().cpu(), attn.wk.weight.double().cpu(), attn.wv.weight.double().cpu(),
             attn.wo.weight.double().cpu(), old.attn_norm.weight.double().cpu(), u, src.n_heads, src.n_kv_heads,
             pairs, cfg.kv_lora_rank, cfg.norm_eps)

@@ -76,6 +76,35 @@ def attention_weights(wq: torch.Tensor, wo: torch.Tensor, u: torch.Tensor, n_hea
     return query_cov, output_cov
 
 
+ANCHOR_SCALE = 30.0  # the anchor's RMS over the rest of the latent's: the rest moves the norm by ~1 / 2 ANCHOR^2
+
+
+def _steady_latent_norm(down: torch.Tensor, up: torch.Tensor, k: int, u: torch.Tensor) -> None:
+    """Make |latent| = |down u| nearly the same for every token, so that the latent RMSNorm (which transformers'
+    DeepseekV3 always applies) acts as a constant the norm's weight undoes. In place; down [R, dim], up [rows, R],
+    rows :k in use, u [N, dim] at unit RMS.
+
+    With spare rows (k < R): orthonormal rows, the rest filled from u (|latent| ~ |u| = sqrt(dim)). Without:
+    the last (weakest) component gives way to an anchor, the direction w whose projection of u is the most nearly
+    constant (largest mean over spread: w = Sigma^-1 mu), scaled to dominate the latent's RMS; it reads nothing
+    (its column of up is zero).
+    """
+    rank = down.shape[0]
+    if k < rank:
+        q, r = torch.linalg.qr(down[:k].T)  # down[:k] = r^T q^T
+        down[:k], up[:, :k] = q.T, up[:, :k] @ r.T
+        fill_spare_latent(down, k, u)
+        return
+    mean = u.mean(0)
+    cov = torch.cov(u.T)
+    cov = cov + 1e-6 * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    w = torch.linalg.solve(cov, mean)
+    w = w / (u @ w).mean()
+    rest = (u @ down[:rank - 1].T).pow(2).mean().sqrt()  # RMS of one latent dim among the others
+    down[rank - 1] = w * ANCHOR_SCALE * rest * math.sqrt(rank)
+    up[:, rank - 1] = 0
+
+
 def balanced_latent(keys: torch.Tensor, values: torch.Tensor, u: torch.Tensor, rank: int, eps: float,
                     norm: bool, key_cov: torch.Tensor | None = None,
                     value_cov: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -105,10 +134,8 @@ def balanced_latent(keys: torch.Tensor, values: torch.Tensor, u: torch.Tensor, r
     down = torch.zeros(rank, dim, dtype=m.dtype)
     up = torch.zeros(m.shape[0], rank, dtype=m.dtype)
     down[:k], up[:, :k] = basis.T @ m, basis
-    if norm and k < rank:  # room to spare: orthonormal rows, the rest from u, so |latent| ~ |u| (fill_spare_latent)
-        q, r = torch.linalg.qr(down[:k].T)  # down[:k] = r^T q^T
-        down[:k], up[:, :k] = q.T, up[:, :k] @ r.T
-        fill_spare_latent(down, k, u)
+    if norm:
+        _steady_latent_norm(down, up, k, u)
     latent = u @ down.T  # [N, R]
     gamma = 1.0
     pred = latent @ up.T
@@ -137,7 +164,8 @@ def convert_attention_rorope(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tenso
     reading the same input with attn_norm's weight set to 1.
 
     wq: [H*D, dim], wk, wv: [G*D, dim], wo: [dim, H*D], norm_weight: [dim], u: [N, dim] calibration inputs at
-    unit RMS, pairs: the RoPE pairs the shared key keeps (ascending), kv_norm: whether the latent is normalised.
+    unit RMS, pairs: the RoPE pairs the shared key keeps (ascending), kv_norm: whether the latent is normalised,
+    weighting: "attention" (latent PCA weighted by `attention_weights`) or "balanced" (BKV only).
     """
     wq, wk, wv = (w * norm_weight for w in (wq, wk, wv))
     head_dim = wq.shape[0] // n_heads
