@@ -146,3 +146,29 @@ def test_export_without_latent_norm_adds_it_back_with_the_typical_rms(tmp_path):
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.isfinite(hf(ids).logits).all()
+
+
+def test_anchor_makes_the_latent_norm_steady_when_the_input_has_a_steady_direction():
+    # Real residual streams carry a few huge, nearly constant dims; an anchor along the steadiest direction
+    # dominates the latent's RMS, so the RMSNorm scales every token alike and the fitted weight undoes it.
+    from nanoseek.interop.convert_rorope import _fit_latent, _steady_latent_norm
+
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(400, DIM, generator=g, dtype=torch.float64)
+    u[:, 0] += 15.0
+    u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True))  # unit RMS, as after attn_norm
+    rows = torch.linalg.qr(torch.randn(DIM - 1, 12, generator=g, dtype=torch.float64)).Q.T  # [12, DIM-1]
+    m = torch.zeros(12, DIM, dtype=torch.float64)
+    # the keys/values do not read the steady dim (so the plain latent's norm varies with the rest), and their
+    # spectrum decays, as real ones do, so giving the weakest of six components to the anchor costs little
+    m[:, 1:] = rows * torch.logspace(0, -2, 12, dtype=torch.float64)[:, None]
+    outputs = u @ m.T
+    basis = torch.linalg.eigh(outputs.T @ outputs).eigenvectors.flip(-1)[:, :6]
+    down, up = basis.T @ m, basis.clone()
+    _, plain = _fit_latent(down, up, u, outputs, 1e-6, norm=True)
+    _steady_latent_norm(down, up, 6, u)
+    latent_rms = (u @ down.T).pow(2).mean(-1).sqrt()
+    _, steady = _fit_latent(down, up, u, outputs, 1e-6, norm=True)
+    _, unnormed = _fit_latent(basis.T @ m, basis, u, outputs, 1e-6, norm=False)
+    assert float(latent_rms.std() / latent_rms.mean()) < 0.05
+    assert steady < 0.5 * plain and steady < unnormed + 0.05  # the anchor costs one of six components

@@ -227,32 +227,14 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     src = dense.config
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise ValueError(f"calib_ids has shape {tuple(calib_ids.shape)}: pass token ids [batch, seq_len]")
-    if eval_ids is not None and eval_ids.numel() < 2:  # compare() scores next tokens: it needs two
-        raise ValueError(f"eval_ids holds {eval_ids.numel()} tokens: give at least 2 held-out tokens "
-                         "(--eval-tokens, or more text in --data)")
-    if latent_init not in ("activations", "weights"):
-        raise ValueError(f"latent_init={latent_init!r}: choose 'activations' or 'weights'")
-    if method == "rorope" and latent_init != "activations":
-        raise ValueError(f"latent_init={latent_init!r} applies to method='partial'; method='rorope' always takes "
-                         "the latent from the calibration activations")
-    if router_std <= 0:
-        raise ValueError(f"router_std={router_std}: must be > 0 (the spread of the initial router logits)")
+    _check_options(eval_ids, latent_init, method, router_std)
     target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe,
                   n_dense_layers, None, method, kv_latent_norm)  # fail on a bad source or options before any work
     say = log or (lambda line: None)
-    n_heads, n_groups = src.n_heads, src.n_kv_heads
     records = collect_inputs(dense, calib_ids)
     layers = list(dense.layers)
 
-    # One rope config serves every layer: score pairs per layer, normalise, sum.
-    scores = []
-    for block, rec in zip(layers, records):
-        weight = block.attn_norm.weight.double().cpu()
-        u = _unit_rms(rec["resid"].flatten(0, 1), src.norm_eps)
-        s = pair_scores(block.attn.wq.weight.double().cpu() * weight, block.attn.wk.weight.double().cpu() * weight,
-                        u, n_heads, n_groups)
-        scores.append(s / s.sum().clamp(min=1e-30))
-    scores = torch.stack(scores)  # [L, P]
+    scores = _pair_scores(layers, records, src)  # [L, P]
     choice = choose_rope_pairs(scores.sum(0), rope_dims // 2)
     cfg = target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts,
                         moe, n_dense_layers, choice, method, kv_latent_norm)
@@ -290,6 +272,33 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
         report.comparison = compare(dense, model, eval_ids).as_dict()
         say(report.lines()[-1])
     return model, report
+
+
+def _check_options(eval_ids: torch.Tensor | None, latent_init: str, method: str, router_std: float) -> None:
+    if eval_ids is not None and eval_ids.numel() < 2:  # compare() scores next tokens: it needs two
+        raise ValueError(f"eval_ids holds {eval_ids.numel()} tokens: give at least 2 held-out tokens "
+                         "(--eval-tokens, or more text in --data)")
+    if latent_init not in ("activations", "weights"):
+        raise ValueError(f"latent_init={latent_init!r}: choose 'activations' or 'weights'")
+    if method == "rorope" and latent_init != "activations":
+        raise ValueError(f"latent_init={latent_init!r} applies to method='partial'; method='rorope' always takes "
+                         "the latent from the calibration activations")
+    if router_std <= 0:
+        raise ValueError(f"router_std={router_std}: must be > 0 (the spread of the initial router logits)")
+
+
+@torch.no_grad()
+def _pair_scores(layers: list, records: list[dict[str, torch.Tensor]], src: ModelConfig) -> torch.Tensor:
+    """MHA2MLA's 2-norm score per layer and frequency pair, each layer normalised to sum 1: [L, P]. One rope
+    config serves every layer, so the choice is made on the sum over layers."""
+    scores = []
+    for block, rec in zip(layers, records):
+        weight = block.attn_norm.weight.double().cpu()
+        u = _unit_rms(rec["resid"].flatten(0, 1), src.norm_eps)
+        s = pair_scores(block.attn.wq.weight.double().cpu() * weight, block.attn.wk.weight.double().cpu() * weight,
+                        u, src.n_heads, src.n_kv_heads)
+        scores.append(s / s.sum().clamp(min=1e-30))
+    return torch.stack(scores)
 
 
 @torch.no_grad()

@@ -76,6 +76,18 @@ def attention_weights(wq: torch.Tensor, wo: torch.Tensor, u: torch.Tensor, n_hea
     return query_cov, output_cov
 
 
+def _fit_latent(down: torch.Tensor, up: torch.Tensor, u: torch.Tensor, outputs: torch.Tensor, eps: float,
+                norm: bool) -> tuple[float, float]:
+    """(latent norm weight, relative error of the reconstructed outputs [N, rows]) for down [R, dim], up [rows, R]
+    on u [N, dim]; the weight is the least-squares scalar with `norm`, else 1."""
+    latent = u @ down.T  # [N, R]
+    if not norm:
+        return 1.0, float((outputs - latent @ up.T).norm() / outputs.norm().clamp(min=1e-30))
+    pred = (latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + eps)) @ up.T
+    gamma = float((outputs * pred).sum() / pred.pow(2).sum().clamp(min=1e-30))
+    return gamma, float((outputs - gamma * pred).norm() / outputs.norm().clamp(min=1e-30))
+
+
 ANCHOR_SCALE = 30.0  # the anchor's RMS over the rest of the latent's: the rest moves the norm by ~1 / 2 ANCHOR^2
 
 
@@ -134,17 +146,13 @@ def balanced_latent(keys: torch.Tensor, values: torch.Tensor, u: torch.Tensor, r
     down = torch.zeros(rank, dim, dtype=m.dtype)
     up = torch.zeros(m.shape[0], rank, dtype=m.dtype)
     down[:k], up[:, :k] = basis.T @ m, basis
-    if norm:
-        _steady_latent_norm(down, up, k, u)
-    latent = u @ down.T  # [N, R]
-    gamma = 1.0
-    pred = latent @ up.T
-    if norm:
-        normed = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + eps)
-        pred = normed @ up.T
-        gamma = float((outputs * pred).sum() / pred.pow(2).sum().clamp(min=1e-30))
-        pred = gamma * pred
-    error = float((outputs - pred).norm() / outputs.norm().clamp(min=1e-30))
+    gamma, error = _fit_latent(down, up, u, outputs, eps, norm)
+    if norm:  # keep the steadier-norm version only where it measures better (an anchor needs a steady direction)
+        steady_down, steady_up = down.clone(), up.clone()
+        _steady_latent_norm(steady_down, steady_up, k, u)
+        steady_gamma, steady_error = _fit_latent(steady_down, steady_up, u, outputs, eps, norm)
+        if steady_error < error:
+            down, up, gamma, error = steady_down, steady_up, steady_gamma, steady_error
     scale = torch.ones(groups, dk + values.shape[1], 1, dtype=m.dtype)
     scale[:, :dk] = alpha  # undo the balancing on the key rows
     up = up.view(groups, dk + values.shape[1], rank) * scale
