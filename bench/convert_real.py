@@ -145,6 +145,7 @@ def main(args: Args) -> None:
                "kv_error": [round(layer.kv_error, 4) for layer in report.layers]}
         for name, ids in held.items():
             row[name] = compare(source.model, model, ids).as_dict()
+        print(json.dumps(row), flush=True)
         row["answer"] = answer(model, tok, source.tokenizer_dir, args.max_new_tokens)
         row["seconds"] = round(time.perf_counter() - start, 1)
         results["variants"].append(row)

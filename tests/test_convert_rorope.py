@@ -172,3 +172,19 @@ def test_anchor_makes_the_latent_norm_steady_when_the_input_has_a_steady_directi
     _, unnormed = _fit_latent(basis.T @ m, basis, u, outputs, 1e-6, norm=False)
     assert float(latent_rms.std() / latent_rms.mean()) < 0.05
     assert steady < 0.5 * plain and steady < unnormed + 0.05  # the anchor costs one of six components
+
+
+def test_an_odd_latent_rank_decodes_from_the_cache():
+    # The rope key is sliced after kv_lora_rank latent values: with an odd rank a single decoded token's slice
+    # starts at an odd offset, which complex views refuse unless realigned.
+    from nanoseek.generate import Sampling, generate
+
+    cfg = ModelConfig(attention="mla", vocab_size=64, dim=32, n_layers=1, n_heads=2, kv_lora_rank=7,
+                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=0, mtp_depth=0,
+                      max_seq_len=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    prompt = torch.randint(0, 64, (1, 5))
+    cached = generate(model, prompt, 6, Sampling(temperature=0.0))
+    uncached = generate(model, prompt, 6, Sampling(temperature=0.0), use_cache=False)
+    assert torch.equal(cached, uncached)
