@@ -11,6 +11,10 @@ layer's inputs, builds the new config and weights layer by layer, and measures w
 per layer the approximation errors, the attention output's relative error on the calibration inputs, the
 initial expert loads, and on held-out tokens the logit KL divergence and both perplexities.
 
+The attention surgery has two methods: "rorope" (default, `convert_rorope.py`: every kept frequency's
+principal component across KV groups is the shared rope key, the rest of the keys NoPE, one importance-weighted
+latent PCA, the latent norm made steady by an anchor) and "partial" (`convert_mla.py`: partial RoPE, MHA2MLA).
+
 When is the result exact? With one KV group (MQA), every RoPE pair kept (rope_dims = head_dim), a latent of
 rank >= dim and all routed experts active (or upcycled ones), up to the attention norm's eps (max logit
 error ~5e-5 on logits ~3, KL ~1e-8 in tests/test_convert.py). What remains otherwise: partial RoPE (the
