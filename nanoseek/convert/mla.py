@@ -102,16 +102,15 @@ def _complex_pairs(w: torch.Tensor, n_rows: int, head_dim: int, pairs: list[int]
     return heads[:, :, 0], heads[:, :, 1]
 
 
-def shared_rope_key(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_heads: int, n_groups: int,
-                    pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The shared rope key and the queries that read it.
+def rope_coefficients(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_heads: int, n_groups: int,
+                      pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per selected pair, one shared component s = sum_g a_g z_g of the groups' complex keys
+    z_g = k_g,2p + i k_g,2p+1 (linear in u), and z_g ~= w_g s.
 
-    Per selected pair, the groups' keys z_g = k_g,2p + i k_g,2p+1 (complex, linear in u) are approximated by
-    w_g * s with one shared s = sum_g a_g z_g: the top eigenvector of E[y y^H], y_g = sqrt(lambda_g) z_g, where
-    lambda_g is the query energy of group g at that pair (errors weighted by how much the queries read them).
-    A query pair q of group g becomes q * conj(w_g): Re(q conj(w_g) conj(s)) ~= Re(q conj(z_g)) = q . k.
-    wq: [H*D, dim], wk: [G*D, dim], u: [N, dim] -> (rope query rows [H, Dr, dim], rope key rows [Dr, dim],
-    residual energy share).
+    s is the top eigenvector of E[y y^H], y_g = sqrt(lambda_g) z_g, where lambda_g is the query energy of group
+    g at that pair (errors weighted by how much the queries read them). A complex scalar commutes with the
+    rotation, so mixing groups per frequency is exact algebra (TransMLA's RoRoPE, arXiv 2502.07864).
+    wq: [H*D, dim], wk: [G*D, dim], u: [N, dim] -> (a [n, G], w [n, G] complex, residual energy share).
     """
     head_dim = wq.shape[0] // n_heads
     per_group = n_heads // n_groups
@@ -132,16 +131,48 @@ def shared_rope_key(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_heads
     nu = (v.abs() ** 2 * lam_t).sum(-1, keepdim=True).sqrt()
     a = v.conj() * lam_t.sqrt() / nu  # s = sum_g a_g z_g
     w = v * nu / lam_t.sqrt()  # z_g ~= w_g s
-    rope_key = torch.empty(len(pairs), 2, wk.shape[1], dtype=wk.dtype)
-    rope_key[:, 0] = torch.einsum("ng,gnd->nd", a.real, k_even) - torch.einsum("ng,gnd->nd", a.imag, k_odd)
-    rope_key[:, 1] = torch.einsum("ng,gnd->nd", a.real, k_odd) + torch.einsum("ng,gnd->nd", a.imag, k_even)
-    w_heads = w.repeat_interleave(per_group, dim=1).T  # [H, n]
-    rope_query = torch.empty(n_heads, len(pairs), 2, wq.shape[1], dtype=wq.dtype)
-    rope_query[:, :, 0] = w_heads.real[..., None] * q_even + w_heads.imag[..., None] * q_odd
-    rope_query[:, :, 1] = w_heads.real[..., None] * q_odd - w_heads.imag[..., None] * q_even
     total = cov.diagonal(dim1=-2, dim2=-1).real.sum()
     residual = float((total - eigvals[:, -1].sum()) / total.clamp(min=1e-30))
-    return rope_query.reshape(n_heads, -1, wq.shape[1]), rope_key.reshape(-1, wk.shape[1]), max(residual, 0.0)
+    return a, w, max(residual, 0.0)
+
+
+def mix_rows(coef: torch.Tensor, even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
+    """Rows of coef * z for z = even + i odd (rows of a linear map): coef [..., n], even/odd [..., n, dim]
+    -> [..., n, 2, dim] (real part rows, imaginary part rows)."""
+    re, im = coef.real[..., None], coef.imag[..., None]
+    return torch.stack([re * even - im * odd, re * odd + im * even], dim=-2)
+
+
+def shared_rope_key(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_heads: int, n_groups: int,
+                    pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The shared rope key and the queries that read it (see `rope_coefficients`).
+
+    A query pair q of group g becomes q * conj(w_g): Re(q conj(w_g) conj(s)) ~= Re(q conj(z_g)) = q . k.
+    wq: [H*D, dim], wk: [G*D, dim], u: [N, dim] -> (rope query rows [H, Dr, dim], rope key rows [Dr, dim],
+    residual energy share).
+    """
+    head_dim = wq.shape[0] // n_heads
+    a, w, residual = rope_coefficients(wq, wk, u, n_heads, n_groups, pairs)
+    q_even, q_odd = _complex_pairs(wq, n_heads, head_dim, pairs)  # [H, n, dim]
+    k_even, k_odd = _complex_pairs(wk, n_groups, head_dim, pairs)  # [G, n, dim]
+    rope_key = mix_rows(a.T, k_even, k_odd).sum(0)  # [G, n, 2, dim] summed over groups -> [n, 2, dim]
+    w_heads = w.repeat_interleave(n_heads // n_groups, dim=1).T  # [H, n]
+    rope_query = mix_rows(w_heads.conj(), q_even, q_odd)  # [H, n, 2, dim]
+    return rope_query.reshape(n_heads, -1, wq.shape[1]), rope_key.reshape(-1, wk.shape[1]), residual
+
+
+def fill_spare_latent(down: torch.Tensor, k: int, u: torch.Tensor) -> None:
+    """Fill rows k.. of down [R, dim] (rows :k orthonormal) with the principal directions of u [N, dim] outside
+    their span, in place: they carry nothing to the heads, but keep |latent| ~ |u| (constant at unit RMS), so
+    the latent RMSNorm acts as a constant."""
+    dim = down.shape[1]
+    spare = min(down.shape[0], dim) - k
+    if spare <= 0:
+        return
+    proj = torch.eye(dim, dtype=down.dtype) - down[:k].T @ down[:k]
+    cov = proj @ (u.T @ u / u.shape[0]) @ proj
+    cov = cov + 1e-9 * proj * cov.diagonal().mean().clamp(min=1e-30)  # u may span fewer dims than dim
+    down[k:k + spare] = torch.linalg.eigh(cov).eigenvectors[:, -spare:].flip(-1).T
 
 
 def latent_projections(m: torch.Tensor, u: torch.Tensor, rank: int, eps: float, weighted: bool = True
@@ -169,12 +200,7 @@ def latent_projections(m: torch.Tensor, u: torch.Tensor, rank: int, eps: float, 
         down[:k] = right_t[:k]
         up[:, :k] = left[:, :k] * sing[:k]
         svd_error = float(sing[k:].pow(2).sum().sqrt() / sing.pow(2).sum().sqrt().clamp(min=1e-30))
-    spare = min(rank, dim) - k
-    if spare > 0:  # principal directions of u outside the SVD's span keep |latent| ~ |u|
-        proj = torch.eye(dim, dtype=m.dtype) - down[:k].T @ down[:k]
-        cov = proj @ (u.T @ u / u.shape[0]) @ proj
-        cov = cov + 1e-9 * proj * cov.diagonal().mean().clamp(min=1e-30)  # u may span fewer dims than dim
-        down[k:k + spare] = torch.linalg.eigh(cov).eigenvectors[:, -spare:].flip(-1).T
+    fill_spare_latent(down, k, u)
     latent = u @ down.T  # [N, R]
     normed = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + eps)
     target, pred = u @ m.T, normed @ up.T
@@ -221,5 +247,5 @@ def rope_config(theta: float, factor: float, head_dim: int, choice: RopeChoice) 
     return theta ** (choice.stride * rope_dims / head_dim), factor * theta ** (2 * choice.offset / head_dim)
 
 
-__all__ = ["MLAWeights", "RopeChoice", "choose_rope_pairs", "convert_attention", "pair_scores",
-           "rope_config", "shared_rope_key", "latent_projections"]
+__all__ = ["MLAWeights", "RopeChoice", "choose_rope_pairs", "convert_attention", "mix_rows", "pair_scores",
+           "rope_coefficients", "rope_config", "shared_rope_key", "latent_projections"]

@@ -142,6 +142,9 @@ def hf_state_dict(model: nn.Module, model_type: str | None = None,
             continue
         if name.endswith("gate.balance_bias") and model_type == "deepseek_v2":
             continue  # checked inert by _check_numerics
+        if name.endswith("attn.latent_rms"):  # no latent norm here; transformers always has one (_check_numerics)
+            put(to_hf_name(name.replace("latent_rms", "kv_norm.weight"), model_type), tensor.expand(cfg.kv_lora_rank))
+            continue
         hf_name = to_hf_name(name, model_type)
         if hf_name is None:
             raise ValueError(f"no transformers {model_type} name for nanoseek tensor {name!r} {tuple(tensor.shape)}; "
@@ -290,6 +293,11 @@ def _check_numerics(model: nn.Module, cfg: ModelConfig, model_type: str) -> None
             warnings.warn(f"qk_nope_head_dim={cfg.qk_nope_head_dim}, kv_lora_rank={cfg.kv_lora_rank}: transformers' "
                           "DeepseekV2 fails in float32 when either is odd ('Tensor must have a stride divisible "
                           "by 2'); the export loads and runs in bfloat16/float16", stacklevel=3)
+    if cfg.attention == "mla" and not cfg.kv_latent_norm:
+        warnings.warn("kv_latent_norm=False: transformers' DeepseekV3/V2 always RMS-normalise the KV latent, so the "
+                      "export gets kv_a_layernorm with the latent's typical RMS as its weight (set at conversion) and "
+                      "its logits differ from nanoseek's wherever a token's latent RMS is not typical; measure the "
+                      "gap (heal.compare) before relying on it", stacklevel=3)
     if cfg.attention == "mla" and cfg.norm_eps != HF_LATENT_NORM_EPS:
         warnings.warn(f"norm_eps={cfg.norm_eps}: transformers builds DeepSeek's latent norms (q_a_layernorm, "
                       f"kv_a_layernorm) with eps={HF_LATENT_NORM_EPS}, so its logits will differ slightly from "

@@ -33,6 +33,7 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import TOKENIZER_FILE, _load_tokenizer_json
+from nanoseek.interop.gguf import is_gguf_file, read_gguf
 from nanoseek.interop.names import (ROPE_ROWS, STACKED_EXPERTS, from_hf_name, halves_to_interleaved, resolve_dtype,
                                    to_hf_name)
 from nanoseek.model import Transformer
@@ -109,17 +110,21 @@ def import_hf(path: str | Path, dtype: torch.dtype | str = torch.float32) -> Tra
     """Load a transformers folder as a nanoseek Transformer in eval mode, on CPU, weights in `dtype`.
 
     path: a folder with config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards with
-        model.safetensors.index.json (what `save_pretrained` and `export_hf` write).
+        model.safetensors.index.json (what `save_pretrained` and `export_hf` write), or a .gguf file
+        (dequantised by transformers; see interop/gguf.py).
     dtype: torch.float32 / bfloat16 / float16 (or "fp32" / "bf16" / "fp16"); MoE balance biases stay float32.
     Returns a model whose logits [B, T, vocab] match transformers' on the same folder (float32: a few 1e-6,
     mostly transformers computing RoPE angles in float32 where nanoseek uses float64).
     The transformers config is kept as `model.hf_config` (a dict).
     """
-    folder = _folder(path)
-    hf = read_hf_config(folder)
+    if is_gguf_file(Path(path).expanduser()):
+        source = Path(path).expanduser()
+        hf, tensors = read_gguf(source)
+    else:
+        folder = _folder(path)
+        hf, tensors, source = read_hf_config(folder), read_hf_tensors(folder), folder / CONFIG_FILE
     dtype = resolve_dtype(dtype)
-    cfg = model_config_from_hf(hf, source=str(folder / CONFIG_FILE))
-    tensors = read_hf_tensors(folder)
+    cfg = model_config_from_hf(hf, source=str(source))
     model = Transformer(cfg)
     state = nanoseek_state_dict(tensors, cfg, hf, expected=model.state_dict())
     model.load_state_dict(state)

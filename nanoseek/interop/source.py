@@ -1,9 +1,12 @@
-"""A model to start from, with the tokenizer its data must use: a nanoseek run (or checkpoint) directory, or
-a transformers folder. `nanoseek convert` / `heal` (the dense source, the teacher) and `nanoseek npt` (the
-frozen base) all load through `load_source_model`.
+"""A model to start from, with the tokenizer its data must use: a nanoseek run (or checkpoint) directory,
+a transformers folder, or a GGUF file. `nanoseek convert` / `heal` (the dense source, the teacher),
+`nanoseek npt` (the frozen base) and `generate` / `eval` on a model that is not a run all load through
+`load_source_model`.
 
 A nanoseek run's weights come through nanoseek.train.loading and its tokenizer from the run's data/; a
-transformers folder (detected by its config.json) through import_hf, its tokenizer from its tokenizer.json.
+transformers folder (detected by its config.json) through import_hf, its tokenizer from its tokenizer.json;
+a GGUF file (detected by its header) through interop.gguf, its tokenizer from a cache folder written from it.
+`tokenizer_dir` is where the tokenizer files live, chat template included when the model has one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.config import RunConfig
+from nanoseek.interop.gguf import gguf_tokenizer_dir, is_gguf_file
 from nanoseek.interop.importer import import_hf, is_hf_folder, load_hf_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
@@ -24,19 +28,26 @@ class SourceModel:
     tokenizer: str  # what DataConfig.tokenizer takes: a tokenizer.json path, "byte", or "char"
     prepared_data: Path | None = None  # a char-tokenizer run's own prepared data (its table covers only that text)
     preset: str = "tiny-gqa"  # only supplies defaults when a run config is read back; every field is stored
+    tokenizer_dir: Path | None = None  # the folder with tokenizer.json (and a chat template, if any)
 
 
 def load_source_model(path: str | Path, flag: str) -> SourceModel:
     """Load the model at `path`; `flag` (e.g. "--from") names the option in errors."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ValueError(f"{flag} {str(path)!r} does not exist; pass a nanoseek run/checkpoint directory or a "
-                         "transformers folder (with config.json)")
+        raise ValueError(f"{flag} {str(path)!r} does not exist; pass a nanoseek run/checkpoint directory, a "
+                         "transformers folder (with config.json) or a .gguf file")
+    if path.is_file():
+        if not is_gguf_file(path):
+            raise ValueError(f"{flag} {str(path)!r} is a file but not a GGUF model; pass a .gguf file, a "
+                             "transformers folder or a nanoseek run directory")
+        folder = gguf_tokenizer_dir(path)
+        return SourceModel(import_hf(path), "gguf", str(folder / "tokenizer.json"), tokenizer_dir=folder)
     if is_hf_folder(path):
         if load_hf_tokenizer(path) is None:
             raise ValueError(f"{flag} {str(path)!r} has no tokenizer.json; save the model's fast tokenizer there "
                              "(tokenizer.save_pretrained(folder)) so text is tokenised as the model expects")
-        return SourceModel(import_hf(path).eval(), "hf", str(path / "tokenizer.json"))
+        return SourceModel(import_hf(path).eval(), "hf", str(path / "tokenizer.json"), tokenizer_dir=path)
 
 
     model, _ = load_model(path)
@@ -46,11 +57,17 @@ def load_source_model(path: str | Path, flag: str) -> SourceModel:
                          "its tokenizer is unknown; pass the run directory")
     tok = load_run_tokenizer(run_dir)
     preset = _preset_of(run_dir)
+    data = run_dir / "data"
     if tok.kind == "byte":
-        return SourceModel(model.eval(), "nanoseek", "byte", preset=preset)
+        return SourceModel(model.eval(), "nanoseek", "byte", preset=preset, tokenizer_dir=data)
     if tok.kind == "char":
-        return SourceModel(model.eval(), "nanoseek", "char", prepared_data=run_dir / "data", preset=preset)
-    return SourceModel(model.eval(), "nanoseek", str(run_dir / "data" / "tokenizer.json"), preset=preset)
+        return SourceModel(model.eval(), "nanoseek", "char", prepared_data=data, preset=preset, tokenizer_dir=data)
+    return SourceModel(model.eval(), "nanoseek", str(data / "tokenizer.json"), preset=preset, tokenizer_dir=data)
+
+
+def is_model_file_or_folder(path: str | Path) -> bool:
+    """True for a transformers folder or a GGUF file (what generate / eval load without a run directory)."""
+    return is_gguf_file(path) or is_hf_folder(path)
 
 
 def _preset_of(run_dir: Path) -> str:

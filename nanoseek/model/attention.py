@@ -256,7 +256,9 @@ class MLAttention(_AttentionStats):
             self.wq = nn.Linear(cfg.dim, self.n_heads * self.qk_head_dim, bias=False)
         # rows: [c_kv (kv_lora_rank) ; k_rope (qk_rope_head_dim)]
         self.wkv_a = nn.Linear(cfg.dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps) if cfg.kv_latent_norm else nn.Identity()
+        if not cfg.kv_latent_norm:  # the latent's typical RMS: the constant weight an export's kv_a_layernorm gets
+            self.register_buffer("latent_rms", torch.ones(1))
         # rows grouped per head: [k_nope_h (qk_nope_head_dim) ; v_h (v_head_dim)]
         self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, cfg.dim, bias=False)

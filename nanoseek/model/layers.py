@@ -196,7 +196,10 @@ class RotaryEmbedding(nn.Module):
             rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
             return rotated.to(x.dtype)
         rotation = self.table(torch.complex128 if real == torch.float64 else torch.complex64, x.device)
-        pairs = torch.view_as_complex(x.to(real).contiguous().unflatten(-1, (-1, 2)))  # [B, T, H, dim/2]
+        x_real = x.to(real).contiguous()
+        if x_real.storage_offset() % 2:  # a slice after an odd-width one (e.g. an odd kv_lora_rank): realign
+            x_real = x_real.clone()
+        pairs = torch.view_as_complex(x_real.unflatten(-1, (-1, 2)))  # [B, T, H, dim/2]
         return torch.view_as_real(pairs * rotation[positions].unsqueeze(-2)).flatten(-2).to(x.dtype)
 
 
