@@ -207,6 +207,16 @@ def _unit_rms(resid: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _report_loads(model: Transformer, ids: torch.Tensor, report: ConversionReport, say: Callable[[str], None]):
+    """Each MoE layer's initial routed-expert loads on `ids`, into the report and the log."""
+    loads = _expert_loads(model, ids)
+    for layer in report.layers:
+        layer.expert_load = loads.get(layer.layer)
+    if loads:
+        say("initial expert loads (fraction of tokens per routed expert): " + "; ".join(
+            f"layer {i}: " + " ".join(f"{x:.2f}" for x in load) for i, load in loads.items()))
+
+
 def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_rank: int, rope_dims: int,
                        n_routed_experts: int = 0, n_shared_experts: int = 1, n_activated_experts: int = 2,
                        moe: Literal["split", "upcycle"] = "split", n_dense_layers: int = 1, router_std: float = 0.02,
@@ -218,15 +228,11 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
 
     calib_ids: [B, T] token ids whose activations drive the RoPE choice, the shared rope key, kv_norm's scale,
         the expert split and the router (a few thousand tokens of ordinary text are plenty).
-    method: "rorope" (convert_rorope.py: every kept frequency keeps the groups' principal component as the shared
-        rope key, the rest of the keys become NoPE; head width D + Dr) or "partial" (convert_mla.py: partial RoPE,
-        head width D; the only one that takes latent_init).
-    latent_init: below full rank, truncate the SVD of the key/value projections weighted by the calibration
-        inputs ("activations") or of the bare weights ("weights", MHA2MLA's); see convert_mla.latent_projections.
+    method: "rorope" (rorope.py: the groups' principal component per kept frequency is the shared rope key, the
+        rest NoPE) or "partial" (mla.py: partial RoPE; latent_init "activations" or "weights" picks its SVD).
     kv_latent_norm: keep the latent RMSNorm (False: nanoseek's MLA without it; transformers' export adds it back).
     eval_ids: optional held-out ids [B, T] (or 1-D) for the KL / perplexity comparison (heal.compare).
-    The converted model is on CPU in `dense`'s dtype, in eval mode; `dense` is not modified.
-    log: receives one line per layer and the summary (None: silent).
+    Returns the model on CPU in `dense`'s dtype, in eval mode (`dense` is untouched); `log` gets one line per layer.
     """
     src = dense.config
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
@@ -251,8 +257,8 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
         rope={**dataclasses.asdict(choice), "pairs": choice.pairs, "rope_theta": cfg.rope_theta,
               "rope_factor": cfg.rope_factor},
         kv_values_per_token=(src.kv_cache_values_per_token(), cfg.kv_cache_values_per_token()))
-    say(report.lines()[0])
-    say(report.lines()[1])
+    for line in report.lines()[:2]:
+        say(line)
 
     for i, (old, new, rec) in enumerate(zip(layers, model.layers, records)):
         u = _unit_rms(rec["resid"], src.norm_eps)  # [B, T, dim]
@@ -266,12 +272,7 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
         say(layer.line())
 
     model.eval()
-    loads = _expert_loads(model, eval_ids if eval_ids is not None else calib_ids)
-    for layer in report.layers:
-        layer.expert_load = loads.get(layer.layer)
-    if loads:
-        say("initial expert loads (fraction of tokens per routed expert): " + "; ".join(
-            f"layer {i}: " + " ".join(f"{x:.2f}" for x in load) for i, load in loads.items()))
+    _report_loads(model, eval_ids if eval_ids is not None else calib_ids, report, say)
     if eval_ids is not None:
         report.comparison = compare(dense, model, eval_ids).as_dict()
         say(report.lines()[-1])
