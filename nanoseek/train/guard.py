@@ -12,6 +12,8 @@ update or the MoE bias update. The verdict is one of:
               stays high, so the weights, not the data, are bad): restore the last verified-good snapshot,
               lower the LR by `rollback_lr_factor`, and leave the data window that led into the
               trouble behind (PaLM, arXiv 2204.02311, section 5.1).
+- rollback also when the loss sits at the unigram entropy after warm-up (`watch_plateau`, train/plateau.py):
+              a run that learned token frequencies and nothing else is lost even though nothing went NaN.
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
 - overflow -- fp16 only: the GradScaler saw inf gradients; it lowers its scale and the step is
               dropped. That is the scaler working, not a fault.
@@ -24,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nanoseek.config import GuardConfig
+from nanoseek.train.plateau import PlateauDetector
 
 
 @dataclass
@@ -72,9 +75,23 @@ class StabilityGuard:
         self.n_skips = 0
         self.n_rollbacks = 0
         self.lr_scale = 1.0
+        self.plateau: PlateauDetector | None = None
+        self.rollback_factor = cfg.rollback_lr_factor  # the next rollback's LR factor
 
-    def check(self, step: int, loss: float, grad_norm: float, batch_ok: bool = True) -> Verdict:
-        """Judge one step from its (unclipped) total grad norm and loss; update counters."""
+    def watch_plateau(self, unigram: float, start: int) -> None:
+        """Treat a loss stuck at `unigram` (nats) after `start` applied steps as a fault (off if plateau_margin=0)."""
+        if self.cfg.enabled and self.cfg.plateau_margin > 0:
+            self.plateau = PlateauDetector(unigram, start, self.cfg.plateau_margin, self.cfg.plateau_patience)
+
+    @property
+    def worth_keeping(self) -> bool:
+        """Whether the weights are a good rollback target: with plateau detection on, only once the loss is
+        below the unigram level (before that a rollback returns to the first snapshot)."""
+        return self.plateau is None or self.plateau.below_unigram
+
+    def check(self, step: int, loss: float, grad_norm: float, batch_ok: bool = True, ce: float | None = None) -> Verdict:
+        """Judge one step from its (unclipped) total grad norm and loss; update counters. `ce` is the step's
+        next-token cross-entropy (the total loss also holds MTP and balance terms); None: no plateau check."""
         if not self.cfg.enabled:
             return Verdict("ok")
         if not batch_ok:
@@ -105,6 +122,10 @@ class StabilityGuard:
                         return self._escalate(f"loss stays high ({self.consecutive_spikes} spikes in a row)", value)
                     return verdict
         self.consecutive_spikes = 0
+        cause = self.plateau.observe(ce) if self.plateau is not None and ce is not None else None
+        if cause:
+            self.rollback_factor = self.cfg.plateau_lr_factor
+            return self._escalate(cause, loss)
         self.stats["loss"].add(loss)
         self.stats["grad_norm"].add(grad_norm)
         return Verdict("ok")
@@ -126,15 +147,19 @@ class StabilityGuard:
     def rolled_back(self) -> None:
         """Called by the trainer once a rollback is done: lower the LR, start fresh counters."""
         self.n_rollbacks += 1
-        self.lr_scale *= self.cfg.rollback_lr_factor
+        self.lr_scale *= self.rollback_factor
+        self.rollback_factor = self.cfg.rollback_lr_factor
         self.recent_skips.clear()
         self.consecutive_spikes = 0
+        if self.plateau is not None:
+            self.plateau.reset()
 
     def state_dict(self) -> dict:
         return {
             "loss": list(self.stats["loss"].values), "grad_norm": list(self.stats["grad_norm"].values),
             "recent_skips": list(self.recent_skips), "consecutive_spikes": self.consecutive_spikes,
             "n_skips": self.n_skips, "n_rollbacks": self.n_rollbacks, "lr_scale": self.lr_scale,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -144,3 +169,5 @@ class StabilityGuard:
         self.consecutive_spikes = state["consecutive_spikes"]
         self.n_skips, self.n_rollbacks = state["n_skips"], state["n_rollbacks"]
         self.lr_scale = state["lr_scale"]
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])

@@ -35,6 +35,7 @@ from nanoseek.diagnose import locate_and_save, nonfinite_grads
 from nanoseek.data import PreparedData, TokenLoader, count_windows, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import ModelOutput
+from nanoseek.train.clipping import AdaptiveClip, clip_norm
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from nanoseek.train.distributed import Distributed, launched_by_torchrun, local, unwrap
 from nanoseek.train.faults import FaultInjector
@@ -43,6 +44,7 @@ from nanoseek.train.guard import StabilityGuard, Verdict
 from nanoseek.train.loading import model_from_state
 from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
+from nanoseek.train.plateau import unigram_entropy
 from nanoseek.train.rng import rng_state, seed_everything, set_rng_state
 
 
@@ -147,6 +149,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
         self.guard = StabilityGuard(cfg.guard, tc.precision)
+        # After the LR warm-up plus one patience window of steps, a loss at the unigram level is a plateau.
+        self.guard.watch_plateau(unigram_entropy(self.data.train_shards, self.data.vocab_size),
+                                 start=tc.warmup_steps + cfg.guard.plateau_patience)
+        self.clipper = AdaptiveClip(tc.zclip) if tc.zclip > 0 else None
         self.faults = FaultInjector(cfg.guard.inject, self.model, self.dist.rank, self.dist.world_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.last_bad_grads: list[str] = []
@@ -195,6 +201,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
+        if self.clipper is not None and state.get("clipper") is not None:
+            self.clipper.load_state_dict(state["clipper"])
         if self.ema is not None and ckpt.ema_state is not None:
             self.ema.load_state_dict(ckpt.ema_state)
         self.step, self.opt_step = state["step"], state["opt_step"]
@@ -228,6 +236,7 @@ class Trainer:
             "optimizer": self.dist.full_optimizer_state(self.model, self.optimizer),
             "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(),
             "guard": self.guard.state_dict(), "best_val": self.best_val,
+            "clipper": self.clipper.state_dict() if self.clipper is not None else None,
             "evals_since_best": self.evals_since_best, "last_val": self.last_val, "rng": rng_state(),
             "world_size": self.dist.world_size, "global_batch": self.global_batch,
         }
@@ -260,7 +269,7 @@ class Trainer:
         due = self.step % self.cfg.guard.snapshot_every == 0 or self.snapshots["good"] is None
         if not self.cfg.guard.enabled or not due:
             return
-        if self.snapshots["pending"] is not None:
+        if self.snapshots["pending"] is not None and self.guard.worth_keeping:  # not weights stuck on the plateau
             self.snapshots["good"] = self.snapshots["pending"]
         self.snapshots["pending"] = self._snapshot()
         if self.snapshots["good"] is None:
@@ -346,11 +355,14 @@ class Trainer:
                 values["logit_max"] = float(logit_max)
         else:
             values = {"loss": math.nan, "grad_norm": math.nan}
-        verdict = self.guard.check(step, values["loss"], values["grad_norm"], batch_ok)
+        verdict = self.guard.check(step, values["loss"], values["grad_norm"], batch_ok, ce=values.get("ce"))
 
         if verdict.ok:
-            if tc.grad_clip > 0:  # clip_grads_with_norm_'s arithmetic, on the local parts
-                coef = torch.clamp(tc.grad_clip / (grad_norm + 1e-6), max=1.0)
+            limit = clip_norm(tc.grad_clip, self.clipper, values["grad_norm"])  # fixed clip, tightened by ZClip
+            if self.clipper is not None:  # only applied steps move its averages: a skip leaves it untouched
+                self.clipper.commit(values["grad_norm"])
+            if math.isfinite(limit):  # clip_grads_with_norm_'s arithmetic, on the local parts
+                coef = torch.clamp(limit / (grad_norm + 1e-6), max=1.0)
                 torch._foreach_mul_(grads, coef.to(grads[0].device))
             if tc.grad_noise > 0:  # Neelakantan et al. 2015, sigma^2 = eta / (1 + t)^0.55
                 sigma = math.sqrt(tc.grad_noise / (1 + self.opt_step) ** 0.55)

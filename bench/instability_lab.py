@@ -1,0 +1,122 @@
+"""Instabilities that happen by themselves, at CPU scale, and what the guard makes of them.
+
+Each recipe is a setting that fails with no fault injected: too high a learning rate for AdamW or Muon, no
+warm-up and no clipping, half precision without headroom. For each one the lab trains
+  - `unguarded`: the old recipe (no QK-clip, no ZClip, guard off), which is expected to fail;
+  - `guarded`:   the same setting with the default recipe and the guard on (rollback + LR backoff);
+plus clean reference runs (the old recipe at LRs that train well) whose best final loss is the bar: a run
+*fails* if its final validation loss is non-finite, sits at the unigram plateau (within 0.1 nats of the
+training data's unigram entropy, or above it), or is more than 5% above the best clean loss.
+
+The mechanism is read off the unguarded run's sampled health statistics (every 5 steps): for each statistic
+(max attention logit, max output logit, max router logit, router z, expert-load imbalance, grad norm, loss)
+the first step where it leaves the clean runs' envelope (above 3x the largest value any clean run showed)
+is recorded; the earliest one is the statistic that showed the instability first.
+
+    python bench/instability_lab.py --out /tmp/lab            # all recipes (about 15 min of one core)
+    python bench/instability_lab.py --out /tmp/lab --recipes adamw-lr1
+Results go to OUT/lab.jsonl (one line per run; a re-run skips what is there) and a table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab_runs import ResultStore, prepare, run, unigram_entropy  # noqa: E402
+
+STEPS = 200
+# The old recipe, spelled out, so the unguarded runs stay what they were when the defaults change.
+OLD = dict(model={"qk_clip_threshold": 0.0}, train={"zclip": 0.0}, guard={"enabled": False})
+CLEAN_LRS = (1e-2, 3e-2)
+RECIPES = {
+    "adamw-lr1": dict(lr=1.0, about="AdamW at LR 1.0, clip 1.0"),
+    "adamw-lr0.3-noclip-nowarmup": dict(lr=0.3, train={"grad_clip": 0.0, "warmup_steps": 0},
+                                        about="AdamW at LR 0.3, no clipping, no warm-up"),
+    "muon-lr0.5": dict(lr=3e-2, train={"optimizer": "muon", "muon_lr": 0.5}, about="Muon at LR 0.5 (AdamW part 3e-2)"),
+    "fp16-lr1": dict(lr=1.0, train={"precision": "fp16"}, steps=150, about="fp16 autocast at LR 1.0, 150 steps"),
+}
+STATS = ("attn_logit_max", "logit_max", "router_logit_max", "router_z", "expert_load_imbalance", "grad_norm", "ce")
+ENVELOPE = 3.0
+
+
+def stat(record: dict, name: str) -> float | None:
+    """A statistic of one step record, the max over layers for per-layer ones (None: not sampled then)."""
+    if name in ("grad_norm", "ce", "logit_max"):
+        value = record.get(name)
+        return value if value is None or math.isfinite(value) else math.inf
+    values = [v for k, v in record.items() if k.startswith(name + "/")]
+    return max(values) if values else None
+
+
+def first_excursions(trace: list[dict], envelope: dict[str, float]) -> dict[str, int | None]:
+    """For each statistic, the first step where it exceeded ENVELOPE x the clean runs' maximum (or went NaN)."""
+    out = {}
+    for name in STATS:
+        limit = ENVELOPE * envelope[name] if name != "ce" else envelope[name]
+        out[name] = next((r["step"] for r in trace if (v := stat(r, name)) is not None
+                          and (not math.isfinite(v) or v > limit)), None)
+    return out
+
+
+def verdict(final: float | None, best_clean: float, unigram: float) -> str:
+    if final is None:
+        return "non-finite"
+    if final >= unigram - 0.1:
+        return "plateau"
+    return "ok" if final <= 1.05 * best_clean else f"+{100 * (final / best_clean - 1):.0f}%"
+
+
+def merge(base: dict, extra: dict) -> dict:
+    return {k: {**base.get(k, {}), **extra.get(k, {})} for k in ("model", "train", "guard")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the data and lab.jsonl")
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    prepared = prepare(args.out)
+    unigram = unigram_entropy(prepared)
+    store = ResultStore(args.out / "lab.jsonl")
+
+    def once(key: str, **kw) -> dict:
+        if key not in store:
+            store.add(key, run(prepared, args.out / "work", seed=args.seed, **kw))
+            print(f"{key}: final {store.rows[key]['final']}", flush=True)
+        return store.rows[key]
+
+    clean = [once(f"clean lr={lr}", lr=lr, steps=STEPS, **OLD) for lr in CLEAN_LRS]
+    best_clean = min(r["final"] for r in clean)
+    envelope = {name: max((v for r in clean for rec in r["trace"] if (v := stat(rec, name)) is not None), default=0.0)
+                for name in STATS}
+    envelope["ce"] = unigram  # the loss "leaves the envelope" when it climbs back above the unigram level
+    print(f"\nunigram entropy {unigram:.3f}; best clean loss {best_clean:.3f} (lr {CLEAN_LRS}, {STEPS} steps)\n")
+    print("| recipe | unguarded final | verdict | first statistic out of the clean envelope (step) | "
+          "guarded final | verdict | guard: skips / rollbacks / final LR scale |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.recipes:
+        recipe = RECIPES[name]
+        kw = dict(lr=recipe["lr"], steps=recipe.get("steps", STEPS))
+        bad = once(f"{name} unguarded", **kw, **merge(OLD, recipe))
+        good = once(f"{name} guarded", **kw, **merge({}, recipe))
+        firsts = {k: v for k, v in sorted(first_excursions(bad["trace"], envelope).items(),
+                                          key=lambda kv: (kv[1] is None, kv[1])) if v is not None}
+        shown = ", ".join(f"{k} ({v})" for k, v in list(firsts.items())[:3]) or "none"
+        scale = next((e for e in reversed(good["events"]) if e["event"] == "rollback"), None)
+        lr_scale = 0.5 ** good["rollbacks"] if scale else 1.0
+        fmt = lambda x: "NaN" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"| {name}: {recipe['about']} | {fmt(bad['final'])} | {verdict(bad['final'], best_clean, unigram)} | "
+              f"{shown} | {fmt(good['final'])} | {verdict(good['final'], best_clean, unigram)} | "
+              f"{good['skips']} / {good['rollbacks']} / {lr_scale:g} |")
+
+
+if __name__ == "__main__":
+    main()

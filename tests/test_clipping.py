@@ -1,0 +1,214 @@
+"""Adaptive clipping (train/clipping.py) and plateau detection (train/plateau.py).
+
+Both keep running statistics across steps, so each is checked against the pitfalls found in others' code:
+ZClip's NaN gradient norm that poisons its EMA mean and variance for good, and MaxText's rolling window that
+takes in a NaN loss and applies an early NaN during its warm-up. Every rule here must keep a NaN or Inf out of
+its statistics, and a skipped step must leave them exactly as if its batch had never been drawn.
+"""
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from nanoseek.config import GuardConfig
+from nanoseek.data.shards import write_shards
+from nanoseek.train.clipping import AdaptiveClip, clip_norm
+from nanoseek.train.guard import StabilityGuard
+from nanoseek.train.plateau import PlateauDetector, unigram_entropy
+
+NORMS = [1.0, 1.2, 0.9, 1.1, 0.95, 1.05, 1.0, 0.98, 1.02, 1.1, 0.9, 1.0]
+
+
+def warmed_clip(norms=NORMS, **kw) -> AdaptiveClip:
+    clip = AdaptiveClip(**{"warmup": 5, **kw})
+    for norm in norms:
+        clip.commit(norm)
+    return clip
+
+
+def reference_stats(norms, warmup: int, alpha: float, z: float) -> tuple[float, float]:
+    """The same statistics written out the slow, obvious way (float64 lists)."""
+    mean = statistics.fmean(norms[:warmup])
+    var = statistics.pvariance(norms[:warmup])
+    for g in norms[warmup:]:
+        std = math.sqrt(var)
+        kept = mean + z * std if std > 0 and (g - mean) / std > z else g
+        new_mean = alpha * mean + (1 - alpha) * kept
+        var = alpha * var + alpha * (1 - alpha) * (kept - mean) ** 2
+        mean = new_mean
+    return mean, var
+
+
+def test_adaptive_clip_matches_a_reference_and_clips_only_spikes():
+    spiky = NORMS[:8] + [9.0] + NORMS[8:]
+    clip = warmed_clip(spiky, z_threshold=2.5, alpha=0.9)
+    mean, var = reference_stats(spiky, 5, 0.9, 2.5)
+    assert clip.mean == pytest.approx(mean, rel=1e-12) and clip.var == pytest.approx(var, rel=1e-12)
+    assert clip.n_clipped == 1  # the 9.0, and nothing else
+    assert clip.limit(clip.mean) == math.inf  # an ordinary norm is left alone
+    assert clip.limit(50.0) == pytest.approx(clip.mean + 2.5 * math.sqrt(clip.var))
+    assert AdaptiveClip(warmup=5).limit(50.0) == math.inf  # nothing is clipped before the warm-up is over
+
+
+def test_clip_norm_combines_the_fixed_and_the_adaptive_limit():
+    clip = warmed_clip()
+    assert clip_norm(1.0, None, 50.0) == 1.0 and clip_norm(0.0, None, 50.0) == math.inf
+    adaptive = clip.limit(50.0)
+    assert 1.0 < adaptive < 2.0
+    assert clip_norm(0.0, clip, 50.0) == adaptive and clip_norm(1.0, clip, 50.0) == 1.0
+    assert clip_norm(10.0, clip, 50.0) == adaptive
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("when", ["warm-up", "after warm-up"])
+def test_a_nonfinite_norm_never_reaches_the_clip_statistics(bad, when):
+    """ZClip's pitfall: its z-test is False for a NaN norm, so the NaN is averaged in for good."""
+    norms = NORMS[:2] if when == "warm-up" else NORMS
+    clip, twin = warmed_clip(norms), warmed_clip(norms)
+    assert clip.limit(bad) == math.inf  # the guard skips such a step; the clipper only reads
+    clip.commit(bad)
+    assert clip.state_dict() == twin.state_dict()  # as if the step never happened
+    for norm in NORMS:
+        clip.commit(norm)
+        twin.commit(norm)
+    assert clip.state_dict() == twin.state_dict() and math.isfinite(clip.mean) and math.isfinite(clip.var)
+
+
+def test_limit_never_changes_the_state_so_a_skip_is_a_left_out_batch():
+    clip = warmed_clip()
+    before = clip.state_dict()
+    for norm in (0.5, 1.0, 30.0, math.nan):
+        clip.limit(norm)
+    assert clip.state_dict() == before
+
+
+def test_adaptive_clip_state_round_trip():
+    clip = warmed_clip(NORMS + [7.0])
+    restored = AdaptiveClip(warmup=5)
+    restored.load_state_dict(clip.state_dict())
+    for norm in (1.0, 8.0, 1.1):
+        assert restored.limit(norm) == clip.limit(norm)
+        restored.commit(norm)
+        clip.commit(norm)
+    assert restored.state_dict() == clip.state_dict()
+
+
+@pytest.mark.parametrize("kw", [{"z_threshold": 0}, {"alpha": 1.0}, {"alpha": 0.0}, {"warmup": 0}])
+def test_adaptive_clip_rejects_bad_settings(kw):
+    with pytest.raises(ValueError, match="needs"):
+        AdaptiveClip(**kw)
+
+
+# ---- plateau detection -------------------------------------------------------------------------------
+
+UNIGRAM = 5.0
+
+
+def feed(detector: PlateauDetector, losses) -> list[str | None]:
+    return [detector.observe(loss) for loss in losses]
+
+
+def test_plateau_is_flagged_after_start_when_the_loss_stops_at_the_unigram_level():
+    detector = PlateauDetector(UNIGRAM, start=30, margin=0.1, patience=20)
+    flags = feed(detector, [6.2 - 0.04 * i for i in range(30)] + [5.02, 4.98] * 30)
+    first = next(i for i, f in enumerate(flags) if f)
+    assert first >= 30 and "unigram" in flags[first] and not detector.below_unigram
+
+
+def test_a_slow_run_descending_through_the_unigram_level_is_not_a_plateau():
+    detector = PlateauDetector(UNIGRAM, start=30, margin=0.1, patience=20)
+    assert not any(feed(detector, [6.5 - 0.005 * i for i in range(400)]))  # 0.1 nats per 20 steps
+
+
+def test_a_run_below_the_unigram_level_is_not_a_plateau_even_when_flat():
+    detector = PlateauDetector(UNIGRAM, start=10, margin=0.1, patience=20)
+    assert not any(feed(detector, [4.5, 4.52, 4.48] * 60)) and detector.below_unigram
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nonfinite_loss_never_enters_the_plateau_window(bad):
+    """MaxText's pitfall: a NaN appended to the rolling window makes every later decision NaN-driven."""
+    detector, twin = (PlateauDetector(UNIGRAM, start=5, patience=10) for _ in range(2))
+    feed(detector, [6.0, 5.8, bad, 5.6, bad])
+    feed(twin, [6.0, 5.8, 5.6])
+    assert detector.state_dict() == twin.state_dict() and math.isfinite(detector.ema)
+
+
+def test_an_early_nan_is_skipped_by_the_guard_even_during_warm_up():
+    """MaxText's other pitfall: its check is bypassed during warm-up, so an early NaN is applied."""
+    guard = StabilityGuard(GuardConfig(warmup=20, window=50, max_skips=10))
+    guard.watch_plateau(UNIGRAM, start=0)
+    assert guard.check(0, 6.0, 1.0, ce=6.0).ok
+    for loss, norm in ((math.nan, 1.0), (6.0, math.nan), (math.inf, math.inf)):
+        assert guard.check(1, loss, norm, ce=loss).action == "skip"
+    assert list(guard.stats["loss"].values) == [6.0] and guard.plateau.state_dict()["history"] == [6.0]
+
+
+def test_guard_rolls_back_on_a_plateau_and_keeps_its_state():
+    guard = StabilityGuard(GuardConfig(warmup=5, window=20, plateau_patience=10, max_rollbacks=1))
+    guard.watch_plateau(UNIGRAM, start=15)
+    assert not any(guard.check(step, 5.0, 1.0).action != "ok" for step in range(40))  # no CE given: no check
+    verdicts = [guard.check(step, 5.0, 1.0, ce=5.0 + 0.01 * (step % 2)) for step in range(40, 80)]
+    rollback = next(i for i, v in enumerate(verdicts) if not v.ok)
+    assert rollback + 1 >= 15 and verdicts[rollback].action == "rollback" and "plateau" in verdicts[rollback].cause
+    assert not guard.worth_keeping
+    state = guard.state_dict()
+    restored = StabilityGuard(GuardConfig(warmup=5, window=20, plateau_patience=10, max_rollbacks=1))
+    restored.watch_plateau(UNIGRAM, start=15)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    guard.rolled_back()
+    assert guard.plateau.ema is None and guard.lr_scale == pytest.approx(0.1)  # a decade down
+    after = [guard.check(100 + s, 5.0, 1.0, ce=5.0) for s in range(12)]
+    assert after[-1].action == "abort"  # still stuck after the one allowed rollback: the run says so
+
+
+def test_plateau_detection_off_with_a_zero_margin_or_a_disabled_guard():
+    for cfg in (GuardConfig(plateau_margin=0.0), GuardConfig(enabled=False)):
+        guard = StabilityGuard(cfg)
+        guard.watch_plateau(UNIGRAM, start=0)
+        assert guard.plateau is None and guard.worth_keeping
+
+
+def test_unigram_entropy_of_shards(tmp_path):
+    tokens = np.array([0, 0, 1, 2] * 50, dtype=np.int64)
+    paths = write_shards([tokens], tmp_path, "train", shard_tokens=1 << 10, vocab_size=8)
+    p = np.array([0.5, 0.25, 0.25])
+    assert unigram_entropy(paths, 8) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+    assert unigram_entropy(paths, 8, max_tokens=2) == 0.0  # only the first two tokens (both 0) are read
+
+
+# ---- in training: a skip leaves the clipper and the plateau window exactly as a left-out batch would ---------
+
+SKIP_AT, STEPS = 5, 12
+
+
+def active_clipper(trainer) -> None:
+    """ZClip with a 2-step warm-up and a low threshold, so it clips within these few steps."""
+    trainer.clipper = AdaptiveClip(z_threshold=0.5, warmup=2)
+
+
+@pytest.mark.parametrize("kind", ["nan-loss", "nan-grad"])
+def test_a_skipped_step_leaves_clipper_and_plateau_state_as_a_left_out_batch(kind, tmp_path):
+    from test_guard import (differences, leave_out_batches, model_and_optimizer_state, run_training,
+                            tiny_config, write_corpus)
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    make = lambda inject=(): tiny_config(corpus, STEPS, inject, train={"zclip": 0.5})  # noqa: E731
+
+    def both(patch):
+        return lambda trainer: (active_clipper(trainer), patch(trainer) if patch else None)
+
+    skipped = run_training(make([f"{kind}@{SKIP_AT}"]), tmp_path / "skip", patch=both(None))
+    left_out = run_training(make(), tmp_path / "left-out", patch=both(leave_out_batches(SKIP_AT)))
+    clean = run_training(make(), tmp_path / "clean", patch=both(None))
+    assert skipped.result.n_skips == 1
+    a, b = skipped.trainer, left_out.trainer
+    assert a.clipper.n_clipped > 0  # the clipper did clip: the comparison has teeth
+    assert a.clipper.state_dict() == b.clipper.state_dict() and math.isfinite(a.clipper.mean)
+    assert a.guard.plateau.state_dict() == b.guard.plateau.state_dict() and math.isfinite(a.guard.plateau.ema)
+    diff = differences(model_and_optimizer_state(a), model_and_optimizer_state(b))
+    assert not diff, diff[:5]
+    assert a.clipper.state_dict() != clean.trainer.clipper.state_dict()  # training on that batch moves it
