@@ -37,6 +37,7 @@ VARIANTS = {  # name: overrides of (model, train, guard); "old" spells out the r
     "old + z-losses": dict(model={**_OLD_MODEL, "logit_z_loss_coef": 1e-4, "router_z_loss_coef": 1e-3},
                            train=_OLD_TRAIN, guard={"enabled": False}),
     "old + guard": dict(model=_OLD_MODEL, train=_OLD_TRAIN, guard={}),
+    "old + guard + zclip 2.5": dict(model=_OLD_MODEL, train={"zclip": 2.5}, guard={}),
     "default": dict(model={}, train={}, guard={}),  # the shipped defaults, guard on
 }
 
@@ -97,13 +98,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the data and sweep.jsonl")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--lrs", nargs="*", type=float, default=LRS)
     parser.add_argument("--plot", type=Path, help="write the final-loss-vs-LR figure here (PNG)")
     parser.add_argument("--smoke", action="store_true", help="2 LRs x 1 seed x 2 variants x 20 steps (CI-sized)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lrs, seeds, variants, steps = args.lrs, range(args.seeds), args.variants, args.steps
+    lrs, seeds, variants, steps = args.lrs, range(args.first_seed, args.first_seed + args.seeds), args.variants, args.steps
     if args.smoke:
         lrs, seeds, variants, steps = [1e-3, 1e-1], range(1), ["old", "default"], 20
     prepared = prepare(args.out)

@@ -212,3 +212,14 @@ def test_a_skipped_step_leaves_clipper_and_plateau_state_as_a_left_out_batch(kin
     diff = differences(model_and_optimizer_state(a), model_and_optimizer_state(b))
     assert not diff, diff[:5]
     assert a.clipper.state_dict() != clean.trainer.clipper.state_dict()  # training on that batch moves it
+
+
+def test_with_adaptive_clipping_a_grad_norm_outlier_is_clipped_not_skipped():
+    guard = StabilityGuard(GuardConfig(warmup=5, window=20))
+    for step, norm in enumerate(NORMS):
+        assert guard.check(step, 2.0, norm).ok
+    assert guard.check(12, 2.0, 50.0).action == "skip"  # the guard alone skips it
+    guard.grad_spikes_clipped = True
+    assert guard.check(13, 2.0, 80.0).ok  # with ZClip on, the step goes ahead (and is clipped)
+    assert guard.check(14, 2.0, math.nan).action == "skip"  # a non-finite norm is skipped all the same
+    assert guard.check(15, 9.0, 1.0).action == "skip"  # and so is a loss spike

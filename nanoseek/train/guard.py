@@ -77,6 +77,7 @@ class StabilityGuard:
         self.lr_scale = 1.0
         self.plateau: PlateauDetector | None = None
         self.rollback_factor = cfg.rollback_lr_factor  # the next rollback's LR factor
+        self.grad_spikes_clipped = False  # set by the trainer when adaptive clipping (train/clipping.py) is on
 
     def watch_plateau(self, unigram: float, start: int) -> None:
         """Treat a loss stuck at `unigram` (nats) after `start` applied steps as a fault (off if plateau_margin=0)."""
@@ -102,7 +103,11 @@ class StabilityGuard:
             if self.precision == "fp16":
                 return Verdict("overflow", "fp16 gradient overflow (GradScaler lowers its scale)", grad_norm)
             return self._skip(step, "non-finite gradient", grad_norm)
-        for name, value in (("loss", loss), ("grad_norm", grad_norm)):
+        # With adaptive clipping on, a grad-norm outlier is clipped to its z-bound rather than skipped: the
+        # update stays bounded and the batch still teaches (ZClip, arXiv 2504.02507; skipping alone did not
+        # shorten recovery in Marin 32B). The grad norm then only feeds the window.
+        watched = (("loss", loss),) if self.grad_spikes_clipped else (("loss", loss), ("grad_norm", grad_norm))
+        for name, value in watched:
             window = self.stats[name]
             if len(window.values) >= max(self.cfg.warmup, 2):
                 z = window.z_score(value)

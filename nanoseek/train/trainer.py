@@ -153,6 +153,7 @@ class Trainer:
         self.guard.watch_plateau(unigram_entropy(self.data.train_shards, self.data.vocab_size),
                                  start=tc.warmup_steps + cfg.guard.plateau_patience)
         self.clipper = AdaptiveClip(tc.zclip) if tc.zclip > 0 else None
+        self.guard.grad_spikes_clipped = self.clipper is not None
         self.faults = FaultInjector(cfg.guard.inject, self.model, self.dist.rank, self.dist.world_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.last_bad_grads: list[str] = []
