@@ -55,13 +55,18 @@ def stat(record: dict, name: str) -> float | None:
     return max(values) if values else None
 
 
-def first_excursions(trace: list[dict], envelope: dict[str, float]) -> dict[str, int | None]:
-    """For each statistic, the first step where it exceeded ENVELOPE x the clean runs' maximum (or went NaN)."""
+def first_excursions(trace: list[dict], envelope: dict[str, float], clean_ce: dict[int, float]) -> dict[str, int | None]:
+    """For each statistic, the first step where it exceeded ENVELOPE x the clean runs' maximum (or went NaN);
+    for the loss, the first step 10% above the worst clean run's loss at the same step."""
     out = {}
     for name in STATS:
-        limit = ENVELOPE * envelope[name] if name != "ce" else envelope[name]
-        out[name] = next((r["step"] for r in trace if (v := stat(r, name)) is not None
-                          and (not math.isfinite(v) or v > limit)), None)
+        def outside(r: dict) -> bool:
+            v = stat(r, name)
+            if v is None or r["step"] not in clean_ce:
+                return False
+            limit = 1.1 * clean_ce[r["step"]] if name == "ce" else ENVELOPE * envelope[name]
+            return not math.isfinite(v) or v > limit
+        out[name] = next((r["step"] for r in trace if outside(r)), None)
     return out
 
 
@@ -83,6 +88,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unguarded-only", action="store_true", help="only the clean and the failing runs")
+    parser.add_argument("--guarded-only", action="store_true", help="only the clean and the guarded runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     prepared = prepare(args.out)
@@ -99,27 +105,31 @@ def main() -> None:
     best_clean = min(r["final"] for r in clean)
     envelope = {name: max((v for r in clean for rec in r["trace"] if (v := stat(rec, name)) is not None), default=0.0)
                 for name in STATS}
-    envelope["ce"] = unigram  # the loss "leaves the envelope" when it climbs back above the unigram level
+    clean_ce: dict[int, float] = {}  # step -> the worst clean run's CE at that step
+    for rec in (rec for r in clean for rec in r["trace"]):
+        clean_ce[rec["step"]] = max(clean_ce.get(rec["step"], 0.0), rec["ce"])
     print(f"\nunigram entropy {unigram:.3f}; best clean loss {best_clean:.3f} (lr {CLEAN_LRS}, {STEPS} steps)\n")
     print("| recipe | unguarded final | verdict | first statistic out of the clean envelope (step) | "
-          "guarded final | verdict | guard: skips / rollbacks / final LR scale |")
+          "guarded final | verdict | guard: skips / rollbacks (cause) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.recipes:
         recipe = RECIPES[name]
         kw = dict(lr=recipe["lr"], steps=recipe.get("steps", STEPS))
-        bad = once(f"{name} unguarded", **kw, **merge(OLD, recipe))
+        if not args.guarded_only:
+            bad = once(f"{name} unguarded", **kw, **merge(OLD, recipe))
         if args.unguarded_only:
             continue
         good = once(f"{name} guarded", **kw, **merge({}, recipe))
-        firsts = {k: v for k, v in sorted(first_excursions(bad["trace"], envelope).items(),
+        if args.guarded_only:
+            continue
+        firsts = {k: v for k, v in sorted(first_excursions(bad["trace"], envelope, clean_ce).items(),
                                           key=lambda kv: (kv[1] is None, kv[1])) if v is not None}
         shown = ", ".join(f"{k} ({v})" for k, v in list(firsts.items())[:3]) or "none"
-        scale = next((e for e in reversed(good["events"]) if e["event"] == "rollback"), None)
-        lr_scale = 0.5 ** good["rollbacks"] if scale else 1.0
+        causes = [e["cause"].split(" (")[0] for e in good["events"] if e["event"] in ("rollback", "abort")]
         fmt = lambda x: "NaN" if x is None else f"{x:.3f}"  # noqa: E731
         print(f"| {name}: {recipe['about']} | {fmt(bad['final'])} | {verdict(bad['final'], best_clean, unigram)} | "
               f"{shown} | {fmt(good['final'])} | {verdict(good['final'], best_clean, unigram)} | "
-              f"{good['skips']} / {good['rollbacks']} / {lr_scale:g} |")
+              f"{good['skips']} / {good['rollbacks']} ({'; '.join(causes) or '-'}) |")
 
 
 if __name__ == "__main__":

@@ -359,7 +359,7 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: share of steps spent in the final linear decay
     cycle_steps: int = 200  # cyclic: period
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still computed for the guard)
-    zclip: float = 0.0  # ZClip (arXiv 2504.02507): clip grad norms above this EMA z-score (train/clipping.py); 0 = off
+    zclip: float = 2.5  # ZClip (arXiv 2504.02507): clip grad norms above this EMA z-score (train/clipping.py); 0 = off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     fp8: bool = False  # torchao float8 linears (CUDA >= 8.9); MLA projections, router, head stay high

@@ -4,9 +4,9 @@ Too high a learning rate rarely ends in a NaN when gradients are clipped: the mo
 where its output ignores the context (saturated attention, dead residual branches) and its loss settles at
 H(unigram) = -sum_v p(v) log p(v) of the training tokens, the best a context-free predictor can do. Such a run is
 lost as surely as one that went NaN, but nothing non-finite ever shows. `PlateauDetector` calls it: after
-`start` applied steps, if an EMA of the training loss stays within `margin` nats of the unigram entropy (or
-above it) and has not improved by `min_gain` over the last `patience` steps, the run is on the plateau. A slow
-run (low LR) still descending through the unigram level is not flagged: it keeps improving.
+`start` applied steps, if an EMA of the training loss is within `margin` nats of the unigram entropy (or above
+it) and has made no new low (by `min_gain`) for `patience` steps, the run is on the plateau. A slow run (low LR)
+still descending through the unigram level is not flagged: it keeps making new lows.
 
 The EMA sees finite losses of applied steps only (a skipped step leaves it untouched), so no NaN can ever enter
 it, and a skip stays equivalent to leaving the batch out. Cost: one float update per step on the host, plus
@@ -16,7 +16,6 @@ one bincount over (a prefix of) the training tokens at start-up.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,7 +42,8 @@ class PlateauDetector:
         self.unigram, self.start, self.margin = unigram, start, margin
         self.patience, self.min_gain, self.ema_coef = patience, min_gain, ema
         self.ema: float | None = None
-        self.history: deque[float] = deque(maxlen=patience + 1)  # the EMA at each of the last applied steps
+        self.best = math.inf  # the lowest EMA so far ...
+        self.best_at = 0  # ... last lowered by min_gain at this applied step
         self.applied = 0
 
     def observe(self, loss: float) -> str | None:
@@ -52,13 +52,14 @@ class PlateauDetector:
             return None  # never averaged: the guard skips such a step anyway
         self.applied += 1
         self.ema = loss if self.ema is None else self.ema_coef * self.ema + (1 - self.ema_coef) * loss
-        self.history.append(self.ema)
-        if self.applied < self.start or len(self.history) <= self.patience:
-            return None
-        gain = self.history[0] - self.ema
-        if self.ema > self.unigram - self.margin and gain < self.min_gain:
+        if self.ema < self.best - self.min_gain:
+            self.best, self.best_at = self.ema, self.applied
+        # Progress is a new low, not a lower value than `patience` steps ago: a model knocked above the unigram
+        # level that slowly relearns token frequencies is descending, but towards the plateau, not past it.
+        stalled = self.applied - self.best_at >= self.patience
+        if self.applied >= self.start and stalled and self.ema > self.unigram - self.margin:
             return (f"loss plateau at the unigram level (loss {self.ema:.3f} vs unigram entropy {self.unigram:.3f}, "
-                    f"gained {gain:.3f} in {self.patience} steps)")
+                    f"no new low by {self.min_gain} in {self.applied - self.best_at} steps)")
         return None
 
     @property
@@ -69,12 +70,11 @@ class PlateauDetector:
 
     def reset(self) -> None:
         """After a rollback: the restored weights start a fresh history."""
-        self.ema = None
-        self.history.clear()
+        self.ema, self.best, self.best_at = None, math.inf, self.applied
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "history": list(self.history), "applied": self.applied}
+        return {"ema": self.ema, "best": self.best, "best_at": self.best_at, "applied": self.applied}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ema, self.applied = state["ema"], int(state["applied"])
-        self.history = deque(state["history"], maxlen=self.patience + 1)
+        self.ema, self.best = state["ema"], float(state["best"])
+        self.best_at, self.applied = int(state["best_at"]), int(state["applied"])
