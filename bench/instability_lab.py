@@ -49,10 +49,13 @@ ENVELOPE = 3.0
 def stat(record: dict, name: str) -> float | None:
     """A statistic of one step record, the max over layers for per-layer ones (None: not sampled then)."""
     if name in ("grad_norm", "ce", "logit_max"):
-        value = record.get(name)
-        return value if value is None or math.isfinite(value) else math.inf
-    values = [v for k, v in record.items() if k.startswith(name + "/")]
-    return max(values) if values else None
+        values = [record[name]] if name in record else []
+    else:
+        values = [v for k, v in record.items() if k.startswith(name + "/")]
+    values = [float(v) for v in values]  # metrics.jsonl writes a non-finite value as a string ("nan", "inf")
+    if not values:
+        return None
+    return math.inf if not all(math.isfinite(v) for v in values) else max(values)
 
 
 def first_excursions(trace: list[dict], envelope: dict[str, float], clean_ce: dict[int, float]) -> dict[str, int | None]:

@@ -133,6 +133,14 @@ def test_a_knocked_out_run_relearning_towards_the_unigram_level_is_a_plateau():
     assert 40 <= first < 80 and "no new low" in flags[first]
 
 
+def test_a_loss_climbing_above_its_start_is_called_diverged_at_once():
+    detector = PlateauDetector(UNIGRAM, start=100, margin=0.1, patience=50)
+    flags = feed(detector, [6.2, 6.3, 7.9, 11.6, 9.0, 8.0])  # LR 1.0's first steps (bench/instability_lab.py)
+    first = next(i for i, f in enumerate(flags) if f)
+    assert first <= 4 and "diverged" in flags[first]
+    assert not any(feed(PlateauDetector(UNIGRAM, start=100), [6.2, 6.5, 6.1, 6.6, 5.9] * 19))  # noise is not
+
+
 def test_a_run_below_the_unigram_level_is_not_a_plateau_even_when_flat():
     detector = PlateauDetector(UNIGRAM, start=10, margin=0.1, patience=20)
     assert not any(feed(detector, [4.5, 4.52, 4.48] * 60)) and detector.below_unigram

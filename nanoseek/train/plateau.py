@@ -8,6 +8,11 @@ lost as surely as one that went NaN, but nothing non-finite ever shows. `Plateau
 it) and has made no new low (by `min_gain`) for `patience` steps, the run is on the plateau. A slow run (low LR)
 still descending through the unigram level is not flagged: it keeps making new lows.
 
+The same detector calls the faster failure of the same cause: a loss EMA that climbs `DIVERGED_NATS` above the
+run's first loss has diverged (Wortsman et al. 2023, arXiv 2309.14322, count such a run at its initial loss).
+Measured at LR 1.0 (bench/instability_lab.py) this shows within the first 5 steps, long before a plateau could
+be told from slow progress, so the rollback costs a few steps instead of a third of the run.
+
 The EMA sees finite losses of applied steps only (a skipped step leaves it untouched), so no NaN can ever enter
 it, and a skip stays equivalent to leaving the batch out. Cost: one float update per step on the host, plus
 one bincount over (a prefix of) the training tokens at start-up.
@@ -23,6 +28,7 @@ import numpy as np
 
 from nanoseek.data.shards import read_tokens
 
+DIVERGED_NATS = 0.5  # a loss EMA this far above the first loss has diverged (healthy runs never climb above it)
 UNIGRAM_SAMPLE_TOKENS = 1 << 22  # 4M tokens pin the unigram entropy to well under 0.01 nats for a 32K vocab
 
 
@@ -45,13 +51,17 @@ class PlateauDetector:
         self.best = math.inf  # the lowest EMA so far ...
         self.best_at = 0  # ... last lowered by min_gain at this applied step
         self.applied = 0
+        self.initial: float | None = None  # the run's first loss (kept across rollbacks)
 
     def observe(self, loss: float) -> str | None:
         """Record an applied step's loss; returns the reason when the run sits on the plateau, else None."""
         if not math.isfinite(loss):
             return None  # never averaged: the guard skips such a step anyway
         self.applied += 1
+        self.initial = loss if self.initial is None else self.initial
         self.ema = loss if self.ema is None else self.ema_coef * self.ema + (1 - self.ema_coef) * loss
+        if self.ema > self.initial + DIVERGED_NATS:
+            return f"loss diverged (loss {self.ema:.3f}, {self.ema - self.initial:.2f} above the first step's {self.initial:.3f})"
         if self.ema < self.best - self.min_gain:
             self.best, self.best_at = self.ema, self.applied
         # Progress is a new low, not a lower value than `patience` steps ago: a model knocked above the unigram
@@ -73,8 +83,10 @@ class PlateauDetector:
         self.ema, self.best, self.best_at = None, math.inf, self.applied
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "best": self.best, "best_at": self.best_at, "applied": self.applied}
+        return {"ema": self.ema, "best": self.best, "best_at": self.best_at, "applied": self.applied,
+                "initial": self.initial}
 
     def load_state_dict(self, state: dict) -> None:
         self.ema, self.best = state["ema"], float(state["best"])
         self.best_at, self.applied = int(state["best_at"]), int(state["applied"])
+        self.initial = state.get("initial")
