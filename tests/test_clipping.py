@@ -243,3 +243,17 @@ def test_with_adaptive_clipping_a_grad_norm_outlier_is_clipped_not_skipped():
     assert guard.check(13, 2.0, 80.0).ok  # with ZClip on, the step goes ahead (and is clipped)
     assert guard.check(14, 2.0, math.nan).action == "skip"  # a non-finite norm is skipped all the same
     assert guard.check(15, 9.0, 1.0).action == "skip"  # and so is a loss spike
+
+
+def test_fp16_run_survives_a_skip_and_a_rollback(tmp_path):
+    """Found by the instability lab (fp16 at LR 1.0): after a step the guard dropped, the GradScaler still held
+    that step's unscale_ record and the next step raised. The scaler must come out of a skip at its old scale."""
+    from test_guard import run_training, tiny_config, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    cfg = tiny_config(corpus, 8, ["nan-loss@2", "nan-loss@5", "nan-loss@6", "nan-loss@7"],
+                      train={"precision": "fp16"}, guard={"max_skips": 3})
+    run = run_training(cfg, tmp_path / "run")
+    actions = [(e["step"], e["action"]) for e in run.records("event")]
+    assert actions == [(2, "skip"), (5, "skip"), (6, "rollback"), (7, "skip")]
+    assert run.result.status == "finished" and run.trainer.scaler.get_scale() == 2.0 ** 16  # never lowered

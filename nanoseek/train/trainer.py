@@ -380,6 +380,8 @@ class Trainer:
         else:
             if verdict.action == "overflow":
                 self.scaler.update()  # lowers the scale; the step itself is dropped
+            else:  # fp16: end the scaler's step (its unscale_ record) at the same scale, as if it never ran
+                self.scaler.update(self.scaler.get_scale())
             self.last_bad_grads = nonfinite_grads(self.model) if verdict.cause.startswith("non-finite") else []
             model.reset_expert_loads()
         self.optimizer.zero_grad(set_to_none=True)
