@@ -118,8 +118,9 @@ def test_plateau_is_flagged_after_start_when_the_loss_stops_at_the_unigram_level
 
 
 def test_a_slow_run_descending_through_the_unigram_level_is_not_a_plateau():
-    detector = PlateauDetector(UNIGRAM, start=30, margin=0.1, patience=20)
-    assert not any(feed(detector, [6.5 - 0.005 * i for i in range(400)]))  # 0.1 nats per 20 steps
+    detector = PlateauDetector(UNIGRAM, start=30, margin=0.1, patience=50)
+    # 0.25 nats per 50 steps; LR 1e-3, the slowest LR of bench/stability_sweep.py, falls ~0.4 per 50 there
+    assert not any(feed(detector, [6.5 - 0.005 * i for i in range(400)]))
 
 
 def test_a_knocked_out_run_relearning_towards_the_unigram_level_is_a_plateau():
@@ -130,7 +131,7 @@ def test_a_knocked_out_run_relearning_towards_the_unigram_level_is_a_plateau():
              [5.9 - 0.004 * i for i in range(100)]
     flags = feed(detector, losses)
     first = next(i for i, f in enumerate(flags) if f)
-    assert 40 <= first < 80 and "no new low" in flags[first]
+    assert 40 <= first < 80 and "lowest loss moved" in flags[first]
 
 
 def test_a_loss_climbing_above_its_start_is_called_diverged_at_once():

@@ -5,8 +5,8 @@ where its output ignores the context (saturated attention, dead residual branche
 H(unigram) = -sum_v p(v) log p(v) of the training tokens, the best a context-free predictor can do. Such a run is
 lost as surely as one that went NaN, but nothing non-finite ever shows. `PlateauDetector` calls it: after
 `start` applied steps, if an EMA of the training loss is within `margin` nats of the unigram entropy (or above
-it) and has made no new low (by `min_gain`) for `patience` steps, the run is on the plateau. A slow run (low LR)
-still descending through the unigram level is not flagged: it keeps making new lows.
+it) and its lowest value has moved less than `min_gain` (0.1 nats) in the last `patience` steps, the run is on
+the plateau. A slow run (low LR) still descending through the unigram level is not flagged: it gains more.
 
 The same detector calls the faster failure of the same cause: a loss EMA that climbs `DIVERGED_NATS` above the
 run's first loss has diverged (Wortsman et al. 2023, arXiv 2309.14322, count such a run at its initial loss).
@@ -21,6 +21,7 @@ one bincount over (a prefix of) the training tokens at start-up.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,12 +45,12 @@ class PlateauDetector:
     """Flags a training loss stuck at the unigram entropy after warm-up (see the module docstring)."""
 
     def __init__(self, unigram: float, start: int, margin: float = 0.1, patience: int = 50,
-                 min_gain: float = 0.02, ema: float = 0.9):
+                 min_gain: float = 0.1, ema: float = 0.9):
         self.unigram, self.start, self.margin = unigram, start, margin
         self.patience, self.min_gain, self.ema_coef = patience, min_gain, ema
         self.ema: float | None = None
-        self.best = math.inf  # the lowest EMA so far ...
-        self.best_at = 0  # ... last lowered by min_gain at this applied step
+        self.best = math.inf  # the lowest EMA so far
+        self.bests: deque[float] = deque(maxlen=patience + 1)  # `best` after each of the last applied steps
         self.applied = 0
         self.initial: float | None = None  # the run's first loss (kept across rollbacks)
 
@@ -62,14 +63,16 @@ class PlateauDetector:
         self.ema = loss if self.ema is None else self.ema_coef * self.ema + (1 - self.ema_coef) * loss
         if self.ema > self.initial + DIVERGED_NATS:
             return f"loss diverged (loss {self.ema:.3f}, {self.ema - self.initial:.2f} above the first step's {self.initial:.3f})"
-        if self.ema < self.best - self.min_gain:
-            self.best, self.best_at = self.ema, self.applied
-        # Progress is a new low, not a lower value than `patience` steps ago: a model knocked above the unigram
-        # level that slowly relearns token frequencies is descending, but towards the plateau, not past it.
-        stalled = self.applied - self.best_at >= self.patience
-        if self.applied >= self.start and stalled and self.ema > self.unigram - self.margin:
+        self.best = min(self.best, self.ema)
+        self.bests.append(self.best)
+        # Progress is how far the lowest loss so far moved, not how far the loss fell since `patience` steps ago:
+        # a model knocked above the unigram level that slowly relearns token frequencies is descending, but
+        # towards the plateau, and one creeping along it gains a few hundredths of a nat per window.
+        gain = self.bests[0] - self.best
+        full = len(self.bests) > self.patience
+        if self.applied >= self.start and full and gain < self.min_gain and self.ema > self.unigram - self.margin:
             return (f"loss plateau at the unigram level (loss {self.ema:.3f} vs unigram entropy {self.unigram:.3f}, "
-                    f"no new low by {self.min_gain} in {self.applied - self.best_at} steps)")
+                    f"lowest loss moved {gain:.3f} in {self.patience} steps)")
         return None
 
     @property
@@ -80,13 +83,15 @@ class PlateauDetector:
 
     def reset(self) -> None:
         """After a rollback: the restored weights start a fresh history."""
-        self.ema, self.best, self.best_at = None, math.inf, self.applied
+        self.ema, self.best = None, math.inf
+        self.bests.clear()
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "best": self.best, "best_at": self.best_at, "applied": self.applied,
+        return {"ema": self.ema, "best": self.best, "bests": list(self.bests), "applied": self.applied,
                 "initial": self.initial}
 
     def load_state_dict(self, state: dict) -> None:
         self.ema, self.best = state["ema"], float(state["best"])
-        self.best_at, self.applied = int(state["best_at"]), int(state["applied"])
+        self.bests = deque(state["bests"], maxlen=self.patience + 1)
+        self.applied = int(state["applied"])
         self.initial = state.get("initial")
