@@ -13,9 +13,10 @@ The mechanism is read off the unguarded run's sampled health statistics (every 5
 the first step where it leaves the clean runs' envelope (above 3x the largest value any clean run showed)
 is recorded; the earliest one is the statistic that showed the instability first.
 
-    python bench/instability_lab.py --out /tmp/lab            # all recipes (about 15 min of one core)
+    python bench/instability_lab.py --out /tmp/lab            # 12 runs of 200 steps (100 steps in fp16)
     python bench/instability_lab.py --out /tmp/lab --recipes adamw-lr1
-Results go to OUT/lab.jsonl (one line per run; a re-run skips what is there) and a table to stdout.
+Results go to OUT/lab.jsonl (one line per run; a re-run skips what is there) and a table to stdout;
+`--report` prints the table from that file without running anything.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unguarded-only", action="store_true", help="only the clean and the failing runs")
     parser.add_argument("--guarded-only", action="store_true", help="only the clean and the guarded runs")
+    parser.add_argument("--report", action="store_true", help="print the table from OUT/lab.jsonl; run nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
     prepared = prepare(args.out)
@@ -99,6 +101,8 @@ def main() -> None:
     store = ResultStore(args.out / "lab.jsonl")
 
     def once(key: str, **kw) -> dict:
+        if key not in store and args.report:
+            raise SystemExit(f"{args.out / 'lab.jsonl'} has no run {key!r}; run without --report to make it")
         if key not in store:
             store.add(key, run(prepared, args.out / "work", seed=args.seed, **kw))
             print(f"{key}: final {store.rows[key]['final']}", flush=True)
