@@ -59,7 +59,8 @@ def stat(record: dict, name: str) -> float | None:
     return math.inf if not all(math.isfinite(v) for v in values) else max(values)
 
 
-def first_excursions(trace: list[dict], envelope: dict[str, float], clean_ce: dict[int, float]) -> dict[str, int | None]:
+def first_excursions(trace: list[dict], envelope: dict[str, float],
+                     clean_ce: dict[int, float]) -> dict[str, int | None]:
     """For each statistic, the first step where it exceeded ENVELOPE x the clean runs' maximum (or went NaN);
     for the loss, the first step 10% above the worst clean run's loss at the same step."""
     out = {}

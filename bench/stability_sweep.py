@@ -1,10 +1,11 @@
 """Learning-rate sensitivity (Wortsman et al. 2023, arXiv 2309.14322) of stability recipes, side by side.
 
 Protocol: for each variant, train the lab's MLA+MoE+MTP model (bench/lab_runs.py: the `tiny` preset at width
-64, seq 64, batch 8, AdamW (0.9, 0.95), 10% warm-up then cosine to 10%) at 7 LRs from 1e-3 to 1 (half a
-decade apart, centred on this budget's best LR, 1e-2: Wortsman's 3e-4 would measure how far a 200-step run
-gets at a tiny LR, not stability; 1.0 is where the old recipe ends at the unigram plateau) x seeds. Score = final validation CE on 8 fixed held-out batches. LR sensitivity = mean over the LRs of
-[min(score, initial loss) - best score of that variant] (a non-finite run counts at the initial loss).
+64, seq 64, batch 8, AdamW (0.9, 0.95), 10% warm-up then cosine to 10%, 200 steps) at 7 LRs from 1e-3 to 1,
+half a decade apart, x seeds. At this budget the best LR is 3e-3; Wortsman's lower end (3e-4) would measure
+how far a short run gets at a tiny LR rather than stability, and 1.0 is where the old recipe ends at the
+unigram plateau. Score = final validation CE on 8 fixed held-out batches. LR sensitivity = mean over the LRs
+of [min(score, initial loss) - best score of that variant] (a non-finite run counts at the initial loss).
 A run also *fails* if it ends non-finite or at the unigram plateau (within 0.1 nats of the training data's
 unigram entropy); both counts are reported, as is the number of steps the guard skipped.
 
@@ -12,7 +13,7 @@ unigram entropy); both counts are reported, as is the number of steps the guard 
     python bench/stability_sweep.py --out /tmp/sweep --variants old default --plot docs/lr_sensitivity.png
     python bench/stability_sweep.py --out /tmp/sweep --smoke             # 2 LRs x 1 seed x 2 variants x 20 steps
 Runs are appended to OUT/sweep.jsonl as they finish; a re-run (after a kill, or with more variants) skips
-what is there, and the table is printed from the file.
+what is there, and the table is printed from the file (`--report`: print it, run nothing).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="2 LRs x 1 seed x 2 variants x 20 steps (CI-sized)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lrs, seeds, variants, steps = args.lrs, range(args.first_seed, args.first_seed + args.seeds), args.variants, args.steps
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    lrs, variants, steps = args.lrs, args.variants, args.steps
     if args.smoke:
         lrs, seeds, variants, steps = [1e-3, 1e-1], range(1), ["old", "default"], 20
     prepared = prepare(args.out)

@@ -90,7 +90,8 @@ class StabilityGuard:
         below the unigram level (before that a rollback returns to the first snapshot)."""
         return self.plateau is None or self.plateau.below_unigram
 
-    def check(self, step: int, loss: float, grad_norm: float, batch_ok: bool = True, ce: float | None = None) -> Verdict:
+    def check(self, step: int, loss: float, grad_norm: float, batch_ok: bool = True,
+              ce: float | None = None) -> Verdict:
         """Judge one step from its (unclipped) total grad norm and loss; update counters. `ce` is the step's
         next-token cross-entropy (the total loss also holds MTP and balance terms); None: no plateau check."""
         if not self.cfg.enabled:

@@ -62,7 +62,8 @@ class PlateauDetector:
         self.initial = loss if self.initial is None else self.initial
         self.ema = loss if self.ema is None else self.ema_coef * self.ema + (1 - self.ema_coef) * loss
         if self.ema > self.initial + DIVERGED_NATS:
-            return f"loss diverged (loss {self.ema:.3f}, {self.ema - self.initial:.2f} above the first step's {self.initial:.3f})"
+            return (f"loss diverged (loss {self.ema:.3f}, {self.ema - self.initial:.2f} above the first step's "
+                    f"{self.initial:.3f})")
         self.best = min(self.best, self.ema)
         self.bests.append(self.best)
         # Progress is how far the lowest loss so far moved, not how far the loss fell since `patience` steps ago:
