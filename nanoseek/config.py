@@ -441,7 +441,7 @@ class GuardConfig:
     stats_every: int = 10  # steps between health-statistic samples
     plateau_margin: float = 0.1  # nats: a loss this close to the unigram entropy after warm-up is a plateau; 0 = off
     plateau_patience: int = 50  # applied steps without 0.1 nats of progress that make a plateau (train/plateau.py)
-    plateau_lr_factor: float = 0.1  # LR factor of a plateau's rollback: such an LR is off by a decade, not 2x
+    plateau_lr_factor: float = 0.1  # LR factor after a plateau or a diverged loss: such an LR is off by a decade
     save_bad_batches: bool = True
     inject: tuple[str, ...] = ()  # fault injection: KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5
 

@@ -12,8 +12,9 @@ update or the MoE bias update. The verdict is one of:
               stays high, so the weights, not the data, are bad): restore the last verified-good snapshot,
               lower the LR by `rollback_lr_factor`, and leave the data window that led into the
               trouble behind (PaLM, arXiv 2204.02311, section 5.1).
-- rollback also when the loss sits at the unigram entropy after warm-up (`watch_plateau`, train/plateau.py):
-              a run that learned token frequencies and nothing else is lost even though nothing went NaN.
+- rollback also when the loss sits at the unigram entropy after warm-up, or climbs 0.5 nats above the first
+              step's (`watch_plateau`, train/plateau.py): a run that learned token frequencies and nothing
+              else is lost even though nothing went NaN. The LR is then lowered by `plateau_lr_factor`.
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
 - overflow -- fp16 only: the GradScaler saw inf gradients; it lowers its scale and the step is
               dropped. That is the scaler working, not a fault.
