@@ -68,6 +68,7 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: share of steps spent in the final linear decay
     cycle_steps: int = 200  # cyclic: period
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still computed for the guard)
+    zclip: float = 2.5  # ZClip (arXiv 2504.02507): clip grad norms above this EMA z-score (train/clipping.py); 0 = off
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     fp8: bool = False  # torchao float8 linears (CUDA >= 8.9); MLA projections, router, head stay high
@@ -95,7 +96,7 @@ class TrainConfig:
         require_positive(self, "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
                   "save_every", "log_every", "cycle_steps", "muon_lr", "eps")
         require_non_negative(self, "max_steps", "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
-                      "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk")
+                      "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk", "zclip")
         _one_of(self, "optimizer", ("adamw", "lion", "muon"))
         _one_of(self, "schedule", ("cosine", "wsd", "constant", "cyclic"))
         _one_of(self, "precision", ("fp32", "bf16", "fp16"))
@@ -147,19 +148,24 @@ class GuardConfig:
     rollback_skip_batches: int = 0  # batches to skip after a rollback; 0 = the window that led in
     snapshot_every: int = 20  # steps between in-memory good-state snapshots
     stats_every: int = 10  # steps between health-statistic samples
+    plateau_margin: float = 0.1  # nats: a loss this close to the unigram entropy after warm-up is a plateau; 0 = off
+    plateau_patience: int = 50  # applied steps without 0.1 nats of progress that make a plateau (train/plateau.py)
+    plateau_lr_factor: float = 0.1  # LR factor after a plateau or a diverged loss: such an LR is off by a decade
     save_bad_batches: bool = True
     inject: tuple[str, ...] = ()  # fault injection: KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5
 
     def __post_init__(self) -> None:
-        require_positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every", "stats_every")
-        require_non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches")
+        require_positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every", "stats_every",
+                         "plateau_patience", "plateau_lr_factor")
+        require_non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches", "plateau_margin")
         if self.warmup > self.window:
             _fail("warmup", self.warmup, f"must be <= window={self.window}: the window could never fill, "
                   "so spike detection would be off")
         for spec in self.inject:  # a bad --inject fails before any data is prepared
             parse_fault(spec)
-        if self.rollback_lr_factor > 1:
-            _fail("rollback_lr_factor", self.rollback_lr_factor, "must be in (0, 1]: the LR is multiplied by it")
+        for name in ("rollback_lr_factor", "plateau_lr_factor"):
+            if getattr(self, name) > 1:
+                _fail(name, getattr(self, name), "must be in (0, 1]: the LR is multiplied by it")
 
 
 @dataclass

@@ -13,6 +13,9 @@ optimizer, the GradScaler update or the MoE bias update. The verdict is one of:
               stays high, so the weights, not the data, are bad): restore the last verified-good snapshot,
               lower the LR by `rollback_lr_factor`, and leave the data window that led into the
               trouble behind (PaLM, arXiv 2204.02311, section 5.1).
+- rollback also when the loss sits at the unigram entropy after warm-up, or climbs 0.5 nats above the first
+              step's (`watch_plateau`, train/plateau.py): a run that learned token frequencies and nothing
+              else is lost even though nothing went NaN. The LR is then lowered by `plateau_lr_factor`.
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
 - overflow -- fp16 only: the GradScaler saw inf gradients; it lowers its scale and the step is
               dropped. That is the scaler working, not a fault.
@@ -22,11 +25,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from nanoseek.config import GuardConfig
+from nanoseek.train.plateau import PlateauDetector
 
 _FLOAT32_MAX = 3.4028234663852886e38  # an LR above it is inf once the optimizer computes in float32
 
@@ -52,6 +57,7 @@ class StepStats:
     device_grad_norm: torch.Tensor | None = None  # grad_norm still on the device, for clipping without a sync
     rank: RankView = field(default_factory=RankView)
     lrs: list[float] = field(default_factory=list)  # each parameter group's LR for this update (host floats)
+    ce: float | None = None  # next-token cross-entropy (for the plateau check); None when no forward ran
 
 
 @dataclass
@@ -92,7 +98,7 @@ class StabilityGuard:
     # A spike must also be this far above the window mean, so a tight window cannot flag noise.
     MIN_SPIKE_RATIO = {"loss": 1.1, "grad_norm": 2.0}
 
-    def __init__(self, cfg: GuardConfig, precision: str = "fp32"):
+    def __init__(self, cfg: GuardConfig, precision: str = "fp32", grad_spikes_clipped: bool = False):
         self.cfg = cfg
         self.precision = precision
         self.stats = {name: RollingStats(cfg.window) for name in ("loss", "grad_norm")}
@@ -101,9 +107,26 @@ class StabilityGuard:
         self.n_skips = 0
         self.n_rollbacks = 0
         self.lr_scale = 1.0
+        self.plateau: PlateauDetector | None = None
+        self.rollback_factor = cfg.rollback_lr_factor  # the next rollback's LR factor
+        self.grad_spikes_clipped = grad_spikes_clipped  # adaptive clipping (train/clipping.py) is on
+
+    def watch_plateau(self, unigram: float | Callable[[], float], start: int) -> None:
+        """Treat a loss stuck at `unigram` (nats; or a function computing it, called only when detection is on)
+        after `start` applied steps as a fault (off if plateau_margin=0 or the guard is off)."""
+        if self.cfg.enabled and self.cfg.plateau_margin > 0:
+            unigram = unigram() if callable(unigram) else unigram
+            self.plateau = PlateauDetector(unigram, start, self.cfg.plateau_margin, self.cfg.plateau_patience)
+
+    @property
+    def worth_keeping(self) -> bool:
+        """Whether the weights are a good rollback target: with plateau detection on, only once the loss is
+        below the unigram level (before that a rollback returns to the first snapshot)."""
+        return self.plateau is None or self.plateau.below_unigram
 
     def check(self, stats: StepStats) -> Verdict:
-        """Judge one step from its loss and (unclipped) total grad norm; update counters."""
+        """Judge one step from its loss and (unclipped) total grad norm; update counters. `stats.ce` (the
+        next-token cross-entropy; the total loss also holds MTP and balance terms) feeds the plateau check."""
         step, loss, grad_norm = stats.step, stats.loss, stats.grad_norm
         refused = self.check_update(step, stats.lrs)  # even with the guard off: it could only write NaN weights
         if refused is not None:
@@ -118,7 +141,11 @@ class StabilityGuard:
             if self.precision == "fp16":
                 return Verdict("overflow", "fp16 gradient overflow (GradScaler lowers its scale)", grad_norm)
             return self._skip(step, "non-finite gradient", grad_norm)
-        for name, value in (("loss", loss), ("grad_norm", grad_norm)):
+        # With adaptive clipping on, a grad-norm outlier is clipped to its z-bound rather than skipped: the
+        # update stays bounded and the batch still teaches (ZClip, arXiv 2504.02507; skipping alone did not
+        # shorten recovery in Marin 32B). The grad norm then only feeds the window.
+        watched = (("loss", loss),) if self.grad_spikes_clipped else (("loss", loss), ("grad_norm", grad_norm))
+        for name, value in watched:
             window = self.stats[name]
             if len(window.values) >= max(self.cfg.warmup, 2):
                 z = window.z_score(value)
@@ -138,6 +165,10 @@ class StabilityGuard:
                         return self._escalate(f"loss stays high ({self.consecutive_spikes} spikes in a row)", value)
                     return verdict
         self.consecutive_spikes = 0
+        cause = self.plateau.observe(stats.ce) if self.plateau is not None and stats.ce is not None else None
+        if cause:
+            self.rollback_factor = self.cfg.plateau_lr_factor
+            return self._escalate(cause, loss)
         self.stats["loss"].add(loss)
         self.stats["grad_norm"].add(grad_norm)
         return Verdict("ok")
@@ -167,15 +198,19 @@ class StabilityGuard:
     def rolled_back(self) -> None:
         """Called by the trainer once a rollback is done: lower the LR, start fresh counters."""
         self.n_rollbacks += 1
-        self.lr_scale *= self.cfg.rollback_lr_factor
+        self.lr_scale *= self.rollback_factor
+        self.rollback_factor = self.cfg.rollback_lr_factor
         self.recent_skips.clear()
         self.consecutive_spikes = 0
+        if self.plateau is not None:
+            self.plateau.reset()
 
     def state_dict(self) -> dict:
         return {
             "loss": list(self.stats["loss"].values), "grad_norm": list(self.stats["grad_norm"].values),
             "recent_skips": list(self.recent_skips), "consecutive_spikes": self.consecutive_spikes,
             "n_skips": self.n_skips, "n_rollbacks": self.n_rollbacks, "lr_scale": self.lr_scale,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -185,3 +220,5 @@ class StabilityGuard:
         self.consecutive_spikes = state["consecutive_spikes"]
         self.n_skips, self.n_rollbacks = state["n_skips"], state["n_rollbacks"]
         self.lr_scale = state["lr_scale"]
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])

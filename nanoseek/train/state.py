@@ -37,11 +37,12 @@ class Progress:
 
 
 def run_state(dist: Distributed, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, loader, guard,
-              progress: Progress, global_batch: int) -> dict:
+              progress: Progress, global_batch: int, clipper=None) -> dict:
     """Everything but the weights that exact resume needs: the counters (top-level keys), optimizer moments,
-    GradScaler, data cursor, guard statistics, RNG. Under FSDP a collective: call on every rank."""
+    GradScaler, data cursor, guard statistics, adaptive clipper, RNG. Under FSDP a collective: call on every rank."""
     return {**dataclasses.asdict(progress), "optimizer": dist.full_optimizer_state(model, optimizer),
             "scaler": scaler.state_dict(), "loader": loader.state_dict(), "guard": guard.state_dict(),
+            "clipper": clipper.state_dict() if clipper is not None else None,
             "rng": rng_state(), "world_size": dist.world_size, "global_batch": global_batch}
 
 
@@ -62,8 +63,9 @@ def check_fits(ckpt, model: torch.nn.Module, cfg: RunConfig) -> None:
 
 
 def restore_run(ckpt, cfg: RunConfig, dist: Distributed, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scaler, loader, guard, ema: torch.nn.Module | None, progress: Progress) -> None:
-    """Load a checkpoint's full state (written by any mode and world size) into a run's parts, in place."""
+                scaler, loader, guard, ema: torch.nn.Module | None, progress: Progress, clipper=None) -> None:
+    """Load a checkpoint's full state (written by any mode and world size) into a run's parts, in place. A
+    checkpoint from before adaptive clipping or plateau detection leaves those starting afresh."""
     check_fits(ckpt, unwrap(model), cfg)
     dist.load_model_state(model, ckpt.model_state)
     state = ckpt.trainer_state
@@ -73,6 +75,8 @@ def restore_run(ckpt, cfg: RunConfig, dist: Distributed, model: torch.nn.Module,
     scaler.load_state_dict(state["scaler"])
     loader.load_state_dict(state["loader"])
     guard.load_state_dict(state["guard"])
+    if clipper is not None and state.get("clipper") is not None:
+        clipper.load_state_dict(state["clipper"])
     if ema is not None and ckpt.ema_state is not None:
         ema.load_state_dict(ckpt.ema_state)
     vars(progress).update({k: state.get(k) for k in vars(progress)})  # in place: the fault wrappers hold it

@@ -7,8 +7,8 @@ One step is a pipeline of plain calls (DESIGN.md, "The path of one training step
                            -> one fused host read of the components and the grad norm: StepStats
     guard.check(stats)     the Verdict, before anything is updated (train/guard.py)
     recorder.record()      a fault: save the batch, replay it to name the module (train/locate.py)
-    apply(verdict)         ok: clip, optimizer, scaler, model.after_optimizer_step (MoE balance bias,
-                           QK-clip), EMA; otherwise the update is dropped whole
+    apply(verdict)         ok: clip (fixed, tightened by ZClip), optimizer, scaler, model.after_optimizer_step
+                           (MoE balance bias, QK-clip), EMA; otherwise the update is dropped whole
 
 and the loop (`_train`) then reacts to the verdict (roll back via train/rollback.py, or abort), logs,
 and at the step boundary (`_step_boundary`) evaluates, saves and honours a stop request.
@@ -40,6 +40,7 @@ from nanoseek.data import TokenLoader, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.rundir import is_new, unique_run_dir
 from nanoseek.train import resume as resuming
+from nanoseek.train.clipping import AdaptiveClip, clip_applied_step
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from nanoseek.train.distributed import Distributed, launched_by_torchrun, local
 from nanoseek.train.faults import FaultInjector
@@ -51,6 +52,7 @@ from nanoseek.train.objectives import Objective, next_token_objective
 from nanoseek.train.locate import BadStepRecorder
 from nanoseek.train.evaluation import validation_losses
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor, update_ema
+from nanoseek.train.plateau import unigram_entropy
 from nanoseek.train.state import Progress, restore_run, resume_note, run_state
 from nanoseek.train.rng import seed_everything
 from nanoseek.train.rollback import RollbackKeeper
@@ -146,8 +148,13 @@ class Trainer:
             self.train_objective = faults.wrap_objective(objective, self.progress)
             self.schedule = faults.wrap_schedule(self.schedule, self.progress)
             self.scaler = faults.wrap_scaler(self.scaler, self.progress, self.model)
-        self.guard = StabilityGuard(cfg.guard, tc.precision)
-        self.rollback = RollbackKeeper(cfg.guard, self.dist, self.model, self.optimizer, self.scaler, self.ema)
+        self.clipper = AdaptiveClip(tc.zclip) if tc.zclip > 0 else None  # ZClip (train/clipping.py)
+        self.guard = StabilityGuard(cfg.guard, tc.precision, grad_spikes_clipped=self.clipper is not None)
+        # After the LR warm-up plus one patience window of steps, a loss at the unigram level is a plateau.
+        self.guard.watch_plateau(functools.partial(unigram_entropy, self.data.train_shards, self.data.vocab_size),
+                                 start=tc.warmup_steps + cfg.guard.plateau_patience)
+        self.rollback = RollbackKeeper(cfg.guard, self.dist, self.model, self.optimizer, self.scaler, self.ema,
+                                       self.clipper)
 
     def _build_model(self, model: Transformer) -> None:
         tc = self.cfg.train
@@ -190,7 +197,7 @@ class Trainer:
         ckpt = read_checkpoint(path)
         overrides = resuming.check_continuation(ckpt.config, self.cfg.to_dict(), str(path))
         restore_run(ckpt, self.cfg, self.dist, self.model, self.optimizer, self.scaler, self.train_loader, self.guard,
-                    self.ema, self.progress)
+                    self.ema, self.progress, self.clipper)
         self.saved_step = self.step
         aside = resuming.set_aside_later(self.run_dir, path) if self.dist.is_main else None
         return resume_note(path, ckpt.trainer_state, self.cfg.train.max_steps, self.dist.world_size,
@@ -220,13 +227,13 @@ class Trainer:
         tc, guard = self.cfg.train, self.guard
         self.model.train()
         status, last_values = None, {"loss": math.nan}
-        self.rollback.after_good_step(self.step, self.opt_step)
+        self.rollback.after_good_step(self.step, self.opt_step, guard.worth_keeping)
         while status is None and self.step < tc.max_steps:
             verdict, values, _ = self.train_step()
             self.log.throughput.add(self.log.tokens_per_step)
             if verdict.ok:
                 last_values = values
-                self.rollback.after_good_step(self.step, self.opt_step)
+                self.rollback.after_good_step(self.step, self.opt_step, guard.worth_keeping)
             elif verdict.action == "abort":
                 self.log.event(self.step - 1, verdict)
                 self.rollback.restore_weights(self.progress)  # the final checkpoint holds the last good ones
@@ -333,7 +340,7 @@ class Trainer:
         if logit_max is not None:
             values["logit_max"] = float(logit_max)
         return StepStats(step, values["loss"], values["grad_norm"], True, {**values, **lr}, grad_norm,
-                         RankView(True, sums["loss"], local_norm), lrs)
+                         RankView(True, sums["loss"], local_norm), lrs, values.get("ce"))
 
     def _local_grads(self) -> list[torch.Tensor]:
         """This rank's part of every gradient: the whole gradient in one process or under DDP, the local
@@ -347,9 +354,7 @@ class Trainer:
         tc = self.cfg.train
         if verdict.ok:
             grads = self._local_grads()
-            if tc.grad_clip > 0:  # clip_grads_with_norm_'s arithmetic, on the local parts
-                coef = torch.clamp(tc.grad_clip / (stats.device_grad_norm + 1e-6), max=1.0)
-                torch._foreach_mul_(grads, coef.to(grads[0].device))
+            clip_applied_step(grads, stats.device_grad_norm, stats.grad_norm, tc.grad_clip, self.clipper)
             if tc.grad_noise > 0:  # Neelakantan et al. 2015, sigma^2 = eta / (1 + t)^0.55
                 sigma = math.sqrt(tc.grad_noise / (1 + self.opt_step) ** 0.55)
                 for g in grads:  # ranks draw in lock-step, so DDP replicas add the same noise
@@ -364,6 +369,8 @@ class Trainer:
         else:
             if verdict.action == "overflow":
                 self.scaler.update()  # lowers the scale; the step itself is dropped
+            elif stats.batch_ok:  # fp16: end the scaler's step (its unscale_ record) at the same scale
+                self.scaler.update(self.scaler.get_scale())
             self.model.after_skipped_step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -395,7 +402,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         """Everything but the weights that exact resume needs (under FSDP a collective: call on every rank)."""
         return run_state(self.dist, self.model, self.optimizer, self.scaler, self.train_loader, self.guard,
-                         self.progress, self.global_batch)
+                         self.progress, self.global_batch, self.clipper)
 
     def save(self, val_loss: float | None = None) -> Path:
         """Write a checkpoint (every rank calls this; rank 0 writes full, unsharded state)."""
