@@ -18,11 +18,9 @@ perplexity and KL against nanoseek's own forward), and optionally a heal curve. 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -192,14 +190,17 @@ class _HFLogits(torch.nn.Module):
 
 
 def heal_curve(model, source, data_dir: Path, held: dict, args: Args, work: Path) -> list[dict]:
-    """Distil the original into `model` in segments of the trainer (Adam restarts each segment; constant LR),
-    comparing on the held-out sets after each."""
+    """Distil the original into `model` in segments of the trainer (Adam restarts each segment: a warm-up, then
+    a constant LR), comparing on the held-out sets after each."""
     from nanoseek.config import RunConfig, TrainConfig
     from nanoseek.convert.heal import heal
 
     curve, done = [], 0
     for steps in args.heal_steps:
-        train = TrainConfig(max_steps=steps - done, lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
+        # Adam restarts with each segment, so each one warms up again (the first Adam steps after a restart are
+        # the size of the LR whatever the gradient: a freshly split MoE router is rewritten by them).
+        train = TrainConfig(max_steps=steps - done, lr=1e-4, warmup_steps=min(10, steps - done), schedule="constant",
+                            weight_decay=0.0,
                             batch_size=args.heal_batch, eval_every=10**9, save_every=10**9, sample_tokens=0,
                             tensorboard=False, precision="bf16")
         data_cfg = DataConfig(source=str(data_dir), tokenizer=source.tokenizer, seq_len=args.seq_len)

@@ -220,7 +220,7 @@ def _recover(target: Path) -> None:
 def _swap(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         return
     aside = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
     os.replace(target, aside)
@@ -229,12 +229,13 @@ def _swap(staging: Path, target: Path) -> None:
     except BaseException:
         os.replace(aside, target)  # put the old one back
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's data to disk (directories: so a rename inside survives power loss)."""
+    if path.is_dir() and os.name == "nt":  # Windows cannot open a directory for fsync
         return
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nanoseek.rundir import fsync_path
 from nanoseek.train.writes import torch_save
 
 __all__ = ["Checkpoint", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
@@ -155,14 +156,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         (tmp / CONFIG_FILE).write_text(_to_json(config, "config"), encoding="utf-8")
         files = {}
         for path in sorted(tmp.iterdir()):
-            _fsync(path)
+            fsync_path(path)
             files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         meta = {"step": step, "val_loss": _encode_float(val_loss), "time": time.time(), "files": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        _fsync(tmp / META_FILE)
+        fsync_path(tmp / META_FILE)
         (tmp / COMPLETE_FILE).write_text(f"{step}\n", encoding="utf-8")
-        _fsync(tmp / COMPLETE_FILE)
-        _fsync(tmp)
+        fsync_path(tmp / COMPLETE_FILE)
+        fsync_path(tmp)
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,7 +195,7 @@ def _publish(tmp: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, aside)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -205,7 +206,7 @@ def _prune(root: Path, keep_last: int, keep_best: int, keep: Path) -> None:
         if path not in kept:
             trash = root / f"{TMP_PREFIX}delete-{path.name}"
             os.replace(path, trash)
-            _fsync(root)
+            fsync_path(root)
             shutil.rmtree(trash, ignore_errors=True)
     _remove_stale_tmp(root)
 
@@ -384,17 +385,6 @@ def _read_safetensors(path: Path, name: str, device: str) -> dict[str, torch.Ten
 
 # -----------------------------------------------------------------------------
 # Small file helpers
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's data to disk (directories: so a rename inside survives power loss)."""
-    if path.is_dir() and os.name == "nt":  # Windows cannot open a directory for fsync
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
