@@ -9,15 +9,9 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.generate import GREEDY, StaticDecoder, generate, generate_batch, pad_prompts
 from nanoseek.model.cache import SlotLayout, new_static_caches
 from nanoseek.model.packed import PackedLinear, can_pack, pack_linears
+from tiny import ARCHITECTURES
 
 VOCAB = 97
-ARCHITECTURES = {
-    "gqa": ("tiny-gqa", {}),
-    "mla": ("tiny-dense", {}),
-    "mla-qlora": ("tiny-dense", {"q_lora_rank": 24}),
-    "mla-moe-mtp": ("tiny", {}),
-    "gqa-moe": ("tiny-gqa", {"n_routed_experts": 4, "n_activated_experts": 2}),
-}
 PROMPTS = [[5, 17, 3], [40, 2, 9, 11, 60, 7, 33], [8], [21, 22, 23, 24, 25]]
 
 

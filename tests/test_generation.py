@@ -7,6 +7,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.generate import GREEDY, Sampling, generate, sample_next, stream
 from nanoseek.model.attention import MLAttention
 from nanoseek.speculative import speculative_generate
+from tiny import ARCHITECTURES
 
 VOCAB = 97
 
@@ -26,13 +27,6 @@ def greedy_without_cache(model, prompt, n):
     return tokens
 
 
-ARCHITECTURES = {
-    "gqa": ("tiny-gqa", {}),
-    "mla": ("tiny-dense", {}),
-    "mla-qlora": ("tiny-dense", {"q_lora_rank": 24}),
-    "mla-moe-mtp": ("tiny", {}),
-    "gqa-moe": ("tiny-gqa", {"n_routed_experts": 4, "n_activated_experts": 2}),
-}
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))

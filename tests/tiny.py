@@ -24,3 +24,13 @@ def write_corpus(path: Path, words: list[str] = CORPUS_WORDS) -> Path:
     rng = random.Random(0)
     path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)))
     return path
+
+
+# Every attention/FFN combination decoding must handle: name -> (preset, ModelConfig overrides).
+ARCHITECTURES = {
+    "gqa": ("tiny-gqa", {}),
+    "mla": ("tiny-dense", {}),
+    "mla-qlora": ("tiny-dense", {"q_lora_rank": 24}),
+    "mla-moe-mtp": ("tiny", {}),
+    "gqa-moe": ("tiny-gqa", {"n_routed_experts": 4, "n_activated_experts": 2}),
+}
