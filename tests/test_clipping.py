@@ -186,6 +186,17 @@ def test_guard_rolls_back_on_a_plateau_and_keeps_its_state():
     assert after[-1].action == "abort"  # still stuck after the one allowed rollback: the run says so
 
 
+
+def test_a_loss_without_a_unigram_level_is_watched_for_divergence_only():
+    """Distillation's KL: flat for ever is not a plateau, but climbing 0.5 nats above its start is a divergence."""
+    guard = StabilityGuard(GuardConfig(warmup=5, window=20, plateau_patience=10))
+    guard.watch_plateau(None, start=0)
+    assert all(guard.check(StepStats(step, 1.6, 1.0, ce=1.6)).ok for step in range(60)) and guard.worth_keeping
+    # A creep of 0.03 nats a step: never a spike, but the loss EMA ends far above where the run began.
+    verdicts = [guard.check(StepStats(60 + s, 1.6 + 0.03 * s, 1.0, ce=1.6 + 0.03 * s)) for s in range(40)]
+    first = next(v for v in verdicts if not v.ok)
+    assert first.action == "rollback" and "diverged" in first.cause
+
 def test_plateau_detection_off_with_a_zero_margin_or_a_disabled_guard():
     for cfg in (GuardConfig(plateau_margin=0.0), GuardConfig(enabled=False)):
         guard = StabilityGuard(cfg)

@@ -239,6 +239,34 @@ def test_reduced_rank_kl_is_reported_and_heal_lowers_it(tmp_path):
     assert result.status == "finished" and (tmp_path / "healed" / "checkpoints").is_dir()
 
 
+
+def test_a_diverging_heal_is_rolled_back_by_the_guard(tmp_path):
+    """A distillation has no `ce` and no unigram level: the guard judges it by its own loss (the KL), so a heal
+    whose KL climbs far above its first value is rolled back with a lower LR, never reported as a success.
+    LR 0.3 with Adam and no warm-up knocks the student far off the teacher within a few steps."""
+    teacher = dense(n_kv_heads=2)
+    run_cfg = RunConfig(model=teacher.config, data=DataConfig(source=str(_text(tmp_path / "text.txt")),
+                                                              tokenizer="byte", seq_len=32),
+                        train=TrainConfig(max_steps=12, batch_size=8, lr=0.3, warmup_steps=0, weight_decay=0.0,
+                                          grad_clip=0.0, zclip=0.0, eval_every=12, save_every=12, eval_batches=1,
+                                          tensorboard=False),
+                        guard=GuardConfig(max_rollbacks=3), device="cpu")
+    from nanoseek.cli.convert import _split_ids, _windows
+    from nanoseek.data import prepare_data
+    from nanoseek.train.metrics import METRICS_FILE
+
+    prepared = prepare_data(run_cfg.data, tmp_path / "prepared", progress=False)
+    calib = _windows(_split_ids(prepared.out_dir, "train", 1024), 32)
+    held_out = torch.from_numpy(_split_ids(prepared.out_dir, "val", 256))
+    student, _ = convert_to_mla_moe(teacher, calib, kv_lora_rank=12, rope_dims=8, log=None)
+    run_cfg.data.source = str(prepared.out_dir)
+    heal(student, teacher, run_cfg, tmp_path / "healed", held_out, show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "healed" / METRICS_FILE).read_text().splitlines()]
+    rollbacks = [r for r in records if r.get("kind") == "event" and r["action"] == "rollback"]
+    assert rollbacks and "diverged" in rollbacks[0]["cause"], [r.get("cause") for r in records if "cause" in r]
+    summary = next(r for r in records if r.get("kind") == "summary")
+    assert summary["rollbacks"] >= 1 and isinstance(summary["loss"], float)  # the KL, not a missing CE
+
 # ---- export to transformers -----------------------------------------------------------------------
 
 

@@ -57,7 +57,7 @@ class StepStats:
     device_grad_norm: torch.Tensor | None = None  # grad_norm still on the device, for clipping without a sync
     rank: RankView = field(default_factory=RankView)
     lrs: list[float] = field(default_factory=list)  # each parameter group's LR for this update (host floats)
-    ce: float | None = None  # next-token cross-entropy (for the plateau check); None when no forward ran
+    ce: float | None = None  # next-token CE, else the objective's loss (plateau/divergence check); None: no forward
 
 
 @dataclass
@@ -111,11 +111,14 @@ class StabilityGuard:
         self.rollback_factor = cfg.rollback_lr_factor  # the next rollback's LR factor
         self.grad_spikes_clipped = grad_spikes_clipped  # adaptive clipping (train/clipping.py) is on
 
-    def watch_plateau(self, unigram: float | Callable[[], float], start: int) -> None:
+    def watch_plateau(self, unigram: float | Callable[[], float] | None, start: int) -> None:
         """Treat a loss stuck at `unigram` (nats; or a function computing it, called only when detection is on)
-        after `start` applied steps as a fault (off if plateau_margin=0 or the guard is off)."""
+        after `start` applied steps, or one that climbs far above its first value, as a fault (off if
+        plateau_margin=0 or the guard is off). unigram None: a loss with no unigram level (distillation's KL),
+        watched for divergence only."""
         if self.cfg.enabled and self.cfg.plateau_margin > 0:
             unigram = unigram() if callable(unigram) else unigram
+            unigram = math.inf if unigram is None else unigram  # never "at the plateau", always "below" it
             self.plateau = PlateauDetector(unigram, start, self.cfg.plateau_margin, self.cfg.plateau_patience)
 
     @property
@@ -126,7 +129,7 @@ class StabilityGuard:
 
     def check(self, stats: StepStats) -> Verdict:
         """Judge one step from its loss and (unclipped) total grad norm; update counters. `stats.ce` (the
-        next-token cross-entropy; the total loss also holds MTP and balance terms) feeds the plateau check."""
+        next-token cross-entropy, as the total loss also holds MTP and balance terms) feeds the plateau check."""
         step, loss, grad_norm = stats.step, stats.loss, stats.grad_norm
         refused = self.check_update(step, stats.lrs)  # even with the guard off: it could only write NaN weights
         if refused is not None:

@@ -150,9 +150,11 @@ class Trainer:
             self.scaler = faults.wrap_scaler(self.scaler, self.progress, self.model)
         self.clipper = AdaptiveClip(tc.zclip) if tc.zclip > 0 else None  # ZClip (train/clipping.py)
         self.guard = StabilityGuard(cfg.guard, tc.precision, grad_spikes_clipped=self.clipper is not None)
-        # After the LR warm-up plus one patience window of steps, a loss at the unigram level is a plateau.
-        self.guard.watch_plateau(functools.partial(unigram_entropy, self.data.train_shards, self.data.vocab_size),
-                                 start=tc.warmup_steps + cfg.guard.plateau_patience)
+        # After the LR warm-up plus one patience window of steps, a loss at the unigram level is a plateau. Another
+        # objective's loss (a distillation's KL) has no unigram level: only its divergence is watched.
+        unigram = (functools.partial(unigram_entropy, self.data.train_shards, self.data.vocab_size)
+                   if objective is next_token_objective else None)
+        self.guard.watch_plateau(unigram, start=tc.warmup_steps + cfg.guard.plateau_patience)
         self.rollback = RollbackKeeper(cfg.guard, self.dist, self.model, self.optimizer, self.scaler, self.ema,
                                        self.clipper)
 
@@ -251,7 +253,8 @@ class Trainer:
         status = status or "finished"
         if self.saved_step != self.step:
             self.save(self.progress.last_val)
-        result = TrainResult(self.run_dir, self.step, self.opt_step, last_values.get("ce", math.nan),
+        train_loss = last_values.get("ce", last_values["loss"])  # the next-token loss, else the objective's
+        result = TrainResult(self.run_dir, self.step, self.opt_step, train_loss,
                              self.progress.last_val, status, guard.n_skips, guard.n_rollbacks, self.stop.signum)
         self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
                          "val_loss": result.val_loss, "skips": guard.n_skips, "rollbacks": guard.n_rollbacks})
@@ -340,7 +343,7 @@ class Trainer:
         if logit_max is not None:
             values["logit_max"] = float(logit_max)
         return StepStats(step, values["loss"], values["grad_norm"], True, {**values, **lr}, grad_norm,
-                         RankView(True, sums["loss"], local_norm), lrs, values.get("ce"))
+                         RankView(True, sums["loss"], local_norm), lrs, values.get("ce", values["loss"]))
 
     def _local_grads(self) -> list[torch.Tensor]:
         """This rank's part of every gradient: the whole gradient in one process or under DDP, the local
