@@ -232,7 +232,10 @@ def test_reduced_rank_kl_is_reported_and_heal_lowers_it(tmp_path):
     kl = report.comparison["kl"]
     assert kl > 1e-3  # rank 12 of 24, half the RoPE pairs, one of three routed experts: lossy
     run_cfg.data.source = str(prepared.out_dir)
+    routers = {name: p.detach().clone() for name, p in student.named_parameters() if name.endswith("gate.weight")}
+    assert student.config.balance_rate == pytest.approx(0.02 / 800)  # scaled to the fitted router's spread
     result = heal(student, teacher, run_cfg, tmp_path / "healed", held_out, show_progress=False)
+    assert routers and all(torch.equal(p, routers[name]) for name, p in student.named_parameters() if name in routers)
     assert result.before.kl == pytest.approx(kl, rel=1e-4)
     print(f"held-out KL before heal {result.before.kl:.4f}, after 40 steps {result.after.kl:.4f}")
     assert result.after.kl < 0.7 * result.before.kl

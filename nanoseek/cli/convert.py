@@ -119,6 +119,8 @@ class Heal:
     """Weight of the per-layer hidden-state MSE (normalised by the teacher's mean square); 0 = logits only."""
     ce_weight: float = 0.0
     """Weight of a next-token cross-entropy term on the data."""
+    train_router: bool = False
+    """Also train the MoE routers (default: kept as the conversion fitted them; see convert/heal.py)."""
     eval_tokens: int = 4096
     """Held-out tokens (the converted run's val split) for the before/after report."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -246,7 +248,7 @@ def cmd_heal(args: Heal) -> int:
                         device=args.device)
     held_out = torch.from_numpy(_split_ids(run / "data", "val", args.eval_tokens))
     result = heal(student, teacher, run_cfg, out, held_out, args.temperature, args.hidden_weight, args.ce_weight,
-                  show_progress=args.progress)
+                  show_progress=args.progress, train_router=args.train_router)
     if launched_by_torchrun()[0] != 0:  # under torchrun, rank 0 alone writes and reports
         return 0 if result.status != "aborted" else 3
     (out / HEAL_FILE).write_text(json.dumps({"teacher": str(teacher_path), **result.as_dict()}, indent=1) + "\n")

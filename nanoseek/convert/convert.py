@@ -121,9 +121,20 @@ def _check_source(cfg: ModelConfig) -> None:
                          "over a subset of frequencies; convert a model with rope_scaling 'none' or 'linear'")
 
 
+def balance_rate_for(router_std: float) -> float:
+    """The balance-bias step for a converted router whose logits spread by router_std.
+
+    DeepSeek-V3 steps the bias by 0.001 for a router trained from scratch, whose sigmoid scores use the (0, 1)
+    range. A converted router's scores spread by only ~router_std / 4 (the sigmoid's slope at 0 is 1/4), so at
+    0.001 a few steps of bias would outvote every token's own ranking. Scaled here so that about 200 steps of
+    consistent over-load move an expert's bias by one spread of its scores: slow next to the routing signal."""
+    return router_std / 4 / 200
+
+
 def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_routed_experts: int,
                   n_shared_experts: int, n_activated_experts: int, moe: str, n_dense_layers: int,
-                  choice: RopeChoice | None = None, method: str = "partial", kv_latent_norm: bool = True) -> ModelConfig:
+                  choice: RopeChoice | None = None, method: str = "partial", kv_latent_norm: bool = True,
+                  router_std: float = 0.02) -> ModelConfig:
     """The converted model's config (validated: a bad source or option fails here, before any work)."""
     _check_source(dense)
     head_dim = dense.head_dim
@@ -157,7 +168,7 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
         n_activated_experts=n_activated_experts if n_routed_experts else 1, moe_inter_dim=moe_inter,
         # split: each picked expert gets weight ~1 (top-k weights sum to route_scale); upcycle: they sum to 1.
         route_scale=float(n_activated_experts) if moe == "split" else 1.0, score_func="sigmoid",
-        n_expert_groups=1, n_limited_groups=1,
+        n_expert_groups=1, n_limited_groups=1, balance_rate=balance_rate_for(router_std),
         n_dense_layers=min(n_dense_layers, dense.n_layers), mtp_depth=0)
     return ModelConfig(**values)
 
@@ -247,7 +258,7 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     scores = _pair_scores(layers, records, src)  # [L, P]
     choice = choose_rope_pairs(scores.sum(0), rope_dims // 2)
     cfg = target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts,
-                        moe, n_dense_layers, choice, method, kv_latent_norm)
+                        moe, n_dense_layers, choice, method, kv_latent_norm, router_std)
     dtype = dense.embed.weight.dtype
     model = Transformer(cfg).to(dtype)
     model.load_state_dict({k: v for k, v in dense.state_dict().items()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data.loader import token_windows
+from nanoseek.model.moe import Gate
 from nanoseek.train.objectives import distill_objective
 from nanoseek.train.trainer import Trainer
 
@@ -83,13 +84,21 @@ class HealResult:
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, run_cfg, run_dir: str | Path, eval_ids: torch.Tensor,
          temperature: float = 1.0, hidden_weight: float = 0.0, ce_weight: float = 0.0,
-         show_progress: bool = True) -> HealResult:
+         show_progress: bool = True, train_router: bool = False) -> HealResult:
     """Distil `teacher` into `student` for run_cfg.train.max_steps steps with the usual Trainer and guard.
 
     run_cfg: a RunConfig whose data section tokenises with the student's tokenizer (its model section is
     replaced by the student's config). eval_ids: held-out ids [N] for the before/after `compare`.
     The healed student is saved as the run's checkpoints in run_dir (generate/eval/export read it).
+
+    train_router=False keeps the MoE routers as the conversion fitted them. A split conversion's router is a
+    least-squares fit scaled so its sigmoid scores spread by only ~router_std/4 (convert/moe.py); Adam moves
+    every weight by ~lr a step whatever its size, so at a healing LR one step re-draws such a router and the
+    picks stop matching the experts (measured on SmolLM2: the held-out KL rose 1.65 -> 2.42 in 10 steps).
     """
+    if not train_router:
+        for gate in (m for m in student.modules() if isinstance(m, Gate)):
+            gate.weight.requires_grad_(False)
     before = compare(teacher, student, eval_ids)
     trainer = Trainer(run_cfg, run_dir, show_progress=show_progress, model=student,
                       objective=distill_objective(teacher, temperature, hidden_weight, ce_weight))
