@@ -116,6 +116,8 @@ def test_full_rank_mqa_rorope_reproduces_the_dense_logits(kv_latent_norm):
     assert (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_latent_norm) == (16, 16, 16, kv_latent_norm)
     with torch.no_grad():
         assert float((dense(held).logits - converted(held).logits).abs().max()) < 2e-4
+    if kv_latent_norm:  # the fitted gain lives in wkv_b, so Adam's steps on wkv_b are not multiplied by it
+        assert all(torch.equal(layer.attn.kv_norm.weight, torch.ones(64)) for layer in converted.layers)
 
 
 def test_export_without_latent_norm_adds_it_back_with_the_typical_rms(tmp_path):

@@ -335,7 +335,12 @@ def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, windows: torc
     for name in ("wq", "wkv_a", "wkv_b", "wo"):
         getattr(new.attn, name).weight.copy_(getattr(weights, name))
     if cfg.kv_latent_norm:
-        new.attn.kv_norm.weight.copy_(weights.kv_norm)
+        # The latent norm's gain (one fitted scalar, 10-800 on SmolLM2) goes into wkv_b's columns: exact, and the
+        # norm's weight stays 1 as in a model trained from scratch. Left in the norm it multiplies what every
+        # Adam step on wkv_b does (Adam moves each weight by ~lr whatever its scale): measured on SmolLM2 ->
+        # MLA + MoE, one step at lr 1e-5 on wkv_b alone raised the KL by 0.7-1.3 nats.
+        new.attn.wkv_b.weight.mul_(weights.kv_norm.to(new.attn.wkv_b.weight.dtype))  # [rows, R] * [R]
+        new.attn.kv_norm.weight.fill_(1.0)
     else:  # what an export's (always present) latent norm will scale back to
         latent = u @ weights.wkv_a[:cfg.kv_lora_rank].T  # [N, R]
         new.attn.latent_rms.fill_(float(latent.pow(2).mean(-1).sqrt().mean()))
