@@ -18,7 +18,7 @@ import torch
 
 from nanoseek.model import Transformer
 from nanoseek.model.cache import new_static_caches
-from nanoseek.model.packed import pack_linears
+from nanoseek.model.packed import fuse_linears, pack_linears
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 
 def prepare_for_generation(model: Transformer, dtype: torch.dtype | None = None, pack: bool = True) -> int:
     """Ready `model` for decoding alone, in place: eval mode, weights in `dtype` (None: as they are) and, on
-    CPU, linear layers prepacked for oneDNN (model/packed.py). Returns how many layers were packed.
+    CPU, linear layers prepacked for oneDNN, those reading the same input stacked into one (model/packed.py).
+    Returns how many packed layers there are.
     Leave `pack` off for a compiled step: inductor's weight freezing packs them itself."""
     model.eval()
     if dtype is not None:
         model.to(dtype)
-    return pack_linears(model) if pack else 0
+    if not pack:
+        return 0
+    fused = fuse_linears(model)  # first: the parts it stacks are plain nn.Linear until pack_linears runs
+    return fused + pack_linears(model)
 
 
 def check_prompt(model: Transformer, prompt: torch.Tensor, truncate: bool = False) -> torch.Tensor:

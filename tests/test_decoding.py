@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from nanoseek import ModelConfig, Transformer
 from nanoseek.generate import GREEDY, StaticDecoder, generate, generate_batch, pad_prompts
 from nanoseek.model.cache import SlotLayout, new_static_caches
-from nanoseek.model.packed import PackedLinear, can_pack, pack_linears
+from nanoseek.model.layers import MLP
+from nanoseek.model.packed import PackedLinear, can_pack, fuse_linears, pack_linears
 from tiny import ARCHITECTURES
 
 VOCAB = 97
@@ -116,6 +117,25 @@ def test_packed_model_decodes_the_same_tokens():
     if pack_linears(model) == 0:
         pytest.skip("no oneDNN prepacking here")
     assert isinstance(model.head, PackedLinear)
+    assert torch.equal(generate(model, prompt, 20, GREEDY), expected)
+
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla"])
+def test_fused_projections_give_the_same_logits_and_tokens(arch):
+    """prepare_for_generation stacks GQA's wq/wk/wv and every SwiGLU's w1/w3 into one packed linear each."""
+    model = tiny(arch, torch.float32)
+    prompt = torch.tensor([PROMPTS[1]])
+    expected, want = generate(model, prompt, 20, GREEDY), model(torch.tensor([PROMPTS[0]])).logits
+    if not can_pack(torch.float32, "cpu"):
+        pytest.skip("no oneDNN prepacking here")
+    fused = fuse_linears(model)
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert fused == len(mlps) + (model.config.n_layers if arch == "gqa" else 0) and mlps
+    assert all(m.w1 is None and isinstance(m.w13, PackedLinear) for m in mlps)
+    pack_linears(model)
+    with torch.no_grad():
+        assert torch.allclose(model(torch.tensor([PROMPTS[0]])).logits, want, atol=1e-5 * want.abs().max(), rtol=0)
     assert torch.equal(generate(model, prompt, 20, GREEDY), expected)
 
 

@@ -182,12 +182,15 @@ class GQAttention(_AttentionStats):
     head's query and key before RoPE.
     """
 
+    FUSIBLE = (("wqkv", ("wq", "wk", "wv")),)  # stacked into one linear for generation (model/packed.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.n_heads)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wqkv: nn.Module | None = None  # [wq; wk; wv] in one layer, set by fuse_linears for decoding
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -202,9 +205,14 @@ class GQAttention(_AttentionStats):
                 cache: KVCache | None = None) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
         bsz, seq_len, _ = x.shape
-        q = self.wq(x).view(bsz, seq_len, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seq_len, self.n_heads, self.head_dim)
+        k = k.view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seq_len, self.n_kv_heads, self.head_dim)
         act_dtype = q.dtype
         if attends_in_fp32_on_cpu(q, seq_len):  # before RoPE, which computes in fp32 anyway: no round trip
             q, k, v = q.float(), k.float(), v.float()

@@ -73,11 +73,15 @@ class _RMSNormFunction(torch.autograd.Function):
 class MLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): w2(silu(w1 x) * w3 x). Names follow DeepSeek-V3's code."""
 
+    # Linears that read the same input, stacked into one for generation (model/packed.py: fuse_linears).
+    FUSIBLE = (("w13", ("w1", "w3")),)
+
     def __init__(self, dim: int, inter_dim: int, clamp: float = 0.0):
         super().__init__()
         self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+        self.w13: nn.Module | None = None  # [w1; w3] in one layer, set by fuse_linears for decoding
         # Opt-in clamp of the SwiGLU pre-activations against extreme activations: never silent, the
         # number of clamped values is kept in `clamped` (Transformer.health_stats logs it).
         self.clamp = clamp
@@ -85,7 +89,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., dim] -> [..., dim]."""
-        gate, up = self.w1(x), self.w3(x)
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)  # [..., 2 * inter] -> two [..., inter]
+        else:
+            gate, up = self.w1(x), self.w3(x)
         if self.clamp > 0:
             gate, up = clamp_counted(self.clamped, self.clamp, gate, up)
         return self.w2(F.silu(gate) * up)
