@@ -87,12 +87,15 @@ class MLP(nn.Module):
         self.clamp = clamp
         self.register_buffer("clamped", torch.zeros((), dtype=torch.long), persistent=False)
 
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [..., dim] -> (w1 x, w3 x), each [..., inter_dim]: one stacked call once fused for decoding."""
+        if self.w13 is not None:
+            return self.w13(x).chunk(2, dim=-1)
+        return self.w1(x), self.w3(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., dim] -> [..., dim]."""
-        if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)  # [..., 2 * inter] -> two [..., inter]
-        else:
-            gate, up = self.w1(x), self.w3(x)
+        gate, up = self.gate_up(x)
         if self.clamp > 0:
             gate, up = clamp_counted(self.clamped, self.clamp, gate, up)
         return self.w2(F.silu(gate) * up)

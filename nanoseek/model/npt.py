@@ -133,7 +133,7 @@ class NPTBlock(nn.Module):
         shift, scale_logits = self.adapter(relative_to(attn_out, x))
         m = self.ffn_norm(x)  # the block's input, not x + attn_out: attention reaches the MLP only via the gate
         ffn = self.ffn
-        gate, up = ffn.w1(m), ffn.w3(m)
+        gate, up = ffn.gate_up(m)
         if scale_logits is not None:
             gate = gate * gate_factor(scale_logits)
         gate = gate + SHIFT_SCALE * shift
