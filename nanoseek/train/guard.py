@@ -129,7 +129,8 @@ class StabilityGuard:
 
     def check(self, stats: StepStats) -> Verdict:
         """Judge one step from its loss and (unclipped) total grad norm; update counters. `stats.ce` (the
-        next-token cross-entropy, as the total loss also holds MTP and balance terms) feeds the plateau check."""
+        next-token cross-entropy, as the total loss also holds MTP and balance terms; a distillation's own loss,
+        which has none) feeds the plateau and divergence check."""
         step, loss, grad_norm = stats.step, stats.loss, stats.grad_norm
         refused = self.check_update(step, stats.lrs)  # even with the guard off: it could only write NaN weights
         if refused is not None:
