@@ -1,10 +1,11 @@
 """Learning-rate sensitivity (Wortsman et al. 2023, arXiv 2309.14322) of stability recipes, side by side.
 
 Protocol: for each variant, train the lab's MLA+MoE+MTP model (bench/lab_runs.py: the `tiny` preset at width
-64, seq 64, batch 8, AdamW (0.9, 0.95), 10% warm-up then cosine to 10%, 200 steps) at 7 LRs from 1e-3 to 1,
-half a decade apart, x seeds. At this budget the best LR is 3e-3; Wortsman's lower end (3e-4) would measure
+64, seq 64, batch 8, AdamW (0.9, 0.95), 10% warm-up then cosine to 10%, 600 steps) at 7 LRs from 1e-3 to 1,
+half a decade apart, x seeds. At this budget the best LR is 1e-2; Wortsman's lower end (3e-4) would measure
 how far a short run gets at a tiny LR rather than stability, and 1.0 is where the old recipe ends at the
-unigram plateau. Score = final validation CE on 8 fixed held-out batches. LR sensitivity = mean over the LRs
+unigram plateau. (At 200 steps the loss-vs-LR curve is still sharply peaked by the budget alone: the healthy
+LRs by themselves gave a sensitivity of 0.26, so that budget could not tell recipes apart.) Score = final validation CE on 8 fixed held-out batches. LR sensitivity = mean over the LRs
 of [min(score, initial loss) - best score of that variant] (a non-finite run counts at the initial loss).
 A run also *fails* if it ends non-finite or at the unigram plateau (within 0.1 nats of the training data's
 unigram entropy); both counts are reported, as is the number of steps the guard skipped.
@@ -96,7 +97,7 @@ def plot(store: ResultStore, variants: list[str], lrs: list[float], seeds: range
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the data and sweep.jsonl")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))

@@ -151,13 +151,19 @@ class GuardConfig:
     plateau_margin: float = 0.1  # nats: a loss this close to the unigram entropy after warm-up is a plateau; 0 = off
     plateau_patience: int = 50  # applied steps without 0.1 nats of progress that make a plateau (train/plateau.py)
     plateau_lr_factor: float = 0.1  # LR factor after a plateau or a diverged loss: such an LR is off by a decade
+    # A sampled max attention logit above this (and above twice the run's first sample) is attention-logit
+    # growth (Wortsman et al. 2023): rollback, LR x plateau_lr_factor. Healthy runs stay below it: SmolLM2-135M
+    # peaks at 21, the lab model at its best LR at 35 (bench/RESULTS.md). Raise it for a model whose healthy
+    # logits run higher (Kimi K2 caps a 1T model's at 100 with QK-clip); 0 = off.
+    attn_logit_limit: float = 50.0
     save_bad_batches: bool = True
     inject: tuple[str, ...] = ()  # fault injection: KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5
 
     def __post_init__(self) -> None:
         require_positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every", "stats_every",
                          "plateau_patience", "plateau_lr_factor")
-        require_non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches", "plateau_margin")
+        require_non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches", "plateau_margin",
+                             "attn_logit_limit")
         if self.warmup > self.window:
             _fail("warmup", self.warmup, f"must be <= window={self.window}: the window could never fill, "
                   "so spike detection would be off")

@@ -191,6 +191,45 @@ def test_state_dict_round_trip():
     assert restored.state_dict() == guard.state_dict()
 
 
+
+def test_attention_logit_growth_rolls_back_a_decade_down():
+    """Wortsman et al.'s slow divergence: no NaN, no loss spike, only the max attention logit climbing."""
+    guard = warmed(attn_logit_limit=50.0)
+    logits = [1.5, 12.0, 30.0, 49.0]  # the first sample is the run's own level; growth below the limit is fine
+    assert all(guard.check(StepStats(10 + i, 2.0, 1.0, attn_logit_max=v)).ok for i, v in enumerate(logits))
+    assert guard.check(StepStats(14, 2.0, 1.0)).ok  # not sampled this step: nothing to judge
+    verdict = guard.check(StepStats(15, 2.0, 1.0, attn_logit_max=68.0))
+    assert verdict.action == "rollback" and "attention logits grew to 68, past 50" in verdict.cause
+    guard.rolled_back()
+    assert guard.lr_scale == pytest.approx(0.1)  # plateau_lr_factor: such an LR is off by a decade
+    assert guard.check(StepStats(16, 2.0, 1.0, attn_logit_max=40.0)).ok
+
+
+def test_a_model_that_starts_with_large_logits_is_judged_against_itself():
+    """A pretrained model being tuned: the bound is twice its first sample, not the from-scratch limit."""
+    guard = warmed(attn_logit_limit=50.0)
+    assert guard.check(StepStats(10, 2.0, 1.0, attn_logit_max=80.0)).ok
+    assert guard.check(StepStats(11, 2.0, 1.0, attn_logit_max=150.0)).ok
+    assert guard.check(StepStats(12, 2.0, 1.0, attn_logit_max=170.0)).action == "rollback"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nonfinite_attention_logit_never_becomes_the_baseline(bad):
+    guard = warmed(attn_logit_limit=50.0)
+    assert guard.check(StepStats(10, 2.0, 1.0, attn_logit_max=bad)).ok and guard.first_attn_logit is None
+    assert guard.check(StepStats(11, 2.0, 1.0, attn_logit_max=3.0)).ok and guard.first_attn_logit == 3.0
+    state = json.loads(json.dumps(guard.state_dict()))
+    restored = make_guard(attn_logit_limit=50.0)
+    restored.load_state_dict(state)
+    assert restored.first_attn_logit == 3.0  # a resumed run keeps its baseline
+
+
+def test_attention_logit_rule_off_with_a_zero_limit_or_a_disabled_guard():
+    for guard in (warmed(attn_logit_limit=0.0), warmed(enabled=False)):
+        assert guard.check(StepStats(10, 2.0, 1.0, attn_logit_max=1.0)).ok
+        assert guard.check(StepStats(11, 2.0, 1.0, attn_logit_max=1e6)).ok
+
+
 # ---- tiny runs --------------------------------------------------------------------------------------
 
 
@@ -423,6 +462,22 @@ def test_run_recovers_from_an_lr_spike(spike_runs):
 
 # ---- rollbacks exhausted: abort with a finite checkpoint ----------------------------------------------
 
+
+
+def test_attention_logit_growth_in_a_real_run_is_rolled_back(corpus, tmp_path):
+    """No fault injected: at LR 0.1 this tiny model's max attention logit goes 0 -> 20 -> 97 -> 233 within
+    15 steps (nothing is non-finite, the loss does not spike). The guard reads it from the trainer's sampled
+    statistics and rolls back a decade down, after which the logits stay under the limit."""
+    train, guard = {"lr": 0.1}, {"stats_every": 5, "snapshot_every": 5}
+    off = run_training(tiny_config(corpus, 30, train=train, guard={**guard, "attn_logit_limit": 0.0}),
+                       tmp_path / "off", watch=False)
+    sampled = [max(v for k, v in r.items() if k.startswith("attn_logit_max/")) for r in off.records("train")
+               if any(k.startswith("attn_logit_max/") for k in r)]
+    assert max(sampled) > 100 and off.result.n_rollbacks == 0
+    run = run_training(tiny_config(corpus, 30, train=train, guard=guard), tmp_path / "on")
+    rollbacks = [e for e in run.records("event") if e["action"] == "rollback"]
+    assert len(rollbacks) == 1 and "attention logits grew" in rollbacks[0]["cause"], rollbacks
+    assert rollbacks[0]["lr_scale"] == pytest.approx(0.1) and run.result.status == "finished"
 
 @pytest.mark.parametrize("max_rollbacks", [0, 1])
 def test_exhausted_rollbacks_abort_with_a_finite_checkpoint(corpus, tmp_path, max_rollbacks):

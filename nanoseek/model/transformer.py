@@ -283,6 +283,18 @@ class Transformer(nn.Module):
         values = torch.stack([v.float().to(device) for v in stats.values()]).tolist()
         return {k: v for k, v in zip(stats, values) if not (k.startswith("expert_load_imbalance/") and math.isnan(v))}
 
+    @torch.no_grad()
+    def max_attention_logit(self, reduce=None) -> float | None:
+        """The largest attention logit of the last forward with stat tracking on, over layers and heads (and
+        over data-parallel ranks through `reduce`, an in-place max); None if no layer recorded one."""
+        tracked = [attn.max_logit.max() for _, attn in self.attention_layers() if attn.track_max_logit]
+        if not tracked:
+            return None
+        largest = torch.stack(tracked).max().float()
+        if reduce is not None:
+            reduce(largest)
+        return largest.item()
+
     # ---- the parts behind it ---------------------------------------------------------------------
 
     def moe_layers(self) -> list[tuple[str, MoE]]:

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,7 +62,7 @@ from nanoseek.train.steplog import StepLog
 Batch = tuple[torch.Tensor, torch.Tensor]  # x [B, T], y [B, T + lookahead - 1] (token ids, on the host)
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainResult:
     run_dir: Path
     step: int
@@ -343,7 +342,8 @@ class Trainer:
         if logit_max is not None:
             values["logit_max"] = float(logit_max)
         return StepStats(step, values["loss"], values["grad_norm"], True, {**values, **lr}, grad_norm,
-                         RankView(True, sums["loss"], local_norm), lrs, values.get("ce", values["loss"]))
+                         RankView(True, sums["loss"], local_norm), lrs, values.get("ce", values["loss"]),
+                         self.model.max_attention_logit(self.dist.max_) if sample_stats else None)
 
     def _local_grads(self) -> list[torch.Tensor]:
         """This rank's part of every gradient: the whole gradient in one process or under DDP, the local
