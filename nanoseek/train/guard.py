@@ -16,10 +16,10 @@ optimizer, the GradScaler update or the MoE bias update. The verdict is one of:
 - rollback also when the loss sits at the unigram entropy after warm-up, or climbs 0.5 nats above the first
               step's (`watch_plateau`, train/plateau.py): a run that learned token frequencies and nothing
               else is lost even though nothing went NaN. The LR is then lowered by `plateau_lr_factor`.
-- rollback also when a sampled max attention logit passes `attn_logit_limit` (and twice the run's first
-              sample): attention-logit growth (Wortsman et al. 2023, arXiv 2309.14322), the slow divergence
-              of an LR a few times too high, which the loss shows only after the run has fallen far
-              behind. The LR is lowered by `plateau_lr_factor`.
+- rollback also when a sampled max attention logit passes `attn_logit_limit` after more than doubling within
+              `window` steps: attention-logit growth (Wortsman et al. 2023, arXiv 2309.14322), the slow
+              divergence of an LR a few times too high, which the loss shows only after the run has fallen
+              far behind. The LR is lowered by `plateau_lr_factor`.
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
 - overflow -- fp16 only: the GradScaler saw inf gradients; it lowers its scale and the step is
               dropped. That is the scaler working, not a fault.
@@ -115,7 +115,7 @@ class StabilityGuard:
         self.plateau: PlateauDetector | None = None
         self.rollback_factor = cfg.rollback_lr_factor  # the next rollback's LR factor
         self.grad_spikes_clipped = grad_spikes_clipped  # adaptive clipping (train/clipping.py) is on
-        self.first_attn_logit: float | None = None  # the run's first sampled max attention logit
+        self.recent_attn_logits: deque[tuple[int, float]] = deque()  # (step, sampled max attention logit)
 
     def watch_plateau(self, unigram: float | Callable[[], float] | None, start: int) -> None:
         """Treat a loss stuck at `unigram` (nats; or a function computing it, called only when detection is on)
@@ -175,7 +175,7 @@ class StabilityGuard:
                         return self._escalate(f"loss stays high ({self.consecutive_spikes} spikes in a row)", value)
                     return verdict
         self.consecutive_spikes = 0
-        cause = self.attention_logit_growth(stats.attn_logit_max)
+        cause = self.attention_logit_growth(step, stats.attn_logit_max)
         if cause is None and self.plateau is not None and stats.ce is not None:
             cause = self.plateau.observe(stats.ce)
         if cause:
@@ -185,19 +185,26 @@ class StabilityGuard:
         self.stats["grad_norm"].add(grad_norm)
         return Verdict("ok")
 
-    def attention_logit_growth(self, value: float | None) -> str | None:
-        """A cause when the sampled max attention logit `value` (None: not sampled this step) is past the limit:
-        `attn_logit_limit`, or twice the run's first sample for a model that starts above half of it (a
-        pretrained model being tuned is judged against itself, not against models trained from scratch)."""
-        limit = self.cfg.attn_logit_limit
-        if limit <= 0 or value is None or not math.isfinite(value):
+    # Growth, not level: past the limit, the max attention logit must also have more than doubled within the
+    # last `window` steps. A runaway LR takes it from a few to hundreds in tens of steps (bench/RESULTS.md); a
+    # healthy run whose logits drift up over thousands of steps, or a pretrained model that starts high, is
+    # left alone.
+    ATTN_LOGIT_GROWTH = 2.0
+
+    def attention_logit_growth(self, step: int, value: float | None) -> str | None:
+        """A cause when the sampled max attention logit `value` (None: not sampled this step) is past
+        `attn_logit_limit` and more than ATTN_LOGIT_GROWTH times the lowest sample of the last `window` steps."""
+        if self.cfg.attn_logit_limit <= 0 or value is None or not math.isfinite(value):
             return None  # a non-finite logit comes with a non-finite loss, which is skipped above
-        if self.first_attn_logit is None:
-            self.first_attn_logit = value
-        bound = max(limit, 2 * self.first_attn_logit)
-        if value <= bound:
+        recent = self.recent_attn_logits
+        while recent and recent[0][0] <= step - self.cfg.window:
+            recent.popleft()
+        lowest = min((v for _, v in recent), default=value)
+        recent.append((step, value))
+        if value <= self.cfg.attn_logit_limit or value <= self.ATTN_LOGIT_GROWTH * lowest:
             return None
-        return f"attention logits grew to {value:.3g}, past {bound:g} (--guard.attn-logit-limit)"
+        return (f"attention logits grew to {value:.3g} from {lowest:.3g} within {self.cfg.window} steps, past "
+                f"{self.cfg.attn_logit_limit:g} (--guard.attn-logit-limit)")
 
     def check_update(self, step: int, lrs: list[float]) -> Verdict | None:
         """Before the optimizer step (host floats, no sync): an LR that is not a finite float32 would write
@@ -227,6 +234,7 @@ class StabilityGuard:
         self.lr_scale *= self.rollback_factor
         self.rollback_factor = self.cfg.rollback_lr_factor
         self.recent_skips.clear()
+        self.recent_attn_logits.clear()  # the restored weights' logits are not the ones sampled since
         self.consecutive_spikes = 0
         if self.plateau is not None:
             self.plateau.reset()
@@ -237,7 +245,7 @@ class StabilityGuard:
             "recent_skips": list(self.recent_skips), "consecutive_spikes": self.consecutive_spikes,
             "n_skips": self.n_skips, "n_rollbacks": self.n_rollbacks, "lr_scale": self.lr_scale,
             "plateau": self.plateau.state_dict() if self.plateau is not None else None,
-            "first_attn_logit": self.first_attn_logit,
+            "recent_attn_logits": [list(pair) for pair in self.recent_attn_logits],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -247,6 +255,6 @@ class StabilityGuard:
         self.consecutive_spikes = state["consecutive_spikes"]
         self.n_skips, self.n_rollbacks = state["n_skips"], state["n_rollbacks"]
         self.lr_scale = state["lr_scale"]
-        self.first_attn_logit = state.get("first_attn_logit")  # absent in checkpoints from before the rule
+        self.recent_attn_logits = deque(tuple(pair) for pair in state.get("recent_attn_logits", []))  # absent: older
         if self.plateau is not None and state.get("plateau") is not None:
             self.plateau.load_state_dict(state["plateau"])
