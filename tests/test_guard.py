@@ -230,6 +230,35 @@ def test_a_nonfinite_attention_logit_never_enters_the_record(bad):
     assert restored.check(StepStats(12, 2.0, 1.0, attn_logit_max=60.0)).action == "rollback"
 
 
+def test_under_muon_attention_logit_growth_lowers_only_the_muon_groups_lr():
+    """Muon updates the attention matrices; embeddings, head and norms train with AdamW at an LR that is fine."""
+    guard = warmed(attn_logit_limit=50.0, plateau_margin=0.0)
+    guard.attention_groups = ("muon",)
+    guard.check(StepStats(10, 2.0, 1.0, attn_logit_max=1.0))
+    assert guard.check(StepStats(15, 2.0, 1.0, attn_logit_max=90.0)).action == "rollback"
+    guard.rolled_back()
+    assert guard.lr_scale == 1.0 and guard.group_lr_scale == {"muon": pytest.approx(0.1)}
+    assert guard.lr_note == "lr x1, muon lr x0.1"
+    verdicts = [guard.check(StepStats(20 + i, math.nan, 1.0)).action for i in range(3)]
+    assert verdicts == ["skip", "skip", "rollback"]
+    guard.rolled_back()  # any other fault still lowers every group
+    assert guard.lr_scale == 0.5 and guard.lr_note == "lr x0.5, muon lr x0.1"
+    state = json.loads(json.dumps(guard.state_dict()))
+    restored = make_guard(attn_logit_limit=50.0, plateau_margin=0.0)
+    restored.load_state_dict(state)
+    assert restored.group_lr_scale == guard.group_lr_scale and restored.state_dict() == guard.state_dict()
+
+
+def test_apply_lr_factor_scales_the_named_groups():
+    from nanoseek.train.optim import apply_lr_factor
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    opt = torch.optim.SGD([dict(params=[params[0]], name="muon", base_lr=0.02, lr=0.02),
+                           dict(params=[params[1]], name="decay", base_lr=1e-3, lr=1e-3)])
+    apply_lr_factor(opt, 0.5, {"muon": 0.1})
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.001), pytest.approx(5e-4)]
+    apply_lr_factor(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.01), pytest.approx(5e-4)]
+
 def test_attention_logit_rule_off_with_a_zero_limit_or_a_disabled_guard():
     for guard in (warmed(attn_logit_limit=0.0), warmed(enabled=False)):
         assert guard.check(StepStats(10, 2.0, 1.0, attn_logit_max=1.0)).ok
@@ -484,6 +513,19 @@ def test_attention_logit_growth_in_a_real_run_is_rolled_back(corpus, tmp_path):
     rollbacks = [e for e in run.records("event") if e["action"] == "rollback"]
     assert len(rollbacks) == 1 and "attention logits grew" in rollbacks[0]["cause"], rollbacks
     assert rollbacks[0]["lr_scale"] == pytest.approx(0.1) and run.result.status == "finished"
+
+
+def test_muon_attention_logit_growth_in_a_real_run_lowers_the_muon_lr_only(corpus, tmp_path):
+    """Muon at LR 2.0 (100x its default) blows the attention logits up within 5 steps; the AdamW part at 1e-2
+    is healthy. The rollback lowers the Muon group's LR a decade and leaves the AdamW groups' alone."""
+    train = {"optimizer": "muon", "muon_lr": 2.0, "lr": 1e-2}
+    run = run_training(tiny_config(corpus, 30, train=train, guard={"stats_every": 5, "snapshot_every": 5}),
+                       tmp_path / "muon")
+    rollbacks = [e for e in run.records("event") if e["action"] == "rollback"]
+    assert rollbacks and "attention logits grew" in rollbacks[0]["cause"] and "muon lr x0.1" in rollbacks[0]["detail"]
+    lrs = {g["name"]: g["lr"] / g["base_lr"] for g in run.trainer.optimizer.param_groups}
+    assert lrs["muon"] == pytest.approx(lrs["decay"] * run.trainer.guard.group_lr_scale["muon"])
+    assert run.trainer.guard.lr_scale == 1.0 and lrs["decay"] == lrs["no_decay"]
 
 @pytest.mark.parametrize("max_rollbacks", [0, 1])
 def test_exhausted_rollbacks_abort_with_a_finite_checkpoint(corpus, tmp_path, max_rollbacks):

@@ -19,7 +19,8 @@ optimizer, the GradScaler update or the MoE bias update. The verdict is one of:
 - rollback also when a sampled max attention logit passes `attn_logit_limit` after more than doubling within
               `window` steps: attention-logit growth (Wortsman et al. 2023, arXiv 2309.14322), the slow
               divergence of an LR a few times too high, which the loss shows only after the run has fallen
-              far behind. The LR is lowered by `plateau_lr_factor`.
+              far behind. The LR is lowered by `plateau_lr_factor`; under Muon only the Muon group's, whose
+              updates drive those logits.
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
 - overflow -- fp16 only: the GradScaler saw inf gradients; it lowers its scale and the step is
               dropped. That is the scaler working, not a fault.
@@ -103,7 +104,8 @@ class StabilityGuard:
     # A spike must also be this far above the window mean, so a tight window cannot flag noise.
     MIN_SPIKE_RATIO = {"loss": 1.1, "grad_norm": 2.0}
 
-    def __init__(self, cfg: GuardConfig, precision: str = "fp32", grad_spikes_clipped: bool = False):
+    def __init__(self, cfg: GuardConfig, precision: str = "fp32", grad_spikes_clipped: bool = False,
+                 attention_groups: tuple[str, ...] = ()):
         self.cfg = cfg
         self.precision = precision
         self.stats = {name: RollingStats(cfg.window) for name in ("loss", "grad_norm")}
@@ -112,6 +114,11 @@ class StabilityGuard:
         self.n_skips = 0
         self.n_rollbacks = 0
         self.lr_scale = 1.0
+        self.group_lr_scale: dict[str, float] = {}  # per optimizer group (by name), on top of lr_scale
+        # The optimizer groups whose updates drive the attention logits, where not every group's do: Muon's
+        # (it updates the attention matrices; embeddings, head and norms stay with AdamW). Empty: all groups.
+        self.attention_groups = attention_groups
+        self.rollback_groups: tuple[str, ...] = ()  # the groups the next rollback lowers (empty: all)
         self.plateau: PlateauDetector | None = None
         self.rollback_factor = cfg.rollback_lr_factor  # the next rollback's LR factor
         self.grad_spikes_clipped = grad_spikes_clipped  # adaptive clipping (train/clipping.py) is on
@@ -176,7 +183,9 @@ class StabilityGuard:
                     return verdict
         self.consecutive_spikes = 0
         cause = self.attention_logit_growth(step, stats.attn_logit_max)
-        if cause is None and self.plateau is not None and stats.ce is not None:
+        if cause is not None:
+            self.rollback_groups = self.attention_groups
+        elif self.plateau is not None and stats.ce is not None:
             cause = self.plateau.observe(stats.ce)
         if cause:
             self.rollback_factor = self.cfg.plateau_lr_factor
@@ -231,19 +240,28 @@ class StabilityGuard:
     def rolled_back(self) -> None:
         """Called by the trainer once a rollback is done: lower the LR, start fresh counters."""
         self.n_rollbacks += 1
-        self.lr_scale *= self.rollback_factor
-        self.rollback_factor = self.cfg.rollback_lr_factor
+        for name in self.rollback_groups:
+            self.group_lr_scale[name] = self.group_lr_scale.get(name, 1.0) * self.rollback_factor
+        if not self.rollback_groups:
+            self.lr_scale *= self.rollback_factor
+        self.rollback_factor, self.rollback_groups = self.cfg.rollback_lr_factor, ()
         self.recent_skips.clear()
         self.recent_attn_logits.clear()  # the restored weights' logits are not the ones sampled since
         self.consecutive_spikes = 0
         if self.plateau is not None:
             self.plateau.reset()
 
+    @property
+    def lr_note(self) -> str:
+        """What the rollbacks left of the LR, for the log: "lr x0.1", or "lr x1, muon lr x0.01"."""
+        return f"lr x{self.lr_scale:g}" + "".join(f", {g} lr x{s:g}" for g, s in self.group_lr_scale.items())
+
     def state_dict(self) -> dict:
         return {
             "loss": list(self.stats["loss"].values), "grad_norm": list(self.stats["grad_norm"].values),
             "recent_skips": list(self.recent_skips), "consecutive_spikes": self.consecutive_spikes,
             "n_skips": self.n_skips, "n_rollbacks": self.n_rollbacks, "lr_scale": self.lr_scale,
+            "group_lr_scale": dict(self.group_lr_scale),
             "plateau": self.plateau.state_dict() if self.plateau is not None else None,
             "recent_attn_logits": [list(pair) for pair in self.recent_attn_logits],
         }
@@ -255,6 +273,7 @@ class StabilityGuard:
         self.consecutive_spikes = state["consecutive_spikes"]
         self.n_skips, self.n_rollbacks = state["n_skips"], state["n_rollbacks"]
         self.lr_scale = state["lr_scale"]
+        self.group_lr_scale = dict(state.get("group_lr_scale", {}))  # absent in checkpoints from before it
         self.recent_attn_logits = deque(tuple(pair) for pair in state.get("recent_attn_logits", []))  # absent: older
         if self.plateau is not None and state.get("plateau") is not None:
             self.plateau.load_state_dict(state["plateau"])

@@ -112,10 +112,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     raise ValueError(f"optimizer={cfg.optimizer!r}: unknown; choose 'adamw', 'lion' or 'muon'")
 
 
-def apply_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """Set every group's LR to its `base_lr` times `factor` (from `lr_factor`)."""
+def apply_lr_factor(optimizer: torch.optim.Optimizer, factor: float,
+                    group_scale: dict[str, float] | None = None) -> None:
+    """Set every group's LR to its `base_lr` times `factor` (from `lr_factor`), times `group_scale[name]`
+    where given (the guard's per-group LR backoff)."""
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        group["lr"] = group["base_lr"] * factor * (group_scale or {}).get(group.get("name"), 1.0)
 
 
 def _call_closure(closure):

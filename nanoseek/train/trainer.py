@@ -132,9 +132,8 @@ class Trainer:
         cfg.model = model.config if model is not None else dataclasses.replace(
             cfg.model, vocab_size=self.data.vocab_size, derived=dict(cfg.model.derived))
         self.lookahead = 1 + (cfg.model.mtp_depth if cfg.model.mtp_depth else 0)
-        self.train_loader = TokenLoader(self.data.train_shards, tc.batch_size, cfg.data.seq_len,
-                                        lookahead=self.lookahead, rank=self.dist.rank,
-                                        world_size=self.dist.world_size, seed=cfg.seed,
+        self.train_loader = TokenLoader(self.data.train_shards, tc.batch_size, cfg.data.seq_len, lookahead=self.lookahead,
+                                        rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.seed,
                                         vocab_size=self.data.vocab_size)
         self.built_model = model is None
         self._build_model(model if model is not None else Transformer(cfg.model))
@@ -148,7 +147,8 @@ class Trainer:
             self.schedule = faults.wrap_schedule(self.schedule, self.progress)
             self.scaler = faults.wrap_scaler(self.scaler, self.progress, self.model)
         self.clipper = AdaptiveClip(tc.zclip) if tc.zclip > 0 else None  # ZClip (train/clipping.py)
-        self.guard = StabilityGuard(cfg.guard, tc.precision, grad_spikes_clipped=self.clipper is not None)
+        self.guard = StabilityGuard(cfg.guard, tc.precision, grad_spikes_clipped=self.clipper is not None,
+                                    attention_groups=("muon",) if tc.optimizer == "muon" else ())
         # After the LR warm-up plus one patience window of steps, a loss at the unigram level is a plateau. Another
         # objective's loss (a distillation's KL) has no unigram level: only its divergence is watched.
         unigram = (functools.partial(unigram_entropy, self.data.train_shards, self.data.vocab_size)
@@ -243,7 +243,7 @@ class Trainer:
             elif verdict.action == "rollback":
                 to_step = self.rollback.roll_back(self.progress)
                 guard.rolled_back()
-                self.log.event(self.step - 1, verdict, detail=f"restored step {to_step}, lr x{guard.lr_scale:g}",
+                self.log.event(self.step - 1, verdict, detail=f"restored step {to_step}, {guard.lr_note}",
                                restored_step=to_step, lr_scale=guard.lr_scale)
             else:
                 self.log.event(self.step - 1, verdict)
@@ -312,7 +312,7 @@ class Trainer:
         tc, step = self.cfg.train, self.step
         sample_stats = step % self.cfg.guard.stats_every == 0
         self.model.before_step(self.opt_step, track_stats=sample_stats)
-        apply_lr_factor(self.optimizer, self.schedule(self.opt_step) * self.guard.lr_scale)
+        apply_lr_factor(self.optimizer, self.schedule(self.opt_step) * self.guard.lr_scale, self.guard.group_lr_scale)
         lrs = [group["lr"] for group in self.optimizer.param_groups]  # host floats: the guard checks them, no sync
         lr = {"lr": lrs[0]}
         if not self.dist.all_ok(rank_ok):
