@@ -151,11 +151,10 @@ class GuardConfig:
     plateau_margin: float = 0.1  # nats: a loss this close to the unigram entropy after warm-up is a plateau; 0 = off
     plateau_patience: int = 50  # applied steps without 0.1 nats of progress that make a plateau (train/plateau.py)
     plateau_lr_factor: float = 0.1  # LR factor after a plateau or a diverged loss: such an LR is off by a decade
-    # A sampled max attention logit above this that more than doubled within `window` steps is attention-logit
-    # growth (Wortsman et al. 2023): rollback, LR x plateau_lr_factor (under Muon, the Muon group's). Healthy
-    # runs stay below it: SmolLM2-135M peaks at 21, the lab model at its best LR at 35 (bench/RESULTS.md).
-    # Raise it for a model whose healthy logits run higher (Kimi K2 caps a 1T model's at 100 with QK-clip);
-    # 0 = off.
+    # A sampled max attention logit above this that grew more than 8-fold within `window` steps is runaway
+    # attention-logit growth (Wortsman et al. 2023): rollback, LR x plateau_lr_factor (under Muon, the Muon
+    # group's). For scale: SmolLM2-135M peaks at 21, the lab model at its best LR at 35, a healthy 36M run at
+    # 137 reached slowly enough (bench/RESULTS.md). 0 = off.
     attn_logit_limit: float = 50.0
     save_bad_batches: bool = True
     inject: tuple[str, ...] = ()  # fault injection: KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5
