@@ -24,15 +24,20 @@ from nanoseek.model.packed import PackedLinear, can_pack
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # q/o, k/v, gate/up, down, head
 
 
-def rate(fn, nbytes: int, reps: int = 60) -> float:
-    for _ in range(3):
+def median_seconds(fn, reps: int, warmup: int = 3, clock=time.process_time) -> float:
+    """Median time of `reps` calls of `fn` after `warmup` untimed ones, on `clock`."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        start = time.process_time()
+        start = clock()
         fn()
-        times.append(time.process_time() - start)
-    return nbytes / max(statistics.median(times), 1e-9) / 1e9
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+def rate(fn, nbytes: int, reps: int = 60) -> float:
+    return nbytes / max(median_seconds(fn, reps), 1e-9) / 1e9
 
 
 def kernels(weights: list[torch.Tensor], dtype: torch.dtype) -> dict:

@@ -11,24 +11,22 @@ Interleaved, medians of 30 (linears) or 200 (argmax) repeats.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from nanoseek.model.packed import PackedLinear, can_pack
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_kernels import median_seconds  # noqa: E402
+
 LAYERS, DIM, Q, KV, INTER, VOCAB = 30, 576, 576, 192, 1536, 49152
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeats, warmup=5, clock=time.perf_counter) * 1e3
 
 
 def linears(dtype: torch.dtype, batch: int) -> tuple[float, float]:
