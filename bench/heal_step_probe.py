@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import tyro
 
-from nanoseek.cli.convert import _split_ids, load_source
+from nanoseek.cli.convert import load_source
+from nanoseek.data import load_prepared, read_tokens
 from nanoseek.train.loading import load_model
 from nanoseek.train.objectives import kl_to_teacher
 
@@ -47,7 +48,7 @@ def main(args: Args) -> None:
                 layer.attn.wkv_b.weight.mul_(layer.attn.kv_norm.weight)  # [rows, R] * [R]: exact
                 layer.attn.kv_norm.weight.fill_(1.0)
     teacher = load_source(args.teacher, "--teacher")[0].eval()
-    ids = torch.from_numpy(_split_ids(f"{args.run}/data", "train", 3 * 4 * 256).astype("int64")).view(3, 4, 256)
+    ids = torch.from_numpy(read_tokens(load_prepared(f"{args.run}/data").train_shards, 3 * 4 * 256)).view(3, 4, 256)
     with torch.no_grad():
         target = [teacher(batch).logits for batch in ids]
 
