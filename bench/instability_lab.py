@@ -85,6 +85,11 @@ def verdict(final: float | None, best_clean: float, unigram: float, status: str 
     return "ok" if final <= 1.05 * best_clean else f"+{100 * (final / best_clean - 1):.0f}%"
 
 
+def final(row: dict) -> str:
+    """A run's final loss for the table: '-' for an aborted run, NaN for a non-finite one."""
+    return "-" if row["status"] == "aborted" else "NaN" if row["final"] is None else f"{row['final']:.3f}"
+
+
 def merge(base: dict, extra: dict) -> dict:
     return {k: {**base.get(k, {}), **extra.get(k, {})} for k in ("model", "train", "guard")}
 
@@ -137,9 +142,6 @@ def main() -> None:
                                           key=lambda kv: (kv[1] is None, kv[1])) if v is not None}
         shown = ", ".join(f"{k} ({v})" for k, v in list(firsts.items())[:3]) or "none"
         causes = [e["cause"].split(" (")[0] for e in good["events"] if e["event"] in ("rollback", "abort")]
-        def final(row: dict) -> str:
-            return "-" if row["status"] == "aborted" else "NaN" if row["final"] is None else f"{row['final']:.3f}"
-
         judged = [verdict(r["final"], best_clean, unigram, r["status"]) for r in (bad, good)]
         print(f"| {name}: {recipe['about']} | {final(bad)} | {judged[0]} | {shown} | {final(good)} | {judged[1]} | "
               f"{good['skips']} / {good['rollbacks']} ({'; '.join(causes) or '-'}) |")

@@ -5,8 +5,9 @@ Protocol: for each variant, train the lab's MLA+MoE+MTP model (bench/lab_runs.py
 half a decade apart, x seeds. At this budget the best LR is 1e-2; Wortsman's lower end (3e-4) would measure
 how far a short run gets at a tiny LR rather than stability, and 1.0 is where the old recipe ends at the
 unigram plateau. (At 200 steps the loss-vs-LR curve is still sharply peaked by the budget alone: the healthy
-LRs by themselves gave a sensitivity of 0.26, so that budget could not tell recipes apart.) Score = final validation CE on 8 fixed held-out batches. LR sensitivity = mean over the LRs
-of [min(score, initial loss) - best score of that variant] (a non-finite run counts at the initial loss).
+LRs by themselves gave a sensitivity of 0.26, so that budget could not tell recipes apart.) Score = final
+validation CE on 8 fixed held-out batches. LR sensitivity = mean over the LRs of [min(score, initial loss) -
+best score of that variant] (a non-finite run counts at the initial loss).
 A run also *fails* if it ends non-finite or at the unigram plateau (within 0.1 nats of the training data's
 unigram entropy); both counts are reported, as is the number of steps the guard skipped.
 

@@ -48,8 +48,8 @@ _READ_DIRECTLY = ("wkv_b",)
 def fuse_linears(model: nn.Module, batch_hint: int = 1) -> int:
     """Stack the linears that read the same input (a module's FUSIBLE groups: GQA's wq, wk, wv; SwiGLU's w1,
     w3) into one PackedLinear each, in place; returns how many groups. One call reads the same bytes as the
-    separate ones but pays the per-call overhead once: 3.2 ms of a ~57 ms bf16 step at batch 1 on SmolLM2's
-    shapes (bench/bench_decode_overhead.py). The parts are dropped. For generation only."""
+    separate ones but pays the per-call overhead once: 3.15 ms saved of the 56.8 ms bf16 step at batch 1 on
+    SmolLM2's shapes (bench/bench_decode_overhead.py; bench/RESULTS.md). The parts are dropped. For generation only."""
     weight = next(model.parameters())
     if not can_pack(weight.dtype, weight.device):
         return 0
