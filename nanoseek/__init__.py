@@ -11,8 +11,5 @@ __all__ = ["PRESETS", "DataConfig", "GuardConfig", "ModelConfig", "ModelOutput",
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a model from a checkpoint directory or a run directory (its latest checkpoint).
-
-    Returns (model, config): the Transformer in eval mode and its ModelConfig.
-    """
+    """(the Transformer in eval mode, its ModelConfig) from a checkpoint or a run directory (its latest checkpoint)."""
     return load_model(path, map_location)

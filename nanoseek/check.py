@@ -1,8 +1,7 @@
 """`nanoseek check`: every preset, built at tiny width, must run forward, backward and cached decoding.
 
-Each preset keeps its structure (MLA or GQA, low-rank query, MoE with its expert groups, MTP kind and
-depth, tied embeddings, router scoring, RoPE scaling) and shrinks only its sizes, so the check is
-seconds on a CPU yet covers every code path a preset takes.
+Each preset keeps its structure (attention kind, low-rank query, MoE and its expert groups, MTP, tied
+embeddings, router scoring, RoPE scaling) and shrinks only its sizes: seconds on a CPU, every code path.
 """
 
 from __future__ import annotations
@@ -48,7 +47,8 @@ class CheckResult:
     detail: str  # what failed, or a summary of what ran
 
     def row(self) -> str:
-        return f"{self.preset:<20} {'pass' if self.ok else 'FAIL':<5} {self.params:>9,} {self.seconds:6.2f}s  {self.detail}"
+        status = "pass" if self.ok else "FAIL"
+        return f"{self.preset:<20} {status:<5} {self.params:>9,} {self.seconds:6.2f}s  {self.detail}"
 
 
 def check_config(name: str, cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> CheckResult:
@@ -97,7 +97,6 @@ def _cache_mismatch(model: Transformer, tokens: torch.Tensor, prompt_len: int) -
 
 def check_presets(names: list[str] | None = None, device: str | torch.device = "cpu") -> list[CheckResult]:
     names = names or list(PRESETS)
-    unknown = [n for n in names if n not in PRESETS]
-    if unknown:
+    if unknown := [n for n in names if n not in PRESETS]:
         raise ValueError(f"unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
     return [check_config(name, tiny_variant(ModelConfig.from_preset(name)), device) for name in names]

@@ -1,5 +1,5 @@
-"""Configuration of a run: DataConfig, TrainConfig, GuardConfig, RunConfig, TOML I/O and `load_config`, the one
-way a run's settings are put together. ModelConfig and the presets live in model_config.py (re-exported here).
+"""A run's configuration: DataConfig, TrainConfig, GuardConfig, RunConfig, their TOML form, and `load_config`,
+the one way a run's settings are put together (ModelConfig and PRESETS live in model_config.py).
 
 A bad value raises ``ValueError`` naming the field, the value and the fix, before any data or tensor is touched.
 """
@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from nanoseek.fault_spec import parse_fault
 from nanoseek.model_config import (PRESETS, ModelConfig, _fail, _known_fields, _one_of, require_non_negative,
                                    require_positive)
-
-from nanoseek.fault_spec import parse_fault
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,10 +92,10 @@ class TrainConfig:
     dist: Literal["none", "ddp", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
-        require_positive(self, "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
-                  "save_every", "log_every", "cycle_steps", "muon_lr", "eps")
+        require_positive(self, "batch_size", "grad_accum", "lr", "eval_every", "eval_batches", "save_every",
+                         "log_every", "cycle_steps", "muon_lr", "eps")
         require_non_negative(self, "max_steps", "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
-                      "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk", "zclip")
+                             "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk", "zclip")
         _one_of(self, "optimizer", ("adamw", "lion", "muon"))
         _one_of(self, "schedule", ("cosine", "wsd", "constant", "cyclic"))
         _one_of(self, "precision", ("fp32", "bf16", "fp16"))
@@ -107,15 +106,14 @@ class TrainConfig:
             _fail("fp8", True, "needs precision='bf16' (fp8 matmuls run inside a bf16 autocast)")
         if self.keep_last < 1:
             _fail("keep_last", self.keep_last, "must be >= 1 (the newest checkpoint is what --resume uses)")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            _fail("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            _fail("ema_decay", self.ema_decay, "must be in [0, 1); 0 turns EMA off")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            _fail("decay_fraction", self.decay_fraction, "must be in (0, 1]")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                _fail(name, getattr(self, name), "must be in [0, 1)")
+        intervals = {"min_lr_ratio": (0.0 <= self.min_lr_ratio <= 1.0, "[0, 1]"),
+                     "ema_decay": (0.0 <= self.ema_decay < 1.0, "[0, 1); 0 turns EMA off"),
+                     "decay_fraction": (0.0 < self.decay_fraction <= 1.0, "(0, 1]"),
+                     "beta1": (0.0 <= self.beta1 < 1.0, "[0, 1)"),
+                     "beta2": (0.0 <= self.beta2 < 1.0, "[0, 1)")}
+        for name, (inside, interval) in intervals.items():
+            if not inside:
+                _fail(name, getattr(self, name), f"must be in {interval}")
 
     def _check_fsdp(self) -> None:
         # What sharded training here does not do (each needs whole tensors, or is untested on shards), and the fix.
@@ -151,17 +149,16 @@ class GuardConfig:
     plateau_margin: float = 0.1  # nats: a loss this close to the unigram entropy after warm-up is a plateau; 0 = off
     plateau_patience: int = 50  # applied steps without 0.1 nats of progress that make a plateau (train/plateau.py)
     plateau_lr_factor: float = 0.1  # LR factor after a plateau or a diverged loss: such an LR is off by a decade
-    # A sampled max attention logit above this that grew more than 8-fold within `window` steps is runaway
-    # attention-logit growth (Wortsman et al. 2023): rollback, LR x plateau_lr_factor (under Muon, the Muon
-    # group's). For scale: SmolLM2-135M peaks at 21, the lab model at its best LR at 35, a healthy 36M run at
-    # 137 reached slowly enough (bench/RESULTS.md). 0 = off.
+    # Runaway attention-logit growth (Wortsman et al. 2023): a sampled max attention logit above this that grew
+    # more than 8-fold within `window` steps means rollback, LR x plateau_lr_factor (under Muon, the Muon group's).
+    # Healthy models peak from about 20 to well over 100 (bench/RESULTS.md). 0 = off.
     attn_logit_limit: float = 50.0
-    save_bad_batches: bool = True
+    save_bad_batches: bool = True  # save a faulted step's batches under RUN_DIR/bad_batches/ (`nanoseek diagnose`)
     inject: tuple[str, ...] = ()  # fault injection: KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5
 
     def __post_init__(self) -> None:
-        require_positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every", "stats_every",
-                         "plateau_patience", "plateau_lr_factor")
+        require_positive(self, "window", "spike_sigma", "max_skips", "rollback_lr_factor", "snapshot_every",
+                         "stats_every", "plateau_patience", "plateau_lr_factor")
         require_non_negative(self, "warmup", "max_rollbacks", "rollback_skip_batches", "plateau_margin",
                              "attn_logit_limit")
         if self.warmup > self.window:
@@ -196,32 +193,23 @@ class RunConfig:
                   "FSDP shards across ranks; use --train.dist ddp with QK-clip")
 
     def to_dict(self) -> dict:
-        return {
-            "preset": self.preset, "out": self.out, "seed": self.seed, "device": self.device,
-            "model": self.model.to_dict(),
-            "data": dataclasses.asdict(self.data),
-            "train": dataclasses.asdict(self.train),
-            "guard": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.guard).items()},
-        }
+        guard = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.guard).items()}
+        return {"preset": self.preset, "out": self.out, "seed": self.seed, "device": self.device,
+                "model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train), "guard": guard}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
         values = dict(values)
         preset = values.get("preset", "tiny")
         # A run's own label (e.g. "converted") names no preset; its [model] section is complete anyway.
-        base_model = (ModelConfig.from_preset(preset) if preset in PRESETS else ModelConfig()).to_dict()
-        base_model.update(values.pop("model", {}))
-        guard = dict(values.pop("guard", {}))
-        if "inject" in guard:
-            guard["inject"] = tuple(guard["inject"])
+        model = (ModelConfig.from_preset(preset) if preset in PRESETS else ModelConfig()).to_dict()
+        model.update(values.pop("model", {}))
         top = _known_fields(cls, values, "run")
-        return cls(
-            model=ModelConfig.from_dict(base_model),
-            data=DataConfig(**_known_fields(DataConfig, top.pop("data", {}), "data")),
-            train=TrainConfig(**_known_fields(TrainConfig, top.pop("train", {}), "train")),
-            guard=GuardConfig(**_known_fields(GuardConfig, guard, "guard")),
-            **top,
-        )
+        model_config = ModelConfig.from_dict(model)
+        sections = {name: kind(**_known_fields(kind, _with_inject_tuple(top.pop(name, {})), name))
+                    for name, kind in (("data", DataConfig), ("train", TrainConfig), ("guard", GuardConfig))}
+        return cls(model=model_config, **sections, **top)
 
     def save_toml(self, path: str | Path) -> None:
         Path(path).write_text(to_toml(self.to_dict()))
@@ -241,9 +229,9 @@ class RunConfig:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "nan"
     if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            return "inf" if value > 0 else "nan"
         return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -262,25 +250,21 @@ def to_toml(values: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("model", "data", "train", "guard")
-
-
 def load_config(preset: str | None = None, toml: str | Path | None = None,
                 overrides: dict | None = None, saved: RunConfig | None = None) -> RunConfig:
     """The one way a run's configuration is put together; later steps win:
 
     1. the dataclass defaults;
-    2. `toml`: a config file with top-level keys and [model], [data], [train], [guard] sections (a run's
-       config.toml, or one written by hand); or `saved`, a run's own config (on --resume the one its
-       checkpoint was saved with, read by train/resume.py), in its place;
-    3. `preset`: a model shape from PRESETS. Without `toml` or `saved` it is the start (default "tiny");
-       with a config written for another preset, the preset's model section replaces the config's;
-    4. `overrides`: {"model": {"dim": 256}, "train": {"lr": 3e-4}, "seed": 3, ...}. A model override
-       derives again what the preset derived (a GQA head_dim from the new dim, say).
+    2. `toml`, a config file with top-level keys and [model], [data], [train], [guard] sections (a run's
+       config.toml or one written by hand), or in its place `saved`, a run's own config (on --resume the
+       one its checkpoint was saved with, read by train/resume.py);
+    3. `preset`, a model shape from PRESETS: without `toml` or `saved` the start (default "tiny"); over a
+       config written for another preset, the preset's model section replaces the config's;
+    4. `overrides`, e.g. {"model": {"dim": 256}, "train": {"lr": 3e-4}, "seed": 3}; a model override derives
+       again what the preset derived (a GQA head_dim from the new dim, say).
 
-    `nanoseek train` calls it with --preset and --config (or, with --resume, the checkpoint's config); its
-    other flags are the overrides, parsed onto the result (a resumed run then refuses the changes that
-    cannot continue it, and lists the others).
+    `nanoseek train` passes --preset and --config (or on --resume the checkpoint's config), then its other
+    flags as overrides (a resumed run refuses the changes that cannot continue it, and lists the others).
     """
     if toml is not None or saved is not None:
         cfg = RunConfig.load_toml(toml) if toml is not None else saved
@@ -289,12 +273,16 @@ def load_config(preset: str | None = None, toml: str | Path | None = None,
     else:
         cfg = RunConfig(model=ModelConfig.from_preset(preset or "tiny"), preset=preset or "tiny")
     overrides = dict(overrides or {})
-    sections = {name: _replaced(getattr(cfg, name), overrides.pop(name, {}), name) for name in SECTIONS}
+    sections = {name: _replaced(getattr(cfg, name), overrides.pop(name, {}), name)
+                for name in ("model", "data", "train", "guard")}
     return _replaced(cfg, {**overrides, **sections}, "run")
+
+
+def _with_inject_tuple(values: dict) -> dict:
+    # TOML and JSON give lists; GuardConfig.inject is a tuple.
+    return {**values, "inject": tuple(values["inject"])} if isinstance(values.get("inject"), list) else dict(values)
 
 
 def _replaced(obj: Any, changes: dict, section: str) -> Any:
     _known_fields(type(obj), changes, section)
-    if isinstance(changes.get("inject"), list):
-        changes = {**changes, "inject": tuple(changes["inject"])}
-    return dataclasses.replace(obj, **changes) if changes else obj
+    return dataclasses.replace(obj, **_with_inject_tuple(changes)) if changes else obj

@@ -18,9 +18,8 @@ def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Fi
     """Replay a saved bad batch of a run (the latest, or the one at `step`)."""
     run_dir = Path(run_dir)
     root = run_dir / "bad_batches"
-    candidates = sorted(p for p in root.glob("step-*") if (p / "model.safetensors").exists()) if root.exists() else []
-    if step is not None:
-        candidates = [p for p in candidates if p.name == f"step-{step:08d}"]
+    pattern = "step-*" if step is None else f"step-{step:08d}"
+    candidates = sorted(p for p in root.glob(pattern) if (p / "model.safetensors").exists())
     if not candidates:
         what = f"at step {step}" if step is not None else "with a saved model state"
         raise ValueError(f"no bad batch {what} under {root}; runs save one when a NaN/Inf is detected "
@@ -28,11 +27,9 @@ def diagnose_run(run_dir: str | Path, step: int | None = None) -> tuple[Path, Fi
     bad = candidates[-1]
     cfg = RunConfig.load_toml(run_dir / "config.toml")
     meta = json.loads((bad / "meta.json").read_text())
-    model = model_from_state(cfg.model, load_file(str(bad / "model.safetensors")),
-                             strict=not cfg.model.tie_embeddings)
-    batch = load_batch(bad)
+    model = model_from_state(cfg.model, load_file(str(bad / "model.safetensors")), strict=not cfg.model.tie_embeddings)
     injector = (FaultInjector(meta["injected"], model, meta.get("rank", 0), meta.get("world_size", 1))
                 if meta.get("injected") else None)
-    finding = replay(model, batch["x"][0], batch["y"][0], injector, meta["step"],
-                     grad_findings=meta.get("nonfinite_grads"))
-    return bad, finding, meta
+    batch = load_batch(bad)
+    return bad, replay(model, batch["x"][0], batch["y"][0], injector, meta["step"],
+                       grad_findings=meta.get("nonfinite_grads")), meta

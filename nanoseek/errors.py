@@ -1,9 +1,8 @@
 """One error path for every command: an expected failure is one line on stderr and a non-zero exit; a
-traceback is printed only for what must be a bug in nanoseek, with a request to report it.
+traceback only for what must be a bug in nanoseek, with a request to report it.
 
-Expected: a bad value, file or config (ValueError, raised with the fix in the message), an operating-system
-refusal (OSError: no space, no permission, a file where a folder should be, ...), a corrupt or truncated
-file (safetensors, zip/pickle), running out of memory.
+Expected: a bad value, file or config (ValueError, raised with the fix in the message), an OS refusal (OSError:
+no space, no permission, ...), a corrupt or truncated file (safetensors, zip/pickle), running out of memory.
 """
 
 from __future__ import annotations
@@ -35,16 +34,11 @@ _OS_FIXES = {
 }
 
 
-def _paths(err: OSError) -> str:
-    names = [str(name) for name in (err.filename, err.filename2) if name is not None]
-    return " -> ".join(names)
-
-
 def describe(err: BaseException) -> str | None:
     """The one line for an expected failure, or None if `err` looks like a bug."""
     if isinstance(err, OSError):
-        where = _paths(err)
-        fix = _OS_FIXES.get(err.errno, f"{err.strerror or os.strerror(err.errno or 0) or type(err).__name__}")
+        where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+        fix = _OS_FIXES.get(err.errno, err.strerror or os.strerror(err.errno or 0) or type(err).__name__)
         if err.errno in _OS_FIXES and err.strerror and err.strerror != os.strerror(err.errno):
             fix = f"{fix} ({err.strerror})"  # a detail the raiser added (how much space a checkpoint needs)
         return f"{where}: {fix}" if where else f"{err.strerror or err}: {fix}"
@@ -56,7 +50,7 @@ def describe(err: BaseException) -> str | None:
     if type(err).__name__ == "SafetensorError":
         return f"a .safetensors file is unreadable or corrupt ({_first_line(err)}); recreate it"
     if isinstance(err, ValueError):
-        return " ".join(str(err).split("\n"))
+        return str(err).replace("\n", " ")
     return None
 
 
@@ -82,21 +76,16 @@ class ConfigError(ValueError):
 
 
 def validation_errors_raised():
-    """Within: a ValueError raised by a config's validation while tyro builds it (a `__post_init__`) comes out
-    as a ConfigError, so it is one line like every other expected failure, not tyro's multi-line box.
-    Usage errors (an unknown flag, a value of the wrong type) keep tyro's message with its help pointer.
-    Uses tyro's parse-error hook where this tyro has it (1.0); elsewhere a no-op."""
+    """Within: a config's `__post_init__` ValueError while tyro builds it comes out as a one-line ConfigError,
+    not tyro's multi-line box; usage errors (an unknown flag, a wrong type) keep tyro's message. Uses tyro
+    1.0's parse-error hook; a no-op on a tyro without it."""
     try:
-        from tyro import _errors as tyro_errors
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    hook_scope = getattr(tyro_errors, "on_parse_error", None)
-    failure = getattr(tyro_errors, "InstantiationFailure", None)
-    if hook_scope is None or failure is None:  # pragma: no cover - an older tyro
+        from tyro._errors import InstantiationFailure, on_parse_error
+    except ImportError:  # pragma: no cover - an older tyro
         return contextlib.nullcontext()
 
     def hook(event) -> None:
-        if isinstance(event, failure):
-            raise ConfigError(" ".join(str(event.message).split("\n")))
+        if isinstance(event, InstantiationFailure):
+            raise ConfigError(str(event.message).replace("\n", " "))
 
-    return hook_scope(hook)
+    return on_parse_error(hook)

@@ -1,8 +1,7 @@
 """Held-out evaluation of a trained model: loss, perplexity and bits per byte.
 
-Bits per byte compares models with different tokenizers: the summed next-token loss (nats) over a
-text, divided by ln 2 and by the UTF-8 bytes of the text those tokens spell. Perplexity = exp(loss)
-depends on the tokenizer; bits per byte does not.
+Perplexity = exp(loss) depends on the tokenizer; bits per byte does not, so it compares models with
+different tokenizers: the summed next-token loss (nats) over a text / ln 2 / the UTF-8 bytes it spells.
 """
 
 from __future__ import annotations
@@ -42,12 +41,9 @@ class EvalResult:
 
 def token_stream(source: str | None, tokenizer: Tokenizer, run_data: Path | None = None,
                  max_tokens: int | None = None) -> np.ndarray:
-    """The ids to score, 1-D.
-
-    source None: the validation split of the run's own prepared data (`run_data`); a prepared directory:
-    its validation split; anything `nanoseek train --data` accepts: its documents, encoded with the
-    model's tokenizer and joined by eos (as training saw documents).
-    """
+    """The ids to score, 1-D: for source None the validation split of the run's own prepared data
+    (`run_data`); for a prepared directory its validation split; for anything `nanoseek train --data`
+    accepts its documents, encoded with the model's tokenizer and joined by eos (as training saw them)."""
     if max_tokens is not None and max_tokens < 2:  # 0 means 0 tokens, which cannot be scored; not "all"
         raise ValueError(f"--max-tokens {max_tokens}: must be >= 2 (a score needs a token and the next one); omit "
                          "it to score everything")
@@ -63,8 +59,7 @@ def token_stream(source: str | None, tokenizer: Tokenizer, run_data: Path | None
         total += len(chunks[-1])
         if max_tokens is not None and total >= max_tokens:
             break
-    ids = np.concatenate(chunks)
-    return ids[:max_tokens] if max_tokens is not None else ids
+    return np.concatenate(chunks)[:max_tokens]
 
 
 @torch.no_grad()
@@ -85,16 +80,14 @@ def evaluate_ids(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, seq_
     model.eval()
     nats, tokens, n_bytes = 0.0, 0, 0
     n_full, tail = divmod(len(ids) - 1, seq_len)
-    n_batches = math.ceil(n_full / batch_size) + (1 if tail else 0)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    for x, y in tqdm(token_windows([ids], seq_len, batch_size, tail=True), total=n_batches, desc="eval", unit="batch",
-                     disable=not progress):
+    for x, y in tqdm(token_windows([ids], seq_len, batch_size, tail=True), desc="eval", unit="batch",
+                     total=math.ceil(n_full / batch_size) + (1 if tail else 0), disable=not progress):
         with autocast:
             out = model(x.to(device), y.to(device))
-        n = y.numel()
-        nats += float(out.losses["ce"]) * n
-        tokens += n
+        nats += float(out.losses["ce"]) * y.numel()
+        tokens += y.numel()
         # eos ends a document but spells no text: it is scored, its bytes are not counted
         n_bytes += sum(len(tokenizer.decode([t for t in row.tolist() if t != tokenizer.eos_id]).encode("utf-8"))
                        for row in y)

@@ -1,12 +1,10 @@
-"""What `--inject KIND@STEP` means: the fault kinds and their parser.
+"""What `--inject KIND@STEP` means: the fault kinds and their parser. config.py checks `GuardConfig.inject` with
+it before any data is prepared; train/faults.py injects them.
 
-Beside the guard's config (config.py validates `GuardConfig.inject` with it before any data is prepared);
-the injection itself, wrappers around the parts of a step that each kind breaks, is train/faults.py.
-Kinds: nan-loss, nan-grad, inf-grad, inf-act:MODULE_PATH (a `named_modules()` path such as
-`layers.1.attn`), lr-spike:FACTOR, bad-batch (token ids past the vocabulary). Each fires once, at the
-step (data batch index) it names. Under torchrun a fault fires on every rank unless the spec ends in
-`:rankR` (`nan-grad@5:rank1`): then only on rank R, which is how a test proves that one rank's NaN makes
-every rank skip.
+Kinds: nan-loss, nan-grad, inf-grad, inf-act:MODULE_PATH (a `named_modules()` path such as `layers.1.attn`),
+lr-spike:FACTOR, bad-batch (token ids past the vocabulary). Each fires once, at the step (data batch index) it
+names, on every rank, or with `:rankR` (`nan-grad@5:rank1`) on rank R only: that is how a test proves that one
+rank's NaN makes every rank skip.
 """
 
 from __future__ import annotations
@@ -33,16 +31,14 @@ class Fault:
 def parse_fault(spec: str) -> Fault:
     head, sep, tail = spec.rpartition("@")
     step, _, where = tail.partition(":")
+    kind, _, arg = head.partition(":")
     if not sep or not step:
         raise ValueError(f"--inject {spec!r}: missing @STEP; {USAGE}")
     if not step.isdigit():
         raise ValueError(f"--inject {spec!r}: the step after @ must be a whole number, not {step!r}; {USAGE}")
-    rank = None
-    if where:
-        if not (where.startswith("rank") and where[4:].isdigit()):
-            raise ValueError(f"--inject {spec!r}: {where!r} after @STEP must be rankN (the rank to fire on); {USAGE}")
-        rank = int(where[4:])
-    kind, _, arg = head.partition(":")
+    if where and not (where.startswith("rank") and where[4:].isdigit()):
+        raise ValueError(f"--inject {spec!r}: {where!r} after @STEP must be rankN (the rank to fire on); {USAGE}")
+    rank = int(where[4:]) if where else None
     if kind not in KINDS:
         raise ValueError(f"--inject {spec!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "inf-act" and not arg:

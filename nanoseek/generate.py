@@ -1,16 +1,13 @@
 """Sampling: prefill once, then decode one token at a time from the KV cache (the latent cache for MLA).
 
-`stream` yields each new token as soon as it exists; `generate` collects them; `generate_batch` decodes
-prompts of different lengths as one left-padded batch. Neither reads a value back to the host per token
-except where asked to: the end-of-text check runs every `sync_every` tokens (finished rows are padded with
-eos meanwhile), so a GPU keeps decoding ahead of Python.
-
-The default cache is static (model/cache.py, driven by `StaticDecoder`): every decode step has the same
-shapes, so `compile` traces it once. The dynamic cache (`static_cache=False`) is the simpler reference.
+The end-of-text check reads the device only every `sync_every` tokens, so a GPU keeps decoding ahead of
+Python. The default cache is static (model/cache.py): every decode step has the same shapes, so `compile`
+traces it once; the dynamic cache (`static_cache=False`) is the simpler reference.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,7 +41,7 @@ GREEDY = Sampling(temperature=0.0)
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: [B, vocab] -> next token ids [B, 1]. temperature 0 is greedy."""
-    logits = logits.float()  # exact for bf16/fp16, and CPU's fp32 argmax is ~4x faster (bench_decode_overhead.py)
+    logits = logits.float()  # exact for bf16/fp16, and CPU's fp32 argmax is faster (bench_decode_overhead.py)
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -54,8 +51,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     if top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019): smallest set with mass >= top_p
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     if generator is not None and generator.device != probs.device:
@@ -65,40 +61,32 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 
 
 def prepare_for_generation(model: Transformer, dtype: torch.dtype | None = None, pack: bool = True) -> int:
-    """Ready `model` for decoding alone, in place: eval mode, weights in `dtype` (None: as they are) and, on
-    CPU, linear layers prepacked for oneDNN, those reading the same input stacked into one (model/packed.py).
-    Returns how many packed layers there are.
-    Leave `pack` off for a compiled step: inductor's weight freezing packs them itself."""
+    """Ready `model` for decoding alone, in place: eval mode, weights in `dtype` (None: as they are) and, on CPU,
+    linear layers prepacked for oneDNN, those reading the same input stacked into one (model/packed.py); returns
+    how many are packed. Leave `pack` off for a compiled step: inductor's weight freezing packs them itself."""
     model.eval()
     if dtype is not None:
         model.to(dtype)
-    if not pack:
-        return 0
-    fused = fuse_linears(model)  # first: the parts it stacks are plain nn.Linear until pack_linears runs
-    return fused + pack_linears(model)
+    # fuse first: the parts it stacks are plain nn.Linear until pack_linears runs
+    return fuse_linears(model) + pack_linears(model) if pack else 0
 
 
 def check_prompt(model: Transformer, prompt: torch.Tensor, truncate: bool = False) -> torch.Tensor:
     """The prompt as the model can take it: [B, T0] with T0 < max_seq_len (room for one new token).
-
-    A longer prompt is an error unless `truncate`, which keeps its last max_seq_len - 1 tokens.
-    """
+    A longer prompt is an error unless `truncate`, which keeps its last max_seq_len - 1 tokens."""
     limit = model.config.max_seq_len - 1
     if prompt.shape[1] == 0:
         raise ValueError("the prompt is empty; pass at least one token (any text, or a newline)")
-    if prompt.shape[1] > limit:
-        if not truncate:
-            raise ValueError(f"the prompt has {prompt.shape[1]} tokens but the model's context is "
-                             f"{model.config.max_seq_len} (max_seq_len); shorten it, or pass --truncate to keep "
-                             f"its last {limit} tokens")
-        prompt = prompt[:, -limit:]
-    return prompt
+    if prompt.shape[1] > limit and not truncate:
+        raise ValueError(f"the prompt has {prompt.shape[1]} tokens but the model's context is "
+                         f"{model.config.max_seq_len} (max_seq_len); shorten it, or pass --truncate to keep "
+                         f"its last {limit} tokens")
+    return prompt[:, -limit:]
 
 
 class StaticDecoder:
-    """Prefill, then one-token steps over static caches. pad: [B] left-padding length of each row (None:
-    none). `compile` compiles the step (torch.compile, static shapes; with frozen weights on CPU, where
-    inductor hands linear layers to oneDNN's prepacked kernels): one trace per batch size and cache length."""
+    """Prefill, then one-token steps over static caches. pad: [B] left-padding length of each row (None: none).
+    `compile` compiles the step with static shapes and frozen weights: one trace per batch size and length."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, pad: torch.Tensor | None = None,
                  compile: bool = False):
@@ -122,18 +110,12 @@ def decode_step(model: Transformer, layout, caches: list, tokens: torch.Tensor, 
     return model(tokens, caches=caches, start_pos=slot).logits[:, -1]
 
 
-_COMPILED = {}
-
-
+@functools.cache
 def compiled_step():
-    """decode_step under torch.compile, made once per process (each model / shape adds its own trace).
-
-    Freezing bakes the weights into the compiled step as constants: compile only a model whose weights no
-    longer change (generation after loading, not sampling between training steps)."""
-    if "step" not in _COMPILED:
-        options = {"freezing": True} if torch.backends.mkldnn.is_available() else None
-        _COMPILED["step"] = torch.compile(decode_step, dynamic=False, options=options)
-    return _COMPILED["step"]
+    """decode_step under torch.compile, made once per process. Freezing bakes the weights in as constants:
+    compile only a model whose weights no longer change (not sampling between training steps)."""
+    options = {"freezing": True} if torch.backends.mkldnn.is_available() else None
+    return torch.compile(decode_step, dynamic=False, options=options)
 
 
 def _first_and_next(model: Transformer, prompt: torch.Tensor, total: int, pad: torch.Tensor | None,
@@ -149,7 +131,7 @@ def _first_and_next(model: Transformer, prompt: torch.Tensor, total: int, pad: t
         caches = model.new_caches(prompt.shape[0], total)
         return (model(prompt, caches=caches).logits[:, -1],
                 lambda nxt, pos: model(nxt, caches=caches, start_pos=pos).logits[:, -1])
-    seq = [prompt]  # use_cache False re-runs the whole sequence for every token (the slow reference path)
+    seq = [prompt]  # no cache: re-run the whole sequence for every token (the slow reference path)
 
     def rerun(nxt: torch.Tensor, pos: int) -> torch.Tensor:
         seq[0] = torch.cat([seq[0], nxt], dim=1)
@@ -164,12 +146,9 @@ def stream(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampli
            static_cache: bool = True, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield new tokens [B, 1] one at a time (at most max_new_tokens, never past max_seq_len).
 
-    pad: [B] left-padding length of each row of `prompt` (a ragged batch, see `pad_prompts`).
-    use_cache False re-runs the whole sequence for every token (the slow reference path); static_cache
-    False uses the dynamic cache; compile compiles the decode step (static cache only).
-    Rows that emitted eos_id keep emitting it; the stream ends once every row has (checked every
-    `sync_every` tokens, and on every token for a batch of one, which is already synchronous).
-    """
+    pad: [B] left-padding length of each row of `prompt` (see `pad_prompts`). Rows that emitted eos_id keep
+    emitting it; the stream ends once every row has (checked every `sync_every` tokens, or every token for a
+    batch of one, which is synchronous anyway)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     was_training = model.training
@@ -177,21 +156,20 @@ def stream(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampli
     try:
         full_len = prompt.shape[1]
         prompt = check_prompt(model, prompt, truncate)
+        batch, length = prompt.shape
         if pad is not None:  # truncation cuts padding first
-            pad = (pad - (full_len - prompt.shape[1])).clamp(min=0)
-        total = min(model.config.max_seq_len, prompt.shape[1] + max_new_tokens)
+            pad = (pad - (full_len - length)).clamp(min=0)
+        total = min(model.config.max_seq_len, length + max_new_tokens)
         logits, step = _first_and_next(model, prompt, total, pad, use_cache, static_cache, compile)
-        done = torch.zeros(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
-        for n in range(total - prompt.shape[1]):
+        done = torch.zeros(batch, 1, dtype=torch.bool, device=prompt.device)
+        for pos in range(length, total):  # pos: the position of the token drawn now
             nxt = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)  # [B, 1]
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)
                 done |= nxt == eos_id
             yield nxt
-            pos = prompt.shape[1] + n  # position of nxt
-            if pos + 1 >= total:
-                break
-            if eos_id is not None and (prompt.shape[0] == 1 or (n + 1) % sync_every == 0) and bool(done.all()):
+            checked = eos_id is not None and (batch == 1 or (pos + 1 - length) % sync_every == 0)
+            if pos + 1 >= total or (checked and bool(done.all())):
                 break
             logits = step(nxt, pos)
     finally:
@@ -203,22 +181,15 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, samp
              truncate: bool = False, pad: torch.Tensor | None = None, static_cache: bool = True,
              compile: bool = False) -> torch.Tensor:
     """prompt: [B, T0] -> [B, T0 + n], n <= max_new_tokens (fewer at eos or at max_seq_len).
-
-    With truncate, T0 counts the prompt as the model saw it (its last max_seq_len - 1 tokens).
-    pad, static_cache, compile: as for `stream`.
-    """
-    full_len = prompt.shape[1]
-    prompt = check_prompt(model, prompt, truncate)
-    if pad is not None:
-        pad = (pad - (full_len - prompt.shape[1])).clamp(min=0)
-    new = list(stream(model, prompt, max_new_tokens, sampling, eos_id, generator, use_cache, pad=pad,
+    With truncate, T0 counts the prompt as the model saw it. pad, static_cache, compile: as for `stream`."""
+    seen = check_prompt(model, prompt, truncate)  # the prompt as the model sees it
+    new = list(stream(model, prompt, max_new_tokens, sampling, eos_id, generator, use_cache, truncate, pad=pad,
                       static_cache=static_cache, compile=compile))
-    out = torch.cat([prompt, *new], dim=1)
+    out = torch.cat([seen, *new], dim=1)
     if eos_id is not None and new:  # drop trailing all-eos columns the periodic check let through
-        finished = (out[:, prompt.shape[1]:] == eos_id).long().cumsum(1) > 0  # [B, n]: at/after each first eos
-        all_done = finished.all(0)  # [n], monotone
+        all_done = ((out[:, seen.shape[1]:] == eos_id).cumsum(1) > 0).all(0)  # [n]: every row at/after its eos
         if bool(all_done.any()):
-            out = out[:, :prompt.shape[1] + int(all_done.int().argmax()) + 1]
+            out = out[:, :seen.shape[1] + int(all_done.int().argmax()) + 1]
     return out
 
 
@@ -232,9 +203,8 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0,
     return batch, torch.tensor([width - len(p) for p in prompts], device=device)
 
 
-def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
-                   sampling: Sampling = Sampling(), eos_id: int | None = None,
-                   generator: torch.Generator | None = None, truncate: bool = False,
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                   eos_id: int | None = None, generator: torch.Generator | None = None, truncate: bool = False,
                    compile: bool = False) -> list[list[int]]:
     """Continue every prompt in one batch (no loop over prompts): each row's new tokens, cut after its first
     eos_id (kept). Greedy rows equal what `generate` gives that prompt alone. The rows share one context of

@@ -1,8 +1,7 @@
-"""ModelConfig: the shape and numerics of a Transformer, validated before any tensor is made; the presets.
+"""ModelConfig, a Transformer's shape and numerics validated before any tensor is made, and the presets.
 
-Every field name follows DESIGN.md's vocabulary (DeepSeek-V3's reference code where the concept exists
-there). A bad value raises ``ValueError`` naming the field, the value and the fix. The run-level sections
-(data, train, guard) and TOML I/O are in config.py, which re-exports everything here.
+Field names follow DESIGN.md (DeepSeek-V3's reference code where the concept exists there). A bad value raises
+ValueError naming the field, the value and the fix. config.py (run-level sections, TOML) re-exports all this.
 """
 
 from __future__ import annotations
@@ -24,21 +23,18 @@ def _is_number(value: Any) -> bool:
 
 def require_positive(obj: Any, *names: str) -> None:
     for name in names:
-        value = getattr(obj, name)
-        if not _is_number(value) or value <= 0:
+        if not _is_number(value := getattr(obj, name)) or value <= 0:
             _fail(name, value, "must be a finite positive number")
 
 
 def require_non_negative(obj: Any, *names: str) -> None:
     for name in names:
-        value = getattr(obj, name)
-        if not _is_number(value) or value < 0:
+        if not _is_number(value := getattr(obj, name)) or value < 0:
             _fail(name, value, "must be a finite number >= 0")
 
 
 def _one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(obj, name)
-    if value not in choices:
+    if (value := getattr(obj, name)) not in choices:
         _fail(name, value, f"must be one of {', '.join(map(repr, choices))}")
 
 
@@ -77,8 +73,8 @@ class ModelConfig:
     v_head_dim: int = 32
     """MLA: per-head value width."""
     kv_latent_norm: bool = True
-    """MLA: RMS-normalise the KV latent (DeepSeek-V2's kv_a_layernorm). Off suits a model converted from GQA,
-    whose latent is a projection of real keys and values; transformers' DeepseekV3 always applies it."""
+    """MLA: RMS-normalise the KV latent (DeepSeek-V2's kv_a_layernorm; transformers' DeepseekV3 always applies it).
+    Off suits a model converted from GQA, whose latent is a projection of real keys and values."""
     inter_dim: int = 384
     """Hidden width of the dense SwiGLU MLP (every layer without MoE)."""
     n_dense_layers: int = 1
@@ -138,7 +134,7 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal weight init."""
     qk_clip_threshold: float = 0.0
-    """MLA QK-clip (Kimi K2, arXiv 2507.20534): rescale query/key weights of heads whose max logit exceeds this (0: off)."""
+    """MLA QK-clip (Kimi K2, arXiv 2507.20534): rescale Q/K weights of heads whose max logit passes this (0: off)."""
     logit_z_loss_coef: float = 0.0
     """Output-logit z-loss weight (PaLM, arXiv 2204.02311 section 5 uses 1e-4; 0: off)."""
     router_fp32: bool = True
@@ -151,35 +147,34 @@ class ModelConfig:
     """NPT: rank of the adapters' projection of the attention output."""
     npt_safe_mode: bool = False
     """NPT: additive gate modulation only."""
-    # What __post_init__ derived (kv_head_ratio, embd_scale, an automatic head_dim or n_kv_heads): for the
-    # record, and so that a copy with a new dim derives them again. Not a setting (the CLI hides it).
+    # What __post_init__ derived (kv_head_ratio, embd_scale, an automatic head_dim or n_kv_heads): for the record,
+    # and so that a copy with a new dim derives them again. Not a setting (the CLI hides it).
     derived: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "rope_theta",
-                  "norm_eps", "embd_scale", "inter_dim", "init_std")
+        require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "rope_theta", "norm_eps",
+                         "embd_scale", "inter_dim", "init_std", "beta_fast", "beta_slow", "mscale")
         _one_of(self, "attention", ("mla", "gqa"))
         _one_of(self, "score_func", ("sigmoid", "softmax"))
         _one_of(self, "mtp_kind", ("modules", "shared"))
         _one_of(self, "rope_scaling", ("none", "linear", "yarn"))
         require_non_negative(self, "q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts",
-                      "route_scale", "balance_rate", "aux_loss_coef", "router_z_loss_coef",
-                      "mtp_weight", "qk_clip_threshold", "logit_z_loss_coef", "swiglu_clamp",
-                      "rope_original_max_seq_len", "mscale_all_dim")
+                             "route_scale", "balance_rate", "aux_loss_coef", "router_z_loss_coef", "mtp_weight",
+                             "qk_clip_threshold", "logit_z_loss_coef", "swiglu_clamp", "rope_original_max_seq_len",
+                             "mscale_all_dim")
         if not 0.0 <= self.dropout < 1.0:
             _fail("dropout", self.dropout, "must be in [0, 1)")
         if self.mtp_depth < 0:
             _fail("mtp_depth", self.mtp_depth, "must be >= 0 (0 turns multi-token prediction off)")
         if self.n_dense_layers > self.n_layers:
             _fail("n_dense_layers", self.n_dense_layers, f"must be <= n_layers={self.n_layers}")
-        require_positive(self, "beta_fast", "beta_slow", "mscale")
         if not (_is_number(self.rope_factor) and self.rope_factor >= 1.0):
             _fail("rope_factor", self.rope_factor, "must be >= 1 (1 means no scaling)")
         if self.attention == "gqa":
             self._derive_gqa()
         else:
             self._check_mla()
-        if self.n_routed_experts > 0:
+        if self.uses_moe:
             self._check_moe()
         self._check_npt()
 
@@ -197,8 +192,7 @@ class ModelConfig:
             step = self.n_heads * (2 if self.head_dim is None else 1)
             widened = max(int(self.dim * self.embd_scale) // step * step, step)
             self.derived["dim"] = f"{self.dim} * embd_scale {self.embd_scale} -> {widened}"
-            self.dim = widened
-            self.embd_scale = 1.0
+            self.dim, self.embd_scale = widened, 1.0
         if self.kv_head_ratio is not None:
             if not 0 < self.kv_head_ratio <= 1:
                 _fail("kv_head_ratio", self.kv_head_ratio, "must be in (0, 1]: n_kv_heads = n_heads * ratio")
@@ -206,8 +200,7 @@ class ModelConfig:
             while self.n_heads % n_kv:  # round down to a divisor of n_heads
                 n_kv -= 1
             self.derived["n_kv_heads"] = f"n_heads {self.n_heads} * kv_head_ratio {self.kv_head_ratio} -> {n_kv}"
-            self.n_kv_heads = n_kv
-            self.kv_head_ratio = None
+            self.n_kv_heads, self.kv_head_ratio = n_kv, None
         if self.n_kv_heads is None:
             self.n_kv_heads = self.derived["auto_n_kv_heads"] = self.n_heads
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
@@ -226,7 +219,8 @@ class ModelConfig:
         if self.n_kv_heads not in (None, self.n_heads):
             _fail("n_kv_heads", self.n_kv_heads, gqa_only)
         if self.head_dim is not None:  # silently ignoring it would build a different model than asked for
-            _fail("head_dim", self.head_dim, "is for GQA; MLA's head sizes are qk_nope_head_dim, qk_rope_head_dim, v_head_dim")
+            _fail("head_dim", self.head_dim,
+                  "is for GQA; MLA's head sizes are qk_nope_head_dim, qk_rope_head_dim, v_head_dim")
         if self.embd_scale != 1.0:
             _fail("embd_scale", self.embd_scale, "widens dim for attention='gqa' only; set dim directly for MLA")
         require_positive(self, "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
@@ -247,10 +241,11 @@ class ModelConfig:
             _fail("n_limited_groups", self.n_limited_groups, f"must be <= n_expert_groups={self.n_expert_groups}")
         per_group = self.n_routed_experts // self.n_expert_groups
         if self.n_expert_groups > 1 and per_group < 2:
-            _fail("n_expert_groups", self.n_expert_groups, "each group needs >= 2 experts (groups are scored by their top-2)")
+            _fail("n_expert_groups", self.n_expert_groups,
+                  "each group needs >= 2 experts (groups are scored by their top-2)")
         if self.n_limited_groups * per_group < self.n_activated_experts:
-            _fail("n_limited_groups", self.n_limited_groups,
-                  f"the {self.n_limited_groups} kept groups hold fewer than n_activated_experts={self.n_activated_experts} experts")
+            _fail("n_limited_groups", self.n_limited_groups, f"the {self.n_limited_groups} kept groups hold fewer "
+                  f"than n_activated_experts={self.n_activated_experts} experts")
 
     def _check_npt(self) -> None:
         self.npt_layers = tuple(self.npt_layers)  # a TOML list reads back as a list
@@ -261,8 +256,6 @@ class ModelConfig:
                 _fail("npt_layers", self.npt_layers, f"layer {i} is not a dense-MLP layer of this model "
                       f"(layers 0-{self.n_layers - 1}, MoE from {self.n_dense_layers} when n_routed_experts > 0)")
         require_positive(self, "npt_rank")
-
-    # ---- derived sizes -------------------------------------------------------------------------
 
     @property
     def uses_moe(self) -> bool:
@@ -297,8 +290,7 @@ class ModelConfig:
 
 def _known_fields(cls: type, values: dict, section: str) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
+    if unknown := sorted(set(values) - names):
         raise ValueError(f"[{section}] {unknown[0]}: unknown field; known fields are {', '.join(sorted(names))}")
     return dict(values)
 
@@ -313,15 +305,14 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, max_seq_len=512,
                          kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
                          inter_dim=1024, n_routed_experts=16, n_activated_experts=2, moe_inter_dim=256),
-    "medium": ModelConfig(vocab_size=32768, dim=768, n_layers=12, n_heads=12, max_seq_len=1024,
-                          q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                          v_head_dim=64, inter_dim=2048, n_routed_experts=32, n_activated_experts=4,
-                          moe_inter_dim=384, route_scale=2.0),
+    "medium": ModelConfig(vocab_size=32768, dim=768, n_layers=12, n_heads=12, max_seq_len=1024, q_lora_rank=384,
+                          kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, inter_dim=2048,
+                          n_routed_experts=32, n_activated_experts=4, moe_inter_dim=384, route_scale=2.0),
     # ~0.9B total / 0.26B active: the top of the range one 80 GB GPU trains comfortably.
-    "large": ModelConfig(vocab_size=32768, dim=1024, n_layers=20, n_heads=16, max_seq_len=2048,
-                         q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                         v_head_dim=64, inter_dim=2816, n_routed_experts=32, n_activated_experts=4,
-                         moe_inter_dim=384, n_expert_groups=4, n_limited_groups=2, route_scale=2.5),
+    "large": ModelConfig(vocab_size=32768, dim=1024, n_layers=20, n_heads=16, max_seq_len=2048, q_lora_rank=512,
+                         kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, inter_dim=2816,
+                         n_routed_experts=32, n_activated_experts=4, moe_inter_dim=384, n_expert_groups=4,
+                         n_limited_groups=2, route_scale=2.5),
     # ~1.5B total / 0.44B active.
     "xl": ModelConfig(vocab_size=49152, dim=1280, n_layers=20, n_heads=16, max_seq_len=2048,
                       q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=96, qk_rope_head_dim=32,
@@ -329,9 +320,8 @@ PRESETS: dict[str, ModelConfig] = {
                       moe_inter_dim=512, n_expert_groups=4, n_limited_groups=2, route_scale=2.5),
     # SmolLM2-135M's shape (576 dim, 30 layers, 9 heads, vocab 49152) as MLA + MoE (DeepSeekMoE's layout):
     # 1 shared + 7 routed experts, top-2; each expert a third of SmolLM2's 1536-wide MLP.
-    "smoldeepseek-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, max_seq_len=2048,
-                                     kv_lora_rank=192, qk_nope_head_dim=48, qk_rope_head_dim=16,
-                                     v_head_dim=64, inter_dim=1536, n_dense_layers=1, n_routed_experts=7,
-                                     n_shared_experts=1, n_activated_experts=2, moe_inter_dim=512,
-                                     tie_embeddings=True, rope_theta=100000.0),
+    "smoldeepseek-135m": ModelConfig(
+        vocab_size=49152, dim=576, n_layers=30, n_heads=9, max_seq_len=2048, kv_lora_rank=192, qk_nope_head_dim=48,
+        qk_rope_head_dim=16, v_head_dim=64, inter_dim=1536, n_dense_layers=1, n_routed_experts=7, n_shared_experts=1,
+        n_activated_experts=2, moe_inter_dim=512, tie_embeddings=True, rope_theta=100000.0),
 }

@@ -1,17 +1,11 @@
 """One writer per directory, and outputs that are replaced whole or not at all.
 
-`hold(directory, command)` takes an OS-level lock (`fcntl.flock`) on `DIRECTORY/.nanoseek.lock` for the rest
-of the command: a second `nanoseek train/prepare/convert/heal/npt` on the same directory is refused in one
-line naming the holder's PID. The kernel drops the lock when its process exits, however it exits (kill -9,
-a crash, a power-cycled node leaves no process), so a stale lock file never blocks anyone; the file itself
-stays behind on purpose: deleting a lock file races with a process that has just opened it.
+`hold` takes an `fcntl.flock` on DIRECTORY/.nanoseek.lock until the command ends; a second writer is refused in one
+line naming the holder's PID. The kernel drops the lock however its process exits (kill -9, a crash), so a stale
+lock never blocks anyone; the file stays behind on purpose (deleting it races with a process that just opened it).
 
-`replacing(target, owned)` is the write-new-then-swap of a folder that is replaced whole (prepared data, an
-export): everything is written into a sibling staging folder; only when that succeeded is the old folder
-renamed aside, the new one renamed into place and the old one removed. A failure at any point before the
-swap leaves the old folder exactly as it was; a crash between the two renames leaves the old folder, intact,
-under its `.NAME.old-PID` name next to the target. A user's own files in the folder are kept (carried
-over as hard links); one the command would overwrite is refused before anything is written.
+`replacing` writes a folder that is replaced whole (prepared data, an export) into a sibling staging folder and
+swaps it in only once that succeeded; a crash between the two renames leaves the old one intact as `.NAME.old-PID`.
 """
 
 from __future__ import annotations
@@ -43,10 +37,10 @@ _held: dict[str, _Lock] = {}  # realpath of the locked directory -> its lock (re
 
 def _holder(lock_path: Path) -> str:
     try:
-        text = lock_path.read_text().split()
-    except OSError:
+        pid, *what = lock_path.read_text().split()
+    except (OSError, ValueError):  # unreadable, or empty
         return "another process"
-    return f"pid {text[0]} ({' '.join(text[1:])})" if text else "another process"
+    return f"pid {pid} ({' '.join(what)})"
 
 
 def check_folder_path(path: Path) -> None:
@@ -60,9 +54,8 @@ def check_folder_path(path: Path) -> None:
 
 
 def hold(directory: str | Path, command: str) -> None:
-    """Lock `directory` (created if missing) for this process until `release_all()` or exit.
-
-    Raises ValueError, one line naming the holder's PID, when another process holds it."""
+    """Lock `directory` (created if missing) for this process until `release_all()` or exit; another process's
+    hold is refused with a ValueError naming its PID."""
     directory = Path(directory).expanduser()
     check_folder_path(directory)
     created = not directory.exists()
@@ -110,8 +103,7 @@ def release(directory: str | Path) -> None:
 
 
 def release_all() -> None:
-    for key in list(_held):
-        lock = _held[key]
+    for lock in list(_held.values()):
         lock.count = 1
         release(lock.directory)
 
@@ -125,9 +117,6 @@ def command_scope() -> Iterator[None]:
         release_all()
 
 
-# ---- run names -------------------------------------------------------------------------------------
-
-
 def unique_run_dir(root: str | Path, prefix: str) -> Path:
     """A path ROOT/PREFIX-YYYYmmdd-HHMMSS-XXXXXX that does not exist yet: the random suffix keeps two runs
     started in the same second (on one node or many) apart; `hold` then creates and locks it."""
@@ -137,37 +126,30 @@ def unique_run_dir(root: str | Path, prefix: str) -> Path:
             return path
 
 
-# ---- validate before you touch -------------------------------------------------------------------
-
-
-def _foreign(directory: Path, owned: set[str]) -> list[Path]:
-    """Entries of `directory` the command did not write (the lock file is always its own)."""
+def _foreign(directory: Path, owned: set[str], writes: set[str], what: str) -> list[Path]:
+    """Entries of `directory` the command did not write (the lock file is always its own). A folder among
+    them, or a file named in `writes`, is refused: the command would replace it."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.name != LOCK_FILE and p.name not in owned)
-
-
-def _refuse(directory: Path, names: list[str], what: str, why: str) -> None:
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    raise ValueError(f"{directory} holds {shown}, {why}; nothing was changed: choose a new or empty folder for "
-                     f"the {what}, or move those away")
+    foreign = sorted(p for p in directory.iterdir() if p.name != LOCK_FILE and p.name not in owned)
+    clash = [p.name for p in foreign if p.is_dir() or p.name in writes]
+    if clash:
+        shown = ", ".join(clash[:3]) + (f" and {len(clash) - 3} more" if len(clash) > 3 else "")
+        raise ValueError(f"{directory} holds {shown}, which it did not write and would replace; nothing was "
+                         f"changed: choose a new or empty folder for the {what}, or move those away")
+    return foreign
 
 
 @contextlib.contextmanager
 def replacing(target: str | Path, owned: set[str], writes: set[str], what: str) -> Iterator[Path]:
     """Yield a fresh staging folder next to `target`; once the body succeeded, it becomes `target`.
 
-    owned: the names in an existing `target` that an earlier run of the command wrote (replaced). Any other
-    file is the user's: it is carried into the new folder as a hard link (no byte moves, so a crash at any
-    point leaves it where it was). A foreign folder, or a foreign file named like one the command writes
-    (`writes`, or found in the staging folder at the end), is refused before anything changes. On an
-    exception the staging folder is removed and `target` is untouched."""
+    owned: the names in an existing `target` that an earlier run of the command wrote (replaced). Any other file
+    is the user's, carried into the new folder as a hard link (a crash at any point leaves it where it was);
+    refused, before anything changes, if it is a folder or named like a file the command writes."""
     target = Path(target).expanduser()
     check_folder_path(target)
-    foreign = _foreign(target, owned)
-    clash = [p.name for p in foreign if p.is_dir() or p.name in writes]
-    if clash:
-        _refuse(target, clash, what, "which it did not write and would replace")
+    _foreign(target, owned, writes, what)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     staging = target.parent / f".{target.name}.new-{os.getpid()}-{secrets.token_hex(3)}"
@@ -177,11 +159,8 @@ def replacing(target: str | Path, owned: set[str], writes: set[str], what: str) 
         raise OSError(err.errno, err.strerror, str(target)) from None
     try:
         yield staging
-        foreign = _foreign(target, owned)  # again: the user may have added files meanwhile
-        clash = [p.name for p in foreign if p.is_dir() or (staging / p.name).exists()]
-        if clash:
-            _refuse(target, clash, what, "which it did not write and would replace")
-        for path in foreign:
+        # Again: the user may have added files meanwhile.
+        for path in _foreign(target, owned, {p.name for p in staging.iterdir()}, what):
             os.link(path, staging / path.name)
         if (target / LOCK_FILE).is_file():  # the lock (the same inode) travels with the folder it locks
             with contextlib.suppress(OSError):
@@ -197,8 +176,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
-        return True
+    except PermissionError:  # alive, someone else's
+        pass
     return True
 
 
@@ -218,16 +197,14 @@ def _recover(target: Path) -> None:
 
 
 def _swap(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        fsync_path(target.parent)
-        return
     aside = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
-    os.replace(target, aside)
+    if target.exists():
+        os.replace(target, aside)
     try:
         os.replace(staging, target)
     except BaseException:
-        os.replace(aside, target)  # put the old one back
+        if aside.exists():
+            os.replace(aside, target)  # put the old one back
         raise
     fsync_path(target.parent)
     shutil.rmtree(aside, ignore_errors=True)

@@ -1,17 +1,16 @@
 """Self-speculative greedy decoding: the MTP modules draft, the main model verifies.
 
-A model trained with DeepSeek-V3's multi-token prediction (arXiv 2412.19437, section 2.2) already
-holds D small "what comes after the next token" predictors; the paper notes they can drive
-speculative decoding (Leviathan et al. 2023, arXiv 2211.17192). One round:
-
+A model trained with DeepSeek-V3's multi-token prediction (arXiv 2412.19437, section 2.2) already holds D
+small "what comes after the next token" predictors; the paper notes they can drive speculative decoding
+(Leviathan et al. 2023, arXiv 2211.17192). One round:
   1. The main model has processed positions 0..n-1 and chosen t_n (greedy).
   2. Module k, at position n-1, reads h^{k-1}_{n-1} and the embedding of t_{n+k-1} (t_n, then its own
      drafts) and drafts t_{n+k}: D draft tokens for the cost of D single blocks.
   3. The main model runs once over [t_n, d_1 .. d_D] from its cache and keeps the longest prefix of
      drafts that equals its own greedy choice, plus its own next token: 1 to D + 1 tokens per pass.
 
-Verification keeps exactly the tokens plain greedy decoding would produce; only the number of main
-model passes changes. Greedy and batch 1 only (rows would accept different lengths).
+Verification keeps exactly the tokens plain greedy decoding would produce; only the number of main model
+passes changes. Greedy and batch 1 only (rows would accept different lengths).
 """
 
 from __future__ import annotations
@@ -92,7 +91,7 @@ def _decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
         stats.accepted += accepted
         hidden[0] = torch.cat([hidden[0][:, :n], out.hidden[:, :accepted + 1]], dim=1)
         kept = drafts[:accepted]
-        if eos_id is not None and eos_id in kept:
+        if eos_id in kept:
             kept = kept[:kept.index(eos_id) + 1]
         tokens.extend(kept[:total - len(tokens)])
         if len(tokens) >= total or (kept and kept[-1] == eos_id):
@@ -104,9 +103,8 @@ def _decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
 def _draft(model: Transformer, hidden: list[torch.Tensor], filled: list[int], mtp_caches: list, tokens: list[int],
            n: int, n_drafts: int, device: torch.device) -> list[int]:
     """Run module k over the positions whose inputs changed since last round (filled[k]..n-1); the
-    output at n-1 drafts t_{n+k}. `tokens` holds t_0..t_n; drafts extend it as they are made."""
+    output at n-1 drafts t_{n+k}. `tokens` holds t_0..t_n; drafts extend a copy as they are made."""
     ext = list(tokens)
-    drafts = []
     for k, module in enumerate(model.mtp[:n_drafts], start=1):
         start = filled[k - 1]
         prev = hidden[k - 1][:, start:n]  # h^{k-1} at positions start..n-1: [1, L, dim]
@@ -115,6 +113,5 @@ def _draft(model: Transformer, hidden: list[torch.Tensor], filled: list[int], mt
         hidden[k] = torch.cat([hidden[k][:, :start], h], dim=1)
         # Position i is final once t_{i+k} is an accepted token (i <= n-k) and h^{k-1}_i was final.
         filled[k - 1] = max(start, n - k + 1)
-        drafts.append(int(model.head(normed[:, -1]).argmax(-1)))
-        ext.append(drafts[-1])
-    return drafts
+        ext.append(int(model.head(normed[:, -1]).argmax(-1)))
+    return ext[len(tokens):]

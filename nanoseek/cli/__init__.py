@@ -1,11 +1,7 @@
-"""The `nanoseek` command line: one subcommand per job, each a dataclass that tyro turns into flags.
+"""The `nanoseek` command line: one subcommand per job, each a dataclass whose fields tyro turns into flags.
 
-`train` reads its settings through nanoseek.config.load_config: the preset (or --config TOML, or with
---resume the config the checkpoint was saved with), then the flags on top (--model.dim, --train.lr,
---data.seq-len, --guard.window ..., and --data, --max-steps, --dist, --inject, --seed, --device, --out).
-
-Every command runs inside one error path (nanoseek/errors.py: an expected failure is one line and exit 2) and
-holds a lock on the directory it writes (nanoseek/rundir.py) until it returns.
+Every command runs inside one error path (errors.py: an expected failure is one line and exit 2) and holds a
+lock on the directory it writes (rundir.py) until it returns.
 """
 
 from __future__ import annotations
@@ -42,10 +38,8 @@ from nanoseek.train.resume import saved_config
 from nanoseek.train.trainer import Trainer, default_run_dir
 
 
-# The config sections as flags. Four settings are flags of their own, without a section prefix, because
-# users reach for them first: --data (data.source), --max-steps, --dist (train.*) and --inject (guard.*).
-
-
+# The config sections as flags (--model.dim, --train.lr, ...). The settings users reach for first are flags
+# without a section prefix: --data (data.source), --max-steps and --dist (train.*), --inject (guard.*).
 @dataclass
 class ModelFlags(ModelConfig):
     derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
@@ -54,14 +48,12 @@ class ModelFlags(ModelConfig):
 @dataclass
 class DataFlags(DataConfig):
     source: Annotated[str, tyro.conf.arg(name="data", prefix_name=False)] = "builtin:pydocs"
-    """Corpus: builtin:pydocs | builtin:stdlib | a file, directory or glob of .txt/.md/.jsonl/.parquet |
-    hf:NAME | a directory written by `nanoseek prepare`."""
+    """builtin:pydocs | builtin:stdlib | a file, dir or glob of .txt/.md/.jsonl/.parquet | hf:NAME | a `prepare` dir."""
 
 
 @dataclass
 class TrainFlags(TrainConfig):
-    max_steps: Annotated[int, tyro.conf.arg(prefix_name=False)] = 300
-    """Training steps (data batches)."""
+    max_steps: Annotated[int, tyro.conf.arg(prefix_name=False)] = 300  # Training steps (data batches).
     dist: Annotated[Literal["none", "ddp", "fsdp"], tyro.conf.arg(prefix_name=False)] = "none"
     """Data parallelism under `torchrun --nproc_per_node=N -m nanoseek train`: ddp, or fsdp (FSDP2 shards
     weights, gradients and optimizer state). batch_size stays per process."""
@@ -84,34 +76,25 @@ class Train:
     """Train a model. With no arguments: the `tiny` MLA+MoE+MTP model on the built-in corpus
     (CPython's reference docs), on CPU in a few minutes, ending with a generated sample.
 
-    Settings come from the preset (or --config FILE, or with --resume the checkpoint's own config), then
-    the flags on top (nanoseek.config.load_config)."""
+    Settings: the preset (or --config FILE, or with --resume the checkpoint's own config), then flags on top."""
 
-    preset: str = "tiny"
-    """Model preset: tiny, tiny-dense, tiny-gqa, small, medium, large, xl, smoldeepseek-135m."""
-    config: Path | None = None
-    """A TOML file with [model], [data], [train], [guard] sections (e.g. a run's config.toml)."""
-    out: str | None = None
-    """Run directory (default: runs/PRESET-TIMESTAMP-XXXXXX)."""
+    preset: str = "tiny"  # Model preset: tiny, tiny-dense, tiny-gqa, small, medium, large, xl, smoldeepseek-135m.
+    config: Path | None = None  # A TOML file with [model], [data], [train], [guard] sections (a run's config.toml).
+    out: str | None = None  # Run directory (default: runs/PRESET-TIMESTAMP-XXXXXX).
     resume: bool = False
-    """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU), with the config the
-    checkpoint was saved with; flags given now apply on top (shape, tokenizer, data and optimizer kind cannot
-    change)."""
+    """Continue the run in --out from its latest complete checkpoint (bit-exact on CPU), with the config it was
+    saved with; flags given now apply on top (shape, tokenizer, data and optimizer kind cannot change)."""
     resume_from: str | None = None
     """Resume from this checkpoint of the run instead of the latest: step-N, N, or its directory (implies
     --resume; later checkpoints are moved to checkpoints/abandoned-*, not deleted)."""
-    seed: int = 1337
-    """Random seed (weights, data order)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train (auto: cuda if available)."""
+    seed: int = 1337  # Random seed (weights, data order).
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # Where to train (auto: cuda if available).
     hardware: Literal["manual", "auto"] = "manual"
     """auto: set --train.precision/--train.fp8 for the device (H100/H200: bf16 + fp8 with torchao; A100,
     RTX 4090: bf16; other GPUs: fp16 + GradScaler; CPUs with AMX: bf16; other CPUs: fp32) and print why;
     manual: as configured."""
-    sample: bool = True
-    """Print a generated sample at the end."""
-    progress: bool = True
-    """Show a progress bar."""
+    sample: bool = True  # Print a generated sample at the end.
+    progress: bool = True  # Show a progress bar.
     model: ModelFlags = field(default_factory=ModelFlags)
     data: DataFlags = field(default_factory=DataFlags)
     train: TrainFlags = field(default_factory=TrainFlags)
@@ -131,7 +114,7 @@ class Train:
 
 @dataclass
 class _Start:
-    """What decides every other default of `train`: read first, the rest of argv is left for Train."""
+    """The flags that decide every other default of `train`, read before the rest."""
 
     preset: str | None = None
     config: Path | None = None
@@ -142,8 +125,8 @@ class _Start:
 
 
 def parse_train(argv: list[str]) -> Train:
-    """`nanoseek train` ARGV -> Train: load_config(preset | config file | with --resume the checkpoint's own
-    config, else the run's config.toml: train/resume.py saved_config), then every flag on top of it."""
+    """`nanoseek train` ARGV -> Train: load_config(the preset, the --config file, or with --resume the run's own
+    config: train/resume.py saved_config), then every flag on top of it."""
     start, _ = tyro.cli(_Start, args=argv, return_unknown_args=True, add_help=False, console_outputs=False)
     resume, saved = start.resume or start.resume_from is not None, None
     if resume and not start.out:
@@ -156,16 +139,14 @@ def parse_train(argv: list[str]) -> Train:
     if resume and start.data is not None and start.data != base.data.source:
         raise ValueError(f"--resume continues {start.out} on its own data ({base.data.source}), not --data "
                          f"{start.data}; drop --data, or train on new data in a new run (--out NEW)")
-    default = Train.from_config(base, config=start.config)
-    return tyro.cli(Train, args=argv, prog="nanoseek train", default=default)
+    return tyro.cli(Train, args=argv, prog="nanoseek train", default=Train.from_config(base, config=start.config))
 
 
 @dataclass
 class Prepare:
     """Tokenise a corpus into shard files (+ tokenizer and meta.json) that `train --data DIR` reads."""
 
-    out: str
-    """Directory to write."""
+    out: str  # Directory to write.
     data: DataFlags = field(default_factory=DataFlags)
 
 
@@ -174,8 +155,7 @@ class Diagnose:
     """Replay a saved bad batch of a run and name the first module that went non-finite."""
 
     run_dir: tyro.conf.Positional[str]
-    step: int | None = None
-    """The bad batch's step (default: the latest saved)."""
+    step: int | None = None  # The bad batch's step (default: the latest saved).
 
 
 @dataclass
@@ -184,10 +164,8 @@ class Export:
 
     path: tyro.conf.Positional[str]
     """A run directory (latest checkpoint), a checkpoint directory, or a transformers folder (re-exported)."""
-    out: str
-    """Folder to write (config.json, model.safetensors, tokenizer files)."""
-    dtype: Literal["fp32", "bf16", "fp16"] | None = None
-    """Weight dtype on disk (default: the source's)."""
+    out: str  # Folder to write (config.json, model.safetensors, tokenizer files).
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # Weight dtype on disk (default: the source's).
 
 
 def cmd_train(args: Train) -> int:
@@ -201,24 +179,23 @@ def cmd_train(args: Train) -> int:
         hold(run_dir, "train")
     trainer = Trainer(cfg, run_dir, resume=args.resume or args.resume_from is not None, show_progress=args.progress,
                       resume_from=args.resume_from)
-    model = trainer.model
     if trainer.dist.is_main:
-        print(f"nanoseek train: preset {cfg.preset}, {model.num_params() / 1e6:.2f}M parameters "
-              f"({model.num_params(active=True) / 1e6:.2f}M active), {trainer.data.vocab_size} vocab, "
-              f"device {trainer.device}, {cfg.train.precision}{' + fp8' if cfg.train.fp8 else ''}, run dir {run_dir}")
+        n_params, n_active = trainer.model.num_params(), trainer.model.num_params(active=True)
+        print(f"nanoseek train: preset {cfg.preset}, {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active), "
+              f"{trainer.data.vocab_size} vocab, device {trainer.device}, "
+              f"{cfg.train.precision}{' + fp8' if cfg.train.fp8 else ''}, run dir {run_dir}")
         if cfg.train.compile:
             print("nanoseek train: torch.compile: the first step compiles the model (a minute or more on a CPU)")
     result = trainer.train()
     if not trainer.dist.is_main:  # under torchrun rank 0 speaks for the run
         return result.exit_code
-    model = trainer.model  # under FSDP: an unsharded copy of the final weights
     if args.sample and cfg.train.sample_tokens and result.status not in ("aborted", "interrupted"):
         tok = trainer.data.tokenizer
         prompt = torch.tensor([[tok.eos_id]], device=trainer.device)  # a document boundary: any tokenizer has it
-        text = tok.decode(generate(model, prompt, cfg.train.sample_tokens, eos_id=tok.eos_id)[0, 1:].tolist())
+        # trainer.model: under FSDP an unsharded copy of the final weights
+        text = tok.decode(generate(trainer.model, prompt, cfg.train.sample_tokens, eos_id=tok.eos_id)[0, 1:].tolist())
         (run_dir / "samples.txt").write_text(text)
         print("--- sample ---\n" + text + "\n--------------")
-
     print(finish_train(run_dir, result))  # steps, tokens, time, best val, checkpoints, guard events, report
     if result.status == "aborted":
         print(f"aborted: the stability guard ran out of rollbacks; see {run_dir / 'metrics.jsonl'} "
@@ -251,8 +228,8 @@ def cmd_diagnose(args: Diagnose) -> int:
 
 
 def cmd_export(args: Export) -> int:
-    source = Path(args.path)
-    if source.exists() and Path(args.out).resolve() == source.resolve():
+    source, out = Path(args.path), Path(args.out)
+    if source.exists() and out.resolve() == source.resolve():
         raise ValueError(f"--out {args.out} is the source folder itself; write the export to a new folder")
     dtype = args.dtype
     if is_hf_folder(source):  # re-export: e.g. a folder `nanoseek convert` or transformers wrote
@@ -262,9 +239,8 @@ def cmd_export(args: Export) -> int:
     else:
         model, _ = load_model(source)
         tok = _checkpoint_tokenizer(source)
-    with replacing(args.out, export_files(Path(args.out)), {"config.json"}, "an export") as staging:
+    with replacing(out, export_files(out), {"config.json"}, "an export") as staging:
         export_hf(model, staging, tokenizer=tok, dtype=dtype)  # an earlier export stays whole until this is
-    out = Path(args.out)
     print(f"exported {hf_model_type(model.config)} ({model.num_params() / 1e6:.2f}M parameters) to {out}; "
           f"tokenizer: {'tokenizer.json + tokenizer_config.json' if tok is not None else 'none found'}")
     return 0
@@ -284,19 +260,15 @@ def _checkpoint_tokenizer(path: Path):
     return None
 
 
-COMMANDS = {"train": (Train, cmd_train), "prepare": (Prepare, cmd_prepare), "generate": (Generate, cmd_generate),
-            "eval": (Eval, cmd_eval), "check": (Check, cmd_check),
-            "diagnose": (Diagnose, cmd_diagnose), "export": (Export, cmd_export), "npt": (Npt, cmd_npt),
-            "report": (Report, cmd_report), "runs": (Runs, cmd_runs),
-            "convert": (Convert, cmd_convert), "heal": (Heal, cmd_heal)}
-
-
 DESCRIPTION = "Train small DeepSeek-style language models that never blow up silently."
+COMMANDS = {"train": (Train, cmd_train), "prepare": (Prepare, cmd_prepare), "generate": (Generate, cmd_generate),
+            "eval": (Eval, cmd_eval), "check": (Check, cmd_check), "diagnose": (Diagnose, cmd_diagnose),
+            "export": (Export, cmd_export), "npt": (Npt, cmd_npt), "report": (Report, cmd_report),
+            "runs": (Runs, cmd_runs), "convert": (Convert, cmd_convert), "heal": (Heal, cmd_heal)}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings meant for the user (an export's numerics, a skipped MTP layer) read as one line, not as
-    a source location inside the package."""
+    """Warnings meant for the user (an export's numerics, a skipped MTP layer): one line, not a source location."""
     print(f"nanoseek: warning: {message}", file=sys.stderr if file is None else file)
 
 
@@ -321,7 +293,3 @@ def main(argv: list[str] | None = None) -> int:
         print("nanoseek: interrupted; a run continues from its latest checkpoint with "
               "nanoseek train --out RUN_DIR --resume", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

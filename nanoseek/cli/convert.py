@@ -1,11 +1,9 @@
-"""`nanoseek convert` and `nanoseek heal`: the command-line side of convert.py and heal.py.
+"""`nanoseek convert` and `nanoseek heal`: the command-line side of convert/convert.py and convert/heal.py.
 
-A converted model is written as a nanoseek run directory, so every other command reads it:
-
-    OUT/config.toml                  run config (the converted ModelConfig, the data it was measured on)
-    OUT/data/                        the source's tokenizer, and the text tokenised into train/val shards
-    OUT/checkpoints/step-00000000/   the converted weights (an ordinary checkpoint)
-    OUT/conversion.json              the source, the options and the ConversionReport
+A converted model is written as a nanoseek run directory, so every other command reads it: config.toml (the
+converted ModelConfig, the data it was measured on), data/ (the source's tokenizer, the text tokenised into
+train/val shards), checkpoints/step-00000000/ (the converted weights) and conversion.json (the source, the
+options and the ConversionReport).
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ import json
 import shutil
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -46,8 +45,7 @@ class Convert:
     from_: Annotated[str, tyro.conf.arg(name="from")]
     """A transformers folder (config.json + safetensors + tokenizer.json, e.g. SmolLM2-135M), a .gguf file
     (needs `pip install 'nanoseek[gguf]'`) or a nanoseek GQA run / checkpoint directory."""
-    out: str
-    """Run directory to write (generate, eval, export and heal read it)."""
+    out: str  # Run directory to write (generate, eval, export and heal read it).
     to: Literal["mla-moe", "mla"] = "mla-moe"
     """mla-moe: MLA attention and MoE MLPs (after --dense-layers); mla: MLA attention, MLPs kept dense."""
     kv_lora_rank: int | None = None
@@ -55,19 +53,14 @@ class Convert:
     rope_dims: int | None = None
     """Width of the shared rope key (even): the RoPE frequencies kept (default: every one, head_dim, with
     --method rorope; head_dim / 4 with --method partial)."""
-    experts: int = 7
-    """Routed experts per MoE layer."""
-    shared: int = 1
-    """Shared (always-on) experts per MoE layer."""
-    top_k: int = 2
-    """Routed experts active per token."""
+    experts: int = 7  # Routed experts per MoE layer.
+    shared: int = 1  # Shared (always-on) experts per MoE layer.
+    top_k: int = 2  # Routed experts active per token.
     moe: Literal["split", "upcycle"] = "split"
     """split: partition the MLP's neurons into shared + routed experts (inter_dim / (shared + experts) each);
     upcycle: every expert a copy of the MLP (exact for any routing, more parameters)."""
-    dense_layers: int = 1
-    """The first layers keep their dense MLP (DeepSeek's first_k_dense_replace)."""
-    router_std: float = 0.02
-    """Spread of the initial router logits (small: top-k weights stay ~equal)."""
+    dense_layers: int = 1  # The first layers keep their dense MLP (DeepSeek's first_k_dense_replace).
+    router_std: float = 0.02  # Spread of the initial router logits (small: top-k weights stay ~equal).
     method: Literal["rorope", "partial"] = "rorope"
     """rorope: per kept RoPE frequency the KV groups' principal component is the shared rope key and the rest of
     every key becomes NoPE (TransMLA's RoRoPE; heads D + Dr wide); partial: partial RoPE (MHA2MLA), the other
@@ -81,19 +74,10 @@ class Convert:
     data: str = "builtin:pydocs"
     """Text for calibration (its train split) and the held-out report (its val split); any `train --data` form
     (a prepared directory must have been tokenised with the model's tokenizer)."""
-    seq_len: int = 256
-    """Sequence length of calibration / held-out windows (and of `heal`'s training data)."""
-    calib_tokens: int = 4096
-    """Calibration tokens."""
-    eval_tokens: int = 4096
-    """Held-out tokens for the KL / perplexity report."""
-    seed: int = 0
-    """Seed of the expert clustering and the upcycled router."""
-
-
-def _heal_train_defaults() -> TrainConfig:
-    return TrainConfig(max_steps=200, lr=1e-4, warmup_steps=10, weight_decay=0.0, batch_size=8, eval_every=50,
-                       save_every=100, eval_batches=4, sample_tokens=0)
+    seq_len: int = 256  # Sequence length of calibration / held-out windows (and of `heal`'s training data).
+    calib_tokens: int = 4096  # Calibration tokens.
+    eval_tokens: int = 4096  # Held-out tokens for the KL / perplexity report.
+    seed: int = 0  # Seed of the expert clustering and the upcycled router.
 
 
 @dataclass
@@ -101,39 +85,25 @@ class Heal:
     """Distil the original model into a converted one (KL on logits, optionally hidden states) with the usual
     trainer and stability guard; report KL and perplexity on held-out text before and after."""
 
-    ckpt: str
-    """The converted run directory (written by `nanoseek convert`) or one of its checkpoints."""
-    out: str | None = None
-    """Run directory for the healed model (default: CKPT-healed)."""
-    teacher: str | None = None
-    """The original model (default: the conversion's source, from conversion.json)."""
-    steps: int | None = None
-    """Training steps (shortcut for --train.max-steps)."""
-    data: str | None = None
-    """Training text (default: the converted run's prepared data)."""
-    seq_len: int | None = None
-    """Training sequence length (default: the conversion's --seq-len)."""
-    temperature: float = 1.0
-    """Distillation temperature (the KL is scaled by T^2)."""
+    ckpt: str  # The converted run directory (written by `nanoseek convert`) or one of its checkpoints.
+    out: str | None = None  # Run directory for the healed model (default: CKPT-healed).
+    teacher: str | None = None  # The original model (default: the conversion's source, from conversion.json).
+    steps: int | None = None  # Training steps (shortcut for --train.max-steps).
+    data: str | None = None  # Training text (default: the converted run's prepared data).
+    seq_len: int | None = None  # Training sequence length (default: the conversion's --seq-len).
+    temperature: float = 1.0  # Distillation temperature (the KL is scaled by T^2).
     hidden_weight: float = 0.0
     """Weight of the per-layer hidden-state MSE (normalised by the teacher's mean square); 0 = logits only."""
-    ce_weight: float = 0.0
-    """Weight of a next-token cross-entropy term on the data."""
-    train_router: bool = False
-    """Also train the MoE routers (default: kept as the conversion fitted them; see convert/heal.py)."""
-    eval_tokens: int = 4096
-    """Held-out tokens (the converted run's val split) for the before/after report."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train (auto: cuda if available)."""
-    seed: int = 1337
-    """Random seed (data order)."""
-    progress: bool = True
-    """Show a progress bar."""
-    train: TrainConfig = field(default_factory=_heal_train_defaults)
+    ce_weight: float = 0.0  # Weight of a next-token cross-entropy term on the data.
+    train_router: bool = False  # Train the MoE routers too (default: as the conversion fitted them, convert/heal.py).
+    eval_tokens: int = 4096  # Held-out tokens (the converted run's val split) for the before/after report.
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # Where to train (auto: cuda if available).
+    seed: int = 1337  # Random seed (data order).
+    progress: bool = True  # Show a progress bar.
+    train: TrainConfig = field(default_factory=partial(TrainConfig, max_steps=200, lr=1e-4, warmup_steps=10,
+                                                       weight_decay=0.0, batch_size=8, eval_every=50, save_every=100,
+                                                       eval_batches=4, sample_tokens=0))
     guard: GuardConfig = field(default_factory=GuardConfig)
-
-
-# ---- loading -------------------------------------------------------------------------------------
 
 
 def load_source(path: str | Path, flag: str = "--from"):
@@ -158,9 +128,6 @@ def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(ids[:n * seq_len].reshape(n, seq_len))
 
 
-# ---- convert -------------------------------------------------------------------------------------
-
-
 def cmd_convert(args: Convert) -> int:
     out = Path(args.out)
     hold(out, "convert")
@@ -177,8 +144,9 @@ def cmd_convert(args: Convert) -> int:
         src.head_dim if args.method == "rorope" else max(2, src.head_dim // 4 // 2 * 2))
     experts = args.experts if args.to == "mla-moe" else 0
     options = dict(kv_lora_rank=kv_rank, rope_dims=rope_dims, n_routed_experts=experts, n_shared_experts=args.shared,
-                   n_activated_experts=args.top_k, moe=args.moe, n_dense_layers=args.dense_layers)
-    target_config(src, **options, method=args.method, kv_latent_norm=args.kv_latent_norm)  # a bad source (QK-norm, YaRN, MoE) or option fails before the data is tokenised
+                   n_activated_experts=args.top_k, moe=args.moe, n_dense_layers=args.dense_layers,
+                   method=args.method, kv_latent_norm=args.kv_latent_norm)
+    target_config(src, **options)  # a bad source (QK-norm, YaRN, MoE) or option fails before the data is tokenised
     seq_len = min(args.seq_len, src.max_seq_len)
     if args.calib_tokens < seq_len or args.eval_tokens < 2:
         raise ValueError(f"--calib-tokens {args.calib_tokens} / --eval-tokens {args.eval_tokens}: calibration needs "
@@ -199,8 +167,7 @@ def cmd_convert(args: Convert) -> int:
           f"head_dim {src.head_dim}) -> {args.to}; {calib.numel()} calibration, {held_out.numel()} held-out tokens",
           file=sys.stderr)
     model, report = convert_to_mla_moe(dense, calib, **options, router_std=args.router_std,
-                                       latent_init=args.latent_init, method=args.method,
-                                       kv_latent_norm=args.kv_latent_norm, eval_ids=held_out, seed=args.seed)
+                                       latent_init=args.latent_init, eval_ids=held_out, seed=args.seed)
     run_cfg = RunConfig(model=model.config, data=data_cfg, preset="converted", out=str(out), seed=args.seed)
     run_cfg.save_toml(out / "config.toml")
     save_checkpoint(out, 0, model.state_dict(), {}, run_cfg.to_dict())
@@ -213,17 +180,13 @@ def cmd_convert(args: Convert) -> int:
     return 0
 
 
-# ---- heal ----------------------------------------------------------------------------------------
-
-
 def cmd_heal(args: Heal) -> int:
     ckpt = Path(args.ckpt)
     if not ckpt.exists():
         raise ValueError(f"--ckpt {ckpt}: does not exist; pass the run directory `nanoseek convert` wrote")
     run = run_dir_of(ckpt) or ckpt
     record_path = run / CONVERSION_FILE
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    teacher_path = args.teacher or record.get("source")
+    teacher_path = args.teacher or (json.loads(record_path.read_text()) if record_path.is_file() else {}).get("source")
     if teacher_path is None:
         raise ValueError(f"{run} has no {CONVERSION_FILE}; pass --teacher (the original model)")
     student, cfg = load_model(ckpt)
@@ -236,23 +199,22 @@ def cmd_heal(args: Heal) -> int:
     if launched_by_torchrun()[0] == 0:  # one writer per run directory; checked before data is copied in
         hold(out, "heal")
         refuse_foreign_files(out)
-    if args.data is None:  # train on the conversion's own shards, copied so the healed run is self-contained
+    data = args.data
+    if data is None:  # train on the conversion's own shards, copied so the healed run is self-contained
         if not (out / "data" / "meta.json").is_file():
             shutil.copytree(run / "data", out / "data", dirs_exist_ok=True)
-        data_cfg = dataclasses.replace(base.data, source=str(out / "data"))
-    else:
-        data_cfg = dataclasses.replace(base.data, source=args.data)
-    data_cfg = dataclasses.replace(data_cfg, seq_len=args.seq_len if args.seq_len is not None else data_cfg.seq_len)
+        data = str(out / "data")
+    seq_len = args.seq_len if args.seq_len is not None else base.data.seq_len
+    data_cfg = dataclasses.replace(base.data, source=data, seq_len=seq_len)
     train = dataclasses.replace(args.train, max_steps=args.steps) if args.steps is not None else args.train
-    run_cfg = RunConfig(model=cfg, data=data_cfg, train=train, guard=args.guard, preset=base.preset, out=str(out), seed=args.seed,
-                        device=args.device)
+    run_cfg = RunConfig(model=cfg, data=data_cfg, train=train, guard=args.guard, preset=base.preset, out=str(out),
+                        seed=args.seed, device=args.device)
     held_out = torch.from_numpy(_split_ids(run / "data", "val", args.eval_tokens))
     result = heal(student, teacher, run_cfg, out, held_out, args.temperature, args.hidden_weight, args.ce_weight,
                   show_progress=args.progress, train_router=args.train_router)
-    if launched_by_torchrun()[0] != 0:  # under torchrun, rank 0 alone writes and reports
-        return 0 if result.status != "aborted" else 3
-    (out / HEAL_FILE).write_text(json.dumps({"teacher": str(teacher_path), **result.as_dict()}, indent=1) + "\n")
-    print(f"before heal: {result.before.line()}")
-    print(f"after heal ({result.steps} steps, {result.status}): {result.after.line()}")
-    print(f"healed model saved in {out}")
-    return 0 if result.status != "aborted" else 3
+    if launched_by_torchrun()[0] == 0:  # under torchrun, rank 0 alone writes and reports
+        (out / HEAL_FILE).write_text(json.dumps({"teacher": str(teacher_path), **result.as_dict()}, indent=1) + "\n")
+        print(f"before heal: {result.before.line()}")
+        print(f"after heal ({result.steps} steps, {result.status}): {result.after.line()}")
+        print(f"healed model saved in {out}")
+    return 3 if result.status == "aborted" else 0

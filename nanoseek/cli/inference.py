@@ -1,7 +1,6 @@
-"""The `generate`, `eval` and `check` subcommands: using a trained model rather than training one.
+"""`nanoseek generate`, `eval` and `check`: using a model rather than training one.
 
-Only the generated text goes to stdout (pipe it anywhere); what was loaded, speeds and acceptance
-rates go to stderr.
+Only the generated text goes to stdout (pipe it anywhere); what was loaded, speeds and acceptance rates go to stderr.
 """
 
 from __future__ import annotations
@@ -27,53 +26,40 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _speed(n_new: int, start: float) -> str:
+    seconds = time.perf_counter() - start
+    return f"{n_new} token{'s' if n_new != 1 else ''} in {seconds:.2f}s ({n_new / max(seconds, 1e-9):.1f} tokens/s)"
+
+
 @dataclass
 class Generate:
     """Sample text from a trained run, a checkpoint, the output of `nanoseek convert`/`heal`, a transformers
     folder or a GGUF file."""
 
-    ckpt: str
-    """A run directory (its best checkpoint, else its latest; see --which), a checkpoint directory, a
-    transformers folder or a .gguf file."""
-    prompt: str = "\n"
-    """The text to continue."""
+    ckpt: str  # A run dir (best checkpoint, else latest: --which), checkpoint dir, transformers folder or .gguf file.
+    prompt: str = "\n"  # The text to continue.
     prompt_file: Path | None = None
-    """Read prompts from this file instead, one per line (blank lines skipped); all are continued at once, as one
-    batch (one at a time with --speculative)."""
-    max_new_tokens: int = 200
-    """Tokens to generate per prompt (fewer at the end-of-text token or the model's context, max_seq_len)."""
-    temperature: float = 0.8
-    """0 is greedy decoding."""
-    top_k: int = 50
-    """Sample among the k most likely tokens (0: all)."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens with this much probability (1: all)."""
-    seed: int = 0
-    """Random seed of the sampler: the same seed gives the same text."""
-    cache: bool = True
-    """Decode from the KV cache (--no-cache re-runs the whole sequence for every token: slow, for checking)."""
+    """Read prompts from this file, one per line (blank lines skipped): one batch (one at a time with --speculative)."""
+    max_new_tokens: int = 200  # Tokens per prompt (fewer at the end-of-text token or the model's context, max_seq_len).
+    temperature: float = 0.8  # 0 is greedy decoding.
+    top_k: int = 50  # Sample among the k most likely tokens (0: all).
+    top_p: float = 1.0  # Nucleus sampling: the smallest set of tokens with this much probability (1: all).
+    seed: int = 0  # Random seed of the sampler: the same seed gives the same text.
+    cache: bool = True  # Decode from the KV cache (--no-cache re-runs the sequence per token: slow, for checking).
     speculative: bool = False
-    """Self-speculative decoding: the MTP modules draft, the model verifies (greedy only; needs MTP modules).
-    Prints the draft acceptance rate."""
-    truncate: bool = False
-    """Keep the last max_seq_len - 1 tokens of a prompt that is too long (otherwise that is an error)."""
-    ema: bool = False
-    """Use the EMA weights when the checkpoint has them."""
+    """Self-speculative decoding: MTP modules draft, the model verifies (greedy; needs MTP); prints acceptance rate."""
+    truncate: bool = False  # Keep the last max_seq_len - 1 tokens of a too-long prompt (otherwise that is an error).
+    ema: bool = False  # Use the EMA weights when the checkpoint has them.
     which: Literal["best", "latest"] = "best"
-    """For a run directory: the checkpoint with the lowest validation loss, or the newest."""
+    """For a run dir: the checkpoint with the lowest validation loss, or the newest."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    stream: bool = True
-    """Print tokens as they are generated."""
+    stream: bool = True  # Print tokens as they are generated.
     dtype: Literal["checkpoint", "fp32", "bf16"] = "checkpoint"
-    """Weights for generation: as saved, or cast (bf16 halves the bytes each token reads; fast on CPUs with
-    bf16 instructions and on GPUs)."""
-    compile: bool = False
-    """Compile the decode step (torch.compile): minutes to compile on a CPU, so for long generations."""
+    """Weights as saved, or cast (bf16 halves the bytes each token reads; fast on GPUs and CPUs with bf16 support)."""
+    compile: bool = False  # Compile the decode step (torch.compile): minutes to compile on a CPU, for long generations.
     chat: bool = False
-    """Wrap each prompt as a user turn in the model's chat template (instruct models) and stop at its
-    end-of-turn token."""
-    system: str | None = None
-    """With --chat: a system message (default: the template's own, if it has one)."""
+    """Wrap each prompt as a user turn in the model's chat template (instruct models); stop at its end of turn."""
+    system: str | None = None  # With --chat: a system message (default: the template's own, if it has one).
 
 
 def _prompts(args: Generate) -> list[str]:
@@ -94,13 +80,15 @@ def cmd_generate(args: Generate) -> int:
     device = resolve_device(args.device)
     prompts = _prompts(args)
     loaded = load_any_model(args.ckpt, device, use_ema=args.ema, which=args.which)
-    model, cfg, tok = loaded.model, loaded.model.config, loaded.tokenizer
+    model, tok = loaded.model, loaded.tokenizer
     _log(f"nanoseek generate: {loaded.label}{' (EMA weights)' if model.uses_ema else ''}, "
-         f"{cfg.attention}, {model.num_params() / 1e6:.2f}M parameters, on {device}")
-    prepare_for_generation(model, None if args.dtype == "checkpoint" else getattr(torch, _DTYPES[args.dtype]),
-                           pack=not args.compile)
+         f"{model.config.attention}, {model.num_params() / 1e6:.2f}M parameters, on {device}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)  # "checkpoint": as saved
+    prepare_for_generation(model, dtype, pack=not args.compile)
     generator = torch.Generator().manual_seed(args.seed)
+
     def encode(text: str) -> tuple[list[int], set[int]]:
+        """The prompt's ids, and the ids that end its continuation."""
         ids, stops = chat_prompt(loaded.tokenizer_dir, text, args.system) if args.chat else (tok.encode(text), [])
         return ids, {tok.eos_id, *stops}
 
@@ -129,12 +117,8 @@ def cmd_generate(args: Generate) -> int:
             printer.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        seconds = time.perf_counter() - start
-        _log(f"{n_new} token{'s' if n_new != 1 else ''} in {seconds:.2f}s ({n_new / max(seconds, 1e-9):.1f} tokens/s)")
+        _log(_speed(n_new, start))
     return 0
-
-
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _generate_batch(model, tok, encode, prompts: list[str], args: Generate, sampling, generator) -> int:
@@ -150,33 +134,25 @@ def _generate_batch(model, tok, encode, prompts: list[str], args: Generate, samp
         end = next((i for i, t in enumerate(row) if t in stops), len(row))  # a chat row ends at its end of turn
         sys.stdout.write(text + ("\n" if args.chat else "") + tok.decode(row[:end]) + "\n")
     sys.stdout.flush()
-    seconds, n_new = time.perf_counter() - start, sum(len(row) for row in rows)
-    _log(f"{len(prompts)} prompts in one batch: {n_new} tokens in {seconds:.2f}s "
-         f"({n_new / max(seconds, 1e-9):.1f} tokens/s)")
+    _log(f"{len(prompts)} prompts in one batch: {_speed(sum(len(row) for row in rows), start)}")
     return 0
 
 
 class _StreamPrinter:
-    """Writes decoded text as tokens arrive. Decodes the whole continuation each time and prints what
-    is new, holding back a trailing replacement character (half of a multi-byte character)."""
+    """Writes decoded text as tokens arrive. Decodes the whole continuation each time and prints what is new,
+    holding back a trailing replacement character (half of a multi-byte character) until the end."""
 
     def __init__(self, tokenizer, live: bool = True):
-        self.tokenizer, self.live = tokenizer, live
-        self.ids: list[int] = []
-        self.printed = 0
+        self.tokenizer, self.live, self.ids, self.printed = tokenizer, live, [], 0
 
     def add(self, token: int) -> None:
         self.ids.append(token)
         if self.live:
-            self._emit(final=False)
+            self.flush(final=False)
 
-    def flush(self) -> None:
-        self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
+    def flush(self, final: bool = True) -> None:
         text = self.tokenizer.decode(self.ids)
-        if not final:
-            text = text.rstrip("\ufffd")
+        text = text if final else text.rstrip("\ufffd")
         if len(text) > self.printed:
             sys.stdout.write(text[self.printed:])
             sys.stdout.flush()
@@ -187,30 +163,23 @@ class _StreamPrinter:
 class Eval:
     """Validation loss, perplexity and bits per byte of a trained model on held-out text."""
 
-    ckpt: str
-    """A run directory (its best checkpoint, else its latest; see --which), a checkpoint directory, a
-    transformers folder or a .gguf file."""
+    ckpt: str  # A run dir (best checkpoint, else latest: --which), checkpoint dir, transformers folder or .gguf file.
     data: str | None = None
     """Text to score: anything `train --data` accepts (builtin:pydocs, a file, directory, glob, hf:NAME) or a
     prepared directory (its validation split). Default: the run's own validation split (required for a
     transformers folder or GGUF file)."""
-    seq_len: int | None = None
-    """Window length (default: the model's max_seq_len)."""
+    seq_len: int | None = None  # Window length (default: the model's max_seq_len).
     batch_size: int = 8
-    max_tokens: int | None = None
-    """Score at most this many tokens (default: all)."""
-    ema: bool = True
-    """Use the EMA weights when the checkpoint has them (--no-ema for the raw weights)."""
+    max_tokens: int | None = None  # Score at most this many tokens (default: all).
+    ema: bool = True  # Use the EMA weights when the checkpoint has them (--no-ema for the raw weights).
     which: Literal["best", "latest"] = "best"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
-    json: bool = False
-    """Print the result as one JSON object."""
+    json: bool = False  # Print the result as one JSON object.
 
 
 def cmd_eval(args: Eval) -> int:
-    device = resolve_device(args.device)
-    loaded = load_any_model(args.ckpt, device, use_ema=args.ema, which=args.which)
+    loaded = load_any_model(args.ckpt, resolve_device(args.device), use_ema=args.ema, which=args.which)
     model, tok = loaded.model, loaded.tokenizer
     if args.data is None and loaded.run_dir is None:
         raise ValueError(f"--ckpt {args.ckpt} is not a nanoseek run, so it has no validation split: pass --data "
@@ -219,8 +188,7 @@ def cmd_eval(args: Eval) -> int:
     ids = token_stream(args.data, tok, run_data=run_data, max_tokens=args.max_tokens)
     result = evaluate_ids(model, tok, ids, args.seq_len, args.batch_size,
                           torch.bfloat16 if args.precision == "bf16" else None, progress=True)
-    source = args.data or "the run's validation split"
-    weights = "EMA" if model.uses_ema else "raw"
+    source, weights = args.data or "the run's validation split", "EMA" if model.uses_ema else "raw"
     if args.json:
         print(json.dumps({"checkpoint": str(model.checkpoint_path), "data": source, "weights": weights,
                           **result.as_dict()}))
@@ -234,8 +202,7 @@ def cmd_eval(args: Eval) -> int:
 class Check:
     """Build every preset at tiny width and run forward, backward and 20 decoded tokens; pass/fail per preset."""
 
-    presets: tuple[str, ...] = ()
-    """Presets to check (default: all)."""
+    presets: tuple[str, ...] = ()  # Presets to check (default: all).
     device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
@@ -245,5 +212,6 @@ def cmd_check(args: Check) -> int:
     for result in results:
         print(result.row())
     failed = [r.preset for r in results if not r.ok]
-    print(f"{len(results) - len(failed)}/{len(results)} presets pass" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(f"{len(results) - len(failed)}/{len(results)} presets pass"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

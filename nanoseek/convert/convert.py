@@ -1,27 +1,10 @@
-"""Convert a dense GQA Transformer (Llama, SmolLM2, ...) into an MLA (+ DeepSeekMoE) Transformer.
+"""Convert a dense GQA Transformer (Llama, SmolLM2, ...) into an MLA (+ DeepSeekMoE) Transformer, layer by layer
+from the dense model's activations on calibration tokens, and measure what changed.
 
-    converted, report = convert_to_mla_moe(dense, calib_ids, kv_lora_rank=192, rope_dims=16,
-                                           n_routed_experts=7, n_shared_experts=1, n_activated_experts=2)
-
-Model to model: `dense` is a nanoseek Transformer with attention="gqa" (build one, load a checkpoint, or
-`nanoseek.interop.import_hf` a transformers folder); the result is an ordinary nanoseek MLA Transformer that
-trains, generates, and exports to transformers' DeepseekV3. The attention surgery is in `convert_mla.py`, the
-MLP -> MoE split in `convert_moe.py`; this module runs the dense model on calibration tokens to collect each
-layer's inputs, builds the new config and weights layer by layer, and measures what changed:
-per layer the approximation errors, the attention output's relative error on the calibration inputs, the
-initial expert loads, and on held-out tokens the logit KL divergence and both perplexities.
-
-The attention surgery has two methods: "rorope" (default, `convert_rorope.py`: every kept frequency's
-principal component across KV groups is the shared rope key, the rest of the keys NoPE, one importance-weighted
-latent PCA, the latent norm made steady by an anchor) and "partial" (`convert_mla.py`: partial RoPE, MHA2MLA).
-
-When is the result exact? With one KV group (MQA), every RoPE pair kept (rope_dims = head_dim), a latent of
-rank >= dim and all routed experts active (or upcycled ones), up to the attention norm's eps (max logit
-error ~5e-5 on logits ~3, KL ~1e-8 in tests/test_convert.py). What remains otherwise: partial RoPE (the
-pairs that lose their rotation, MHA2MLA's main loss), the one rope key shared by G > 1 KV groups (its
-principal component per frequency), the truncated latent, the latent RMSNorm's per-token scale once the
-latent no longer holds all of u, and top-k routing over split experts. `nanoseek heal` (`heal.py`) distils
-the original back into the converted model.
+Exact with one KV group, every RoPE pair kept, a latent of rank >= dim and all routed experts active (or upcycled
+ones), up to attn_norm's eps. Otherwise lost: the pairs partial RoPE stops rotating (MHA2MLA's main loss), what
+G > 1 groups' keys do not share per frequency, the truncated latent, the latent RMSNorm's per-token scale, and
+top-k routing over split experts.
 """
 
 from __future__ import annotations
@@ -36,10 +19,10 @@ from typing import Literal
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.convert.mla import (RopeChoice, choose_rope_pairs, convert_attention,
-                                          pair_scores, rope_config)
-from nanoseek.convert.moe import split_mlp, upcycle_mlp
 from nanoseek.convert.heal import compare
+from nanoseek.convert.mla import (RopeChoice, choose_rope_pairs, convert_attention, pair_scores, relative_error,
+                                  rope_config)
+from nanoseek.convert.moe import split_mlp, upcycle_mlp
 from nanoseek.convert.rorope import convert_attention_rorope
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE, expert_counts
@@ -107,27 +90,9 @@ def _log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _check_source(cfg: ModelConfig) -> None:
-    if cfg.attention != "gqa":
-        raise ValueError(f"attention={cfg.attention!r}: convert takes a GQA/MHA/MQA model (a Llama-style one); "
-                         "this one is already MLA")
-    if cfg.uses_moe:
-        raise ValueError(f"n_routed_experts={cfg.n_routed_experts}: convert takes a dense model")
-    if cfg.qk_norm:
-        raise ValueError("qk_norm=True: a per-head query/key RMSNorm before RoPE has no MLA equivalent; "
-                         "convert a model without QK-norm")
-    if cfg.rope_scaling not in ("none", "linear"):
-        raise ValueError(f"rope_scaling={cfg.rope_scaling!r}: YaRN's per-frequency blend cannot be re-expressed "
-                         "over a subset of frequencies; convert a model with rope_scaling 'none' or 'linear'")
-
-
 def balance_rate_for(router_std: float) -> float:
-    """The balance-bias step for a converted router whose logits spread by router_std.
-
-    DeepSeek-V3 steps the bias by 0.001 for a router trained from scratch, whose sigmoid scores use the (0, 1)
-    range. A converted router's scores spread by only ~router_std / 4 (the sigmoid's slope at 0 is 1/4), so at
-    0.001 a few steps of bias would outvote every token's own ranking. Scaled here so that about 200 steps of
-    consistent over-load move an expert's bias by one spread of its scores: slow next to the routing signal."""
+    """DeepSeek-V3's bias step 0.001 suits sigmoid scores spread over (0, 1); a converted router's spread by only
+    ~router_std / 4 (the sigmoid's slope at 0): ~200 steps of steady over-load move a bias by one such spread."""
     return router_std / 4 / 200
 
 
@@ -136,7 +101,17 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
                   choice: RopeChoice | None = None, method: str = "partial", kv_latent_norm: bool = True,
                   router_std: float = 0.02) -> ModelConfig:
     """The converted model's config (validated: a bad source or option fails here, before any work)."""
-    _check_source(dense)
+    if dense.attention != "gqa":
+        raise ValueError(f"attention={dense.attention!r}: convert takes a GQA/MHA/MQA model (a Llama-style one); "
+                         "this one is already MLA")
+    if dense.uses_moe:
+        raise ValueError(f"n_routed_experts={dense.n_routed_experts}: convert takes a dense model")
+    if dense.qk_norm:
+        raise ValueError("qk_norm=True: a per-head query/key RMSNorm before RoPE has no MLA equivalent; "
+                         "convert a model without QK-norm")
+    if dense.rope_scaling not in ("none", "linear"):
+        raise ValueError(f"rope_scaling={dense.rope_scaling!r}: YaRN's per-frequency blend cannot be re-expressed "
+                         "over a subset of frequencies; convert a model with rope_scaling 'none' or 'linear'")
     head_dim = dense.head_dim
     if not isinstance(rope_dims, int) or rope_dims < 2 or rope_dims % 2 or rope_dims > head_dim:
         raise ValueError(f"rope_dims={rope_dims!r}: must be an even number in [2, head_dim={head_dim}]")
@@ -147,36 +122,31 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
                          "as NoPE) or 'partial' (partial RoPE, the other pairs' rotation dropped)")
     if moe not in ("split", "upcycle"):
         raise ValueError(f"moe={moe!r}: choose 'split' (fine-grained experts) or 'upcycle' (copies)")
-    moe_inter = dense.inter_dim
-    if n_routed_experts and moe == "split":
-        parts = n_shared_experts + n_routed_experts
-        if dense.inter_dim % parts:
-            raise ValueError(f"inter_dim={dense.inter_dim} is not divisible by shared + routed experts = {parts}: "
-                             "choose counts whose sum divides it, or --moe upcycle")
-        moe_inter = dense.inter_dim // parts
+    parts = n_shared_experts + n_routed_experts if n_routed_experts and moe == "split" else 1  # of the dense MLP
+    if dense.inter_dim % parts:
+        raise ValueError(f"inter_dim={dense.inter_dim} is not divisible by shared + routed experts = {parts}: "
+                         "choose counts whose sum divides it, or --moe upcycle")
     theta, factor = dense.rope_theta, dense.rope_factor if dense.rope_scaling == "linear" else 1.0
     if choice is not None:
         theta, factor = rope_config(theta, factor, head_dim, choice)
-    values = dense.to_dict()
-    values.update(
+    return ModelConfig(**dense.to_dict() | dict(
         attention="mla", n_kv_heads=None, head_dim=None, kv_head_ratio=None, embd_scale=1.0, qk_norm=False,
         q_lora_rank=0, kv_lora_rank=kv_lora_rank, kv_latent_norm=kv_latent_norm,
         qk_nope_head_dim=head_dim if method == "rorope" else head_dim - rope_dims,
         qk_rope_head_dim=rope_dims, v_head_dim=head_dim,
         rope_theta=theta, rope_scaling="linear" if factor != 1.0 else "none", rope_factor=factor,
         n_routed_experts=n_routed_experts, n_shared_experts=n_shared_experts if n_routed_experts else 0,
-        n_activated_experts=n_activated_experts if n_routed_experts else 1, moe_inter_dim=moe_inter,
+        n_activated_experts=n_activated_experts if n_routed_experts else 1, moe_inter_dim=dense.inter_dim // parts,
         # split: each picked expert gets weight ~1 (top-k weights sum to route_scale); upcycle: they sum to 1.
         route_scale=float(n_activated_experts) if moe == "split" else 1.0, score_func="sigmoid",
         n_expert_groups=1, n_limited_groups=1, balance_rate=balance_rate_for(router_std),
-        n_dense_layers=min(n_dense_layers, dense.n_layers), mtp_depth=0)
-    return ModelConfig(**values)
+        n_dense_layers=min(n_dense_layers, dense.n_layers), mtp_depth=0))
 
 
 @torch.no_grad()
 def collect_inputs(model: Transformer, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Run `model`'s blocks on ids [B, T]; per layer: `resid` (attn_norm input), `attn_out`, `ffn_in` (MLP input),
-    each [B, T, dim] float32 on CPU."""
+    """Per layer, `resid` (attn_norm input), `attn_out` and `ffn_in` (MLP input) on ids [B, T]: [B, T, dim] float32
+    on CPU."""
     records: list[dict[str, list[torch.Tensor]]] = [{} for _ in model.layers]
     handles = []
     for i, block in enumerate(model.layers):
@@ -187,28 +157,24 @@ def collect_inputs(model: Transformer, ids: torch.Tensor) -> list[dict[str, torc
         handles.append(block.attn_norm.register_forward_pre_hook(keep("resid")))
         handles.append(block.attn.register_forward_hook(keep("attn_out", output=True)))
         handles.append(block.ffn.register_forward_pre_hook(keep("ffn_in")))
-    try:
-        _run_trunk(model, ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_trunk(model, ids, handles)
     return [{name: torch.cat(parts) for name, parts in rec.items()} for rec in records]
 
 
-@torch.no_grad()
-def _run_trunk(model: Transformer, ids: torch.Tensor) -> None:
-    """Embeddings and blocks only, in eval mode, a few rows at a time: ids [B, T] (the hooks want the
-    activations; a vocabulary-sized head over thousands of tokens would only cost memory)."""
+def _run_trunk(model: Transformer, ids: torch.Tensor, hooks: list) -> None:
+    """Embeddings and blocks only (the hooks want the activations; a vocabulary-sized head over thousands of
+    tokens would only cost memory), in eval mode, 8 rows of ids [B, T] at a time; removes the hooks after."""
     was_training = model.training
     model.eval()
-    device = model.embed.weight.device
     try:
         for start in range(0, ids.shape[0], 8):
-            x = model.embed(ids[start:start + 8].to(device))
+            x = model.embed(ids[start:start + 8].to(model.embed.weight.device))
             for block in model.layers:
                 x = block(x)
     finally:
         model.train(was_training)
+        for hook in hooks:
+            hook.remove()
 
 
 def _unit_rms(resid: torch.Tensor, eps: float) -> torch.Tensor:
@@ -218,16 +184,6 @@ def _unit_rms(resid: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _report_loads(model: Transformer, ids: torch.Tensor, report: ConversionReport, say: Callable[[str], None]):
-    """Each MoE layer's initial routed-expert loads on `ids`, into the report and the log."""
-    loads = _expert_loads(model, ids)
-    for layer in report.layers:
-        layer.expert_load = loads.get(layer.layer)
-    if loads:
-        say("initial expert loads (fraction of tokens per routed expert): " + "; ".join(
-            f"layer {i}: " + " ".join(f"{x:.2f}" for x in load) for i, load in loads.items()))
-
-
 def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_rank: int, rope_dims: int,
                        n_routed_experts: int = 0, n_shared_experts: int = 1, n_activated_experts: int = 2,
                        moe: Literal["split", "upcycle"] = "split", n_dense_layers: int = 1, router_std: float = 0.02,
@@ -235,32 +191,24 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
                        method: Literal["rorope", "partial"] = "rorope", kv_latent_norm: bool = True,
                        eval_ids: torch.Tensor | None = None, seed: int = 0,
                        log: Callable[[str], None] | None = _log_stderr) -> tuple[Transformer, ConversionReport]:
-    """dense GQA Transformer -> (MLA Transformer, ConversionReport). n_routed_experts=0 keeps the MLPs dense.
+    """dense GQA Transformer (left untouched) -> (MLA Transformer on CPU in its dtype, eval mode; ConversionReport).
 
-    calib_ids: [B, T] token ids whose activations drive the RoPE choice, the shared rope key, kv_norm's scale,
-        the expert split and the router (a few thousand tokens of ordinary text are plenty).
-    method: "rorope" (rorope.py: the groups' principal component per kept frequency is the shared rope key, the
-        rest NoPE) or "partial" (mla.py: partial RoPE; latent_init "activations" or "weights" picks its SVD).
-    kv_latent_norm: keep the latent RMSNorm (False: nanoseek's MLA without it; transformers' export adds it back).
+    calib_ids: [B, T] token ids whose activations drive every fitted choice (a few thousand tokens of ordinary text).
+    method: "rorope" (rorope.py) or "partial" (mla.py; latent_init picks its SVD). n_routed_experts=0 keeps MLPs dense.
+    kv_latent_norm: False drops the latent RMSNorm (transformers' export adds it back).
     eval_ids: optional held-out ids [B, T] (or 1-D) for the KL / perplexity comparison (heal.compare).
-    Returns the model on CPU in `dense`'s dtype, in eval mode (`dense` is untouched); `log` gets one line per layer.
     """
     src = dense.config
-    if calib_ids.dim() != 2 or calib_ids.numel() == 0:
-        raise ValueError(f"calib_ids has shape {tuple(calib_ids.shape)}: pass token ids [batch, seq_len]")
-    _check_options(eval_ids, latent_init, method, router_std)
+    _check_options(calib_ids, eval_ids, latent_init, method, router_std)
     target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe,
                   n_dense_layers, None, method, kv_latent_norm)  # fail on a bad source or options before any work
     say = log or (lambda line: None)
     records = collect_inputs(dense, calib_ids)
-    layers = list(dense.layers)
-
-    scores = _pair_scores(layers, records, src)  # [L, P]
+    scores = _pair_scores(dense.layers, records, src)  # [L, P]
     choice = choose_rope_pairs(scores.sum(0), rope_dims // 2)
     cfg = target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts,
                         moe, n_dense_layers, choice, method, kv_latent_norm, router_std)
-    dtype = dense.embed.weight.dtype
-    model = Transformer(cfg).to(dtype)
+    model = Transformer(cfg).to(dense.embed.weight.dtype)
     model.load_state_dict({k: v for k, v in dense.state_dict().items()
                            if k in ("embed.weight", "norm.weight", "head.weight")}, strict=False)
     report = ConversionReport(
@@ -270,27 +218,32 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
         kv_values_per_token=(src.kv_cache_values_per_token(), cfg.kv_cache_values_per_token()))
     for line in report.lines()[:2]:
         say(line)
-
-    for i, (old, new, rec) in enumerate(zip(layers, model.layers, records)):
+    for i, (old, new, rec) in enumerate(zip(dense.layers, model.layers, records)):
         u = _unit_rms(rec["resid"], src.norm_eps)  # [B, T, dim]
-        weights = _convert_attention(old, new, u, src, cfg, choice.pairs, method,
-                                     latent_init == "activations")
+        weights = _convert_attention(old, new, u, src, cfg, choice.pairs, method, latent_init == "activations")
         layer = LayerReport(i, float(scores[i, choice.pairs].sum()), weights.rope_error, weights.svd_error,
                             weights.kv_error, _attention_error(new.attn, u, rec["attn_out"]))
         layer.ffn_error = _convert_ffn(old.ffn, new.ffn, rec["ffn_in"].flatten(0, 1).double(), cfg, moe, router_std,
                                        seed + i)
         report.layers.append(layer)
         say(layer.line())
-
     model.eval()
-    _report_loads(model, eval_ids if eval_ids is not None else calib_ids, report, say)
+    loads = _expert_loads(model, eval_ids if eval_ids is not None else calib_ids)
+    for layer in report.layers:
+        layer.expert_load = loads.get(layer.layer)
+    if loads:
+        say("initial expert loads (fraction of tokens per routed expert): " + "; ".join(
+            f"layer {i}: " + " ".join(f"{x:.2f}" for x in load) for i, load in loads.items()))
     if eval_ids is not None:
         report.comparison = compare(dense, model, eval_ids).as_dict()
         say(report.lines()[-1])
     return model, report
 
 
-def _check_options(eval_ids: torch.Tensor | None, latent_init: str, method: str, router_std: float) -> None:
+def _check_options(calib_ids: torch.Tensor, eval_ids: torch.Tensor | None, latent_init: str, method: str,
+                   router_std: float) -> None:
+    if calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise ValueError(f"calib_ids has shape {tuple(calib_ids.shape)}: pass token ids [batch, seq_len]")
     if eval_ids is not None and eval_ids.numel() < 2:  # compare() scores next tokens: it needs two
         raise ValueError(f"eval_ids holds {eval_ids.numel()} tokens: give at least 2 held-out tokens "
                          "(--eval-tokens, or more text in --data)")
@@ -303,10 +256,9 @@ def _check_options(eval_ids: torch.Tensor | None, latent_init: str, method: str,
         raise ValueError(f"router_std={router_std}: must be > 0 (the spread of the initial router logits)")
 
 
-@torch.no_grad()
-def _pair_scores(layers: list, records: list[dict[str, torch.Tensor]], src: ModelConfig) -> torch.Tensor:
-    """MHA2MLA's 2-norm score per layer and frequency pair, each layer normalised to sum 1: [L, P]. One rope
-    config serves every layer, so the choice is made on the sum over layers."""
+def _pair_scores(layers: torch.nn.ModuleList, records: list[dict[str, torch.Tensor]], src: ModelConfig) -> torch.Tensor:
+    """MHA2MLA's 2-norm score per layer and frequency pair, each layer normalised to sum 1: [L, P] (one rope config
+    serves every layer, so the pairs are chosen on the sum)."""
     scores = []
     for block, rec in zip(layers, records):
         weight = block.attn_norm.weight.double().cpu()
@@ -317,16 +269,13 @@ def _pair_scores(layers: list, records: list[dict[str, torch.Tensor]], src: Mode
     return torch.stack(scores)
 
 
-@torch.no_grad()
 def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, windows: torch.Tensor, src: ModelConfig,
                        cfg: ModelConfig, pairs: list[int], method: str, weighted: bool):
-    """Fill block `new`'s attention (and its norms) from dense block `old`; windows: [B, T, dim] calibration inputs
-    at unit RMS. Returns the MLAWeights (with their error measures)."""
-    attn = old.attn
+    """Fill block `new`'s attention and norms from dense block `old`; windows: [B, T, dim] at unit RMS."""
     u = windows.flatten(0, 1)
-    args = (attn.wq.weight.double().cpu(), attn.wk.weight.double().cpu(), attn.wv.weight.double().cpu(),
-            attn.wo.weight.double().cpu(), old.attn_norm.weight.double().cpu(), u, src.n_heads, src.n_kv_heads,
-            pairs, cfg.kv_lora_rank, cfg.norm_eps)
+    dense = (old.attn.wq, old.attn.wk, old.attn.wv, old.attn.wo, old.attn_norm)
+    args = (*(m.weight.double().cpu() for m in dense), u, src.n_heads, src.n_kv_heads, pairs, cfg.kv_lora_rank,
+            cfg.norm_eps)
     if method == "rorope":
         weights = convert_attention_rorope(*args, kv_norm=cfg.kv_latent_norm)
     else:
@@ -335,10 +284,9 @@ def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, windows: torc
     for name in ("wq", "wkv_a", "wkv_b", "wo"):
         getattr(new.attn, name).weight.copy_(getattr(weights, name))
     if cfg.kv_latent_norm:
-        # The latent norm's gain (one fitted scalar, 10-800 on SmolLM2) goes into wkv_b's columns: exact, and the
-        # norm's weight stays 1 as in a model trained from scratch. Left in the norm it multiplies what every
-        # Adam step on wkv_b does (Adam moves each weight by ~lr whatever its scale): measured on SmolLM2 ->
-        # MLA + MoE, one step at lr 1e-5 on wkv_b alone raised the KL by 0.7-1.3 nats.
+        # The latent norm's gain (one fitted scalar, often far from 1) goes into wkv_b's columns: exact, and the
+        # norm's weight stays 1 as in a model trained from scratch. Left in the norm it multiplies what every Adam
+        # step on wkv_b does (Adam moves each weight by ~lr whatever its scale): see bench/RESULTS.md, healing.
         new.attn.wkv_b.weight.mul_(weights.kv_norm.to(new.attn.wkv_b.weight.dtype))  # [rows, R] * [R]
         new.attn.kv_norm.weight.fill_(1.0)
     else:  # what an export's (always present) latent norm will scale back to
@@ -351,20 +299,17 @@ def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, windows: torc
 @torch.no_grad()
 def _attention_error(attn: torch.nn.Module, u: torch.Tensor, reference: torch.Tensor) -> float:
     """Relative error of the converted attention (run in float64) on the calibration inputs u [B, T, dim]."""
-    out = copy.deepcopy(attn).double().eval()(u)
-    return float((out - reference.double()).norm() / reference.double().norm().clamp(min=1e-30))
+    return relative_error(copy.deepcopy(attn).double().eval()(u), reference.double())
 
 
-@torch.no_grad()
 def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cfg: ModelConfig, moe: str,
                  router_std: float, seed: int) -> float | None:
-    """Fill `new` (dense MLP or MoE) from dense `old`; x: [N, dim] calibration inputs. Returns the MoE's relative
-    output error (None for a layer that stays dense)."""
-    w1, w2, w3 = (getattr(old, n).weight.double().cpu() for n in ("w1", "w2", "w3"))
-    if not isinstance(new, MoE):  # a dense layer stays as it is
+    """Fill `new` (dense MLP or MoE) from dense `old`; x: [N, dim]. -> the MoE output's relative error, or None."""
+    if not isinstance(new, MoE):
         for name in ("w1", "w2", "w3"):
             getattr(new, name).weight.copy_(getattr(old, name).weight)
         return None
+    w1, w2, w3 = (getattr(old, n).weight.double().cpu() for n in ("w1", "w2", "w3"))
     if moe == "split":
         weights = split_mlp(w1, w2, w3, x, cfg.n_shared_experts, cfg.n_routed_experts, cfg.n_activated_experts,
                             router_std, seed)
@@ -376,19 +321,10 @@ def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cf
             getattr(new.shared_experts, name).weight.copy_(getattr(weights, f"shared_{name}"))
     new.gate.weight.copy_(weights.gate)
     new.gate.balance_bias.copy_(weights.balance_bias)
-    return _ffn_error(old, new, x)
-
-
-@torch.no_grad()
-def _ffn_error(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor) -> float:
-    """Relative error of the MoE's output against the dense MLP's on calibration MLP inputs x [N, dim] (float64)."""
-    reference = copy.deepcopy(old).double().eval()(x[None])
     out = copy.deepcopy(new).double().eval()(x[None])
-    out = out[0] if isinstance(out, tuple) else out
-    return float((out - reference).norm() / reference.norm().clamp(min=1e-30))
+    return relative_error(out[0] if isinstance(out, tuple) else out, copy.deepcopy(old).double().eval()(x[None]))
 
 
-@torch.no_grad()
 def _expert_loads(model: Transformer, ids: torch.Tensor) -> dict[int, list[float]]:
     """Fraction of tokens routed to each expert per MoE layer (sums to top_k) on ids [B, T] or [N]."""
     counts: dict[int, torch.Tensor] = {}
@@ -396,18 +332,12 @@ def _expert_loads(model: Transformer, ids: torch.Tensor) -> dict[int, list[float
     for i, block in enumerate(model.layers):
         if isinstance(block.ffn, MoE):
             def hook(module, args, result, index=i):
-                found = expert_counts(result[1].flatten(), module.n_experts).double()
-                counts[index] = counts.get(index, 0) + found
+                counts[index] = counts.get(index, 0) + expert_counts(result[1].flatten(), module.n_experts).double()
             handles.append(block.ffn.gate.register_forward_hook(hook))
     if not handles:
         return {}
     if ids.dim() == 1:
         seq_len = min(model.config.max_seq_len, 256, ids.numel())
         ids = ids[:ids.numel() // seq_len * seq_len].view(-1, seq_len)
-    try:
-        _run_trunk(model, ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    n_tokens = ids.numel()
-    return {i: (c / n_tokens).tolist() for i, c in sorted(counts.items())}
+    _run_trunk(model, ids, handles)
+    return {i: (c / ids.numel()).tolist() for i, c in sorted(counts.items())}

@@ -1,10 +1,5 @@
-"""Heal a converted model: distil the original (teacher) back into it, and measure how close they are.
-
-`compare(teacher, student, ids)` scores held-out tokens with both: KL(teacher || student) of the next-token
-distributions, both perplexities and top-1 agreement. `heal(...)` fine-tunes the student with the ordinary
-Trainer (stability guard, checkpoints, metrics) under train/objectives.py's `distill_objective`: KL on the
-logits, optionally plus a normalised MSE between the two models' per-layer hidden states and a next-token CE term.
-"""
+"""Heal a converted model: distil the original (teacher) back into it with the ordinary Trainer (guard,
+checkpoints, metrics) under train/objectives.py's `distill_objective`, and measure how close the two are."""
 
 from __future__ import annotations
 
@@ -41,9 +36,8 @@ class Comparison:
 @torch.no_grad()
 def compare(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tensor, seq_len: int | None = None,
             batch_size: int = 2) -> Comparison:
-    """Score ids with both models. ids: [N] (cut into windows of seq_len, default min(512, max_seq_len))
-    or [B, T] (each row a sequence; all but the last position are scored). Vocabulary-sized temporaries are
-    made for `batch_size` windows at a time."""
+    """KL(teacher || student) of the next tokens, both perplexities and top-1 agreement on ids [B, T] (one sequence
+    a row) or [N] (cut into windows of seq_len, default min(512, max_seq_len)), `batch_size` windows at a time."""
     if ids.dim() == 1:
         if ids.numel() < 2:
             raise ValueError(f"{ids.numel()} held-out tokens: need at least 2; give more held-out text")
@@ -78,24 +72,18 @@ class HealResult:
     steps: int
 
     def as_dict(self) -> dict:
-        return {"before": self.before.as_dict(), "after": self.after.as_dict(), "run_dir": str(self.run_dir),
-                "status": self.status, "steps": self.steps}
+        return {**dataclasses.asdict(self), "run_dir": str(self.run_dir)}
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, run_cfg, run_dir: str | Path, eval_ids: torch.Tensor,
          temperature: float = 1.0, hidden_weight: float = 0.0, ce_weight: float = 0.0,
          show_progress: bool = True, train_router: bool = False) -> HealResult:
-    """Distil `teacher` into `student` for run_cfg.train.max_steps steps with the usual Trainer and guard.
-
-    run_cfg: a RunConfig whose data section tokenises with the student's tokenizer (its model section is
-    replaced by the student's config). eval_ids: held-out ids [N] for the before/after `compare`.
-    The healed student is saved as the run's checkpoints in run_dir (generate/eval/export read it).
-
-    train_router=False keeps the MoE routers as the conversion fitted them. A split conversion's router is a
-    least-squares fit scaled so its sigmoid scores spread by only ~router_std/4 (convert/moe.py); Adam moves
-    every weight by ~lr a step whatever its size, so at a healing LR a few steps re-draw such a router and the
-    picks stop matching the experts they were fitted to.
-    """
+    """Distil `teacher` into `student` for run_cfg.train.max_steps steps, saving checkpoints in run_dir. run_cfg's
+    data section must tokenise with the student's tokenizer (its model section gives way to the student's config);
+    eval_ids: held-out ids [N] for the before/after `compare`.
+    train_router=False keeps the MoE routers as the conversion fitted them: their sigmoid scores spread by only
+    ~router_std/4 (moe.py), and Adam moves every weight by ~lr a step whatever its size, so a few healing steps
+    would re-draw such a router away from the experts it was fitted to."""
     if not train_router:
         for gate in (m for m in student.modules() if isinstance(m, Gate)):
             gate.weight.requires_grad_(False)

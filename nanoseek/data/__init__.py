@@ -8,9 +8,7 @@ from nanoseek.data.shards import ShardWriter, read_shard, read_shard_header, rea
 from nanoseek.data.tokenizer import (ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer,
                                      train_tokenizer)
 
-__all__ = [
-    "ByteTokenizer", "CharTokenizer", "HFTokenizer", "PreparedData", "ShardWriter", "TokenLoader", "Tokenizer",
-    "count_windows", "describe_source", "is_prepared_dir", "iter_documents", "load_prepared", "load_tokenizer",
-    "prepare_data", "read_shard", "read_shard_header", "read_tokens", "token_windows", "train_tokenizer",
-    "validation_batches",
-]
+__all__ = ["ByteTokenizer", "CharTokenizer", "HFTokenizer", "PreparedData", "ShardWriter", "TokenLoader", "Tokenizer",
+           "count_windows", "describe_source", "is_prepared_dir", "iter_documents", "load_prepared", "load_tokenizer",
+           "prepare_data", "read_shard", "read_shard_header", "read_tokens", "token_windows", "train_tokenizer",
+           "validation_batches"]

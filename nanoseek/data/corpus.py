@@ -1,16 +1,11 @@
-"""Where text comes from: one string `source` names a corpus; `iter_documents` streams its documents.
+"""Where text comes from: one string `source` names a corpus, and `iter_documents` streams its documents one at
+a time (never a whole corpus in memory), in an order fixed by the source alone.
 
-Sources:
   builtin:pydocs     CPython's language reference (`pydoc_data.topics`), shipped with every Python: the default.
   builtin:stdlib     the standard library's own `.py` files (a larger corpus, still no download).
-  PATH               a .txt/.md file (one document), .jsonl (one JSON object per line) or .parquet file.
-  DIR                every .txt/.md/.jsonl/.parquet file under DIR, recursively, in sorted order.
-  GLOB               a pattern such as `data/**/*.jsonl`, matches sorted.
-  hf:NAME[:CONFIG]   a Hugging Face dataset, streamed so larger-than-memory datasets work.
-  hf:PATH            a local folder written by `datasets.Dataset.save_to_disk`, or a folder of data files.
-
-Documents are streamed one at a time; nothing here holds a whole corpus in memory. Order is deterministic
-for a given source, so the same source always yields the same text in the same order.
+  PATH | DIR | GLOB  a .txt/.md file (one document), .jsonl (one JSON object per line) or .parquet file; every
+                     such file under DIR, recursively; or the files a pattern such as `data/**/*.jsonl` matches.
+  hf:NAME[:CONFIG]   a Hugging Face dataset, streamed; hf:PATH, a folder of data files or of `save_to_disk`.
 """
 
 from __future__ import annotations
@@ -24,8 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TEXT_SUFFIXES = (".txt", ".md")
-RECORD_SUFFIXES = (".jsonl", ".parquet")
-SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 
 # A prepared directory (shards.py writes it) is recognised by this file and marker, so that a user who
 # passes one where text is expected is told what it is instead of "no text files found".
@@ -41,7 +35,6 @@ _FIX_SOURCE = ("pass builtin:pydocs, builtin:stdlib, a .txt/.md/.jsonl/.parquet 
 
 
 def is_prepared_dir(path: str | Path) -> bool:
-    """True if `path` is a directory written by `prepare_data` (it holds a nanoseek meta.json)."""
     try:
         return json.loads((Path(path) / PREPARED_META).read_text()).get("format") == PREPARED_FORMAT
     except (OSError, ValueError, AttributeError):  # no meta.json, not JSON, or not a JSON object
@@ -49,18 +42,15 @@ def is_prepared_dir(path: str | Path) -> bool:
 
 
 def iter_documents(source: str, *, text_field: str = "text", hf_split: str = "train") -> Iterator[str]:
-    """Stream the documents of `source` as strings, in a deterministic order.
-
-    The source is checked now (a bad path raises here, not at the first `next`); the text is read lazily.
-    Empty documents are skipped; a source with no text at all raises ValueError once exhausted.
-    """
+    """The non-empty documents of `source`, in a deterministic order. The source is checked now (a bad path raises
+    here, not at the first `next`), its text read lazily; a source with no text raises ValueError once exhausted."""
     return _non_empty(_open_source(source, text_field, hf_split), source)
 
 
 def describe_source(source: str) -> str:
     """A one-line human description of `source`, without reading its documents (no network either)."""
     if source == "builtin:pydocs":
-        return f"builtin:pydocs (CPython {sys.version.split()[0]} language reference, {len(_pydoc_topics())} topics)"
+        return f"builtin:pydocs (CPython {sys.version.split()[0]} language reference, {len(_pydocs())} topics)"
     if source == "builtin:stdlib":
         return f"builtin:stdlib (Python {sys.version.split()[0]} standard library sources in {_stdlib_root()})"
     if source.startswith("hf:"):
@@ -79,14 +69,11 @@ def describe_source(source: str) -> str:
     return f"{kind} {source} ({len(files)} file{'s' * (len(files) != 1)}, {_human_bytes(total)})"
 
 
-# ---- dispatch ------------------------------------------------------------------------------------
-
-
 def _open_source(source: str, text_field: str, hf_split: str) -> Iterator[str]:
     if not isinstance(source, str) or not source:
         raise ValueError(f"data source {source!r} is empty; {_FIX_SOURCE}")
     if source == "builtin:pydocs":
-        return _pydocs_documents()
+        return iter(_pydocs())
     if source == "builtin:stdlib":
         return _stdlib_documents()
     if source.startswith("builtin:"):
@@ -103,40 +90,36 @@ def _open_source(source: str, text_field: str, hf_split: str) -> Iterator[str]:
 
 
 def _non_empty(documents: Iterator[str], source: str) -> Iterator[str]:
-    yielded = False
-    for text in documents:
-        if text:
-            yielded = True
-            yield text
-    if not yielded:
+    empty = True
+    for text in filter(None, documents):
+        empty = False
+        yield text
+    if empty:
         raise ValueError(f"data source {source!r} holds no text (every document is empty); "
                          "point it at files or a dataset with text in them")
 
 
 def _resolve_files(source: str) -> list[Path]:
-    """The sorted list of corpus files a path, directory or glob names; ValueError if there are none."""
     path = Path(source).expanduser()
     if any(ch in source for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)
-                       if Path(p).is_file() and Path(p).suffix.lower() in SUFFIXES)
-        if not files:
-            raise ValueError(f"glob {source!r} matches no {'/'.join(SUFFIXES)} files; check the pattern "
-                             "(use ** with a quoted pattern to search subdirectories)")
-        return files
-    if path.is_file():
+        found = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+        where = f"glob {source!r} matches"
+        fix = "check the pattern (use ** with a quoted pattern to search subdirectories)"
+    elif path.is_file():
         if path.suffix.lower() not in SUFFIXES:
             raise ValueError(f"data file {str(path)!r} has unsupported type {path.suffix or '(none)'!r}; "
                              f"use one of {', '.join(SUFFIXES)}")
         return [path]
-    if path.is_dir():
+    elif path.is_dir():
         # Sorted by path relative to the directory, so the order is the same on every machine.
-        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES),
-                       key=lambda p: p.relative_to(path).as_posix())
-        if not files:
-            raise ValueError(f"directory {str(path)!r} contains no {'/'.join(SUFFIXES)} files; "
-                             "add some or point the source at the right directory")
-        return files
-    raise ValueError(f"data source {source!r} does not exist; {_FIX_SOURCE}")
+        found = sorted(path.rglob("*"), key=lambda p: p.relative_to(path).as_posix())
+        where, fix = f"directory {str(path)!r} contains", "add some or point the source at the right directory"
+    else:
+        raise ValueError(f"data source {source!r} does not exist; {_FIX_SOURCE}")
+    files = [p for p in found if p.is_file() and p.suffix.lower() in SUFFIXES]
+    if not files:
+        raise ValueError(f"{where} no {'/'.join(SUFFIXES)} files; {fix}")
+    return files
 
 
 def _human_bytes(n: int) -> str:
@@ -147,46 +130,28 @@ def _human_bytes(n: int) -> str:
     return f"{n:.1f} GB"
 
 
-# ---- builtin corpora ----------------------------------------------------------------------------
-
-
-def _pydoc_topics() -> dict[str, str]:
+def _pydocs() -> list[str]:
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
         raise ValueError("builtin:pydocs needs the `pydoc_data` module, which this Python build lacks; "
                          "use builtin:stdlib or a text file") from None
-    return topics
-
-
-def _pydocs_documents() -> Iterator[str]:
-    topics = _pydoc_topics()
-    return (topics[key] for key in sorted(topics))  # dict order is a detail of the generated file; sort it
+    return [topics[key] for key in sorted(topics)]  # dict order is a detail of the generated file; sort it
 
 
 def _stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _stdlib_files() -> Iterator[Path]:
-    root = _stdlib_root()
-    for directory, subdirs, files in os.walk(root):
+def _stdlib_documents() -> Iterator[str]:
+    for directory, subdirs, files in os.walk(_stdlib_root()):
         # Pruning and sorting in place steers os.walk: skipped trees are never entered, order is fixed.
         subdirs[:] = sorted(d for d in subdirs if d not in _STDLIB_SKIP_DIRS and not d.startswith("."))
-        for name in sorted(files):
-            if name.endswith(".py"):
-                yield Path(directory) / name
-
-
-def _stdlib_documents() -> Iterator[str]:
-    for path in _stdlib_files():
-        try:
-            yield path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # a few stdlib files are unreadable or not UTF-8 on some installs; they are not needed
-
-
-# ---- files --------------------------------------------------------------------------------------
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                yield (Path(directory) / name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue  # a few stdlib files are unreadable or not UTF-8 on some installs; they are not needed
 
 
 def _file_documents(files: list[Path], text_field: str) -> Iterator[str]:
@@ -240,9 +205,6 @@ def _text_of(record: object, text_field: str, where: str) -> str:
         raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not text; "
                          "choose a field that holds strings")
     return text or ""
-
-
-# ---- Hugging Face datasets ----------------------------------------------------------------------
 
 
 def _parse_hf(source: str) -> tuple[str, str | None]:

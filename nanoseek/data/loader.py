@@ -1,5 +1,9 @@
 """Batches of token windows from shards: `TokenLoader` for training (shuffled epochs, exact cursor, rank
-striding) and `token_windows` / `validation_batches` for evaluation (natural order, the same every time).
+striding), `token_windows` / `validation_batches` for evaluation (natural order, the same every time).
+
+A window is seq_len + lookahead tokens inside one shard, starting at a multiple of seq_len, so every token is a
+next-token target once. A batch is x [B, T] and targets [B, T + lookahead - 1], both int64: targets[:, k:k+T]
+are the (k+1)-ahead targets (k = 0: next token; k > 0: multi-token prediction).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import torch
 
 from nanoseek.data.shards import read_shard, read_shard_header
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
 
 def count_windows(shards: Iterable[str | Path], seq_len: int, lookahead: int = 1) -> int:
     """How many TokenLoader windows the shards hold (headers only), e.g. to size an eval batch to a small val set."""
@@ -21,19 +27,13 @@ def count_windows(shards: Iterable[str | Path], seq_len: int, lookahead: int = 1
 
 
 class TokenLoader:
-    """Batches of token windows from memory-mapped shards, with multi-token targets and rank striding.
-
-    A window is seq_len + lookahead consecutive tokens inside one shard, starting at a multiple of seq_len, so
-    every token is a next-token target once per epoch and no window reads past its shard's end. An epoch is
-    an order over all windows: shard order, then window order within a shard; with `shuffle` both are
-    permuted by a generator keyed on (seed, epoch), so an epoch's order depends only on those, costs memory
-    proportional to one shard's window count, and differs between epochs. Without `shuffle` the order is
-    the shards' natural order. Batches take consecutive windows of that order: global batch g is windows
-    [g*B*W, (g+1)*B*W) (W = world_size) and rank r takes the r-th block of B, so ranks are disjoint and
-    together equal a single-rank loader with batch size B*W. An epoch's last windows that do not fill a
-    global batch are left out (with `shuffle`, a different few each epoch). The cursor (epoch, position) is the same on
-    every rank, so any rank's `state_dict` resumes all of them.
-    """
+    """Training batches from memory-mapped shards. An epoch orders all windows: shard order, then window order
+    within a shard; `shuffle` permutes both with a generator keyed on (seed, epoch), so the order depends on
+    those alone and costs memory in proportion to one shard's windows. Global batch g is windows [g*B*W,
+    (g+1)*B*W) of that order (W = world_size), rank r taking the r-th block of B: ranks are disjoint and
+    together equal one rank with batch size B*W. Windows that cannot fill a last global batch are left out (a
+    different few each shuffled epoch). The cursor (epoch, position) is the same on every rank, so any rank's
+    `state_dict` resumes all of them."""
 
     def __init__(self, shards: list[Path], batch_size: int, seq_len: int, lookahead: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, vocab_size: int | None = None, shuffle: bool = True):
@@ -55,7 +55,6 @@ class TokenLoader:
             if n < self.window:
                 raise ValueError(f"{path}: {n} tokens, shorter than one window of seq_len+lookahead={self.window}; "
                                  "lower seq_len or re-run `nanoseek prepare` with a larger data.shard_tokens")
-        self.shard_lengths = lengths
         self.windows_per_shard = np.array([(n - lookahead) // seq_len for n in lengths], dtype=np.int64)
         self.n_windows = int(self.windows_per_shard.sum())
         self.global_batch = batch_size * world_size
@@ -73,24 +72,14 @@ class TokenLoader:
     def batches_per_epoch(self) -> int:
         return self.n_windows // self.global_batch
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch: x LongTensor [B, T], targets LongTensor [B, T + lookahead - 1].
-
-        targets[:, j] is the token j+1 positions after x's first: targets[:, :T] are next-token targets and
-        targets[:, k:k+T] the (k+1)-ahead targets of multi-token prediction.
-        """
-        if self.position + self.global_batch > self.n_windows:
-            self.epoch, self.position = self.epoch + 1, 0
-        start = self.position + self.rank * self.batch_size
-        self.position += self.global_batch
+    def next_batch(self) -> Batch:
+        start = self._advance() + self.rank * self.batch_size
         return self._read(self.epoch, start, shuffled=self.shuffle)
 
     def skip(self, n_batches: int) -> None:
         """Move the cursor `n_batches` global batches forward without reading (to step over a bad data window)."""
         for _ in range(n_batches):
-            if self.position + self.global_batch > self.n_windows:
-                self.epoch, self.position = self.epoch + 1, 0
-            self.position += self.global_batch
+            self._advance()
 
     def state_dict(self) -> dict:
         """The exact cursor as plain ints (JSON-able), plus what it is only valid for."""
@@ -109,9 +98,14 @@ class TokenLoader:
                              "the checkpoint's data state is corrupt")
         self.epoch, self.position = epoch, position
 
-    # ---- internals ----
+    def _advance(self) -> int:
+        """Take the next global batch, starting a new epoch when this one cannot fill it; its first window."""
+        if self.position + self.global_batch > self.n_windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        self.position += self.global_batch
+        return self.position - self.global_batch
 
-    def _read(self, epoch: int, start: int, shuffled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, epoch: int, start: int, shuffled: bool) -> Batch:
         rows = np.empty((self.batch_size, self.window), dtype=np.int64)
         for row in range(self.batch_size):
             shard, offset = self._locate(epoch, start + row, shuffled)
@@ -153,16 +147,13 @@ class TokenLoader:
 
 def token_windows(arrays: Iterable[np.ndarray], seq_len: int, batch_size: int, lookahead: int = 1, rank: int = 0,
                   world_size: int = 1, max_batches: int | None = None, drop_last: bool = False,
-                  tail: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Evaluation batches in natural order: x LongTensor [b, T], targets [b, T + lookahead - 1] (as TokenLoader's).
+                  tail: bool = False) -> Iterator[Batch]:
+    """Evaluation batches of the windows of each array (a shard's tokens, or ids held in memory), in order.
 
-    Windows of seq_len + lookahead tokens start at every multiple of seq_len inside each array (a shard's
-    tokens, or ids held in memory), so every token after the first is a next-token target once. Consecutive
-    windows form global batches of batch_size * world_size; rank r takes the r-th block of batch_size. A last
-    global batch short of windows is used only without `drop_last` in one process (every rank must run the
-    same batches). With `tail`, each array's last, shorter window (if it holds a target) comes in a batch of
-    its own after the rest.
-    Arrays are read lazily: stopping after `max_batches` reads only what those batches need.
+    Consecutive windows form global batches of batch_size * world_size; rank r takes the r-th block of
+    batch_size. A last global batch short of windows is used only without `drop_last` in one process (every
+    rank must run the same batches). With `tail`, each array's last, shorter window (if it holds a target)
+    comes in a batch of its own after the rest. Arrays are read lazily, only as far as `max_batches` needs.
     """
     window, per_step, tails = seq_len + lookahead, batch_size * world_size, []
 
@@ -186,19 +177,16 @@ def token_windows(arrays: Iterable[np.ndarray], seq_len: int, batch_size: int, l
 
 
 def validation_batches(shards: list[Path], batch_size: int, seq_len: int, lookahead: int = 1, rank: int = 0,
-                       world_size: int = 1, vocab_size: int | None = None, max_batches: int | None = None,
-                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `max_batches` batches of a validation split (the same ones at every evaluation of a run).
-
-    The batch shrinks below batch_size when the split holds fewer windows than one global batch, so a
-    small validation set still gives at least one batch per rank.
-    """
+                       world_size: int = 1, vocab_size: int | None = None,
+                       max_batches: int | None = None) -> list[Batch]:
+    """The first `max_batches` batches of a validation split (the same at every evaluation of a run); smaller
+    than batch_size when the split holds fewer windows than one global batch, so every rank gets one."""
     batch_size = max(min(batch_size, count_windows(shards, seq_len, lookahead) // world_size), 1)
     arrays = (read_shard(path, vocab_size) for path in shards)
     return list(token_windows(arrays, seq_len, batch_size, lookahead, rank, world_size, max_batches, drop_last=True))
 
 
-def _as_batch(rows: list[np.ndarray] | np.ndarray, lookahead: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_batch(rows: list[np.ndarray] | np.ndarray, lookahead: int) -> Batch:
     """Windows [b, T + lookahead] -> (x [b, T], targets [b, T + lookahead - 1])."""
     batch = np.stack(rows).astype(np.int64)
     x = torch.from_numpy(np.ascontiguousarray(batch[:, :batch.shape[1] - lookahead]))

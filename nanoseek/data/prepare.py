@@ -1,6 +1,6 @@
-"""`prepare_data`: corpus -> tokenizer -> train/val shards + meta.json, and `load_prepared` to open the result.
+"""`prepare_data`: corpus -> tokenizer -> train/val shards + meta.json; `load_prepared` opens the result.
 
-A prepared directory holds train_*.bin, val_*.bin (shards.py's format), the tokenizer files and meta.json,
+A prepared directory holds train_*.bin and val_*.bin (shards.py's format), the tokenizer files and meta.json,
 written last, so a folder whose preparation crashed is never mistaken for a finished one.
 """
 
@@ -23,14 +23,19 @@ from nanoseek.data.shards import FORMAT_VERSION, REBUILD, ShardWriter, file_sha2
 from nanoseek.data.tokenizer import META_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer, train_tokenizer
 from nanoseek.rundir import replacing
 
-# Train/val split (see `_split_threshold`): documents are cut into line-aligned pieces of at most this many
-# characters, so even a single-file corpus (one long document) splits, and each piece is placed by its hash.
+# The train/val split. A split unit is a piece of a document (<= SPLIT_PIECE_CHARS, cut after a newline when
+# there is one), so even a one-document corpus splits; it is placed by the top 16 bits of its blake2b hash.
+# Pass 1 adds each piece's length to its bucket; val is every piece whose bucket is <= the first bucket at which
+# the running total reaches val_fraction of the characters. So: deterministic, independent of document order,
+# identical pieces (duplicated licence headers) always on the same side, val never empty and within one piece
+# of val_fraction even for a corpus of a few documents, and only a 65536-entry histogram kept in memory.
 SPLIT_PIECE_CHARS = 1 << 12
 _HASH_BUCKETS = 1 << 16
 # Each split must hold this many sequences of seq_len tokens, plus room for multi-token-prediction look-ahead.
 MIN_SPLIT_SEQUENCES = 4
 MAX_LOOKAHEAD = 8
-_ENCODE_BATCH = 256  # documents per encode_batch call: enough to keep the Rust BPE threads busy
+_ENCODE_BATCH = 256  # runs per encode_batch call: enough to keep the Rust BPE threads busy
+_SPLITS = ("train", "val")
 
 
 @dataclass
@@ -46,12 +51,11 @@ class PreparedData:
 
     def verify(self) -> None:
         """Check every shard's sha256 against meta.json (reads all data; catches flipped bytes the header can't)."""
-        for split in ("train", "val"):
-            for entry in self.meta[split]["shards"]:
-                path = self.out_dir / entry["file"]
-                if file_sha256(path) != entry["sha256"]:
-                    raise ValueError(f"{path}: contents do not match the sha256 in meta.json (corrupt or "
-                                     f"modified); {REBUILD}")
+        for entry in self.meta["train"]["shards"] + self.meta["val"]["shards"]:
+            path = self.out_dir / entry["file"]
+            if file_sha256(path) != entry["sha256"]:
+                raise ValueError(f"{path}: contents do not match the sha256 in meta.json (corrupt or "
+                                 f"modified); {REBUILD}")
 
 
 def load_prepared(directory: str | Path) -> PreparedData:
@@ -72,25 +76,19 @@ def load_prepared(directory: str | Path) -> PreparedData:
     if tokenizer.vocab_size != meta["vocab_size"]:
         raise ValueError(f"{directory}: tokenizer has {tokenizer.vocab_size} ids but meta.json says "
                          f"{meta['vocab_size']}; {REBUILD}")
-    shards = {}
-    for split in ("train", "val"):
-        shards[split] = []
-        for entry in meta[split]["shards"]:
-            path = directory / entry["file"]
+    paths = {split: [directory / entry["file"] for entry in meta[split]["shards"]] for split in _SPLITS}
+    for split, files in paths.items():
+        for path, entry in zip(files, meta[split]["shards"]):
             _, count, _ = read_shard_header(path)
             if count != entry["tokens"]:
                 raise ValueError(f"{path}: holds {count} tokens but meta.json lists {entry['tokens']}; {REBUILD}")
-            shards[split].append(path)
-    return PreparedData(directory, tokenizer, meta["vocab_size"], shards["train"], shards["val"], meta)
+    return PreparedData(directory, tokenizer, meta["vocab_size"], paths["train"], paths["val"], meta)
 
 
 def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
-    """Corpus -> tokenizer -> train/val shards + meta.json in `out_dir`; reuse `cfg.source` if it is prepared.
-
-    Everything is written into a staging folder next to `out_dir` and swapped in only once complete
-    (rundir.replacing): a failed preparation (a typo in --data, a full disk) leaves an earlier one in
-    `out_dir` untouched, and a user's own files there are kept.
-    """
+    """Corpus -> tokenizer -> train/val shards + meta.json in `out_dir` (`cfg.source` itself if it is prepared),
+    via a staging folder swapped in only once complete (rundir.replacing): a failed preparation (a typo in --data,
+    a full disk) leaves an earlier one in `out_dir`, and a user's own files there, untouched."""
     source_dir = Path(cfg.source).expanduser()
     if source_dir.is_dir() and is_prepared_dir(source_dir):
         return load_prepared(source_dir)  # `nanoseek train --data PREPARED_DIR`: use it as it is
@@ -110,38 +108,31 @@ def _prepared_files(out_dir: Path) -> set[str]:
     if not is_prepared_dir(out_dir):
         return set()
     meta = json.loads((out_dir / PREPARED_META).read_text())
-    shards = {Path(entry["file"]).name for split in ("train", "val") for entry in meta.get(split, {}).get("shards", [])}
+    shards = {Path(entry["file"]).name for split in _SPLITS for entry in meta.get(split, {}).get("shards", [])}
     return {PREPARED_META, META_FILE, TOKENIZER_FILE} | shards
 
 
 def _prepare_into(cfg: DataConfig, out_dir: Path, progress: bool) -> None:
-    """Corpus -> tokenizer -> train/val shards + meta.json in the (new, empty) folder `out_dir`.
+    """Two streaming passes over the source: the first measures the split and trains the tokenizer, the second
+    encodes. The tokenizer learns from train and val alike: a char vocabulary must cover val to encode it, BPE
+    merges from a few % more text barely move val loss, and one shared pass keeps a streamed dataset to two
+    reads. The same source and config give byte-identical shards, tokenizer and `content_hash`."""
 
-    Two streaming passes over the source: the first measures the split and trains the tokenizer, the second
-    encodes. The tokenizer learns from the whole corpus (train and val): a char vocabulary must cover val or
-    val could not be encoded, BPE merge counts from a few % more text barely move val loss, and one shared pass
-    keeps a streamed Hugging Face dataset to two reads. The same source and config give byte-identical
-    shards, tokenizer and `content_hash`.
-    """
+    def documents(desc: str) -> Iterable[str]:
+        texts = iter_documents(cfg.source, text_field=cfg.hf_text_field, hf_split=cfg.hf_split)
+        return tqdm(texts, desc=desc, unit="doc", disable=not progress)
 
-    def documents() -> Iterator[str]:
-        return iter_documents(cfg.source, text_field=cfg.hf_text_field, hf_split=cfg.hf_split)
-
-    # Pass 1: hash every piece into the histogram while the tokenizer trains on the same stream.
     histogram = np.zeros(_HASH_BUCKETS, dtype=np.int64)
-    pieces = _scan_pieces(tqdm(documents(), desc="prepare 1/2 scan", unit="doc", disable=not progress), histogram)
+    pieces = _scan_pieces(documents("prepare 1/2 scan"), histogram)
     tokenizer = train_tokenizer(cfg.tokenizer, pieces, cfg.vocab_size)
     for _ in pieces:  # byte/file tokenizers and the BPE character cap leave the scan unfinished
         pass
     val_bucket_max = _split_threshold(histogram, cfg.val_fraction, cfg.source)
     tokenizer.save(out_dir)
 
-    # Pass 2: encode each run of same-split pieces, end it with eos, stream it into that split's shards.
-    writers = {split: ShardWriter(out_dir, split, cfg.shard_tokens, tokenizer.vocab_size) for split in ("train", "val")}
-    runs = {"train": 0, "val": 0}
-    encoded = _encode_runs(tqdm(documents(), desc="prepare 2/2 encode", unit="doc", disable=not progress),
-                           tokenizer, val_bucket_max)
-    for split, tokens in encoded:
+    writers = {split: ShardWriter(out_dir, split, cfg.shard_tokens, tokenizer.vocab_size) for split in _SPLITS}
+    runs = dict.fromkeys(_SPLITS, 0)
+    for split, tokens in _encode_runs(documents("prepare 2/2 encode"), tokenizer, val_bucket_max):
         writers[split].write(tokens)
         runs[split] += 1
     min_tokens = MIN_SPLIT_SEQUENCES * cfg.seq_len + MAX_LOOKAHEAD
@@ -151,7 +142,6 @@ def _prepare_into(cfg: DataConfig, out_dir: Path, progress: bool) -> None:
                              f"{min_tokens} ({MIN_SPLIT_SEQUENCES} sequences of seq_len={cfg.seq_len}); use a larger "
                              f"corpus, raise data.val_fraction (now {cfg.val_fraction}) or lower data.seq_len")
     paths = {split: writer.close() for split, writer in writers.items()}
-
     meta = _build_meta(cfg, out_dir, tokenizer, paths, runs, val_bucket_max)
     tmp = out_dir / (PREPARED_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -168,41 +158,23 @@ def _build_meta(cfg: DataConfig, out_dir: Path, tokenizer: Tokenizer, paths: dic
                        for name in (META_FILE, TOKENIZER_FILE) if (out_dir / name).is_file()}
     content = {"tokenizer": tokenizer_files,
                "shards": {split: [e["sha256"] for e in splits[split]["shards"]] for split in splits}}
-    return {
-        "format": PREPARED_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "source": cfg.source,
-        "source_description": describe_source(cfg.source),
-        "text_field": cfg.hf_text_field,
-        "hf_split": cfg.hf_split,
-        "tokenizer": {"kind": tokenizer.kind, "requested": cfg.tokenizer, "vocab_size": tokenizer.vocab_size,
-                      "eos_id": tokenizer.eos_id, "files": sorted(tokenizer_files)},
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": token_dtype(tokenizer.vocab_size).name,
-        "seq_len": cfg.seq_len,
-        "split": {"method": "blake2b-64 of line-aligned text pieces; val = hash bucket <= val_bucket_max",
-                  "val_fraction": cfg.val_fraction, "piece_chars": SPLIT_PIECE_CHARS,
-                  "hash_buckets": _HASH_BUCKETS, "val_bucket_max": val_bucket_max},
-        "train": splits["train"],
-        "val": splits["val"],
-        "content_hash": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(),
-    }
+    return {"format": PREPARED_FORMAT, "format_version": FORMAT_VERSION, "source": cfg.source,
+            "source_description": describe_source(cfg.source), "text_field": cfg.hf_text_field,
+            "hf_split": cfg.hf_split,
+            "tokenizer": {"kind": tokenizer.kind, "requested": cfg.tokenizer, "vocab_size": tokenizer.vocab_size,
+                          "eos_id": tokenizer.eos_id, "files": sorted(tokenizer_files)},
+            "vocab_size": tokenizer.vocab_size, "dtype": token_dtype(tokenizer.vocab_size).name, "seq_len": cfg.seq_len,
+            "split": {"method": "blake2b-64 of line-aligned text pieces; val = hash bucket <= val_bucket_max",
+                      "val_fraction": cfg.val_fraction, "piece_chars": SPLIT_PIECE_CHARS,
+                      "hash_buckets": _HASH_BUCKETS, "val_bucket_max": val_bucket_max},
+            "train": splits["train"], "val": splits["val"],
+            "content_hash": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()}
 
 
 def _canonical_json_sha256(path: Path) -> str:
     # Hash the parsed JSON, not the bytes: the same tokenizer must hash the same whatever the writer's spacing.
     value = json.loads(path.read_text(encoding="utf-8"))
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-# ---- the train/val split --------------------------------------------------------------------------
-#
-# A split unit is a piece of a document (<= SPLIT_PIECE_CHARS, cut after a newline when there is one), placed
-# by the top 16 bits of its blake2b hash. Pass 1 adds each piece's length to its bucket; the validation set is
-# then every piece whose bucket is <= the first bucket at which the running total reaches val_fraction of the
-# characters. So: deterministic, independent of document order, identical pieces (duplicated licence headers)
-# always land on the same side, val is never empty and is within one piece of val_fraction even for a corpus
-# of a few documents, and nothing but a 65536-entry histogram is kept in memory.
 
 
 def _pieces(text: str) -> list[str]:
@@ -246,20 +218,13 @@ def _split_threshold(histogram: np.ndarray, val_fraction: float, source: str) ->
 def _encode_runs(documents: Iterable[str], tokenizer: Tokenizer,
                  val_bucket_max: int) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (split, ids + [eos]) per run of consecutive same-split pieces; a fully-train document is one run."""
-    batch: list[tuple[str, str]] = []
 
-    def flush() -> Iterator[tuple[str, np.ndarray]]:
-        encoded = tokenizer.encode_batch([text for _, text in batch])
-        for (split, _), ids in zip(batch, encoded):
-            tokens = np.empty(len(ids) + 1, dtype=np.int64)
-            tokens[:-1] = ids
-            tokens[-1] = tokenizer.eos_id
-            yield split, tokens
-        batch.clear()
+    def runs() -> Iterator[tuple[str, str]]:
+        for text in documents:
+            for is_val, group in itertools.groupby(_pieces(text), key=lambda p: _bucket(p) <= val_bucket_max):
+                yield "val" if is_val else "train", "".join(group)
 
-    for text in documents:
-        for is_val, group in itertools.groupby(_pieces(text), key=lambda p: _bucket(p) <= val_bucket_max):
-            batch.append(("val" if is_val else "train", "".join(group)))
-        if len(batch) >= _ENCODE_BATCH:
-            yield from flush()
-    yield from flush()
+    pending = runs()
+    while batch := list(itertools.islice(pending, _ENCODE_BATCH)):
+        for (split, _), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch])):
+            yield split, np.array([*ids, tokenizer.eos_id], dtype=np.int64)

@@ -2,9 +2,8 @@
 
   magic b"NSEEKTOK" | format version u32 | bytes per token u32 (2: uint16, 4: uint32) | token count u64 | vocab size u64
 
-uint16 whenever the vocabulary fits (<= 65535 ids), halving disk and page-cache use. Documents are separated by
-the tokenizer's end-of-text id. `ShardWriter` streams tokens into shards; `read_shard` memory-maps one after
-checking its header, size and id range (prepare.py writes a directory of them, loader.py batches them).
+Ids are uint16 whenever the vocabulary fits, halving disk and page-cache use; documents are separated by the
+tokenizer's end-of-text id.
 """
 
 from __future__ import annotations
@@ -30,9 +29,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return _DTYPES[2] if vocab_size <= 65535 else _DTYPES[4]
 
 
-# ---- writing --------------------------------------------------------------------------------------
-
-
 class ShardWriter:
     """Streams tokens into `{prefix}_00000.bin`, `{prefix}_00001.bin`, ... of `shard_tokens` tokens each.
 
@@ -48,9 +44,8 @@ class ShardWriter:
         self.prefix, self.shard_tokens, self.vocab_size = prefix, shard_tokens, vocab_size
         self.dtype = token_dtype(vocab_size)
         self.buffer = np.empty(shard_tokens, dtype=self.dtype)
-        self.filled = 0
         self.paths: list[Path] = []
-        self.total_tokens = 0
+        self.filled = self.total_tokens = 0
 
     def write(self, tokens: np.ndarray | list[int]) -> None:
         """Append token ids (any integer array-like, shape [n])."""
@@ -100,9 +95,6 @@ def _append_tokens(path: Path, tokens: np.ndarray) -> None:
         f.write(_HEADER.pack(magic, version, itemsize, count + tokens.size, vocab_size))
 
 
-# ---- reading --------------------------------------------------------------------------------------
-
-
 def read_shard_header(path: str | Path) -> tuple[np.dtype, int, int]:
     """(dtype, token count, vocab size) of a shard; ValueError naming the file for any mismatch or truncation."""
     path = Path(path)
@@ -131,10 +123,8 @@ def read_shard_header(path: str | Path) -> tuple[np.dtype, int, int]:
 
 
 def read_shard(path: str | Path, vocab_size: int | None = None) -> np.memmap:
-    """Memory-map a shard's tokens, shape [count], after checking header, size and that every id is in range.
-
-    The id range is checked against the header's vocab size and, if given, `vocab_size` (the model's).
-    """
+    """Memory-map a shard's tokens, shape [count], after checking its header, its size and that every id is below
+    the header's vocab size and, if given, `vocab_size` (the model's)."""
     dtype, count, header_vocab = read_shard_header(path)
     tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
     limit = header_vocab if vocab_size is None else min(header_vocab, vocab_size)

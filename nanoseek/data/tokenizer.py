@@ -1,17 +1,14 @@
-"""Tokenizers behind one small interface: char, byte, byte-level BPE (trained with `tokenizers`), or a tokenizer.json.
+"""Tokenizers behind one interface: char, byte, byte-level BPE (trained with `tokenizers`), or a tokenizer.json.
 
-Every kind has `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`, `eos_id`, `kind`, `save(dir)`.
-`encode` treats its input as plain text: the literal string "<|endoftext|>" inside a document is encoded as
-characters, never as the end-of-text id, so a corpus that mentions the token cannot fake document boundaries.
-Only `prepare_data` inserts `eos_id`, between documents.
-
-On disk (what `save` writes and `load_tokenizer` reads):
-  tokenizer_meta.json   every kind: kind, vocab_size, eos; the character table for `char`
-  tokenizer.json        bpe and file kinds: the `tokenizers` JSON, loadable by transformers' PreTrainedTokenizerFast
+`encode` treats its input as plain text: a literal "<|endoftext|>" in a document is encoded as characters, never
+as `eos_id`, so a corpus that mentions the token cannot fake document boundaries; only `prepare_data` inserts
+`eos_id`, between documents. `save` writes tokenizer_meta.json (kind, vocab_size, eos; the character table for
+`char`) and, for the bpe and file kinds, tokenizer.json (loadable by transformers' PreTrainedTokenizerFast).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -47,7 +44,11 @@ class Tokenizer:
         raise NotImplementedError
 
     def save(self, directory: str | Path) -> None:
-        raise NotImplementedError
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format": _META_FORMAT, "kind": self.kind, "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id, "eos_token": EOS_TOKEN, **self._meta_extra()}
+        (directory / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     def to_hf_files(self, directory: str | Path, model_max_length: int | None = None) -> None:
         """Write tokenizer.json + tokenizer_config.json so transformers' AutoTokenizer loads `directory`."""
@@ -57,14 +58,8 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
-    def _write_meta(self, directory: Path, **extra: object) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": _META_FORMAT, "kind": self.kind, "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id, "eos_token": EOS_TOKEN, **extra}
-        (directory / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-
-
-# ---- char ---------------------------------------------------------------------------------------
+    def _meta_extra(self) -> dict:
+        return {}
 
 
 class CharTokenizer(Tokenizer):
@@ -92,11 +87,8 @@ class CharTokenizer(Tokenizer):
         n = len(self.chars)
         return "".join(self.chars[i] if 0 <= i < n else EOS_TOKEN if i == n else _REPLACEMENT for i in map(int, ids))
 
-    def save(self, directory: str | Path) -> None:
-        self._write_meta(Path(directory), chars="".join(self.chars))
-
-
-# ---- byte ---------------------------------------------------------------------------------------
+    def _meta_extra(self) -> dict:
+        return {"chars": "".join(self.chars)}
 
 
 class ByteTokenizer(Tokenizer):
@@ -110,20 +102,13 @@ class ByteTokenizer(Tokenizer):
         return list(text.encode("utf-8", errors="surrogatepass"))
 
     def decode(self, ids: Iterable[int]) -> str:
-        parts: list[str] = []
-        pending = bytearray()
-        for i in map(int, ids):
-            if 0 <= i < 256:
-                pending.append(i)
-                continue
-            parts.append(pending.decode("utf-8", errors="replace"))
-            pending.clear()
-            parts.append(EOS_TOKEN if i == self.eos_id else _REPLACEMENT)
-        parts.append(pending.decode("utf-8", errors="replace"))
+        parts: list[str] = []  # a character spans several bytes: decode each run of byte ids as a whole
+        for is_byte, run in itertools.groupby(map(int, ids), key=lambda i: 0 <= i < 256):
+            if is_byte:
+                parts.append(bytes(run).decode("utf-8", errors="replace"))
+            else:
+                parts += [EOS_TOKEN if i == self.eos_id else _REPLACEMENT for i in run]
         return "".join(parts)
-
-    def save(self, directory: str | Path) -> None:
-        self._write_meta(Path(directory))
 
     def to_hf_files(self, directory: str | Path, model_max_length: int | None = None) -> None:
         # A byte vocabulary is a BPE model with no merges over the byte-to-unicode alphabet; mapping each
@@ -142,12 +127,8 @@ def _byte_alphabet() -> dict[int, str]:
     """byte value -> the printable character byte-level BPE uses for it (printable bytes stand for themselves,
     the rest are shifted above U+0100 in byte order), so every byte is a visible, non-space character."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    mapping = {b: chr(b) for b in printable}
-    shifted = [b for b in range(256) if b not in mapping]
-    return {**mapping, **{b: chr(256 + offset) for offset, b in enumerate(shifted)}}
-
-
-# ---- bpe / tokenizer.json -----------------------------------------------------------------------
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + offset) for offset, b in enumerate(shifted)}}
 
 
 class HFTokenizer(Tokenizer):
@@ -155,19 +136,15 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, rust_tokenizer, kind: str, source: str = ""):
         self.rust = rust_tokenizer
-        # Plain-text semantics (see the module docstring); this flag is not serialized, so the saved
-        # tokenizer.json keeps transformers' usual behaviour.
+        # Plain-text semantics (module docstring); not serialized, so a saved tokenizer.json behaves as usual.
         self.rust.encode_special_tokens = True
         self.kind = kind
         self.vocab_size = rust_tokenizer.get_vocab_size(with_added_tokens=True)
-        for token in _EOS_CANDIDATES:
-            token_id = rust_tokenizer.token_to_id(token)
-            if token_id is not None:
-                self.eos_token, self.eos_id = token, token_id
-                break
-        else:
+        self.eos_token = next((t for t in _EOS_CANDIDATES if rust_tokenizer.token_to_id(t) is not None), None)
+        if self.eos_token is None:
             raise ValueError(f"tokenizer {source or kind!r} has no end-of-text token (looked for "
                              f"{', '.join(_EOS_CANDIDATES)}); add one as a special token")
+        self.eos_id = rust_tokenizer.token_to_id(self.eos_token)
         self.pad_token = PAD_TOKEN if rust_tokenizer.token_to_id(PAD_TOKEN) is not None else self.eos_token
 
     def encode(self, text: str) -> list[int]:
@@ -180,16 +157,14 @@ class HFTokenizer(Tokenizer):
         return self.rust.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        self._write_meta(directory)
-        self.rust.save(str(directory / TOKENIZER_FILE))
+        super().save(directory)
+        self.rust.save(str(Path(directory) / TOKENIZER_FILE))
 
     def to_hf_files(self, directory: str | Path, model_max_length: int | None = None) -> None:
         _write_hf_files(Path(directory), self.rust, self.eos_token, self.pad_token, model_max_length)
 
 
 def _write_hf_files(directory: Path, rust, eos_token: str, pad_token: str, model_max_length: int | None) -> None:
-    """tokenizer.json and tokenizer_config.json in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     rust.save(str(directory / TOKENIZER_FILE))
     # tokenizer_config.json by hand: transformers 5.x's save_pretrained names the class "TokenizersBackend", which 4.x
@@ -226,14 +201,9 @@ def _take_chars(documents: Iterable[str], max_chars: int) -> Iterator[str]:
         yield text
 
 
-# ---- entry points -------------------------------------------------------------------------------
-
-
 def train_tokenizer(kind_or_path: str, documents: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Build a tokenizer: "char" and "bpe" learn from `documents`; "byte" and a tokenizer.json path ignore them.
-
-    `vocab_size` applies to "bpe" only (a small corpus may yield fewer tokens; read `.vocab_size`).
-    """
+    """Build a tokenizer: "char" and "bpe" learn from `documents`, "byte" and a tokenizer.json path ignore them.
+    `vocab_size` applies to "bpe" only (a small corpus may yield fewer tokens; read `.vocab_size`)."""
     if kind_or_path == "char":
         chars: set[str] = set()
         for text in documents:
@@ -249,12 +219,10 @@ def train_tokenizer(kind_or_path: str, documents: Iterable[str], vocab_size: int
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load what `Tokenizer.save` wrote (or a folder / file holding just a tokenizer.json)."""
     path = Path(directory).expanduser()
-    if path.is_file():
-        return _load_tokenizer_json(path, kind="file")
     meta_path = path / META_FILE
+    if path.is_file() or (not meta_path.is_file() and (path / TOKENIZER_FILE).is_file()):
+        return _load_tokenizer_json(path, kind="file")
     if not meta_path.is_file():
-        if (path / TOKENIZER_FILE).is_file():
-            return _load_tokenizer_json(path / TOKENIZER_FILE, kind="file")
         raise ValueError(f"no tokenizer in {str(path)!r} (neither {META_FILE} nor {TOKENIZER_FILE}); "
                          "re-run `nanoseek prepare` to write one")
     try:

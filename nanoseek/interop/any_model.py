@@ -1,11 +1,6 @@
-"""Whatever model a user holds, ready for `generate` / `eval`: a nanoseek run or checkpoint, a transformers
-folder, or a GGUF file, with its tokenizer; and the model's chat template for `--chat`.
-
-Chat templates are Jinja programs shipped with instruct models (chat_template.jinja, or the chat_template key
-of tokenizer_config.json). transformers renders them; the rendered text holds special tokens such as
-<|im_start|>, which only the model's own tokenizer.json (not nanoseek's plain-text `encode`) turns into their
-ids. `nanoseek convert` copies the template into the converted run's data/ so the converted model takes the
-same prompt as the original.
+"""Whatever model a user holds (a nanoseek run or checkpoint, a transformers folder, a GGUF file) with its tokenizer,
+ready for `generate` / `eval`; and its chat template for `--chat`, rendered by transformers: the text holds special
+tokens such as <|im_start|>, which only the model's own tokenizer.json (not nanoseek's plain `encode`) turns into ids.
 """
 
 from __future__ import annotations
@@ -15,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-CHAT_FILES = ("chat_template.jinja", "tokenizer_config.json")
 
 
 @dataclass
@@ -36,15 +29,15 @@ def load_any_model(path: str | Path, device: str | torch.device = "cpu", use_ema
     from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
 
     path = Path(path).expanduser()
-    if path.exists() and is_model_file_or_folder(path):
+    if not path.exists():
+        raise ValueError(f"--ckpt {str(path)!r} does not exist; pass a run or checkpoint directory, a transformers "
+                         "folder or a .gguf file")
+    if is_model_file_or_folder(path):
         source = load_source_model(path, "--ckpt")
         model = source.model.to(device).eval()
         model.uses_ema, model.checkpoint_path = False, path
         return LoadedModel(model, load_tokenizer(source.tokenizer_dir), source.tokenizer_dir, None,
                            f"{path} ({source.kind})")
-    if not path.exists():
-        raise ValueError(f"--ckpt {str(path)!r} does not exist; pass a run or checkpoint directory, a transformers "
-                         "folder or a .gguf file")
     model, _ = load_model(path, map_location=device, use_ema=use_ema, which=which)
     run_dir = run_dir_of(path)
     return LoadedModel(model, load_run_tokenizer(path), run_dir / "data" if run_dir else None, run_dir,
@@ -57,19 +50,13 @@ def read_chat_template(folder: Path | None) -> str | None:
         return None
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except ValueError:
-            return None
-        return template if isinstance(template, str) else None
-    return None
+    template = _tokenizer_config(folder).get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 def chat_prompt(tokenizer_dir: Path | None, user_text: str, system: str | None = None) -> tuple[list[int], list[int]]:
-    """The token ids of one user turn in the model's chat template, ready for the assistant's reply, and the
-    ids that end a reply (the template tokenizer's end-of-turn token). ValueError when there is no template."""
+    """(token ids of one user turn in the model's chat template, ready for the assistant's reply; the ids that
+    end a reply: the template tokenizer's end-of-turn token). ValueError when there is no template."""
     template = read_chat_template(tokenizer_dir)
     if template is None:
         raise ValueError(f"--chat: no chat template next to the tokenizer in {tokenizer_dir} (chat_template.jinja "
@@ -100,10 +87,11 @@ def _tokenizer_config(folder: Path) -> dict:
 
 
 def copy_chat_files(tokenizer_dir: Path | None, out: Path) -> None:
-    """Copy the chat template (and the tokenizer config naming its special tokens) into `out`."""
+    """Copy the chat template (and the tokenizer config naming its special tokens) into `out`: a converted run's
+    data/ gets them so that the converted model takes the same prompts as its original."""
     if tokenizer_dir is None:
         return
-    for name in CHAT_FILES:
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
         if (tokenizer_dir / name).is_file():
             out.mkdir(parents=True, exist_ok=True)
             (out / name).write_bytes((tokenizer_dir / name).read_bytes())

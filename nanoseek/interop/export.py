@@ -1,17 +1,10 @@
-"""Export a nanoseek Transformer as a Hugging Face transformers folder (config.json + safetensors).
+"""Export a nanoseek Transformer as a transformers folder (config.json + safetensors) that loads with the same logits.
 
-Which transformers architecture a model becomes:
-
-  MLA + sigmoid-routed MoE, or MLA dense   -> DeepseekV3 (`deepseek_v3`)
-  MLA + softmax-routed MoE                 -> DeepseekV2 (`deepseek_v2`): softmax scores, no correction bias,
-                                              top-k weights not renormalised
-  GQA / MHA / MQA, dense                   -> Llama (`llama`); with qk_norm -> Qwen3 (`qwen3`)
-  GQA + MoE                                -> refused (no transformers model matches it exactly)
-
-The config carries RoPE in both forms (top-level `rope_theta`/`rope_scaling` for transformers 4.x,
-`rope_parameters` for 5.x), and the DeepSeek keys transformers ignores but vLLM reads (`scoring_func`,
-`topk_method`, ...). Experts are written one tensor per expert, the layout transformers 4.x, 5.x and vLLM
-all load. MTP modules are training-only here and are not exported (`num_nextn_predict_layers: 0`).
+MLA becomes DeepseekV3, or DeepseekV2 with softmax-routed MoE (no correction bias, top-k weights not renormalised);
+dense GQA becomes Llama, or Qwen3 with qk_norm; GQA + MoE is refused (no transformers model matches it exactly).
+The config carries RoPE in both forms (4.x `rope_theta`/`rope_scaling`, 5.x `rope_parameters`) and the DeepSeek
+keys transformers ignores but vLLM reads (`scoring_func`, ...); experts are written one tensor each, the layout
+transformers 4.x, 5.x and vLLM all load; MTP modules are training-only and not exported.
 See shared/reference/ecosystem.md section 1 for the layouts and the traps between versions.
 """
 
@@ -26,7 +19,8 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.interop.names import ROPE_ROWS, STACKED_EXPERTS, interleaved_to_halves, resolve_dtype, to_hf_name
+from nanoseek.interop.names import (CONFIG_FILE, INDEX_FILE, ROPE_ROWS, SINGLE_FILE, STACKED_EXPERTS,
+                                    interleaved_to_halves, resolve_dtype, to_hf_name)
 from nanoseek.model.layers import _yarn_mscale, yarn_attention_factor
 from nanoseek.train.distributed import unwrap
 from nanoseek.train.loading import load_model
@@ -65,66 +59,61 @@ def hf_model_type(cfg: ModelConfig) -> str:
 
 def export_files(out_dir: Path) -> set[str]:
     """The files an earlier export (or a transformers folder) in `out_dir` holds that a new export replaces."""
-    if not (out_dir / "config.json").is_file():
+    if not (out_dir / CONFIG_FILE).is_file():
         return set()
-    fixed = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    fixed = {CONFIG_FILE, "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
     return fixed | {p.name for p in out_dir.iterdir() if _OUR_WEIGHT_FILES.match(p.name)}
 
 
 def export_hf(model: nn.Module | str | Path, out_dir: str | Path, tokenizer=None,
               dtype: torch.dtype | str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write `model` as a folder `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads with the
-    same logits. Returns the folder.
-
-    model: a nanoseek Transformer, or a checkpoint/run directory to load one from.
-    tokenizer: optional; an object with `to_hf_files(dir, model_max_length)` (nanoseek's tokenizers) adds
-        tokenizer.json + tokenizer_config.json and sets bos/eos ids. Others are skipped with a warning.
-    dtype: weight dtype on disk (torch dtype or "fp32"/"bf16"/"fp16"); None keeps the model's.
-        The MoE correction bias stays float32, as transformers keeps it.
-    """
+    """Write `model` (a Transformer, or a checkpoint/run directory) as a folder that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads; returns the folder. tokenizer: optional, one with
+    `to_hf_files(dir, model_max_length)` (nanoseek's). dtype: on disk ("fp32"/"bf16"/"fp16" or a torch dtype;
+    None keeps the model's); the MoE bias stays float32."""
     if isinstance(model, (str, Path)):
         model, _ = load_model(model)
     model = unwrap(model)  # torch.compile / DDP wrappers: their state-dict names carry prefixes
     cfg: ModelConfig = model.config
     model_type = hf_model_type(cfg)
-    dtype = _resolve_dtype(dtype, model)
+    own_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = own_dtype if dtype is None else resolve_dtype(dtype)
     _check_numerics(model, cfg, model_type)
     vocab = getattr(tokenizer, "vocab_size", None)
     if vocab is not None and vocab > cfg.vocab_size:
         raise ValueError(f"tokenizer vocab_size={vocab} is larger than the model's vocab_size={cfg.vocab_size}: "
                          "this tokenizer does not belong to this model")
     tensors = hf_state_dict(model, model_type, dtype)
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():  # an earlier export's shards would shadow or mix with these
         if _OUR_WEIGHT_FILES.match(stale.name):
             stale.unlink()
-
     bos_id = eos_id = None
-    if tokenizer is not None:
-        bos_id, eos_id = _write_tokenizer(tokenizer, out, cfg)
+    if tokenizer is not None and not hasattr(tokenizer, "to_hf_files"):
+        warnings.warn(f"tokenizer {type(tokenizer).__name__} has no to_hf_files(); exported without tokenizer files",
+                      stacklevel=2)
+    elif tokenizer is not None:
+        try:
+            tokenizer.to_hf_files(out, model_max_length=cfg.max_seq_len)
+        except ValueError as err:  # e.g. a char tokenizer: the weights are still worth having
+            warnings.warn(f"tokenizer not exported: {err}", stacklevel=2)
+        else:  # nanoseek's tokenizer_config uses the end-of-text token as bos too
+            bos_id = eos_id = getattr(tokenizer, "eos_id", None)
     config = hf_config(cfg, model_type, dtype, bos_token_id=bos_id, eos_token_id=eos_id)
     _write_safetensors(tensors, out, max_shard_bytes)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if eos_id is not None:
         generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out
 
 
-# ---- weights -------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def hf_state_dict(model: nn.Module, model_type: str | None = None,
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """nanoseek state dict -> transformers tensors (CPU, contiguous, one tensor per expert), MTP dropped.
-
-    GQA query/key rows are reordered for transformers' rotate-half RoPE; MLA rows are copied as they are
-    (both sides use interleaved pairs). A MoE layer without shared experts gets zero-width shared-expert
-    tensors, because transformers always builds that MLP (of width 0 there).
-    """
+    """nanoseek state dict -> transformers tensors (CPU, contiguous, one per expert, GQA rope rows rotate-half), MTP
+    dropped. A MoE layer without shared experts gets zero-width ones: transformers always builds that MLP."""
     cfg: ModelConfig = model.config
     model_type = model_type or hf_model_type(cfg)
     out: dict[str, torch.Tensor] = {}
@@ -149,10 +138,9 @@ def hf_state_dict(model: nn.Module, model_type: str | None = None,
         if hf_name is None:
             raise ValueError(f"no transformers {model_type} name for nanoseek tensor {name!r} {tuple(tensor.shape)}; "
                              "this model has a part the export does not know")
-        if cfg.attention == "gqa" and name.endswith(tuple(ROPE_ROWS)):
+        if cfg.attention == "gqa" and name.endswith(ROPE_ROWS):
             tensor = interleaved_to_halves(tensor, cfg.head_dim)
         put(hf_name, tensor, keep_fp32=name.endswith("balance_bias"))
-
     if cfg.uses_moe and cfg.n_shared_experts == 0:
         for i in range(cfg.n_dense_layers, cfg.n_layers):
             for proj, shape in (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0))):
@@ -164,28 +152,24 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_by
     from safetensors.torch import save_file
 
     shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    size = 0  # of the last shard
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards, size = shards + [{}], 0
         shards[-1][name] = tensor
         size += nbytes
-    metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata=metadata)
+        save_file(shards[0], str(out / SINGLE_FILE), metadata={"format": "pt"})
         return
     weight_map = {}
     for k, shard in enumerate(shards, start=1):
         filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / filename), metadata=metadata)
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-# ---- config --------------------------------------------------------------------------------------
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def hf_config(cfg: ModelConfig, model_type: str | None = None, dtype: torch.dtype = torch.float32,
@@ -200,23 +184,17 @@ def hf_config(cfg: ModelConfig, model_type: str | None = None, dtype: torch.dtyp
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
         "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None, **_rope_config(cfg),
-        "torch_dtype": dtype_name,  # transformers 4.x
-        "dtype": dtype_name,  # transformers 5.x
+        "torch_dtype": dtype_name, "dtype": dtype_name,  # transformers 4.x, 5.x
     }
-    if model_type.startswith("deepseek"):
-        config.update(_deepseek_config(cfg, model_type))
-    else:
+    if not model_type.startswith("deepseek"):
         config.update({"num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "mlp_bias": False})
         if model_type == "qwen3":
             config.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers})
-    return config
-
-
-def _deepseek_config(cfg: ModelConfig, model_type: str) -> dict:
-    moe = cfg.uses_moe
-    sigmoid = model_type == "deepseek_v3"
+        return config
+    moe, sigmoid = cfg.uses_moe, model_type == "deepseek_v3"
     topk_method = "noaux_tc" if sigmoid else "group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy"
     return {
+        **config,
         # MLA: every head has its own K/V from the latent, so there are as many KV heads as query heads.
         "num_key_value_heads": cfg.n_heads, "q_lora_rank": cfg.q_lora_rank or None,
         "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
@@ -226,9 +204,8 @@ def _deepseek_config(cfg: ModelConfig, model_type: str) -> dict:
         # MoE. A dense model has every layer below first_k_dense_replace, so no router is ever built.
         "moe_intermediate_size": cfg.moe_inter_dim, "n_routed_experts": cfg.n_routed_experts,
         "n_shared_experts": cfg.n_shared_experts if moe else 0,
-        "num_experts_per_tok": cfg.n_activated_experts if moe else 0,
+        "num_experts_per_tok": cfg.n_activated_experts if moe else 0, "routed_scaling_factor": cfg.route_scale,
         "first_k_dense_replace": cfg.n_dense_layers if moe else cfg.n_layers, "moe_layer_freq": 1,
-        "routed_scaling_factor": cfg.route_scale,
         "norm_topk_prob": sigmoid,  # nanoseek renormalises sigmoid top-k weights only
         "n_group": cfg.n_expert_groups, "topk_group": cfg.n_limited_groups, "topk_method": topk_method,
         "scoring_func": "sigmoid" if sigmoid else "softmax",  # vLLM defaults to softmax when absent
@@ -237,22 +214,24 @@ def _deepseek_config(cfg: ModelConfig, model_type: str) -> dict:
 
 
 def _rope_config(cfg: ModelConfig) -> dict:
-    """RoPE in transformers 5.x form (`rope_parameters`) and 4.x form (`rope_theta` + `rope_scaling`).
-
-    transformers 5.x prefers `rope_scaling` when both are present, so the two carry the same values.
-    """
+    """RoPE in transformers 5.x form (`rope_parameters`) and 4.x form (`rope_theta` + `rope_scaling`), with the
+    same values: transformers 5.x prefers `rope_scaling` when both are present."""
     theta = float(cfg.rope_theta)
     if cfg.rope_scaling == "none":
         return {"rope_theta": theta, "rope_scaling": None,
                 "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
     scaling: dict = {"factor": float(cfg.rope_factor)}
     if cfg.rope_scaling == "yarn":
-        scaling.update({
-            "original_max_position_embeddings": cfg.rope_original_max_seq_len or cfg.max_seq_len,
-            "beta_fast": float(cfg.beta_fast), "beta_slow": float(cfg.beta_slow),
-            # Written out, not inferred: transformers' inference drops `mscale` when mscale_all_dim is 0,
-            # where DeepSeek's (and nanoseek's) formula keeps it.
-            "attention_factor": float(_rope_attention_factor(cfg))})
+        # YaRN's factor on cos/sin, written out, not inferred: transformers' inference drops `mscale` when
+        # mscale_all_dim is 0, where DeepSeek's (and nanoseek's) formula keeps it. Llama/Qwen3 have no softmax-scale
+        # mscale, so for GQA nanoseek's mscale(mscale_all_dim)^2 on the logits goes in here too: every GQA dim is
+        # rotated, so scaling cos/sin by m scales each q.k logit by m^2.
+        attention_factor = yarn_attention_factor(cfg)
+        if cfg.attention == "gqa" and cfg.mscale_all_dim:
+            attention_factor *= _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+        scaling.update({"original_max_position_embeddings": cfg.rope_original_max_seq_len or cfg.max_seq_len,
+                        "beta_fast": float(cfg.beta_fast), "beta_slow": float(cfg.beta_slow),
+                        "attention_factor": float(attention_factor)})
         if cfg.attention == "mla":  # DeepSeek attention scales the softmax by mscale(mscale_all_dim)^2
             scaling.update({"mscale": float(cfg.mscale), "mscale_all_dim": float(cfg.mscale_all_dim)})
     kind = cfg.rope_scaling
@@ -261,35 +240,19 @@ def _rope_config(cfg: ModelConfig) -> dict:
             "rope_parameters": {"rope_type": kind, "rope_theta": theta, **scaling}}
 
 
-def _rope_attention_factor(cfg: ModelConfig) -> float:
-    """YaRN's factor on cos/sin as nanoseek applies it. For GQA, transformers' Llama/Qwen3 have no
-    softmax-scale mscale, so nanoseek's mscale(mscale_all_dim)^2 on the logits is folded in here: every
-    GQA head dim is rotated, so scaling cos/sin by m scales each q.k logit by m^2."""
-    factor = yarn_attention_factor(cfg)
-    if cfg.attention == "gqa" and cfg.mscale_all_dim:
-        factor *= _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
-    return factor
-
-
-# ---- checks, tokenizer, dtype --------------------------------------------------------------------
-
-
 def _check_numerics(model: nn.Module, cfg: ModelConfig, model_type: str) -> None:
     """Refuse what transformers would compute differently; warn where it differs only slightly."""
     if model_type == "deepseek_v2":
         for name, module in model.named_modules():
             bias = getattr(module, "balance_bias", None)
-            if name.startswith("mtp.") or bias is None:
-                continue
-            if bias.numel() and bool(bias.max() != bias.min()):
+            if bias is not None and bias.numel() and not name.startswith("mtp.") and bool(bias.max() != bias.min()):
                 raise ValueError(
                     f"{name}.balance_bias is not uniform (range {bias.min().item():.4g}..{bias.max().item():.4g}): "
                     "softmax-routed models export to transformers' DeepseekV2, whose router has no correction bias, "
                     "so it would pick different experts. Train with balance_rate=0 (or score_func='sigmoid', "
                     "exported as DeepseekV3 with the bias), or zero the biases to accept the change in routing")
         if cfg.qk_nope_head_dim % 2 or cfg.kv_lora_rank % 2:
-            # DeepseekV2 rotates with view_as_complex on slices of q and of the kv_a output; an odd
-            # per-head or per-token stride makes that raise when no dtype cast copies the tensor first.
+            # DeepseekV2 rotates with view_as_complex on slices of q and kv_a's output: an odd stride raises.
             warnings.warn(f"qk_nope_head_dim={cfg.qk_nope_head_dim}, kv_lora_rank={cfg.kv_lora_rank}: transformers' "
                           "DeepseekV2 fails in float32 when either is odd ('Tensor must have a stride divisible "
                           "by 2'); the export loads and runs in bfloat16/float16", stacklevel=3)
@@ -305,24 +268,3 @@ def _check_numerics(model: nn.Module, cfg: ModelConfig, model_type: str) -> None
     if cfg.swiglu_clamp > 0:
         warnings.warn(f"swiglu_clamp={cfg.swiglu_clamp}: transformers does not clamp SwiGLU pre-activations, so "
                       "its outputs differ wherever nanoseek's clamp was active", stacklevel=3)
-
-
-def _write_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> tuple[int | None, int | None]:
-    """Write tokenizer files; returns (bos_id, eos_id) or (None, None) when nothing was written."""
-    if not hasattr(tokenizer, "to_hf_files"):
-        warnings.warn(f"tokenizer {type(tokenizer).__name__} has no to_hf_files(); exported without tokenizer files",
-                      stacklevel=3)
-        return None, None
-    try:
-        tokenizer.to_hf_files(out, model_max_length=cfg.max_seq_len)
-    except ValueError as err:  # e.g. a char tokenizer: the weights are still worth having
-        warnings.warn(f"tokenizer not exported: {err}", stacklevel=3)
-        return None, None
-    eos = getattr(tokenizer, "eos_id", None)
-    return eos, eos  # nanoseek's tokenizer_config uses the end-of-text token as bos too
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None, model: nn.Module) -> torch.dtype:
-    if dtype is None:  # the model's own
-        return next(p.dtype for p in model.parameters() if p.is_floating_point())
-    return resolve_dtype(dtype)

@@ -1,20 +1,8 @@
-"""Import a Hugging Face transformers folder (config.json + safetensors) as a nanoseek Transformer.
+"""Import a transformers folder (config.json + safetensors) or a GGUF file as a nanoseek Transformer.
 
-What a folder becomes:
-
-  llama  (Llama, SmolLM2, TinyLlama, ...)  -> attention="gqa", dense (n_routed_experts=0)
-  qwen3                                     -> attention="gqa", dense, qk_norm=True
-  deepseek_v3 / deepseek_v2                 -> attention="mla", MoE (sigmoid / softmax routing) or dense
-
-All four are what `export_hf` writes, so export -> import gives back the same state dict (MTP modules,
-which are not exported, excepted). Weights travel through the name tables in `names.py` read backwards, then
-through the named transforms below; nothing else is renamed or reshaped anywhere.
-
-RoPE layouts: nanoseek rotates interleaved pairs (x[2i], x[2i+1]); transformers' Llama and Qwen3 rotate halves
-(x[i], x[i + d/2]). Permuting the rows of each head's query and key projection (and of its qk-norm weight,
-which acts per dim) moves a rotate-half model into nanoseek's layout exactly: q.k is a sum over pairs, and
-each pair keeps its frequency. DeepseekV3 folders are interleaved unless `rope_interleave` is false.
-
+llama (Llama, SmolLM2, ...) and qwen3 become dense GQA models, deepseek_v3 / deepseek_v2 MLA models with MoE:
+what `export_hf` writes, so export -> import gives back the same state dict (less the MTP modules). Weights travel
+only through the name tables of names.py read backwards, then the rotate-half transforms below.
 Refused with a one-line ValueError: RoPE scalings nanoseek does not compute (llama3, dynamic, longrope, ...),
 non-zero attention/MLP biases, activations other than SiLU, sliding-window attention, partial rotary dims,
 and any tensor that is missing, unknown or of the wrong shape (named in the message).
@@ -34,35 +22,28 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import TOKENIZER_FILE, _load_tokenizer_json
 from nanoseek.interop.gguf import is_gguf_file, read_gguf
-from nanoseek.interop.names import (ROPE_ROWS, STACKED_EXPERTS, from_hf_name, halves_to_interleaved, resolve_dtype,
-                                   to_hf_name)
+from nanoseek.interop.names import (CONFIG_FILE, INDEX_FILE, NAME_TABLES, ROPE_ROWS, SINGLE_FILE, STACKED_EXPERTS,
+                                    from_hf_name, halves_to_interleaved, resolve_dtype, to_hf_name)
 from nanoseek.model import Transformer
 from nanoseek.model.layers import _yarn_mscale
 from nanoseek.train.checkpoint import COMPLETE_FILE
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "deepseek_v3", "deepseek_v2")
-CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+SUPPORTED_MODEL_TYPES = tuple(NAME_TABLES)
 _REQUIRED = object()  # a config key without a default
-# transformers' defaults for keys a config.json may leave out, per model type (its *Config classes).
-_MAX_POSITIONS_DEFAULT = {"llama": 2048, "qwen3": 32768, "deepseek_v3": 4096, "deepseek_v2": 2048}
-_HEAD_DIM_DEFAULT = {"qwen3": 128}  # Llama derives hidden_size // num_attention_heads
-_DEEPSEEK_DEFAULTS = {
-    "deepseek_v3": dict(q_lora_rank=1536, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
-                        num_experts_per_tok=8, first_k_dense_replace=3, routed_scaling_factor=2.5, n_group=8,
-                        topk_group=4, norm_topk_prob=True, topk_method="noaux_tc"),
-    "deepseek_v2": dict(q_lora_rank=1536, moe_intermediate_size=1407, n_routed_experts=64, n_shared_experts=2,
-                        num_experts_per_tok=_REQUIRED, first_k_dense_replace=0, routed_scaling_factor=1.0,
-                        n_group=None, topk_group=None, norm_topk_prob=False, topk_method="greedy"),
+# transformers' defaults for keys a config.json may leave out (its *Config classes); Llama derives head_dim.
+_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, head_dim=None),
+    "qwen3": dict(max_position_embeddings=32768, head_dim=128),
+    "deepseek_v3": dict(max_position_embeddings=4096, q_lora_rank=1536, moe_intermediate_size=2048,
+                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=3,
+                        routed_scaling_factor=2.5, n_group=8, topk_group=4, norm_topk_prob=True,
+                        topk_method="noaux_tc"),
+    "deepseek_v2": dict(max_position_embeddings=2048, q_lora_rank=1536, moe_intermediate_size=1407,
+                        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=_REQUIRED, first_k_dense_replace=0,
+                        routed_scaling_factor=1.0, n_group=None, topk_group=None, norm_topk_prob=False,
+                        topk_method="greedy"),
 }
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
-# ---- named transforms --------------------------------------------------------------------------------
-# Applied after a tensor's name is mapped, when the folder rotates halves (Llama, Qwen3, DeepseekV3 with
-# rope_interleave false). Keyed by the end of the nanoseek name. Each takes (tensor, config) and returns
-# the tensor in nanoseek's interleaved-pairs layout, same shape.
 
 
 def gqa_rope_rows(tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -84,6 +65,8 @@ def mla_key_rope_rows(tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return torch.cat([latent, halves_to_interleaved(rope, cfg.qk_rope_head_dim)])
 
 
+# For folders that rotate halves (Llama, Qwen3, DeepseekV3 with rope_interleave false), keyed by the end of the
+# nanoseek name: (tensor, config) -> the tensor in nanoseek's interleaved-pairs layout, same shape.
 ROTATE_HALF_TRANSFORMS: dict[str, dict[str, Callable[[torch.Tensor, ModelConfig], torch.Tensor]]] = {
     "gqa": dict.fromkeys(ROPE_ROWS, gqa_rope_rows),  # the rows export permutes, permuted back
     "mla": {"attn.wq.weight": mla_query_rope_rows, "attn.wq_b.weight": mla_query_rope_rows,
@@ -91,12 +74,8 @@ ROTATE_HALF_TRANSFORMS: dict[str, dict[str, Callable[[torch.Tensor, ModelConfig]
 }
 
 
-# ---- entry points --------------------------------------------------------------------------------------
-
-
 def is_hf_folder(path: str | Path) -> bool:
-    """True for a folder holding a transformers config.json (a `model_type` key), not a nanoseek checkpoint
-    (whose config.json is a run config)."""
+    """True for a folder whose config.json has a `model_type` (a nanoseek checkpoint's is a run config)."""
     config = Path(path) / CONFIG_FILE
     if not config.is_file() or (Path(path) / COMPLETE_FILE).exists():  # a checkpoint's commit marker
         return False
@@ -107,27 +86,20 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def import_hf(path: str | Path, dtype: torch.dtype | str = torch.float32) -> Transformer:
-    """Load a transformers folder as a nanoseek Transformer in eval mode, on CPU, weights in `dtype`.
-
-    path: a folder with config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards with
-        model.safetensors.index.json (what `save_pretrained` and `export_hf` write), or a .gguf file
-        (dequantised by transformers; see interop/gguf.py).
-    dtype: torch.float32 / bfloat16 / float16 (or "fp32" / "bf16" / "fp16"); MoE balance biases stay float32.
-    Returns a model whose logits [B, T, vocab] match transformers' on the same folder (float32: a few 1e-6,
-    mostly transformers computing RoPE angles in float32 where nanoseek uses float64).
-    The transformers config is kept as `model.hf_config` (a dict).
-    """
-    if is_gguf_file(Path(path).expanduser()):
-        source = Path(path).expanduser()
-        hf, tensors = read_gguf(source)
-    else:
-        folder = _folder(path)
-        hf, tensors, source = read_hf_config(folder), read_hf_tensors(folder), folder / CONFIG_FILE
+    """A transformers folder (config.json, model.safetensors or indexed shards) or a .gguf file as a nanoseek
+    Transformer in eval mode on CPU, weights in `dtype` (MoE balance biases stay float32), the transformers config
+    as `model.hf_config`. Its float32 logits match transformers' to a few 1e-6 (their float32 RoPE angles)."""
     dtype = resolve_dtype(dtype)
-    cfg = model_config_from_hf(hf, source=str(source))
+    path = Path(path).expanduser()
+    if is_gguf_file(path):
+        hf, tensors = read_gguf(path)
+        cfg = model_config_from_hf(hf, source=str(path))
+    else:
+        hf = read_hf_config(path)
+        cfg = model_config_from_hf(hf, source=str(path / CONFIG_FILE))
+        tensors = read_hf_tensors(path)
     model = Transformer(cfg)
-    state = nanoseek_state_dict(tensors, cfg, hf, expected=model.state_dict())
-    model.load_state_dict(state)
+    model.load_state_dict(nanoseek_state_dict(tensors, cfg, hf, expected=model.state_dict()))
     model = model.to(dtype).eval()
     for module in model.modules():  # routing compares biased scores: keep the bias at full precision
         if hasattr(module, "balance_bias") and module.balance_bias.dtype != torch.float32:
@@ -138,34 +110,30 @@ def import_hf(path: str | Path, dtype: torch.dtype | str = torch.float32) -> Tra
 
 def load_hf_tokenizer(path: str | Path):
     """The folder's tokenizer.json as a nanoseek HFTokenizer (kind "file"), or None when there is none."""
+    file = _folder(path) / TOKENIZER_FILE
+    return _load_tokenizer_json(file, kind="file") if file.is_file() else None
+
+
+def _folder(path: str | Path) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"model folder {str(folder)!r} does not exist; pass a local folder written by "
+                         "save_pretrained or `nanoseek export` (hub names are not downloaded)")
+    return folder
+
+
+def read_hf_config(path: Path) -> dict:
     folder = _folder(path)
-    if not (folder / TOKENIZER_FILE).is_file():
-        return None
-    return _load_tokenizer_json(folder / TOKENIZER_FILE, kind="file")
-
-
-# ---- config --------------------------------------------------------------------------------------------
-
-
-def read_hf_config(folder: str | Path) -> dict:
-    """The folder's config.json as a dict, with a supported `model_type`."""
-    folder = Path(folder)
-    config_path = folder / CONFIG_FILE
     if (folder / COMPLETE_FILE).is_file() or (folder / "checkpoints").is_dir():
         raise ValueError(f"{str(folder)!r} is a nanoseek checkpoint or run directory, not a transformers folder; "
                          "load it with nanoseek.load_checkpoint(path)")
-    if not config_path.is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"{str(folder)!r} has no {CONFIG_FILE}; pass a folder written by save_pretrained "
                          "or `nanoseek export`")
     try:
-        hf = json.loads(config_path.read_text())
+        return json.loads((folder / CONFIG_FILE).read_text())
     except ValueError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); re-save the model with save_pretrained") from None
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{config_path}: model_type={model_type!r} is not supported; nanoseek imports "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family dense models and its own exports)")
-    return hf
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON ({err}); re-save it with save_pretrained") from None
 
 
 def model_config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
@@ -173,13 +141,11 @@ def model_config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{source}: model_type={model_type!r} is not supported; nanoseek imports "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family dense models and its own exports)")
 
     def get(key: str, default=_REQUIRED):
         # transformers writes an unset key as null; both mean "the default" (q_lora_rank is read directly).
-        value = hf.get(key)
-        if value is None:
-            value = default
+        value = default if hf.get(key) is None else hf[key]
         if value is _REQUIRED:
             raise ValueError(f"{source} has no {key!r}, which a {model_type} config needs; re-save the model "
                              "with save_pretrained")
@@ -191,16 +157,16 @@ def model_config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
     n_heads = get("num_attention_heads")
     fields = dict(vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
                   n_heads=n_heads, inter_dim=get("intermediate_size"),
-                  max_seq_len=get("max_position_embeddings", _MAX_POSITIONS_DEFAULT[model_type]),
-                  norm_eps=float(get("rms_norm_eps", 1e-6)),
-                  tie_embeddings=bool(get("tie_word_embeddings", False)),
+                  max_seq_len=get("max_position_embeddings", _DEFAULTS[model_type]["max_position_embeddings"]),
+                  norm_eps=float(get("rms_norm_eps", 1e-6)), tie_embeddings=bool(get("tie_word_embeddings", False)),
                   init_std=float(get("initializer_range", 0.02) or 0.02), mtp_depth=0, dropout=0.0)
     if model_type in ("llama", "qwen3"):
-        _refuse_sliding_window(hf, source)
+        if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ()):
+            raise ValueError(f"{source}: sliding-window attention (use_sliding_window / layer_types) is not "
+                             "supported; nanoseek attends over the full context")
         fields.update(attention="gqa", n_routed_experts=0, qk_norm=model_type == "qwen3",
                       n_kv_heads=get("num_key_value_heads", None) or n_heads,
-                      head_dim=get("head_dim", None) or _HEAD_DIM_DEFAULT.get(model_type)
-                      or fields["dim"] // n_heads)
+                      head_dim=get("head_dim", None) or _DEFAULTS[model_type]["head_dim"] or fields["dim"] // n_heads)
     else:
         fields.update(_mla_moe_fields(hf, model_type, get, source))
     fields.update(rope_fields(hf, fields["attention"], fields["max_seq_len"], source))
@@ -210,15 +176,8 @@ def model_config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
         raise ValueError(f"{source} gives a config nanoseek rejects: {err}") from None
 
 
-def _refuse_sliding_window(hf: dict, source: str) -> None:
-    sliding = hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ())
-    if sliding:
-        raise ValueError(f"{source}: sliding-window attention (use_sliding_window / layer_types) is not supported; "
-                         "nanoseek attends over the full context")
-
-
 def _mla_moe_fields(hf: dict, model_type: str, get, source: str) -> dict:
-    defaults = _DEEPSEEK_DEFAULTS[model_type]
+    defaults = _DEFAULTS[model_type]
 
     def key(name: str):  # an absent key means transformers' default; null keeps its meaning (none / off)
         return hf[name] if name in hf else defaults[name]
@@ -237,11 +196,11 @@ def _mla_moe_fields(hf: dict, model_type: str, get, source: str) -> dict:
     if n_routed == 0:
         return {**fields, "n_routed_experts": 0}
     sigmoid = model_type == "deepseek_v3"
-    scoring = get("scoring_func", "sigmoid" if sigmoid else "softmax")
-    if scoring != ("sigmoid" if sigmoid else "softmax"):
+    expected = "sigmoid" if sigmoid else "softmax"
+    scoring = get("scoring_func", expected)
+    if scoring != expected:
         raise ValueError(f"{source}: scoring_func={scoring!r} with model_type={model_type!r}; transformers' "
-                         f"{model_type} routes with {'sigmoid' if sigmoid else 'softmax'} scores, so the config "
-                         "contradicts itself")
+                         f"{model_type} routes with {expected} scores, so the config contradicts itself")
     if bool(key("norm_topk_prob")) != sigmoid:
         raise ValueError(f"{source}: norm_topk_prob={key('norm_topk_prob')} with {scoring} routing; nanoseek "
                          "renormalises the top-k weights of sigmoid routing and never those of softmax routing")
@@ -261,13 +220,9 @@ def _mla_moe_fields(hf: dict, model_type: str, get, source: str) -> dict:
 
 
 def rope_fields(hf: dict, attention: str, max_seq_len: int, source: str = CONFIG_FILE) -> dict:
-    """ModelConfig RoPE fields from a config.json (4.x `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`).
-
-    transformers 5.x reads `rope_scaling` first when both are present; so does this.
-    YaRN's attention factor A (on cos/sin) is matched by choosing nanoseek's `mscale`: for MLA next to the
-    config's `mscale_all_dim` (both sides put mscale(mscale_all_dim)^2 on the softmax scale), for GQA with
-    mscale_all_dim=0 (Llama has no softmax-scale term).
-    """
+    """ModelConfig RoPE fields from 4.x `rope_theta` + `rope_scaling` or 5.x `rope_parameters` (`rope_scaling` first,
+    as transformers 5.x reads them). YaRN's attention factor on cos/sin is matched by nanoseek's `mscale`, next to
+    `mscale_all_dim` for MLA (both put mscale(mscale_all_dim)^2 on the softmax scale), with it 0 for GQA."""
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     theta = params.get("rope_theta") or hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
     fields: dict = {"rope_theta": float(theta or 10000.0)}
@@ -300,70 +255,55 @@ def rope_fields(hf: dict, attention: str, max_seq_len: int, source: str = CONFIG
     kept_all_dim = float(mscale_all_dim or 0.0) if attention == "mla" else 0.0
     # nanoseek's cos/sin factor: mscale(mscale) / mscale(mscale_all_dim), or mscale(mscale) when the latter is 0.
     target = attention_factor * (_yarn_mscale(factor, kept_all_dim) if kept_all_dim else 1.0)
-    if factor <= 1:
-        if abs(target - 1.0) > 1e-12:
-            raise ValueError(f"{source}: yarn factor={factor} with attention_factor={attention_factor}; nanoseek "
-                             "applies no attention factor without scaling (factor > 1)")
-        solved = 1.0
-    else:
-        solved = (target - 1.0) / (0.1 * math.log(factor))
+    if factor <= 1 and abs(target - 1.0) > 1e-12:
+        raise ValueError(f"{source}: yarn factor={factor} with attention_factor={attention_factor}; nanoseek "
+                         "applies no attention factor without scaling (factor > 1)")
+    solved = (target - 1.0) / (0.1 * math.log(factor)) if factor > 1 else 1.0
     fields.update(rope_original_max_seq_len=int(original), beta_fast=float(params.get("beta_fast") or 32.0),
                   beta_slow=float(params.get("beta_slow") or 1.0), mscale=solved, mscale_all_dim=kept_all_dim)
     return fields
 
 
-# ---- weights -------------------------------------------------------------------------------------------
-
-
 def read_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists (CPU)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder, weight_map = Path(folder), None
     if (folder / INDEX_FILE).is_file():
         try:
             weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{folder / INDEX_FILE} has no readable weight_map; re-save the model") from None
-        files = sorted(set(weight_map.values()))
-    elif (folder / SINGLE_FILE).is_file():
-        weight_map, files = None, [SINGLE_FILE]
-    else:
+    elif not (folder / SINGLE_FILE).is_file():
         other = sorted(p.name for p in folder.glob("*.bin")) or sorted(p.name for p in folder.glob("*.pt"))
-        hint = (f" (found {other[0]}: re-save with save_pretrained(..., safe_serialization=True))" if other else "")
+        hint = f" (found {other[0]}: re-save with save_pretrained(..., safe_serialization=True))" if other else ""
         raise ValueError(f"{str(folder)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in [SINGLE_FILE] if weight_map is None else sorted(set(weight_map.values())):
         path = folder / name
         if not path.is_file():
             raise ValueError(f"shard {name} listed in {INDEX_FILE} is missing from {str(folder)!r}; copy the "
                              "whole folder")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+            tensors.update(load_file(str(path)))
         except SafetensorError as err:
             raise ValueError(f"{path} is not a readable safetensors file ({err}); re-download or re-save it") from None
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise ValueError(f"weight {absent[0]} is listed in {INDEX_FILE} as in {weight_map[absent[0]]} "
-                             "but is not there; the shards do not belong together")
+    absent = sorted(set(weight_map or ()) - set(tensors))
+    if absent:
+        raise ValueError(f"weight {absent[0]} is listed in {INDEX_FILE} as in {weight_map[absent[0]]} "
+                         "but is not there; the shards do not belong together")
     return tensors
 
 
 def nanoseek_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf: dict,
                         expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers tensors -> a nanoseek state dict with exactly the keys and shapes of `expected`.
-
-    Per-expert tensors are stacked ([E, ...] in expert order); rotate-half rope rows are reordered
-    (ROTATE_HALF_TRANSFORMS); zero biases and empty shared-expert tensors (what a MoE export without shared
-    experts writes) are dropped; a tied head reuses the embedding. ValueError names the first tensor
-    that is unknown, missing, non-zero where nanoseek has nothing, or of the wrong shape.
-    """
+    """transformers tensors -> a nanoseek state dict with exactly the keys and shapes of `expected` (experts stacked,
+    rotate-half rope rows reordered, zero biases and empty shared experts dropped). ValueError names the first
+    tensor that is unknown, missing, non-zero where nanoseek has nothing, or of the wrong shape."""
     model_type = hf["model_type"]
-    rotate_half = model_type in ("llama", "qwen3") or (model_type == "deepseek_v3"
-                                                      and hf.get("rope_interleave", True) is False)
+    v3_halves = model_type == "deepseek_v3" and hf.get("rope_interleave", True) is False
+    rotate_half = model_type in ("llama", "qwen3") or v3_halves
     transforms = ROTATE_HALF_TRANSFORMS[cfg.attention] if rotate_half else {}
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, torch.Tensor]] = {}
@@ -373,15 +313,13 @@ def nanoseek_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf: 
         if layer and int(layer.group(1)) >= cfg.n_layers:  # DeepSeek's MTP layers follow the main ones
             skipped_mtp.append(hf_name)
             continue
-        if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some older checkpoints carry; recomputed
-            continue
+        if hf_name.endswith("rotary_emb.inv_freq") or (hf_name == "lm_head.weight" and cfg.tie_embeddings):
+            continue  # a buffer some older checkpoints carry (recomputed); a head tied to the embedding
         if hf_name.endswith(".bias"):
             if bool(torch.count_nonzero(tensor)):
                 raise ValueError(f"weight {hf_name} {tuple(tensor.shape)} is a non-zero bias; nanoseek's attention "
                                  "and MLP have no biases, so this model cannot be imported exactly")
             continue
-        if hf_name == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # transformers ties it to the embedding too
         mapped = from_hf_name(hf_name, model_type)
         if mapped is None:
             raise ValueError(f"weight {hf_name} {tuple(tensor.shape)} has no nanoseek counterpart in the "
@@ -406,10 +344,6 @@ def nanoseek_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf: 
         state[name] = _stacked_experts(name, slices, expected[name].shape[0], model_type)
     if cfg.tie_embeddings and "embed.weight" in state:
         state["head.weight"] = state["embed.weight"]
-    if model_type == "deepseek_v2":  # softmax routing has no correction bias: nanoseek's stays inert at 0
-        for name, value in expected.items():
-            if name.endswith("gate.balance_bias"):
-                state.setdefault(name, torch.zeros_like(value))
     _check_complete(state, expected, model_type)
     return state
 
@@ -429,22 +363,13 @@ def _stacked_experts(name: str, slices: dict[int, torch.Tensor], n: int, model_t
 
 def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model_type: str) -> None:
     for name, value in expected.items():
+        hf_name = to_hf_name(name, model_type, expert=0 if name.endswith(STACKED_EXPERTS) else None)
+        if name not in state and model_type == "deepseek_v2" and name.endswith("gate.balance_bias"):
+            state[name] = torch.zeros_like(value)  # softmax routing has no correction bias: nanoseek's stays at 0
         if name not in state:
-            hf_name = to_hf_name(name, model_type, expert=0 if name.endswith(STACKED_EXPERTS) else None)
-            raise ValueError(f"weight {hf_name} (nanoseek {name}) is missing from the checkpoint; the folder is "
-                             f"incomplete or its {CONFIG_FILE} describes a different model")
+            raise ValueError(f"weight {hf_name} (nanoseek {name}) is missing from the "
+                             f"checkpoint; the folder is incomplete or its {CONFIG_FILE} describes a different model")
         if state[name].shape != value.shape:
-            hf_name = to_hf_name(name, model_type, expert=0 if name.endswith(STACKED_EXPERTS) else None)
-            raise ValueError(f"weight {hf_name} has shape {tuple(state[name].shape)} but {CONFIG_FILE} implies "
-                             f"{tuple(value.shape)} (nanoseek {name}); the config and the weights disagree")
-
-
-# ---- small helpers -------------------------------------------------------------------------------------
-
-
-def _folder(path: str | Path) -> Path:
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"model folder {str(folder)!r} does not exist; pass a local folder written by "
-                         "save_pretrained or `nanoseek export` (hub names are not downloaded)")
-    return folder
+            raise ValueError(f"weight {hf_name} has shape {tuple(state[name].shape)} but "
+                             f"{CONFIG_FILE} implies {tuple(value.shape)} (nanoseek {name}); the config and the "
+                             "weights disagree")

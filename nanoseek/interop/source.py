@@ -1,13 +1,6 @@
-"""A model to start from, with the tokenizer its data must use: a nanoseek run (or checkpoint) directory,
-a transformers folder, or a GGUF file. `nanoseek convert` / `heal` (the dense source, the teacher),
-`nanoseek npt` (the frozen base) and `generate` / `eval` on a model that is not a run all load through
-`load_source_model`.
-
-A nanoseek run's weights come through nanoseek.train.loading and its tokenizer from the run's data/; a
-transformers folder (detected by its config.json) through import_hf, its tokenizer from its tokenizer.json;
-a GGUF file (detected by its header) through interop.gguf, its tokenizer from a cache folder written from it.
-`tokenizer_dir` is where the tokenizer files live, chat template included when the model has one.
-"""
+"""A model to start from (`convert`, `heal`, `npt`, and `generate` / `eval` on a model that is not a run), with the
+tokenizer its data must use: a nanoseek run or checkpoint directory (tokenizer from its data/), a transformers folder
+(detected by its config.json; its tokenizer.json) or a GGUF file (detected by its header; a cache folder)."""
 
 from __future__ import annotations
 
@@ -24,7 +17,7 @@ from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
 @dataclass
 class SourceModel:
     model: Transformer  # fp32, on CPU, in eval mode
-    kind: str  # "nanoseek" | "hf"
+    kind: str  # "nanoseek" | "hf" | "gguf"
     tokenizer: str  # what DataConfig.tokenizer takes: a tokenizer.json path, "byte", or "char"
     prepared_data: Path | None = None  # a char-tokenizer run's own prepared data (its table covers only that text)
     preset: str = "tiny-gqa"  # only supplies defaults when a run config is read back; every field is stored
@@ -48,30 +41,22 @@ def load_source_model(path: str | Path, flag: str) -> SourceModel:
             raise ValueError(f"{flag} {str(path)!r} has no tokenizer.json; save the model's fast tokenizer there "
                              "(tokenizer.save_pretrained(folder)) so text is tokenised as the model expects")
         return SourceModel(import_hf(path).eval(), "hf", str(path / "tokenizer.json"), tokenizer_dir=path)
-
-
     model, _ = load_model(path)
     run_dir = run_dir_of(path)
     if run_dir is None:
         raise ValueError(f"{flag} {str(path)!r}: no run directory (with data/ and config.toml) at or above it, so "
                          "its tokenizer is unknown; pass the run directory")
-    tok = load_run_tokenizer(run_dir)
-    preset = _preset_of(run_dir)
+    kind = load_run_tokenizer(run_dir).kind
+    try:
+        preset = RunConfig.load_toml(run_dir / "config.toml").preset
+    except ValueError:
+        preset = "tiny-gqa"
     data = run_dir / "data"
-    if tok.kind == "byte":
-        return SourceModel(model.eval(), "nanoseek", "byte", preset=preset, tokenizer_dir=data)
-    if tok.kind == "char":
-        return SourceModel(model.eval(), "nanoseek", "char", prepared_data=data, preset=preset, tokenizer_dir=data)
-    return SourceModel(model.eval(), "nanoseek", str(data / "tokenizer.json"), preset=preset, tokenizer_dir=data)
+    tokenizer = kind if kind in ("byte", "char") else str(data / "tokenizer.json")
+    return SourceModel(model.eval(), "nanoseek", tokenizer, prepared_data=data if kind == "char" else None,
+                       preset=preset, tokenizer_dir=data)
 
 
 def is_model_file_or_folder(path: str | Path) -> bool:
     """True for a transformers folder or a GGUF file (what generate / eval load without a run directory)."""
     return is_gguf_file(path) or is_hf_folder(path)
-
-
-def _preset_of(run_dir: Path) -> str:
-    try:
-        return RunConfig.load_toml(run_dir / "config.toml").preset
-    except ValueError:
-        return "tiny-gqa"

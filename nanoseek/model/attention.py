@@ -1,4 +1,4 @@
-"""Attention: GQA (MHA/MQA/GQA) and DeepSeek's Multi-head Latent Attention, with their KV caches."""
+"""Attention: grouped-query attention (MHA, MQA, GQA) and DeepSeek's Multi-head Latent Attention."""
 
 from __future__ import annotations
 
@@ -7,99 +7,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.cache import KVCache, LatentCache, SlotLayout
 from nanoseek.model.layers import RMSNorm, RotaryEmbedding, softmax_scale
-
-
-# ---- caches ------------------------------------------------------------------------------------
-
-
-class KVCache:
-    """Full keys and values for GQA: 2 * n_kv_heads * head_dim values per token per layer."""
-
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v: [B, Hkv, T, D] at start_pos; return all keys/values so far [B, Hkv, start_pos+T, D]."""
-        end = start_pos + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; position {end - 1} does not fit")
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def bytes_per_token(self) -> int:
-        return 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-
-class LatentCache:
-    """MLA cache: only the normalised KV latent and the shared rope key (DeepSeek-V2 section 2.1.2).
-
-    kv_lora_rank + qk_rope_head_dim values per token per layer, independent of the number of heads.
-    """
-
-    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, qk_rope_head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.kv_latent = torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(batch, max_len, qk_rope_head_dim, dtype=dtype, device=device)
-
-    def update(self, start_pos: int, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store kv_latent [B, T, R] and k_rope [B, T, Dr]; return everything so far [B, start_pos+T, ...]."""
-        end = start_pos + kv_latent.shape[1]
-        if end > self.kv_latent.shape[1]:
-            raise ValueError(f"latent cache holds {self.kv_latent.shape[1]} positions; position {end - 1} does not fit")
-        self.kv_latent[:, start_pos:end] = kv_latent
-        self.k_rope[:, start_pos:end] = k_rope
-        return self.kv_latent[:, :end], self.k_rope[:, :end]
-
-    def bytes_per_token(self) -> int:
-        return (self.kv_latent.shape[2] + self.k_rope.shape[2]) * self.kv_latent.element_size()
-
-    def nbytes(self) -> int:
-        return self.kv_latent.nbytes + self.k_rope.nbytes
-
-
-# ---- the attention core shared by both kinds ---------------------------------------------------
 
 
 def allowed_keys(q_len: int, k_len: int, start_pos: int, key_mask: torch.Tensor | None,
                  device: torch.device) -> torch.Tensor:
     """Boolean [B or 1, 1, T, S]: query t (at position start_pos+t) may see key s."""
     q_pos = torch.arange(start_pos, start_pos + q_len, device=device)
-    allowed = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]  # [T, S] causal
-    allowed = allowed[None, None]
+    allowed = (torch.arange(k_len, device=device)[None, :] <= q_pos[:, None])[None, None]  # causal
     if key_mask is not None:  # [B, S], True/1 = a real token
         allowed = allowed & key_mask[:, None, None, :k_len].bool()
     return allowed
 
 
-# Longest sequence for which CPU training attends in fp32 when activations are bf16/fp16. PyTorch's CPU
-# flash-attention backward in reduced precision is slow at short sequences: attending bf16 inputs in fp32
-# (casts included) is the faster choice at short sequences, the two are close at 256 tokens, and bf16 wins
-# from 1024 (bench/bench_cpu_kernels.py; figures in bench/RESULTS.md, "CPU kernel choices").
+# Longest sequence for which CPU training attends in fp32 when activations are bf16/fp16: PyTorch's CPU
+# flash-attention backward in reduced precision is slow at short sequences, where the casts to fp32 cost less
+# than they save (bench/bench_cpu_kernels.py; bench/RESULTS.md, "CPU kernel choices").
 CPU_FP32_ATTENTION_MAX_LEN = 256
 
 
 def attends_in_fp32_on_cpu(x: torch.Tensor, seq_len: int) -> bool:
-    """True when attention over `x` (a query, bf16/fp16 or under CPU autocast) is better done in fp32:
-    CPU training at seq_len <= CPU_FP32_ATTENTION_MAX_LEN."""
+    """Whether attention over `x` (a query, bf16/fp16 or under CPU autocast) is better done in fp32."""
     reduced = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
     return x.device.type == "cpu" and x.requires_grad and reduced and seq_len <= CPU_FP32_ATTENTION_MAX_LEN
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start_pos: int = 0,
            key_mask: torch.Tensor | None = None, eager: bool = False) -> torch.Tensor:
-    """Causal attention. q: [B, H, T, Dqk], k: [B, H, S, Dqk], v: [B, H, S, Dv] -> [B, H, T, Dv].
-
-    `eager` computes scores and softmax explicitly in fp32 (for debugging and inspection);
-    otherwise F.scaled_dot_product_attention. Query rows whose keys are all masked (left padding)
-    come out as zeros, never NaN.
-    """
+    """Causal attention. q: [B, H, T, Dqk], k: [B, H, S, Dqk], v: [B, H, S, Dv] -> [B, H, T, Dv]."""
     q_len, k_len = q.shape[2], k.shape[2]
     if attends_in_fp32_on_cpu(q, q_len):
         with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back to bf16
@@ -107,26 +43,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, star
         return out.to(q.dtype)
     if key_mask is None and start_pos == 0 and q_len == k_len and not eager:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    allowed = allowed_keys(q_len, k_len, start_pos, key_mask, q.device)
-    has_key = allowed.any(-1, keepdim=True)  # [B|1, 1, T, 1]
-    allowed = allowed | ~has_key  # keep softmax defined; those rows are zeroed below
-    if eager:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    return out * has_key.to(out.dtype)
+    return attend_masked(q, k, v, scale, allowed_keys(q_len, k_len, start_pos, key_mask, q.device), eager)
 
 
-def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None,
-                 eager: bool) -> torch.Tensor:
-    """Attention under an explicit boolean mask (None: every key visible). q [B, 1, N, D], k [B, 1, S, D],
-    v [B, 1, S, Dv] -> [B, 1, N, Dv]; rows with no visible key come out as zeros."""
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None,
+                  eager: bool) -> torch.Tensor:
+    """Attention under a boolean mask broadcasting to [B, H, T, S] (None: all keys visible); `eager` computes the
+    softmax explicitly in fp32, for inspection. Rows with every key masked (left padding) are zeros, never NaN."""
     has_key = None
     if allowed is not None:
-        has_key = allowed.any(-1, keepdim=True)
-        allowed = allowed | ~has_key
+        has_key = allowed.any(-1, keepdim=True)  # [B|1, 1, T, 1]
+        allowed = allowed | ~has_key  # keep softmax defined; those rows are zeroed below
     if eager:
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
         if allowed is not None:
@@ -150,7 +77,7 @@ def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         return out.reshape(bsz, heads, 1, head_dim)
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    return _attend_rows(q, k, v, scale, allowed, eager)
+    return attend_masked(q, k, v, scale, allowed, eager)
 
 
 @torch.no_grad()
@@ -162,30 +89,37 @@ def max_logit_per_head(q: torch.Tensor, k: torch.Tensor, scale: float, start_pos
     return scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
 
 
-class _AttentionStats(nn.Module):
-    """Shared switches: eager fp32 path, and whether to record the max attention logit per head."""
+class _Attention(nn.Module):
+    """What both kinds share: the eager switch, the per-head max-logit record, dropout, the output projection."""
 
-    def __init__(self, n_heads: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.eager = False
         self.track_max_logit = False
-        self.register_buffer("max_logit", torch.zeros(n_heads), persistent=False)
+        self.register_buffer("max_logit", torch.zeros(cfg.n_heads), persistent=False)
+        self.dropout = cfg.dropout
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+                key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Without a static cache: `attend`, then cast to `dtype` and dropout; records the max logit if tracked."""
+        if self.track_max_logit:
+            self.max_logit.copy_(max_logit_per_head(q, k, self.scale, start_pos, key_mask))
+        out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager).to(dtype)
+        return F.dropout(out, self.dropout) if self.dropout and self.training else out
+
+    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """out: [B, H, T, Dv] -> wo([B, T, H * Dv]): [B, T, dim]."""
+        return self.wo(out.transpose(1, 2).flatten(2))
 
 
-# ---- GQA ---------------------------------------------------------------------------------------
-
-
-class GQAttention(_AttentionStats):
-    """Grouped-query attention (Ainslie et al. 2023): n_heads queries share n_kv_heads keys/values.
-
-    n_kv_heads == n_heads is MHA, 1 is MQA. Optional QK-norm (Dehghani et al. 2023) normalises each
-    head's query and key before RoPE.
-    """
+class GQAttention(_Attention):
+    """Grouped-query attention (Ainslie et al. 2023): n_heads queries share n_kv_heads keys/values (n_heads:
+    MHA, 1: MQA). Optional QK-norm (Dehghani et al. 2023) normalises each head's query and key before RoPE."""
 
     FUSIBLE = (("wqkv", ("wq", "wk", "wv")),)  # stacked into one linear for generation (model/packed.py)
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.n_heads)
+        super().__init__(cfg)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -196,62 +130,50 @@ class GQAttention(_AttentionStats):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg)
         self.scale = softmax_scale(cfg, cfg.head_dim)
-        self.dropout = cfg.dropout
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
-        return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, dtype, device)
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device,
+                  layout: SlotLayout | None = None) -> KVCache:
+        return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, dtype, device, layout)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
-        bsz, seq_len, _ = x.shape
+        seq_len = x.shape[1]
         if self.wqkv is not None:
             kv_width = self.n_kv_heads * self.head_dim
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(bsz, seq_len, self.n_heads, self.head_dim)
-        k = k.view(bsz, seq_len, self.n_kv_heads, self.head_dim)
-        v = v.view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # [B, T, H(kv), D]
         act_dtype = q.dtype
         if attends_in_fp32_on_cpu(q, seq_len):  # before RoPE, which computes in fp32 anyway: no round trip
             q, k, v = q.float(), k.float(), v.float()
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        layout = getattr(cache, "layout", None)  # a static cache (model/cache.py): per-row positions and mask
+        layout = getattr(cache, "layout", None)  # a static cache's per-row positions and mask
         rope_pos = start_pos if layout is None else layout.positions
         q, k = self.rotary(q, rope_pos), self.rotary(k, rope_pos)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), T, D]
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        repeat = self.n_heads // self.n_kv_heads
         if layout is not None:
-            out = attend_grouped(q, k, v, self.scale, layout.mask, self.eager).to(act_dtype)  # [B, H, T, D]
-            return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
+            return self._merge_heads(attend_grouped(q, k, v, self.scale, layout.mask, self.eager).to(act_dtype))
+        repeat = self.n_heads // self.n_kv_heads
         if repeat > 1:  # query head h reads kv head h // repeat, as transformers' repeat_kv
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if self.track_max_logit:
-            self.max_logit.copy_(max_logit_per_head(q, k, self.scale, start_pos, key_mask))
-        out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager).to(act_dtype)  # [B, H, T, D]
-        if self.dropout and self.training:
-            out = F.dropout(out, self.dropout)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
+        return self._merge_heads(self._attend(q, k, v, start_pos, key_mask, act_dtype))
 
 
-# ---- MLA ---------------------------------------------------------------------------------------
-
-
-class MLAttention(_AttentionStats):
+class MLAttention(_Attention):
     """Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434, section 2.1).
 
-    Keys and values come from a shared low-rank latent c_kv (kv_lora_rank), normalised, then
-    up-projected per head; positions enter through a decoupled rope key of qk_rope_head_dim
-    shared by all heads. The query may itself be low-rank (q_lora_rank > 0). Only c_kv and the
-    rope key need caching. Head dims need not be powers of two.
+    Keys and values come from a shared low-rank latent c_kv (kv_lora_rank), normalised, then up-projected per
+    head; positions enter through a decoupled rope key of qk_rope_head_dim shared by all heads. The query may be
+    low-rank too (q_lora_rank > 0). Only c_kv and the rope key are cached. Head dims need not be powers of two.
     """
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.n_heads)
+        super().__init__(cfg)
         self.n_heads = cfg.n_heads
         self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
@@ -272,13 +194,11 @@ class MLAttention(_AttentionStats):
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, cfg.dim, bias=False)
         self.rotary = RotaryEmbedding(self.qk_rope_head_dim, cfg)
         self.scale = softmax_scale(cfg, self.qk_head_dim)
-        self.dropout = cfg.dropout
-        # With a cache, attend from the latent directly (weight absorption); False expands K/V per
-        # head as in training (kept for comparison and benchmarks).
-        self.absorb = True
+        self.absorb = True  # with a cache, attend from the latent (False: expand K/V per head, for comparison)
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> LatentCache:
-        return LatentCache(batch, max_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype, device)
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device,
+                  layout: SlotLayout | None = None) -> LatentCache:
+        return LatentCache(batch, max_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype, device, layout)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] -> q: [B, T, H, qk_head_dim]."""
@@ -288,8 +208,7 @@ class MLAttention(_AttentionStats):
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
                 cache: LatentCache | None = None) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
-        bsz, seq_len, _ = x.shape
-        layout = getattr(cache, "layout", None)  # a static cache (model/cache.py): per-row positions and mask
+        layout = getattr(cache, "layout", None)  # a static cache's per-row positions and mask
         rope_pos = start_pos if layout is None else layout.positions
         q_nope, q_rope = self.query(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_rope = self.rotary(q_rope, rope_pos)
@@ -299,64 +218,50 @@ class MLAttention(_AttentionStats):
         if cache is not None:
             kv_latent, k_rope = cache.update(start_pos, kv_latent, k_rope)  # [B, S, ...]
             if self.absorb:
-                out = self._absorbed(q_nope, q_rope, kv_latent, k_rope, start_pos, key_mask, layout)
-                return self.wo(out.reshape(bsz, seq_len, -1))
-        kv = self.wkv_b(kv_latent).view(bsz, kv_latent.shape[1], self.n_heads, -1)
+                out = self._absorbed(q_nope, q_rope, kv_latent, k_rope, start_pos, key_mask, layout)  # [B, T, H, Dv]
+                return self.wo(out.flatten(2))
+        kv = self.wkv_b(kv_latent).unflatten(-1, (self.n_heads, -1))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, S, H, ...]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, Dqk]
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)  # [B, H, S, Dv]
         if layout is not None:
-            out = _attend_rows(q, k, v, self.scale, layout.mask, self.eager)  # [B, H, T, Dv]
-            return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
-        if self.track_max_logit:
-            self.max_logit.copy_(max_logit_per_head(q, k, self.scale, start_pos, key_mask))
-        out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager)  # [B, H, T, Dv]
-        if self.dropout and self.training:
-            out = F.dropout(out, self.dropout)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
+            return self._merge_heads(attend_masked(q, k, v, self.scale, layout.mask, self.eager))
+        return self._merge_heads(self._attend(q, k, v, start_pos, key_mask, q.dtype))
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
                   start_pos: int, key_mask: torch.Tensor | None, layout=None) -> torch.Tensor:
-        """Attention straight from the latent cache, K and V never expanded (DeepSeek-V2 section 2.1.3).
-
-        With W_UK_h, W_UV_h the key/value rows of wkv_b for head h:
+        """Attention straight from the latent cache, K and V never expanded (DeepSeek-V2 section 2.1.3). With
+        W_UK_h, W_UV_h the key/value rows of wkv_b for head h:
           q_h . k_h = (W_UK_h^T q_nope_h) . c_s + q_rope_h . k_rope_s   (W_UK absorbed into the query)
           o_h = W_UV_h (sum_s p_hs c_s)                                  (W_UV applied after mixing)
         so every head attends over the same [c ; k_rope] keys: multi-query attention with key width
         kv_lora_rank + qk_rope_head_dim and value width kv_lora_rank.
-
-        q_nope: [B, T, H, Dn], q_rope: [B, T, H, Dr], kv_latent: [B, S, R], k_rope: [B, S, Dr]
-        -> [B, T, H, Dv].
+        q_nope: [B, T, H, Dn], q_rope: [B, T, H, Dr], kv_latent: [B, S, R], k_rope: [B, S, Dr] -> [B, T, H, Dv].
         """
         w_kv = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, Dn, R], [H, Dv, R]
         bsz, seq_len, heads, _ = q_nope.shape
         q_latent = torch.einsum("bthd,hdr->bhtr", q_nope, w_uk)  # [B, H, T, R]
-        # Heads x positions become the rows of one query matrix against a single shared key head:
-        # one batched matmul per sequence, no per-head copy of the cache.
+        # Heads x positions are the rows of one query against a single shared key head: no per-head cache copy.
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1).reshape(bsz, 1, heads * seq_len, -1)
         k = torch.cat([kv_latent, k_rope], dim=-1).unsqueeze(1)  # [B, 1, S, R + Dr]
         v = kv_latent.unsqueeze(1)  # [B, 1, S, R]
-        mask = None
-        if layout is not None:  # static cache: its mask [B, 1, T, S]; one query position broadcasts over heads
-            mask = layout.mask if seq_len == 1 else layout.mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)
-        elif seq_len > 1 or key_mask is not None:  # a single new token with no padding sees every key
-            allowed = allowed_keys(seq_len, k.shape[2], start_pos, key_mask, q.device)  # [B|1, 1, T, S]
-            mask = allowed.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)  # [B|1, 1, H*T, S]
+        mask = None if layout is None else layout.mask  # a static cache's [B, 1, T, S]
+        if layout is None and (seq_len > 1 or key_mask is not None):  # one new token, no padding: sees every key
+            mask = allowed_keys(seq_len, k.shape[2], start_pos, key_mask, q.device)  # [B|1, 1, T, S]
+        if mask is not None and seq_len > 1:  # one query position's mask broadcasts over the heads' rows
+            mask = mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)  # [B|1, 1, H*T, S]
         # The scale stays that of qk_head_dim: these are the same logits, computed in another order.
-        out = _attend_rows(q, k, v, self.scale, mask, self.eager).view(bsz, heads, seq_len, -1)  # [B, H, T, R]
+        out = attend_masked(q, k, v, self.scale, mask, self.eager).view(bsz, heads, seq_len, -1)  # [B, H, T, R]
         return torch.einsum("bhtr,hvr->bthv", out, w_uv)
 
     @torch.no_grad()
     def qk_clip_(self, threshold: float) -> torch.Tensor:
-        """QK-clip (Kimi K2, arXiv 2507.20534 section 2.1): for each head whose recorded max logit
-        passes `threshold`, scale its query/key weights so the logit comes back to the threshold.
-
-        gamma_h = threshold / max_logit_h. The head-specific parts (q_nope rows, k_nope rows of
-        wkv_b) get sqrt(gamma_h) each and the q_rope rows get gamma_h; the rope key is shared by
-        all heads, so it is left alone. Returns the per-head gamma [H] (1 = untouched).
-        """
+        """QK-clip (Kimi K2, arXiv 2507.20534 section 2.1): scale the query/key weights of each head whose max
+        logit passed `threshold` by gamma_h = threshold / max_logit_h, so the logit comes back to it. The head's
+        own parts (q_nope rows, k_nope rows of wkv_b) get sqrt(gamma_h) each, its q_rope rows gamma_h; the rope
+        key is shared by all heads, so left alone. Returns gamma [H] (1 = untouched)."""
         gamma = (threshold / self.max_logit.clamp(min=threshold)).float()  # [H], <= 1
         if bool((gamma < 1).any()):
             w_q = (self.wq_b if self.q_lora_rank else self.wq).weight.view(self.n_heads, self.qk_head_dim, -1)
@@ -365,7 +270,3 @@ class MLAttention(_AttentionStats):
             w_kv = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
             w_kv[:, :self.qk_nope_head_dim] *= gamma.sqrt().view(-1, 1, 1).to(w_kv.dtype)
         return gamma
-
-
-def build_attention(cfg: ModelConfig) -> nn.Module:
-    return MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)

@@ -1,13 +1,9 @@
-"""Static, preallocated decoding caches: fixed shapes, so a decode step traces and compiles once.
+"""Decoding caches (GQA's keys and values, MLA's latent and rope key), dynamic or static.
 
-The dynamic caches in attention.py return a prefix that grows by one position per token (a new shape every
-step: torch.compile would recompile or go dynamic). These hold `max_len` slots per row from the start and
-always hand attention all of them; a boolean mask hides the slots a query may not see. Writes go to slot
-indices held in a tensor, never a Python int, so the decode step's graph is the same at every position.
-
-Ragged batches are left-padded. Row b's prompt starts at slot pad[b]; the token in slot s sits at RoPE
-position s - pad[b], as if that prompt were decoded alone, and a query in slot t sees slots pad[b]..t. One
-`SlotLayout` is shared by every layer's cache; the caller moves it with `advance` before each forward.
+A dynamic cache returns the prefix so far, a new shape every token. A static one (given a `SlotLayout`) hands
+attention all `max_len` slots under a mask and writes slot indices held in a tensor, so a decode step has one
+graph at every position and compiles once. Ragged batches are left-padded: row b's prompt starts at slot
+pad[b], slot s sits at RoPE position s - pad[b] (as if decoded alone), and a query in slot t sees pad[b]..t.
 """
 
 from __future__ import annotations
@@ -16,15 +12,12 @@ import torch
 
 
 class SlotLayout:
-    """Where the next forward writes and what it sees, for every layer at once.
-
-    After advance(start, T): slots [T] (cache slots written), positions [B, T] (RoPE positions, per row),
-    mask [B, 1, T, S] (True: the query may attend to that slot).
-    """
+    """Where the next forward writes and what it sees, for every layer's cache at once; the caller moves it with
+    `advance(start, T)` before each forward. Then slots [T] (cache slots written), positions [B, T] (RoPE
+    positions, per row), mask [B, 1, T, S] (True: the query may attend to that slot)."""
 
     def __init__(self, batch: int, max_len: int, pad: torch.Tensor | None = None, device: torch.device | str = "cpu"):
-        if pad is None:
-            pad = torch.zeros(batch, dtype=torch.long, device=device)
+        pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad
         if pad.shape != (batch,):
             raise ValueError(f"pad has shape {tuple(pad.shape)}; expected one left-padding length per row ({batch},)")
         self.batch, self.max_len = batch, max_len
@@ -45,61 +38,65 @@ class SlotLayout:
         self.mask = (visible | (keys == queries)).unsqueeze(1)  # [B, 1, T, S]
 
 
-class StaticKVCache:
-    """Keys and values for GQA in max_len fixed slots: [B, n_kv_heads, S, head_dim] each."""
+class _Cache:
+    """Two [B, ...] tensors of max_len positions along `seq_dim`; `update` writes at start_pos and returns the
+    prefix so far, or with a layout writes its slots (start_pos unused) and returns them all."""
 
-    def __init__(self, layout: SlotLayout, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        self.layout = layout
-        self.k = torch.zeros(layout.batch, n_kv_heads, layout.max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], layout: SlotLayout | None):
+        self.tensors, self.layout = tensors, layout
 
-    def update(self, start_pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, D] to the layout's slots; return the whole cache [B, Hkv, S, D] (start_pos is
-        the layout's: it is taken for the dynamic caches' signature)."""
-        self.k.index_copy_(2, self.layout.slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, self.layout.slots, v.to(self.v.dtype))
-        return self.k, self.v
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-
-class StaticLatentCache:
-    """MLA's normalised KV latent and shared rope key in max_len fixed slots: [B, S, R] and [B, S, Dr]."""
-
-    def __init__(self, layout: SlotLayout, kv_lora_rank: int, qk_rope_head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        self.layout = layout
-        self.kv_latent = torch.zeros(layout.batch, layout.max_len, kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(layout.batch, layout.max_len, qk_rope_head_dim, dtype=dtype, device=device)
-
-    def update(self, start_pos, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write kv_latent [B, T, R] and k_rope [B, T, Dr] to the layout's slots; return the whole cache."""
-        self.kv_latent.index_copy_(1, self.layout.slots, kv_latent.to(self.kv_latent.dtype))
-        self.k_rope.index_copy_(1, self.layout.slots, k_rope.to(self.k_rope.dtype))
-        return self.kv_latent, self.k_rope
+    def update(self, start_pos: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.layout is not None:
+            for cached, part in zip(self.tensors, new):
+                cached.index_copy_(self.seq_dim, self.layout.slots, part.to(cached.dtype))
+            return self.tensors
+        end, max_len = start_pos + new[0].shape[self.seq_dim], self.tensors[0].shape[self.seq_dim]
+        if end > max_len:
+            raise ValueError(f"{type(self).__name__} holds {max_len} positions; position {end - 1} does not fit")
+        for cached, part in zip(self.tensors, new):
+            cached.narrow(self.seq_dim, start_pos, end - start_pos).copy_(part)
+        return tuple(cached.narrow(self.seq_dim, 0, end) for cached in self.tensors)
 
     def nbytes(self) -> int:
-        return self.kv_latent.nbytes + self.k_rope.nbytes
+        return sum(t.nbytes for t in self.tensors)
+
+    def bytes_per_token(self) -> int:
+        first = self.tensors[0]
+        return self.nbytes() // (first.shape[0] * first.shape[self.seq_dim])
+
+
+class KVCache(_Cache):
+    """GQA's full keys and values, each [B, n_kv_heads, max_len, head_dim]."""
+
+    seq_dim = 2
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", layout: SlotLayout | None = None):
+        k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        super().__init__((k, torch.zeros_like(k)), layout)
+
+
+class LatentCache(_Cache):
+    """MLA's cache (DeepSeek-V2 section 2.1.2): only the normalised KV latent [B, max_len, kv_lora_rank] and the
+    rope key shared by all heads [B, max_len, qk_rope_head_dim], whatever the number of heads."""
+
+    seq_dim = 1
+
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, qk_rope_head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 layout: SlotLayout | None = None):
+        kv_latent = torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device)
+        k_rope = torch.zeros(batch, max_len, qk_rope_head_dim, dtype=dtype, device=device)
+        super().__init__((kv_latent, k_rope), layout)
 
 
 def new_static_caches(model, batch: int, max_len: int, pad: torch.Tensor | None = None,
                       dtype: torch.dtype | None = None) -> tuple[SlotLayout, list]:
-    """One static cache per layer of `model` (a Transformer), all sharing one SlotLayout.
-
-    pad: [B] left-padding length of each row (None: no padding). Returns (layout, caches)."""
+    """(layout, caches): a static cache per layer of `model` sharing one SlotLayout; pad: [B] left-padding lengths."""
     weight = model.embed.weight
-    dtype, device = dtype or weight.dtype, weight.device
     if max_len > model.config.max_seq_len:
         raise ValueError(f"a cache of {max_len} slots is longer than the model's context "
                          f"(max_seq_len={model.config.max_seq_len})")
-    layout = SlotLayout(batch, max_len, pad, device)
-    caches = []
-    for block in model.layers:
-        attn = block.attn
-        if hasattr(attn, "kv_lora_rank"):  # MLAttention
-            caches.append(StaticLatentCache(layout, attn.kv_lora_rank, attn.qk_rope_head_dim, dtype, device))
-        else:
-            caches.append(StaticKVCache(layout, attn.n_kv_heads, attn.head_dim, dtype, device))
-    return layout, caches
+    layout = SlotLayout(batch, max_len, pad, weight.device)
+    return layout, [block.attn.new_cache(batch, max_len, dtype or weight.dtype, weight.device, layout)
+                    for block in model.layers]

@@ -13,10 +13,7 @@ from nanoseek.config import ModelConfig
 
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019), statistics in fp32 (fp64 for a float64 model) whatever the input dtype.
-
-    The weight multiplies after the cast back, as transformers' Llama/DeepseekV3 do, so exported
-    models give the same numbers.
-    """
+    The weight multiplies after the cast back, as transformers' Llama/DeepseekV3 do: exports give the same numbers."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -24,21 +21,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> [..., dim], dtype of weight * x."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if needs_grad and not torch.compiler.is_compiling():
             return _RMSNormFunction.apply(x, self.weight, self.eps)
         # Inference, and under torch.compile, where inductor fuses these few ops into one kernel.
-        compute = torch.promote_types(x.dtype, torch.float32)
-        xc = x.to(compute)
+        xc = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with a hand-written backward: in eager mode autograd records ~8 elementwise ops per norm and
-    replays each in backward, while the closed form needs 5 full-size passes (measured faster forward +
-    backward on one CPU thread: bench/RESULTS.md, "CPU kernel choices").
+    """RMSNorm with a hand-written backward: eager autograd records ~8 elementwise ops per norm and replays each
+    in backward, where the closed form needs 5 full-size passes (bench/RESULTS.md, "CPU kernel choices").
 
     With xhat = x * r, r = 1 / sqrt(mean(x^2) + eps) and y = w * xhat (D features):
         dL/dx = r * (g w - xhat * mean(g w xhat)),   dL/dw = sum over tokens of g * xhat.
@@ -46,8 +40,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        compute = torch.promote_types(x.dtype, torch.float32)
-        xc = x.to(compute)
+        xc = x.to(torch.promote_types(x.dtype, torch.float32))
         # vector_norm reads x once and writes [..., 1]: no x^2 temporary.
         sq = torch.linalg.vector_norm(xc, dim=-1, keepdim=True).square_()
         rstd = sq.div_(x.shape[-1]).add_(eps).rsqrt_()  # [..., 1]
@@ -73,8 +66,7 @@ class _RMSNormFunction(torch.autograd.Function):
 class MLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): w2(silu(w1 x) * w3 x). Names follow DeepSeek-V3's code."""
 
-    # Linears that read the same input, stacked into one for generation (model/packed.py: fuse_linears).
-    FUSIBLE = (("w13", ("w1", "w3")),)
+    FUSIBLE = (("w13", ("w1", "w3")),)  # stacked into one linear for generation (model/packed.py)
 
     def __init__(self, dim: int, inter_dim: int, clamp: float = 0.0):
         super().__init__()
@@ -82,8 +74,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
         self.w13: nn.Module | None = None  # [w1; w3] in one layer, set by fuse_linears for decoding
-        # Opt-in clamp of the SwiGLU pre-activations against extreme activations: never silent, the
-        # number of clamped values is kept in `clamped` (Transformer.health_stats logs it).
+        # Opt-in clamp of the SwiGLU pre-activations, never silent: `clamped` counts (health_stats logs it).
         self.clamp = clamp
         self.register_buffer("clamped", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -94,18 +85,17 @@ class MLP(nn.Module):
         return self.w1(x), self.w3(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> [..., dim]."""
-        gate, up = self.gate_up(x)
-        if self.clamp > 0:
-            gate, up = clamp_counted(self.clamped, self.clamp, gate, up)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu(*self.gate_up(x), self.clamp, self.clamped))
 
 
-def clamp_counted(counter: torch.Tensor, limit: float, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Clamp each tensor to [-limit, limit] and add the number of clamped values to `counter` (no sync)."""
-    with torch.no_grad():
-        counter += sum((t.detach().abs() > limit).sum() for t in tensors)
-    return tuple(t.clamp(-limit, limit) for t in tensors)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, clamp: float, clamped: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; with clamp > 0 both are first clamped to [-clamp, clamp], the number of values clamped
+    added to the counter `clamped` (no host sync)."""
+    if clamp > 0:
+        with torch.no_grad():
+            clamped += sum((t.detach().abs() > clamp).sum() for t in (gate, up))
+        gate, up = gate.clamp(-clamp, clamp), up.clamp(-clamp, clamp)
+    return F.silu(gate) * up
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -114,8 +104,7 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def yarn_attention_factor(cfg: ModelConfig) -> float:
-    """YaRN's extra factor on cos/sin (1 without YaRN); with mscale_all_dim, part of it moves into the
-    softmax scale instead (`softmax_scale`)."""
+    """YaRN's factor on cos/sin (1 without YaRN), less the part mscale_all_dim moves into `softmax_scale`."""
     if cfg.rope_scaling != "yarn":
         return 1.0
     factor = _yarn_mscale(cfg.rope_factor, cfg.mscale)
@@ -139,11 +128,10 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig, dim: int) -> torch.
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (Su et al. 2021) in DeepSeek's interleaved layout.
-
-    Pairs (x[2i], x[2i+1]) rotate by frequency i, as DeepSeek-V3's reference code and transformers'
-    `rope_interleave=True`. Inverse frequencies and angles are computed in float64 so long contexts
-    and large theta keep their precision; the rotation itself runs in fp32 (fp64 for a float64 model).
+    """Rotary position embedding (Su et al. 2021) in DeepSeek's interleaved layout: pairs (x[2i], x[2i+1]) rotate
+    by frequency i, as DeepSeek-V3's reference code and transformers' `rope_interleave=True`. Frequencies and
+    angles are float64 so long contexts and large theta keep their precision; the rotation runs in fp32 (fp64
+    for a float64 model).
     """
 
     def __init__(self, dim: int, cfg: ModelConfig):
@@ -154,18 +142,14 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / cfg.rope_factor
         elif cfg.rope_scaling == "yarn":
             inv_freq = _yarn_inv_freq(inv_freq, cfg, dim)
-        self.attention_factor = yarn_attention_factor(cfg)
-        self.inv_freq = inv_freq
+        self.attention_factor, self.inv_freq, self.max_seq_len = yarn_attention_factor(cfg), inv_freq, cfg.max_seq_len
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)  # [S, dim/2]
-        # e^{i angle} times the YaRN factor, by dtype: a pair (x[2i], x[2i+1]) read as the complex number
-        # x[2i] + i x[2i+1] rotates by one complex multiply, which in eager mode on CPU is faster
-        # (forward and backward) than four real products and a stack. Plain attributes, not buffers:
-        # model.to(bfloat16) must not round the tables; _apply moves them with the module.
-        self.max_seq_len = cfg.max_seq_len
+        # e^{i angle} times the YaRN factor: a pair read as the complex number x[2i] + i x[2i+1] rotates by one
+        # complex multiply, in eager mode on CPU cheaper (forward and backward) than four real products and a
+        # stack. Plain attributes, not buffers, so model.to(bfloat16) cannot round them (_apply moves them);
+        # every dtype the forward asks for is made here, as one first cast under torch.compile would recompile.
         exact = torch.polar(torch.full_like(angles, self.attention_factor), angles)
         real = torch.stack([exact.real, exact.imag])
-        # Every dtype the forward can ask for, made here: a table first cast inside torch.compile would
-        # change this dict and force a recompile on the next step.
         self.tables = {torch.complex128: exact, torch.complex64: exact.to(torch.complex64),
                        torch.float64: real, torch.float32: real.float()}
 
@@ -187,11 +171,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotate x: [B, T, H, dim] (positions start_pos..start_pos+T-1, or start_pos itself when it is a
-        [B, T] tensor of per-row positions, as static caches give) -> same shape and dtype.
-
-        Computed in fp32 (fp64 for a float64 model), whatever the activation dtype."""
+        [B, T] tensor of per-row positions, as static caches give) -> same shape and dtype."""
         seq_len = x.shape[1]
-        if torch.is_tensor(start_pos):  # [B, T]; SlotLayout keeps them inside its cache, hence the context
+        if torch.is_tensor(start_pos):
             positions = start_pos
         elif start_pos + seq_len > self.max_seq_len:
             raise ValueError(f"position {start_pos + seq_len - 1} is past max_seq_len={self.max_seq_len}; "

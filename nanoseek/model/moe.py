@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.layers import MLP, clamp_counted
+from nanoseek.model.layers import MLP, swiglu
+
 
 class Gate(nn.Module):
     """Top-k router (DeepSeek-V3, arXiv 2412.19437, section 2.1.2).
@@ -28,7 +29,7 @@ class Gate(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.router_z_loss_coef
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.register_buffer("balance_bias", torch.zeros(cfg.n_routed_experts))
-        # Tokens routed to each expert since the last bias update (summed over micro-batches).
+        # Tokens routed to each expert since the last bias update (over micro-batches), and at that update.
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.count_loads = True  # off while activation checkpointing recomputes the block: count once per step
@@ -63,10 +64,8 @@ class Gate(nn.Module):
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         grouped = choice.view(choice.shape[0], self.n_groups, -1)  # [N, G, E/G]
-        if self.score_func == "sigmoid":  # V3 scores a group by its top-2 experts
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-        else:  # V2 by its best expert
-            group_scores = grouped.amax(-1)
+        # V3 scores a group by its top-2 experts, V2 by its best one.
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1) if self.score_func == "sigmoid" else grouped.amax(-1)
         keep = group_scores.topk(self.n_limited_groups, dim=-1).indices  # [N, n_limited]
         mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
         return grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).flatten(1)
@@ -88,11 +87,10 @@ class Gate(nn.Module):
 
     @torch.no_grad()
     def update_balance_bias(self) -> None:
-        """One aux-loss-free balancing step from the loads counted since the last call, then reset. Under
-        data parallelism the loads are summed over ranks first (Transformer.update_balance_bias)."""
+        """One aux-loss-free balancing step from the loads counted since the last call (summed over ranks by
+        Transformer.update_balance_bias), then reset. No host read of the total: with no tokens counted every
+        sign is 0 and last_load keeps its value, so no device sync per MoE layer."""
         total = self.load.sum()
-        # No host read of `total`: with no tokens counted every sign is 0 and the bias stays put, and
-        # last_load keeps its value, so the step stays free of a device sync per MoE layer.
         self.balance_bias += self.balance_rate * torch.sign(self.load.mean() - self.load)
         fraction = self.load / total.clamp(min=1) * self.top_k  # fraction of tokens per expert
         self.last_load.copy_(torch.where(total > 0, fraction, self.last_load))
@@ -113,10 +111,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def expert_counts(flat_indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Rows routed to each expert: flat_indices [M] (expert ids) -> [n_experts] int64.
-
-    A scatter-add of ones rather than torch.bincount: bincount's output size depends on the data, so it
-    reads the maximum back to the host (a device sync on CUDA) and breaks torch.compile graphs."""
+    """Rows routed to each expert: flat_indices [M] (expert ids) -> [n_experts] int64. A scatter-add, not
+    torch.bincount, whose data-dependent size reads the maximum back to the host and breaks compiled graphs."""
     counts = torch.zeros(n_experts, dtype=torch.long, device=flat_indices.device)
     return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
 
@@ -138,9 +134,8 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 class Experts(nn.Module):
     """n routed SwiGLU experts stored stacked: w1, w3 [E, inter, dim] and w2 [E, dim, inter].
 
-    Tokens are sorted by expert and multiplied group by group with torch._grouped_mm where its
-    alignment rules hold, else with one padded batched matmul; never a loop over tokens.
-    An expert that receives no tokens is fine on both paths.
+    Tokens are sorted by expert and multiplied group by group with torch._grouped_mm where its alignment
+    rules hold, else with one padded batched matmul; never a loop. An expert with no tokens is fine on both.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -171,17 +166,12 @@ class Experts(nn.Module):
         out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
 
-    def _swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.clamp > 0:
-            gate, up = clamp_counted(self.clamped, self.clamp, gate, up)
-        return F.silu(gate) * up
-
     def _grouped(self, rows, counts, w1, w2, w3) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
         rows = _ContiguousGrad.apply(rows)
         gate = torch._grouped_mm(rows, w1.transpose(-1, -2), offs=offsets)  # [N*k, inter]
         up = torch._grouped_mm(rows, w3.transpose(-1, -2), offs=offsets)
-        hidden = _ContiguousGrad.apply(self._swiglu(gate, up))
+        hidden = _ContiguousGrad.apply(swiglu(gate, up, self.clamp, self.clamped))
         return torch._grouped_mm(hidden, w2.transpose(-1, -2), offs=offsets)  # [N*k, dim]
 
     def _batched(self, rows, sorted_experts, counts, w1, w2, w3, top_k: int) -> torch.Tensor:
@@ -194,24 +184,21 @@ class Experts(nn.Module):
             capacity = rows.shape[0] // top_k
         else:
             capacity = int(counts.max()) if rows.shape[0] else 0  # one host sync (free on CPU)
-        padded = rows.new_zeros(self.n_experts, max(capacity, 1), rows.shape[1])
-        padded = padded.index_put((sorted_experts, slot), rows)
-        hidden = self._swiglu(torch.bmm(padded, w1.transpose(1, 2)), torch.bmm(padded, w3.transpose(1, 2)))
+        padded = rows.new_zeros(self.n_experts, max(capacity, 1), rows.shape[1]).index_put((sorted_experts, slot), rows)
+        gate, up = torch.bmm(padded, w1.transpose(1, 2)), torch.bmm(padded, w3.transpose(1, 2))
+        hidden = swiglu(gate, up, self.clamp, self.clamped)
         return torch.bmm(hidden, w2.transpose(1, 2))[sorted_experts, slot]  # [N*k, dim]
 
 
 def per_expert_loop(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The obvious dispatch, kept as the reference for tests and bench/bench_fastpaths.py: for each expert,
-    find its rows with a mask, run its SwiGLU on them, add them back. Same arguments and result as
-    `Experts.forward` (x [N, dim], weights/indices [N, k] -> [N, dim]), but a Python loop of E small
-    matmuls and one host sync (`nonzero`) per expert."""
+    """`Experts.forward` as a Python loop over experts, a host sync each: the reference for tests and benchmarks."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     out = torch.zeros_like(x)
     for e in range(experts.n_experts):
         token, slot = (indices == e).nonzero(as_tuple=True)
         rows = x[token].to(dtype)
         w1, w2, w3 = (w[e].to(dtype) for w in (experts.w1, experts.w2, experts.w3))
-        hidden = experts._swiglu(rows @ w1.T, rows @ w3.T)
+        hidden = swiglu(rows @ w1.T, rows @ w3.T, experts.clamp, experts.clamped)
         y = (hidden @ w2.T) * weights[token, slot, None].to(dtype)
         out = out.index_add(0, token, y.to(x.dtype))
     return out
@@ -229,14 +216,12 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor, router_losses: list | None = None) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim]. The router losses of this call ({'aux', 'z'} when on, scalars) are
-        appended to `router_losses`, which the Transformer's forward sums into its output's losses."""
-        bsz, seq_len, dim = x.shape
-        flat = x.reshape(-1, dim)
-        weights, indices, losses = self.gate(flat, bsz)
+        """x: [B, T, dim] -> [B, T, dim]; appends the router losses ({'aux', 'z'} when on) to `router_losses`."""
+        flat = x.flatten(0, 1)  # [B*T, dim]
+        weights, indices, losses = self.gate(flat, x.shape[0])
         if router_losses is not None:
             router_losses.append(losses)
-        out = self.experts(flat, weights, indices).view(bsz, seq_len, dim)
+        out = self.experts(flat, weights, indices).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

@@ -1,12 +1,5 @@
-"""The NPT block: a frozen decoder block whose attention residual is replaced by an adapter that
-modulates the MLP's gate.
-
-What a base Block computes (pre-norm):
-
-    h   = x + attn(attn_norm(x))
-    out = h + w2(silu(w1 n) * w3 n),                      n = ffn_norm(h)
-
-What an NPTBlock computes from the same frozen modules:
+"""The NPT block: a frozen decoder block whose attention residual is replaced by an adapter that modulates
+the MLP's gate, so attention reaches the block only through that gate, per token. From the same frozen modules:
 
     a     = attn(attn_norm(x))                            [B, T, dim]   attention output, no residual
     m     = ffn_norm(x)                                   [B, T, dim]   the block's input, normed
@@ -16,36 +9,22 @@ What an NPTBlock computes from the same frozen modules:
     g     = w1(m) * scale + SHIFT_SCALE * shift           (safe mode: w1(m) + SHIFT_SCALE * shift)
     out   = x + w2(silu(g) * w3(m))
 
-So attention no longer writes into the residual stream: what it found reaches the block only through
-the gate of the MLP, per token. The adapter (down, gate_shift, gate_scale) is the only trainable part.
-
-Why these choices (lessons of earlier NPT training that fought NaNs):
-- The multiplicative factor must never reach 0 (a `1 + tanh` factor did, zeroing activations and
-  sending gradients to 0 or inf) nor grow without bound: `0.5 + sigmoid(.)` lies in [0.5, 1.5] for
-  every input, +-inf included (it saturates at the ends exactly, never overflows), and is exactly 1 at
-  its zero initialisation. (`0.5 * sigmoid(.) + 0.5` would span only (0.5, 1.0) and be 0.75 at zero,
-  shrinking every gate by a quarter at init.)
-- The additive path is scaled by SHIFT_SCALE = 0.1 and gate_shift starts at N(0, 0.001): at init it
-  moves each gate pre-activation by 0.1 * |gate_shift(down(a))|, orders of magnitude below w1(m).
-- The adapter reads the attention output relative to the residual stream (a / rms(x)), and `down` starts
-  at N(0, 1/dim) (fan-in), so z has the same O(1) scale in a 64-wide test model and a 4096-wide one (where
-  1/sqrt(dim) is 0.016). With a raw `a` and a fixed std of 0.02, a small model's z was ~1e-3 and
-  the zero-initialised gate_scale needed thousands of steps to move.
-
-Bound at initialisation (checked in tests/test_npt.py): with gate_scale at zero the factor is exactly 1,
-so the block differs from `x + w2(silu(w1 m) * w3 m)` (the block with its attention residual dropped)
-only through 0.1 * shift; for the tiny test model that is under 1e-3 of the output's norm (about 1e-4,
-7e-5 to 1.3e-4 with the random init; the test prints it). The student as a whole therefore starts as the base model minus the converted layers'
-attention residuals; teacher-student training (train/objectives.py) teaches the adapters to put that back.
+The adapter (down, gate_shift, gate_scale) is the only trainable part. Lessons of earlier runs that fought NaNs:
+- The factor must never reach 0 (a `1 + tanh` one did, zeroing activations, sending gradients to 0 or inf) nor
+  grow without bound: `0.5 + sigmoid(.)` stays in [0.5, 1.5] for any input, +-inf included, and is 1 at init.
+- The additive path is scaled by SHIFT_SCALE = 0.1 and gate_shift starts at N(0, 0.001): far below w1(m).
+- `down` reads a / rms(x) and starts at N(0, 1/dim), so z is O(1) at any width; with a raw `a` and std 0.02 a
+  small model's z was ~1e-3 and the zero-initialised gate_scale took thousands of steps to move.
+So the student starts as the base minus the converted layers' attention residuals (up to 0.1 * shift, under
+1e-3 of the output's norm in tests/test_npt.py); teacher-student training (train/objectives.py) puts them back.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.layers import MLP, clamp_counted
+from nanoseek.model.layers import MLP, swiglu
 
 SHIFT_SCALE = 0.1  # the additive path enters at a tenth of its size
 SHIFT_INIT_STD = 0.001
@@ -53,22 +32,16 @@ FACTOR_MIN, FACTOR_MAX = 0.5, 1.5
 
 
 def relative_to(attn_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """attn_out [B, T, dim] in units of the rms of x [B, T, dim] (per token), same dtype.
-
-    What the attention would have added, measured against the residual stream it would have been added
-    to: the adapter then sees inputs of the same scale in any model (a small freshly trained model's
-    stream has rms ~0.1, a large trained one's is orders of magnitude larger), as the normalised loss does.
-    """
+    """attn_out [B, T, dim] in units of the rms of x [B, T, dim] (per token), same dtype: what attention would
+    have added against the stream it would have been added to, the same scale in any model (a small fresh
+    model's stream has rms ~0.1, a large trained one's is orders of magnitude larger)."""
     scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     return (attn_out.float() * scale).to(attn_out.dtype)
 
 
 def gate_factor(logits: torch.Tensor) -> torch.Tensor:
-    """The multiplicative modulation: logits [..., inter] -> 0.5 + sigmoid(logits), in [0.5, 1.5].
-
-    Computed in fp32 (sigmoid saturates cleanly there, and bf16 rounding near 1.5 stays in range);
-    returned in the logits' dtype. +inf gives 1.5, -inf gives 0.5; only a NaN logit gives NaN.
-    """
+    """logits [..., inter] -> 0.5 + sigmoid(logits) in [0.5, 1.5], in the logits' dtype: computed in fp32, where
+    sigmoid saturates cleanly (+inf gives 1.5, -inf 0.5; only NaN gives NaN) and bf16 rounding stays in range."""
     return (FACTOR_MIN + (FACTOR_MAX - FACTOR_MIN) * torch.sigmoid(logits.float())).to(logits.dtype)
 
 
@@ -96,20 +69,15 @@ class NPTAdapter(nn.Module):
             nn.init.zeros_(self.gate_scale.weight)
 
     def forward(self, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """attn_out [B, T, dim] -> (shift [B, T, inter], scale logits [B, T, inter] or None in safe mode).
-
-        The raw outputs, before SHIFT_SCALE and gate_factor: the regulariser penalises these.
-        """
+        """attn_out [B, T, dim] -> (shift, scale logits or None in safe mode), each [B, T, inter]: the raw outputs,
+        before SHIFT_SCALE and gate_factor, which the regulariser penalises."""
         z = self.down(attn_out)  # [B, T, rank]
         return self.gate_shift(z), (self.gate_scale(z) if self.gate_scale is not None else None)
 
 
 class NPTBlock(nn.Module):
-    """A Block whose attention residual is replaced by gate modulation (see the module docstring).
-
-    Holds the original block's submodules under their own names (attn_norm, attn, ffn_norm, ffn), so
-    the frozen weights keep their state-dict names and are shared with, not copied from, the base.
-    """
+    """A Block whose attention residual is replaced by gate modulation. It holds the base block's submodules
+    under their own names, so the frozen weights keep their state-dict names and are shared, not copied."""
 
     def __init__(self, block: nn.Module, rank: int, safe_mode: bool = False):
         super().__init__()
@@ -128,15 +96,12 @@ class NPTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
                 cache=None, router_losses: list | None = None) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim] (the residual stream); same signature as Block (dense: no router losses)."""
+        """x: [B, T, dim] -> [B, T, dim]; Block's signature (a dense layer has no router losses)."""
         attn_out = self.attn(self.attn_norm(x), start_pos, key_mask, cache)
         shift, scale_logits = self.adapter(relative_to(attn_out, x))
-        m = self.ffn_norm(x)  # the block's input, not x + attn_out: attention reaches the MLP only via the gate
-        ffn = self.ffn
-        gate, up = ffn.gate_up(m)
+        # m = ffn_norm(x), the block's input, not x + attn_out: attention reaches the MLP only through the gate.
+        gate, up = self.ffn.gate_up(self.ffn_norm(x))
         if scale_logits is not None:
             gate = gate * gate_factor(scale_logits)
-        gate = gate + SHIFT_SCALE * shift
-        if ffn.clamp > 0:  # the base's opt-in clamp applies to the modulated gate as it would to the plain one
-            gate, up = clamp_counted(ffn.clamped, ffn.clamp, gate, up)
-        return x + ffn.w2(F.silu(gate) * up)
+        # The base's opt-in clamp applies to the modulated gate as it would to the plain one.
+        return x + self.ffn.w2(swiglu(gate + SHIFT_SCALE * shift, up, self.ffn.clamp, self.ffn.clamped))

@@ -1,9 +1,7 @@
-"""Linear layers prepared for decoding on CPU: each weight reordered once into oneDNN's blocked layout.
+"""Linear layers prepared for CPU decoding: each weight reordered once into oneDNN's blocked layout.
 
-A decode step at a small batch is a chain of matrix-vector products, each reading its weight once, so its
-speed is how close the kernel comes to memory bandwidth. On one thread of an AVX-512-BF16 CPU, PyTorch's
-plain bf16 `F.linear` reads weights at roughly half the rate of oneDNN's kernel on a prepacked weight
-(bench/RESULTS.md, "Generation on the real model"); packing once at load time removes the per-call reorder.
+A small-batch decode step is a chain of matrix-vector products, as fast as each weight is read, and oneDNN reads
+a prepacked weight far faster than bf16 `F.linear` (bench/RESULTS.md, "Generation on the real model").
 Inference only: a packed layer has no gradient and does not follow `model.to()`; pack last.
 """
 
@@ -33,7 +31,6 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features]."""
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -47,9 +44,8 @@ _READ_DIRECTLY = ("wkv_b",)
 @torch.no_grad()
 def fuse_linears(model: nn.Module, batch_hint: int = 1) -> int:
     """Stack the linears that read the same input (a module's FUSIBLE groups: GQA's wq, wk, wv; SwiGLU's w1,
-    w3) into one PackedLinear each, in place; returns how many groups. One call reads the same bytes as the
-    separate ones but pays the per-call overhead once: 3.15 ms saved of the 56.8 ms bf16 step at batch 1 on
-    SmolLM2's shapes (bench/bench_decode_overhead.py; bench/RESULTS.md). The parts are dropped. For generation only."""
+    w3) into one PackedLinear each, in place, dropping the parts; returns how many groups. One call reads the
+    same bytes but pays the per-call overhead once (bench/bench_decode_overhead.py). For generation only."""
     weight = next(model.parameters())
     if not can_pack(weight.dtype, weight.device):
         return 0
@@ -68,9 +64,8 @@ def fuse_linears(model: nn.Module, batch_hint: int = 1) -> int:
 
 @torch.no_grad()
 def pack_linears(model: nn.Module, batch_hint: int = 1) -> int:
-    """Replace every bias-free nn.Linear of `model` (in place) by a PackedLinear; returns how many.
-
-    Nothing happens where `can_pack` says no (a GPU, a build without oneDNN, fp16). For generation only."""
+    """Replace every bias-free nn.Linear of `model` (in place) by a PackedLinear; returns how many. Nothing
+    happens where `can_pack` says no (a GPU, a build without oneDNN, fp16). For generation only."""
     weight = next(model.parameters())
     if not can_pack(weight.dtype, weight.device):
         return 0

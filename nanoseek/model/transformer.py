@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import GQAttention, MLAttention, build_attention
+from nanoseek.model.attention import GQAttention, MLAttention
 from nanoseek.model.layers import MLP, RMSNorm
 from nanoseek.model.moe import Experts, MoE
 from nanoseek.model.mtp import MTPModule, mtp_length
@@ -38,14 +38,13 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = build_attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.attention == "mla" else GQAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim, cfg.swiglu_clamp)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
                 cache=None, router_losses: list | None = None) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim] (the residual stream). An MoE appends its router losses to
-        `router_losses`."""
+        """x: [B, T, dim] -> [B, T, dim]; an MoE appends its router losses to `router_losses`."""
         x = x + self.attn(self.attn_norm(x), start_pos, key_mask, cache)
         if isinstance(self.ffn, MoE):
             return x + self.ffn(self.ffn_norm(x), router_losses)
@@ -53,10 +52,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A DeepSeek-style decoder. `model(idx, targets)` returns a ModelOutput.
-
-    Layers with id < n_dense_layers use a dense SwiGLU MLP, the rest MoE (when n_routed_experts > 0).
-    """
+    """A DeepSeek-style decoder: `model(idx, targets)` returns a ModelOutput."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,13 +75,10 @@ class Transformer(nn.Module):
             self.layers[i] = NPTBlock(self.layers[i], cfg.npt_rank, cfg.npt_safe_mode)
         self.set_stat_tracking(False)
 
-    # ---- initialisation ----------------------------------------------------------------------
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Truncated normal (std init_std, cut at 3 std); residual output projections scaled by
-        1/sqrt(2 * n_layers) (GPT-2, Radford et al. 2019) so the residual stream's variance does
-        not grow with depth; norms at 1; balance biases at 0."""
+        """Truncated normal (init_std, cut at 3 std); residual output projections scaled by 1/sqrt(2 * n_layers)
+        (GPT-2, Radford et al. 2019) so the stream's variance does not grow with depth; norms 1, balance biases 0."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
@@ -95,11 +88,8 @@ class Transformer(nn.Module):
             is_residual_out = name.endswith(("attn.wo.weight", ".w2.weight", "experts.w2"))
             s = residual_std if is_residual_out else std
             nn.init.trunc_normal_(param, mean=0.0, std=s, a=-3 * s, b=3 * s)
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.gate.balance_bias.zero_()
-
-    # ---- forward -----------------------------------------------------------------------------
+        for _, moe in self.moe_layers():
+            moe.gate.balance_bias.zero_()
 
     def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache,
                    router_losses: list) -> torch.Tensor:
@@ -113,11 +103,10 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, caches: list | None = None,
                 start_pos: int = 0) -> ModelOutput:
-        """idx: [B, T] token ids; targets: [B, T] or [B, T + mtp_depth] (targets[:, j] follows
-        position j; IGNORE_INDEX positions are not scored); attention_mask: [B, start_pos + T]
-        with 1 for real tokens and 0 for padding; caches: one per layer from `new_caches`.
-        Returns logits [B, T, vocab] and, with targets, the loss and its named components. With targets
-        and `loss_chunk` > 0 the logits are never formed (ModelOutput.logits is None): see chunked_cross_entropy.
+        """idx: [B, T] token ids; targets: [B, T] or [B, T + mtp_depth] (targets[:, j] follows position j;
+        IGNORE_INDEX positions are not scored); attention_mask: [B, start_pos + T], 1 for real tokens and 0 for
+        padding; caches: one per layer from `new_caches`. Returns logits [B, T, vocab] and, with targets, the
+        loss and its named parts; with targets and loss_chunk > 0 the logits are never formed (logits is None).
         """
         if caches is not None and self.training and self.activation_checkpointing:
             raise ValueError("KV caches cannot be used while training with activation checkpointing; call model.eval()")
@@ -125,75 +114,54 @@ class Transformer(nn.Module):
         router: list[dict[str, torch.Tensor]] = []  # each MoE layer's router losses, in call order
         for i, block in enumerate(self.layers):
             x = self._run_block(block, x, start_pos, attention_mask, caches[i] if caches else None, router)
-        cfg = self.config
-        if targets is not None and self.loss_chunk > 0:  # no [B, T, vocab] logits: see chunked_cross_entropy
-            normed = self.norm(x)
-            ce, lse_sq, logit_max = chunked_cross_entropy(
-                self.head, normed, targets[:, :idx.shape[1]], self.loss_chunk,
-                logsumexp_sq=cfg.logit_z_loss_coef > 0, logit_max=self.track_logit_max)
-            losses = {"ce": ce, **self._mtp_losses(x, normed, targets, router)}
-            if cfg.logit_z_loss_coef > 0:
-                losses["logit_z"] = cfg.logit_z_loss_coef * lse_sq
-            return self._total(ModelOutput(None, logit_max=logit_max), losses, router)
-        logits = self.head(self.norm(x))
+        normed = self.norm(x)
         if targets is None:  # no loss; the router losses are still there for an objective of its own
-            return ModelOutput(logits, hidden=x, losses=_sum_router_losses(router))
-        losses = {"ce": _cross_entropy(logits, targets[:, :idx.shape[1]])}
-        losses.update(self._mtp_losses(x, logits, targets, router))
-        if cfg.logit_z_loss_coef > 0:  # PaLM (arXiv 2204.02311, section 5): keeps log Z near 0
-            losses["logit_z"] = cfg.logit_z_loss_coef * _loss_dtype(logits).logsumexp(-1).pow(2).mean()
-        return self._total(ModelOutput(logits), losses, router)
-
-    def _total(self, out: ModelOutput, losses: dict[str, torch.Tensor], router: list) -> ModelOutput:
-        """Adds this forward pass's router losses, and the weighted sum of everything as `loss`."""
+            return ModelOutput(self.head(normed), hidden=x, losses=_sum_router_losses(router))
+        z_coef, main_targets = self.config.logit_z_loss_coef, targets[:, :idx.shape[1]]
+        if self.loss_chunk > 0:  # no [B, T, vocab] logits: see chunked_cross_entropy
+            ce, lse_sq, logit_max = chunked_cross_entropy(self.head, normed, main_targets, self.loss_chunk,
+                                                          logsumexp_sq=z_coef > 0, logit_max=self.track_logit_max)
+            out, scored = ModelOutput(None, logit_max=logit_max), normed
+        else:
+            logits = self.head(normed)
+            ce = _cross_entropy(logits, main_targets)
+            lse_sq = _loss_dtype(logits).logsumexp(-1).pow(2).mean() if z_coef > 0 else None
+            out, scored = ModelOutput(logits), logits
+        losses = {"ce": ce, **self._mtp_losses(x, scored, targets, router)}
+        if z_coef > 0:  # PaLM (arXiv 2204.02311, section 5): keeps log Z near 0
+            losses["logit_z"] = z_coef * lse_sq
         losses.update(_sum_router_losses(router))
         total = losses["ce"]
         mtp = [v for k, v in losses.items() if k.startswith("mtp_")]
         if mtp:  # DeepSeek-V3 eq. 25: lambda / D * sum_k L_k
             total = total + self.mtp_weight * torch.stack(mtp).mean()
-        for name in ("logit_z", "aux", "z"):
-            if name in losses:
-                total = total + losses[name]
-        out.loss, out.losses = total, losses
+        out.loss, out.losses = sum((losses[k] for k in ("logit_z", "aux", "z") if k in losses), total), losses
         return out
 
-    def _mtp_losses(self, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+    def _mtp_losses(self, x: torch.Tensor, scored: torch.Tensor, targets: torch.Tensor,
                     router: list) -> dict[str, torch.Tensor]:
-        """x: [B, T, dim] the last layer's output; logits: the main [B, T, vocab] logits, or with loss_chunk
-        the normed final hidden [B, T, dim] they come from (never materialised then). MTP blocks append
-        their router losses to `router`."""
-        cfg, seq_len = self.config, x.shape[1]
-        losses = {}
-        if cfg.mtp_depth == 0:
-            return losses
-        if cfg.mtp_kind == "shared":  # one head: the main logits also scored against the tokens k+1 ahead
-            for k in range(1, cfg.mtp_depth + 1):
-                n = mtp_length(seq_len, targets.shape[1], k)
-                if n > 0:
-                    losses[f"mtp_{k}"] = self._head_loss(logits[:, :n], targets[:, k:k + n],
-                                                         is_hidden=self.loss_chunk > 0)
-            return losses
-        hidden = x
-        for k, module in enumerate(self.mtp, start=1):
-            n = mtp_length(seq_len, targets.shape[1], k)
+        """x: [B, T, dim] the last layer's output; scored: the main logits [B, T, vocab], or with loss_chunk the
+        normed hidden [B, T, dim] they come from. MTP blocks append their router losses to `router`."""
+        losses, hidden = {}, x
+        for k in range(1, self.config.mtp_depth + 1):
+            n = mtp_length(x.shape[1], targets.shape[1], k)
             if n <= 0:
                 break
-            # Token t_{i+k} is targets[:, i+k-1]; ignored (padding) ids are embedded as token 0.
-            next_tokens = targets[:, k - 1:k - 1 + n].clamp(min=0)
-            hidden, normed = module(hidden[:, :n], self.embed(next_tokens), router_losses=router)
-            losses[f"mtp_{k}"] = self._head_loss(normed, targets[:, k:k + n], is_hidden=True)
+            if self.config.mtp_kind == "shared":  # one head: the main logits also scored against tokens k+1 ahead
+                losses[f"mtp_{k}"] = self._head_loss(scored[:, :n], targets[:, k:k + n], self.loss_chunk > 0)
+            else:  # token t_{i+k} is targets[:, i+k-1]; ignored (padding) ids are embedded as token 0
+                next_embed = self.embed(targets[:, k - 1:k - 1 + n].clamp(min=0))
+                hidden, normed = self.mtp[k - 1](hidden[:, :n], next_embed, router_losses=router)
+                losses[f"mtp_{k}"] = self._head_loss(normed, targets[:, k:k + n], is_hidden=True)
         return losses
 
     def _head_loss(self, x: torch.Tensor, targets: torch.Tensor, is_hidden: bool) -> torch.Tensor:
-        """Mean CE of head(x) (x: [B, L, dim] normed hidden, is_hidden) or of x itself ([B, L, vocab] logits)."""
+        """Mean CE of x, logits [B, L, vocab], or of head(x) when x is the normed hidden [B, L, dim] (is_hidden)."""
         if not is_hidden:
             return _cross_entropy(x, targets)
-        if self.loss_chunk > 0:
-            # The shared-MTP kind recomputes the head per depth here: one more head matmul, no full logits.
+        if self.loss_chunk > 0:  # shared MTP recomputes the head per depth here: one more matmul, no full logits
             return chunked_cross_entropy(self.head, x, targets, self.loss_chunk)[0]
         return _cross_entropy(self.head(x), targets)
-
-    # ---- caches, sizes, FLOPs ----------------------------------------------------------------
 
     def new_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list:
         """One KV cache per layer (full K/V for GQA, latent + rope key for MLA)."""
@@ -203,24 +171,16 @@ class Transformer(nn.Module):
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Cache bytes per token over all layers."""
-        return self.config.kv_cache_values_per_token() * self.config.n_layers * torch.tensor([], dtype=dtype).element_size()
+        return self.config.kv_cache_values_per_token() * self.config.n_layers * dtype.itemsize
 
     def num_params(self, active: bool = False, include_mtp: bool = True, include_embedding: bool = True) -> int:
-        """Parameter count; `active` counts only the n_activated_experts of each MoE layer."""
-        seen, total = set(), 0
-        for name, param in self.named_parameters():
-            if id(param) in seen or (not include_mtp and name.startswith("mtp.")):
-                continue
-            if not include_embedding and name == "embed.weight":
-                continue
-            seen.add(id(param))
-            total += param.numel()
+        """Parameter count (a tied weight once); `active` counts only the n_activated_experts of each MoE layer."""
+        total = sum(p.numel() for name, p in self.named_parameters()
+                    if (include_mtp or not name.startswith("mtp.")) and (include_embedding or name != "embed.weight"))
         if active:
             cfg = self.config
-            for name, module in self.named_modules():
-                if isinstance(module, MoE) and (include_mtp or not name.startswith("mtp.")):
-                    inactive = cfg.n_routed_experts - cfg.n_activated_experts
-                    total -= inactive * 3 * cfg.dim * cfg.moe_inter_dim
+            n_moe = sum(1 for name, _ in self.moe_layers() if include_mtp or not name.startswith("mtp."))
+            total -= n_moe * (cfg.n_routed_experts - cfg.n_activated_experts) * 3 * cfg.dim * cfg.moe_inter_dim
         return total
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -232,8 +192,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:  # the head matmul still costs 2 * dim * vocab per token
             n_active += cfg.dim * cfg.vocab_size
         d_qk, d_v = (cfg.qk_head_dim, cfg.v_head_dim) if cfg.attention == "mla" else (cfg.head_dim, cfg.head_dim)
-        n_attn_layers = cfg.n_layers + len(self.mtp)
-        return 6.0 * n_active + 6.0 * n_attn_layers * cfg.n_heads * seq_len * (d_qk + d_v)
+        return 6.0 * n_active + 6.0 * (cfg.n_layers + len(self.mtp)) * cfg.n_heads * seq_len * (d_qk + d_v)
 
     # ---- the training interface: what a trainer calls on the model --------------------------------
 
@@ -246,8 +205,7 @@ class Transformer(nn.Module):
         self.mtp_rampup_steps = mtp_rampup_steps
 
     def before_step(self, opt_step: int, track_stats: bool) -> None:
-        """Before a step's first forward: the MTP weight of update `opt_step` on its ramp, and whether this
-        step records the statistics `health_stats` reads."""
+        """Before a step's first forward: the MTP weight on its ramp, and whether to record `health_stats`'s stats."""
         self.mtp_weight.fill_(self.config.mtp_weight * min(1.0, (opt_step + 1) / max(self.mtp_rampup_steps, 1)))
         self.set_stat_tracking(track_stats)
 
@@ -295,8 +253,6 @@ class Transformer(nn.Module):
             reduce(largest)
         return largest.item()
 
-    # ---- the parts behind it ---------------------------------------------------------------------
-
     def moe_layers(self) -> list[tuple[str, MoE]]:
         return [(name, m) for name, m in self.named_modules() if isinstance(m, MoE)]
 
@@ -305,8 +261,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_balance_bias(self, reduce=None) -> None:
-        """Aux-loss-free balancing step for every MoE layer (call once per optimizer step). `reduce` (an
-        in-place sum over data-parallel ranks) runs once, over every layer's loads in one tensor."""
+        """Aux-loss-free balancing step for every MoE layer, once per optimizer step; `reduce` (an in-place
+        sum over data-parallel ranks) runs once, over every layer's loads in one tensor."""
         gates = [moe.gate for _, moe in self.moe_layers()]
         _reduce_together([gate.load for gate in gates], reduce)
         for gate in gates:
@@ -319,7 +275,7 @@ class Transformer(nn.Module):
             moe.gate.load.zero_()
 
     def set_stat_tracking(self, enabled: bool) -> None:
-        """Record max attention logits and router logit statistics on the next forward passes."""
+        """Record attention and router logit statistics in the next forwards (MLA always does under QK-clip)."""
         for _, attn in self.attention_layers():
             attn.track_max_logit = enabled or (self.config.qk_clip_threshold > 0 and isinstance(attn, MLAttention))
         for _, moe in self.moe_layers():
@@ -328,9 +284,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def apply_qk_clip(self, reduce=None) -> None:
-        """QK-clip every MLA layer whose recorded max logit passed model.qk_clip_threshold. `reduce` (an
-        in-place max over data-parallel ranks) runs once over every layer's max logits, so all replicas clip
-        the same heads by the same amount."""
+        """QK-clip every MLA layer whose max logit passed qk_clip_threshold. `reduce` (an in-place max over
+        data-parallel ranks) runs once over all layers' max logits: every replica clips the same heads alike."""
         if self.config.qk_clip_threshold > 0:
             layers = [attn for _, attn in self.attention_layers() if isinstance(attn, MLAttention)]
             _reduce_together([attn.max_logit for attn in layers], reduce)
@@ -340,12 +295,8 @@ class Transformer(nn.Module):
 
 def _sum_router_losses(router: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The MoE router losses of one forward pass, summed over layers: 'aux' and 'z' when on."""
-    losses = {}
-    for name in ("aux", "z"):
-        parts = [layer[name] for layer in router if name in layer]
-        if parts:
-            losses[name] = torch.stack(parts).sum()
-    return losses
+    parts = {name: [layer[name] for layer in router if name in layer] for name in ("aux", "z")}
+    return {name: torch.stack(found).sum() for name, found in parts.items() if found}
 
 
 @contextlib.contextmanager
@@ -383,8 +334,7 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, logsumexp_sq: bool,
                 logit_max: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk: hidden [C, dim], targets [C] -> (summed CE, summed logsumexp^2, max |logit|), >= fp32 scalars.
-    The last two are zeros unless asked for."""
+    """hidden [C, dim], targets [C] -> (summed CE, summed logsumexp^2 or 0, max |logit| or 0), >= fp32 scalars."""
     logits = _loss_dtype(head(hidden))  # [C, vocab]: the only full-vocabulary tensor, alive for one chunk
     ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     zero = logits.new_zeros(())
@@ -396,30 +346,20 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, lo
 def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
                           logsumexp_sq: bool = False, logit_max: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Mean token cross-entropy of head(hidden) without materialising the [B*L, vocab] logits.
-
-    hidden: [B, L, dim] (the normed final hidden state), targets: [B, L] (IGNORE_INDEX not scored).
-    The tokens are cut into chunks of `chunk` rows; each chunk's logits are computed, reduced to a summed
-    loss and dropped, and recomputed in backward (non-reentrant activation checkpointing), so the loss
-    step's extra memory is O(chunk x vocab) in place of O(B*L x vocab) -- the idea of Liger Kernel's
-    fused linear cross-entropy, done with plain torch ops. The cost is one more head matmul in backward.
-    Returns (mean CE like F.cross_entropy's mean over scored tokens, mean logsumexp^2 over all B*L
-    positions if `logsumexp_sq` (the logit z-loss) else None, max |logit| if `logit_max` else None).
-    """
+    """Mean token cross-entropy of head(hidden), hidden [B, L, dim] normed, targets [B, L], without the [B*L, vocab]
+    logits: each chunk's are reduced to a summed loss, dropped and recomputed in backward (checkpointing), so
+    O(chunk x vocab) memory for one more head matmul (Liger Kernel's fused linear cross-entropy, in plain torch).
+    Returns (mean CE over scored tokens, mean logsumexp^2 over all positions (the logit z-loss) if
+    `logsumexp_sq`, max |logit| if `logit_max`; None where not asked)."""
     flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
     fn = functools.partial(_chunk_loss, head, logsumexp_sq=logsumexp_sq, logit_max=logit_max)
-    ce_sum = lse_sum = peak = None
+    parts = []
     for start in range(0, flat_hidden.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        if torch.is_grad_enabled():
-            # No RNG stash: head + CE draw no random numbers, and the stash costs time per chunk.
-            ce, lse_sq, chunk_peak = checkpoint(fn, flat_hidden[rows], flat_targets[rows], use_reentrant=False,
-                                                preserve_rng_state=False)
-        else:
-            ce, lse_sq, chunk_peak = fn(flat_hidden[rows], flat_targets[rows])
-        ce_sum = ce if ce_sum is None else ce_sum + ce
-        lse_sum = lse_sq if lse_sum is None else lse_sum + lse_sq
-        peak = chunk_peak if peak is None else torch.maximum(peak, chunk_peak)
+        rows = (flat_hidden[start:start + chunk], flat_targets[start:start + chunk])
+        # No RNG stash: head + CE draw no random numbers, and the stash costs time per chunk.
+        parts.append(checkpoint(fn, *rows, use_reentrant=False, preserve_rng_state=False)
+                     if torch.is_grad_enabled() else fn(*rows))
+    ce, lse_sq, peak = zip(*parts)  # per chunk
     n_scored = (flat_targets != IGNORE_INDEX).sum()
-    return (ce_sum / n_scored, lse_sum / flat_targets.numel() if logsumexp_sq else None,
-            peak if logit_max else None)
+    return (sum(ce) / n_scored, sum(lse_sq) / flat_targets.numel() if logsumexp_sq else None,
+            functools.reduce(torch.maximum, peak) if logit_max else None)

@@ -15,12 +15,9 @@ LAYER_SPEC_HELP = ("'upper' (the upper half of the dense-MLP layers), 'all' (eve
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """layers: converted layer ids, ascending; rank: width of the low-rank projection; safe_mode: additive
-    path only (no multiplicative gate modulation)."""
-
-    layers: tuple[int, ...]
-    rank: int = DEFAULT_RANK
-    safe_mode: bool = False
+    layers: tuple[int, ...]  # converted layer ids, ascending
+    rank: int = DEFAULT_RANK  # width of the low-rank projection of the attention output
+    safe_mode: bool = False  # the additive path only (no multiplicative gate modulation)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -35,24 +32,19 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"adapter config: unknown field {unknown[0]!r}; known fields are {', '.join(sorted(known))}")
+            raise ValueError(f"adapter config: unknown field {unknown[0]!r}; known fields are {', '.join(known)}")
         return cls(layers=tuple(int(i) for i in values["layers"]), rank=int(values.get("rank", DEFAULT_RANK)),
                    safe_mode=bool(values.get("safe_mode", False)))
 
 
-def dense_layer_ids(model) -> list[int]:
-    """Ids of the blocks in model.layers whose feed-forward is a dense SwiGLU MLP (NPT needs its gate)."""
-    return [i for i, block in enumerate(model.layers) if isinstance(block.ffn, MLP)]
-
-
 def parse_layers(spec: str, model) -> tuple[int, ...]:
-    """Turn a --layers spec into ascending layer ids of `model` (see LAYER_SPEC_HELP); every id must be a
-    dense-MLP layer."""
+    """A --layers spec (LAYER_SPEC_HELP) -> ascending layer ids of `model`, every one a dense SwiGLU MLP layer
+    (NPT modulates its gate)."""
     n_layers = len(model.layers)
-    dense = dense_layer_ids(model)
+    dense = [i for i, block in enumerate(model.layers) if isinstance(block.ffn, MLP)]
     spec = spec.strip().lower()
     if spec in ("upper", "all"):
         if not dense:
@@ -74,7 +66,8 @@ def parse_layers(spec: str, model) -> tuple[int, ...]:
         raise ValueError(f"--layers {spec!r} names no layer; write {LAYER_SPEC_HELP}")
     outside = sorted(i for i in ids if not 0 <= i < n_layers)
     if outside:
-        raise ValueError(f"--layers {spec!r}: layer {outside[0]} does not exist (the model has layers 0-{n_layers - 1})")
+        raise ValueError(f"--layers {spec!r}: layer {outside[0]} does not exist "
+                         f"(the model has layers 0-{n_layers - 1})")
     moe = sorted(ids - set(dense))
     if moe:
         raise ValueError(f"--layers {spec!r}: layer {moe[0]} is a mixture-of-experts layer; NPT modulates a dense "

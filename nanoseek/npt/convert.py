@@ -1,8 +1,8 @@
 """Turn a frozen base Transformer into an NPT student, and keep a teacher view of the original blocks.
 
-The base is converted in place and its weights are shared, not copied: the student's converted layers
-are NPTBlocks holding the original blocks' attention, norms and MLP, and the Teacher runs the original
-Block objects over those very modules. A model that does not fit twice in memory still distils.
+The base is converted in place and its weights are shared, not copied: the student's NPTBlocks hold the original
+blocks' attention, norms and MLP, and the Teacher runs the original blocks over those very modules, so a model
+that does not fit twice in memory still distils.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from torch import nn
 
 from nanoseek.model import Transformer
 from nanoseek.model.moe import Gate
-from nanoseek.npt.config import AdapterConfig
 from nanoseek.model.npt import NPTAdapter, NPTBlock
+from nanoseek.npt.config import AdapterConfig
 
 
 class Teacher:
@@ -44,9 +44,8 @@ class Teacher:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """requires_grad False for every parameter of `model` (the trainer then leaves them out), and MoE
-    balance biases held still: the trainer's aux-loss-free balancing step would otherwise move a frozen
-    base's routing (a buffer, not a parameter) after every step."""
+    """requires_grad False for every parameter, and MoE balance biases held still: the trainer's aux-loss-free
+    balancing would otherwise move a frozen base's routing (a buffer, not a parameter) after every step."""
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
@@ -56,11 +55,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def convert_to_npt(model: Transformer, cfg: AdapterConfig) -> Teacher:
-    """Freeze `model` and replace the blocks named by cfg.layers with NPTBlocks, in place.
-
-    Returns the Teacher (the original blocks); `model` is now the student, whose only trainable
-    parameters are the adapters'.
-    """
+    """Freeze `model` and replace the blocks named by cfg.layers with NPTBlocks, in place. Returns the Teacher;
+    `model` is now the student, whose only trainable parameters are the adapters'."""
     if any(isinstance(block, NPTBlock) for block in model.layers):
         raise ValueError("the model already carries NPT adapters; convert the base model, not an NPT student")
     outside = [i for i in cfg.layers if i >= len(model.layers)]

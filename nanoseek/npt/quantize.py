@@ -1,18 +1,11 @@
 """Quantised frozen base weights (bitsandbytes 4-bit NF4 or 8-bit), CUDA only, fp32 compute.
 
-A quantised base must compute in fp32 (mixed precision on top of quantisation has produced NaNs in
-earlier adapter training), so `Npt` refuses --quantize with --precision bf16/fp16, 4-bit layers are built with
-compute_dtype=float32, and every quantised layer is fed and returns fp32 (8-bit layers run
-bitsandbytes' int8 matmul inside). Only the frozen MLP and GQA attention projections of model.layers
-are quantised (MLA attention reads its weights directly and stays as it is); embeddings, norms, the
-head and the adapters stay in fp32.
+Mixed precision over quantised weights has produced NaNs in adapter training, so `Npt` refuses --quantize with
+bf16/fp16 and every quantised layer computes in fp32. Only the frozen MLP and GQA attention projections are
+quantised; embeddings, norms, the head and the adapters stay fp32. CPU tests can check only the refusals.
 
-Not exercised by the CPU test suite (bitsandbytes kernels need CUDA); tests/test_npt.py checks only
-that the combination is refused where it cannot run.
-
-A quantised layer is held outside the module tree (see FrozenQuantizedLinear), so it is not in the
-student's state dict: checkpoints and rollback snapshots hold only the fp32 parts and the adapters,
-and the quantised weights are rebuilt from --base (on --resume too). Such a run is generated from with
+A quantised layer is held outside the module tree, so checkpoints hold only the fp32 parts and the adapters: the
+base is rebuilt from --base (on --resume too), and such a run is generated from with
 `attach_adapters(base, RUN/adapters)`, not from its checkpoints alone.
 """
 
@@ -71,8 +64,7 @@ def _quantized_copy(linear: nn.Linear, mode: str, device: torch.device) -> nn.Mo
 
 def quantize_base(model: nn.Module, mode: str, device: torch.device) -> int:
     """Replace the frozen nn.Linear projections inside model.layers (not the adapters) with quantised
-    copies on `device`; returns how many were replaced."""
-    check_quantization(mode, device)
+    copies on `device` (check_quantization first); returns how many were replaced."""
     if mode == "none":
         return 0
     targets = []
@@ -81,9 +73,8 @@ def quantize_base(model: nn.Module, mode: str, device: torch.device) -> int:
             # MLA reads its projection weights directly (absorbed decoding, QK-clip): it stays unquantised.
             if isinstance(owner, (NPTAdapter, MLAttention)):
                 continue
-            for name, child in owner.named_children():
-                if isinstance(child, nn.Linear) and not child.weight.requires_grad and child.bias is None:
-                    targets.append((owner, name, child))
+            targets += [(owner, name, child) for name, child in owner.named_children()
+                        if isinstance(child, nn.Linear) and not child.weight.requires_grad and child.bias is None]
     for owner, name, child in targets:
         setattr(owner, name, FrozenQuantizedLinear(_quantized_copy(child, mode, device), child.in_features,
                                                    child.out_features))

@@ -1,9 +1,5 @@
-"""Adapters on disk, apart from the base: DIR/adapters.safetensors + DIR/adapter_config.json.
-
-The safetensors file holds only the adapter weights, under the student's state-dict names
-(`layers.I.adapter.down.weight`, ...); the JSON holds the AdapterConfig and, for the record, where the
-base came from. `attach_adapters(base, DIR)` converts a base model and loads them: the model that
-`nanoseek generate` and `nanoseek eval` run (they also load an NPT run directory directly).
+"""Adapters on disk, apart from the base: DIR/adapters.safetensors (the adapter weights alone, under the student's
+state-dict names) + DIR/adapter_config.json (the AdapterConfig and where the base came from).
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Run reports: plots and a one-page summary of a run, read back from its directory.
-
-records.py reads and validates metrics.jsonl; figures.py draws the panels (matplotlib, optional);
-html.py wraps the figure in a self-contained page; summary.py writes the lines `nanoseek train` ends
-with; runs.py lists runs and infers their status; commands.py holds the CLI commands.
-"""
+"""Run reports, read back from a run directory: records.py reads metrics.jsonl, figures.py draws the panels,
+html.py wraps them in one page, summary.py writes the lines `nanoseek train` ends with, runs.py lists runs."""
 
 from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs, finish_train, write_report
 from nanoseek.report.figures import MissingMatplotlib, ReportFigure, build_figure

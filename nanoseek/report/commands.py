@@ -17,8 +17,6 @@ from nanoseek.report.runs import format_runs, list_runs
 from nanoseek.report.summary import summary_text
 from nanoseek.train.distributed import launched_by_torchrun
 
-__all__ = ["Report", "Runs", "cmd_report", "cmd_runs", "write_report", "finish_train", "REPORT_PNG", "REPORT_HTML"]
-
 REPORT_PNG = "report.png"
 REPORT_HTML = "report.html"
 
@@ -49,9 +47,8 @@ class Runs:
 
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None, dpi: int = 80,
                  warn=None) -> tuple[Path, Path]:
-    """Read the runs, draw them, write report.png and report.html into `out` (default: the first run dir).
-    Returns (png path, html path). Raises ValueError for a missing run or metrics.jsonl, MissingMatplotlib
-    (a ValueError) without matplotlib."""
+    """Draw the runs into `out`/report.png and report.html (default: the first run dir); return their paths.
+    Raises ValueError for a missing run or metrics.jsonl, MissingMatplotlib (a ValueError) without matplotlib."""
     if not run_dirs:
         raise ValueError("nanoseek report needs at least one RUN_DIR (a directory holding metrics.jsonl)")
     if dpi < 20 or dpi > 600:
@@ -59,9 +56,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None, dpi:
     logs = [read_run(path, warn=warn) for path in run_dirs]
     out_dir = Path(out) if out is not None else logs[0].run_dir
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {str(out_dir)!r} is a file; pass a directory to write {REPORT_PNG} and {REPORT_HTML} into")
-    figure = build_figure(logs)
-    png = figure.png(dpi)
+        raise ValueError(f"--out {str(out_dir)!r} is a file; pass a directory to write {REPORT_PNG} and "
+                         f"{REPORT_HTML} into")
+    png = build_figure(logs).png(dpi)
     out_dir.mkdir(parents=True, exist_ok=True)
     png_path, html_path = out_dir / REPORT_PNG, out_dir / REPORT_HTML
     _write_atomic(png_path, png)
@@ -84,10 +81,10 @@ def cmd_runs(args: Runs) -> int:
 
 def finish_train(run_dir: str | Path, result) -> str:
     """After `nanoseek train`: write the report when matplotlib is there, and return the run summary."""
-    run_dir = Path(run_dir)
     rank, _, world_size = launched_by_torchrun()
     if rank != 0:  # under torchrun only rank 0 writes the log and the report
         return ""
+    run_dir = Path(run_dir)
     try:
         png_path, html_path = write_report([run_dir])
         report = f"{html_path} (figure: {png_path.name})"

@@ -8,19 +8,15 @@ import html
 import math
 import time
 
-from nanoseek.report.records import RunLog
+from nanoseek.report.records import RunLog, event_action
 from nanoseek.report.runs import run_status
 from nanoseek.report.summary import format_duration, tokens_per_step
 
-__all__ = ["render_html"]
-
-# config.toml fields worth a glance: (section, key).
-CONFIG_FIELDS = [("", "preset"), ("model", "attention"), ("model", "dim"), ("model", "n_layers"),
-                 ("model", "n_heads"), ("model", "n_routed_experts"), ("model", "n_activated_experts"),
-                 ("model", "mtp_depth"), ("model", "vocab_size"), ("data", "source"), ("data", "tokenizer"),
-                 ("data", "seq_len"), ("train", "max_steps"), ("train", "batch_size"), ("train", "grad_accum"),
-                 ("train", "optimizer"), ("train", "lr"), ("train", "schedule"), ("train", "warmup_steps"),
-                 ("train", "grad_clip"), ("train", "precision"), ("", "device"), ("", "seed"), ("guard", "inject")]
+# config.toml fields worth a glance, as section.key (top-level keys have no section).
+CONFIG_FIELDS = ("preset model.attention model.dim model.n_layers model.n_heads model.n_routed_experts "
+                 "model.n_activated_experts model.mtp_depth model.vocab_size data.source data.tokenizer data.seq_len "
+                 "train.max_steps train.batch_size train.grad_accum train.optimizer train.lr train.schedule "
+                 "train.warmup_steps train.grad_clip train.precision device seed guard.inject").split()
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:0 0 1.2em 0;font-size:0.9em}
@@ -39,11 +35,9 @@ def render_html(logs: list[RunLog], labels: list[str], png: bytes, now: float | 
              f"<p>written {_e(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now)))}</p>",
              f"<img alt='{_e(title)}' src='data:image/png;base64,{image}'>"]
     for log, label in zip(logs, labels):
-        parts.append(f"<h2>{_e(label)}</h2><p>{_e(str(log.run_dir))}</p>")
-        parts.append(_table("summary", _summary_rows(log, now)))
-        parts.append(_table("config", [(f"{section}.{key}" if section else key, _value(log, section, key))
-                                       for section, key in CONFIG_FIELDS if _value(log, section, key) != ""]))
-        parts.append(_events_table(log))
+        config = [(name, _setting(log, name)) for name in CONFIG_FIELDS]
+        parts += [f"<h2>{_e(label)}</h2><p>{_e(str(log.run_dir))}</p>", _table("summary", _summary_rows(log, now)),
+                  _table("config", [(name, value) for name, value in config if value != ""]), _events_table(log)]
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -75,10 +69,10 @@ def _events_table(log: RunLog) -> str:
     head = "<tr><th>step</th><th>action</th><th>cause</th><th>module</th><th>value</th><th>detail</th></tr>"
     rows = []
     for event in log.events:
-        action = event.get("action") or event["event"]
-        rows.append(f"<tr class='{_e(action)}'><td>{event['step']}</td><td>{_e(action)}</td>"
-                    f"<td>{_e(event.get('cause') or '')}</td><td>{_e(event.get('module') or '')}</td>"
-                    f"<td>{_e(_fmt(event.get('value')))}</td><td>{_e(event.get('detail') or '')}</td></tr>")
+        action = event_action(event)
+        cells = (event["step"], action, event.get("cause") or "", event.get("module") or "", _fmt(event.get("value")),
+                 event.get("detail") or "")
+        rows.append(f"<tr class='{_e(action)}'>" + "".join(f"<td>{_e(cell)}</td>" for cell in cells) + "</tr>")
     return f"<table><caption>guard events</caption>{head}{''.join(rows)}</table>"
 
 
@@ -87,8 +81,9 @@ def _table(caption: str, rows: list[tuple[str, str]]) -> str:
     return f"<table><caption>{_e(caption)}</caption>{body}</table>"
 
 
-def _value(log: RunLog, section: str, key: str) -> str:
-    value = log.config.get(key) if not section else log.setting(section, key)
+def _setting(log: RunLog, name: str) -> str:
+    section, _, key = name.rpartition(".")
+    value = log.setting(section, key) if section else log.config.get(key)
     return ", ".join(map(str, value)) if isinstance(value, list) else "" if value in (None, "") else str(value)
 
 

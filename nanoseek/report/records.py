@@ -1,15 +1,10 @@
 """Read a run directory back: metrics.jsonl (validated line by line), config.toml, file times.
 
-A run's log is evidence after something went wrong, so reading it never crashes on a bad line: a line
-that is not JSON, not an object, has no `kind` or `step`, or holds a non-number where a plotted number
-belongs (a crash mid-write, a hand edit) is skipped and counted, and one warning line says how many.
-A missing metrics.jsonl is a clear error instead: there is nothing to report on.
-
-A resumed run appends to the same file, so steps after its checkpoint appear twice: a record whose step
-is behind what the log has already reached starts a new segment, and the abandoned records from that
-step on are dropped. What remains is the history that led to the run's current state. Within one
-segment no record is behind that point: a step's guard event comes just before its training record,
-and an eval's (or the summary's) step counts the steps done, one past the last training record.
+A run's log is evidence after something went wrong, so a malformed line (a crash mid-write, a hand edit)
+is skipped and counted, never a crash. A resumed run appends to the same file: a record whose step is
+behind what the log has reached starts a new segment, and the abandoned records from that step on are
+dropped. (Within a segment a step's guard event comes just before its training record, and an eval's or
+the summary's step counts the steps done, so no record is behind.)
 """
 
 from __future__ import annotations
@@ -19,7 +14,8 @@ import math
 import re
 import statistics
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +23,6 @@ import numpy as np
 
 from nanoseek.config import tomllib  # the standard library's, or tomli on Python 3.10
 from nanoseek.train.metrics import METRICS_FILE
-
-__all__ = ["RunLog", "read_run", "read_config", "loss_components", "layer_fields", "typical_record_interval"]
 
 CONFIG_FILE = "config.toml"
 KINDS = ("train", "eval", "event", "summary")
@@ -64,16 +58,13 @@ class RunLog:
 
     @property
     def last_step(self) -> int | None:
-        """The last step with a training record (None before the first one)."""
         return self.train[-1]["step"] if self.train else None
 
     def series(self, name: str, kind: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of every `kind` record that has `name`; None values become NaN."""
-        records = {"train": self.train, "eval": self.evals}[kind]
-        pairs = [(r["step"], r[name]) for r in records if name in r]
-        steps = np.array([s for s, _ in pairs], dtype=np.int64)
-        values = np.array([math.nan if v is None else float(v) for _, v in pairs], dtype=np.float64)
-        return steps, values
+        records = [r for r in (self.train if kind == "train" else self.evals) if name in r]
+        return (np.array([r["step"] for r in records], dtype=np.int64),
+                np.array([math.nan if r[name] is None else float(r[name]) for r in records], dtype=np.float64))
 
     def best_val(self) -> tuple[float, int] | None:
         """(lowest finite val_loss, its step), or None without a finite eval."""
@@ -83,11 +74,7 @@ class RunLog:
 
     def event_counts(self) -> dict[str, int]:
         """{guard action (skip, rollback, ...): how many}, in order of first appearance."""
-        counts: dict[str, int] = {}
-        for event in self.events:
-            action = event.get("action") or event["event"]
-            counts[action] = counts.get(action, 0) + 1
-        return counts
+        return dict(Counter(event_action(event) for event in self.events))
 
     def setting(self, section: str, key: str, default=None):
         """config.toml's [section] key, or `default` when the file or the key is missing."""
@@ -95,33 +82,28 @@ class RunLog:
         return table.get(key, default) if isinstance(table, dict) else default
 
 
+def event_action(event: dict) -> str:
+    """What the guard did (skip, rollback, abort, ...); an event without an action is named by its kind."""
+    return event.get("action") or event["event"]
+
+
 def loss_components(log: RunLog) -> tuple[list[str], list[str]]:
     """(main losses: ce then mtp_1..k, auxiliary losses: aux, z, logit_z) present in the training records."""
-    seen: dict[str, None] = {}
-    for record in log.train:
-        for key in record:
-            if key == "ce" or re.fullmatch(r"mtp_\d+", key) or key in _AUX_LOSSES:
-                seen[key] = None
+    seen = {key: None for record in log.train for key in record
+            if key == "ce" or re.fullmatch(r"mtp_\d+", key) or key in _AUX_LOSSES}
     main = sorted((k for k in seen if k not in _AUX_LOSSES), key=lambda k: (k != "ce", len(k), k))
     return main, [k for k in _AUX_LOSSES if k in seen]
 
 
 def layer_fields(log: RunLog, prefix: str) -> list[str]:
     """Layer names logged under `prefix/` (e.g. "expert_load_imbalance"), in the model's module order."""
-    seen: dict[str, None] = {}
-    for record in log.train:
-        for key in record:
-            if key.startswith(prefix + "/"):
-                seen[key.split("/", 1)[1]] = None
-    return list(seen)
+    return list({key.split("/", 1)[1]: None for record in log.train for key in record if key.startswith(prefix + "/")})
 
 
 def read_run(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> RunLog:
-    """Read RUN_DIR/metrics.jsonl (and config.toml if present).
-
-    warn: called once with a one-line message when malformed lines were skipped (default: stderr).
-    Raises ValueError when the directory or its metrics.jsonl does not exist.
-    """
+    """Read RUN_DIR/metrics.jsonl (and config.toml if present); ValueError when either the directory or its
+    metrics.jsonl does not exist. warn: called once with a one-line message when malformed lines were skipped
+    (default: print to stderr)."""
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
     if not path.is_file():
@@ -129,43 +111,36 @@ def read_run(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> 
         raise ValueError(f"run dir {str(run_dir)!r} {what}; pass a directory written by `nanoseek train` "
                          f"(it holds config.toml and {METRICS_FILE})")
     log = RunLog(run_dir=run_dir, config=read_config(run_dir / CONFIG_FILE), mtime=path.stat().st_mtime)
+    kept = {"train": log.train, "eval": log.evals, "event": log.events}
     problems: list[str] = []
     frontier = 0  # one past the last training step: where the next record of this segment would be
-    segment_start = None
-    times: list[float] = []
+    segments: list[list[float]] = [[]]  # record times of each process's run; the gaps between them are left out
     with open(path, encoding="utf-8", errors="replace") as file:
-        for record in _records(file, problems):
+        for number, line in enumerate(file, 1):
+            record, problem = _parse(line)
+            if problem is not None:
+                problems.append(f"line {number}: {problem}")
+            if record is None or record["kind"] not in KINDS:
+                continue  # malformed, blank, or a kind a newer version writes (nothing this report draws)
             kind, step = record["kind"], record["step"]
-            if kind not in KINDS:
-                continue  # a kind a newer version writes: not an error, just nothing this report draws
             if step < frontier:  # a resumed segment restarting from an earlier checkpoint
                 _truncate(log, step)
                 log.resumed_at.append(step)
                 frontier = step
-                if segment_start is not None and times:
-                    log.elapsed_s += times[-1] - segment_start
-                segment_start = None
+                segments.append([])
             stamp = record.get("time")
             if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and math.isfinite(stamp):
-                segment_start = stamp if segment_start is None else segment_start
-                times.append(stamp)
-            if kind == "summary" and segment_start is not None:  # the process ended here; a resume starts anew
-                log.elapsed_s += times[-1] - segment_start
-                segment_start = None
-            if kind != "summary":
-                log.summary = None  # records after a summary: the run was resumed, the summary is stale
-            if kind == "train":
-                log.train.append(record)
-                frontier = max(frontier, step + 1)
-            elif kind == "eval":
-                log.evals.append(record)
-            elif kind == "event":
-                log.events.append(record)
-            else:
+                segments[-1].append(stamp)
+            if kind == "summary":
                 log.summary = record
-    if segment_start is not None and times:
-        log.elapsed_s += times[-1] - segment_start
-    log.record_times = times[-50:]
+                segments.append([])  # the process ended here; a resume starts anew
+                continue
+            log.summary = None  # records after a summary: the run was resumed, the summary is stale
+            kept[kind].append(record)
+            if kind == "train":
+                frontier = step + 1
+    log.elapsed_s = sum(times[-1] - times[0] for times in segments if times)
+    log.record_times = [stamp for times in segments for stamp in times][-50:]
     log.skipped_lines = len(problems)
     if problems:
         (warn or (lambda message: print(message, file=sys.stderr)))(
@@ -174,18 +149,12 @@ def read_run(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> 
     return log
 
 
-def _records(lines: Iterable[str], problems: list[str]) -> Iterator[dict]:
-    """The well-formed records of metrics.jsonl lines; each malformed line adds 'line N: what' to problems."""
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        record, problem = _parse(line)
-        if problem is None and not line.endswith("\n"):
-            problem = "unterminated last line (a crash or a write in progress)"
-        if problem is not None:
-            problems.append(f"line {number}: {problem}")
-        else:
-            yield record
+def read_config(path: Path) -> dict:
+    """config.toml as a dict; {} when missing or unreadable (a report still draws without it)."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return {}
 
 
 def typical_record_interval(log: RunLog) -> float | None:
@@ -194,12 +163,10 @@ def typical_record_interval(log: RunLog) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
-# ---- helpers ---------------------------------------------------------------------------------------
-
-
-
 def _parse(line: str) -> tuple[dict | None, str | None]:
-    """(decoded record, None) or (None, why the line is malformed)."""
+    """(decoded record, None), (None, why the line is malformed), or (None, None) for a blank line."""
+    if not line.strip():
+        return None, None
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
@@ -223,21 +190,15 @@ def _parse(line: str) -> tuple[dict | None, str | None]:
             if not (value is None or isinstance(value, float)):
                 return None, f"{key!r} is not a number"
         decoded[key] = value
+    if not line.endswith("\n"):
+        return None, "unterminated last line (a crash or a write in progress)"
     return decoded, None
 
 
 def _truncate(log: RunLog, step: int) -> None:
-    """Drop what a resumed segment from `step` replaces. Evals at `step` ran before that checkpoint
-    was written (an eval's step counts the steps done), so they stay."""
-    log.train = [r for r in log.train if r["step"] < step]
-    log.events = [r for r in log.events if r["step"] < step]
-    log.evals = [r for r in log.evals if r["step"] <= step]
+    """Drop what a resumed segment from `step` replaces, in place. Evals at `step` ran before that
+    checkpoint was written (an eval's step counts the steps done), so they stay."""
+    log.train[:] = [r for r in log.train if r["step"] < step]
+    log.events[:] = [r for r in log.events if r["step"] < step]
+    log.evals[:] = [r for r in log.evals if r["step"] <= step]
     log.summary = None
-
-
-def read_config(path: Path) -> dict:
-    """config.toml as a dict; {} when missing or unreadable (a report still draws without it)."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return {}

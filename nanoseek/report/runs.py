@@ -17,8 +17,6 @@ from pathlib import Path
 from nanoseek.report.records import CONFIG_FILE, RunLog, read_config, read_run, typical_record_interval
 from nanoseek.train.metrics import METRICS_FILE
 
-__all__ = ["RunInfo", "run_status", "find_runs", "list_runs", "format_runs"]
-
 # A training run appends a record every step; eval and checkpoint pauses are longer than a step, so
 # "recent" is generous: this many seconds, or RUNNING_INTERVALS typical record intervals if that is more.
 RUNNING_IDLE_S = 300.0
@@ -58,10 +56,8 @@ def find_runs(root: str | Path) -> list[Path]:
         return [root]
     found = []
     for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if _is_run(child):
-            found.append(child)
-        else:  # runs grouped one level down (runs/sweep/lr-3e-4)
-            found += sorted(p for p in child.iterdir() if p.is_dir() and _is_run(p))
+        # a run, or runs grouped one level down (runs/sweep/lr-3e-4)
+        found += [child] if _is_run(child) else sorted(p for p in child.iterdir() if p.is_dir() and _is_run(p))
     return found
 
 
@@ -70,42 +66,39 @@ def list_runs(root: str | Path, now: float | None = None, warn=None) -> list[Run
     now = time.time() if now is None else now
     infos = []
     for path in find_runs(root):
-        if not (path / METRICS_FILE).is_file():  # config written, no record yet: just starting
-            modified = (path / CONFIG_FILE).stat().st_mtime if (path / CONFIG_FILE).is_file() else 0.0
-            status = ("converted" if (path / "conversion.json").is_file()  # written whole by `nanoseek convert`
-                      else "running" if now - modified <= RUNNING_IDLE_S else "interrupted")
-            infos.append(RunInfo(path, status, _preset_of(path), None, None, None, modified))
+        if (path / METRICS_FILE).is_file():
+            log = read_run(path, warn=warn)
+            infos.append(RunInfo(path, run_status(log, now), str(log.config.get("preset", "?")),
+                                 *(log.best_val() or (None, None)), log.last_step, log.mtime))
             continue
-        log = read_run(path, warn=warn)
-        best = log.best_val()
-        infos.append(RunInfo(path, run_status(log, now), str(log.config.get("preset", "?")),
-                             best[0] if best else None, best[1] if best else None, log.last_step, log.mtime))
+        # config written, no record yet: just starting, or what `nanoseek convert` writes whole
+        modified = (path / CONFIG_FILE).stat().st_mtime if (path / CONFIG_FILE).is_file() else 0.0
+        status = ("converted" if (path / "conversion.json").is_file()
+                  else "running" if now - modified <= RUNNING_IDLE_S else "interrupted")
+        preset = str(read_config(path / CONFIG_FILE).get("preset", "?"))
+        infos.append(RunInfo(path, status, preset, None, None, None, modified))
     return sorted(infos, key=lambda info: info.modified, reverse=True)
 
 
 def format_runs(infos: list[RunInfo], root: str | Path, now: float | None = None) -> str:
-    """A fixed-width table, one run per line."""
     now = time.time() if now is None else now
     if not infos:
         return f"no runs under {root} (a run directory holds metrics.jsonl and config.toml)"
     root = Path(root)
     rows = [("run", "status", "preset", "best val", "last step", "last modified")]
     for info in infos:
-        name = str(info.path.relative_to(root)) if info.path != root and info.path.is_relative_to(root) else str(info.path)
-        best = f"{info.best_val:.4f} @{info.best_step}" if info.best_val is not None and math.isfinite(info.best_val) else "-"
+        name = info.path.relative_to(root) if info.path != root and info.path.is_relative_to(root) else info.path
+        scored = info.best_val is not None and math.isfinite(info.best_val)
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.modified)) if info.modified else "-"
-        rows.append((name, info.status, info.preset, best, "-" if info.last_step is None else str(info.last_step),
+        rows.append((str(name), info.status, info.preset, f"{info.best_val:.4f} @{info.best_step}" if scored else "-",
+                     "-" if info.last_step is None else str(info.last_step),
                      f"{when} ({_age(now - info.modified)} ago)" if info.modified else when))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    widths = [max(map(len, column)) for column in zip(*rows)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def _is_run(path: Path) -> bool:
     return (path / METRICS_FILE).is_file() or (path / CONFIG_FILE).is_file()
-
-
-def _preset_of(path: Path) -> str:
-    return str(read_config(path / CONFIG_FILE).get("preset", "?"))
 
 
 def _age(seconds: float) -> str:

@@ -1,8 +1,7 @@
 """The few lines `nanoseek train` ends with: what the run did, where its results are, what went wrong.
 
-Everything comes from the run directory (metrics.jsonl, config.toml, checkpoints/), so the same text
-can be rebuilt for any run later; a TrainResult, when given, only fills in what the log cannot know
-yet (the applied-update count of a run that just ended).
+Everything comes from the run directory, so the same text can be rebuilt for any run later; a TrainResult,
+when given, only fills in what the log cannot know yet (the applied-update count of a run that just ended).
 """
 
 from __future__ import annotations
@@ -11,11 +10,9 @@ import math
 import time
 from pathlib import Path
 
-from nanoseek.report.records import RunLog
+from nanoseek.report.records import RunLog, event_action
 from nanoseek.report.runs import run_status
 from nanoseek.train.checkpoint import best_checkpoint, checkpoint_val_loss, latest_checkpoint, list_checkpoints
-
-__all__ = ["summary_text", "format_duration", "tokens_per_step"]
 
 MAX_EVENT_LINES = 5  # the rest are one `nanoseek report` (or metrics.jsonl) away
 
@@ -38,18 +35,13 @@ def format_duration(seconds: float) -> str:
 
 def summary_text(log: RunLog, result=None, report: str | None = None, now: float | None = None,
                  world_size: int = 1) -> str:
-    """The end-of-run summary of `log`'s run.
-
-    result: the TrainResult of the run that just ended (status and update count), or None.
-    report: the line's text for the report (where it was written, or how to make it), or None.
-    world_size: processes that trained it (tokens count over all of them).
-    """
+    """The end-of-run summary of `log`'s run. result: the TrainResult of the run that just ended (status and
+    update count), or None. report: the text of the report line, or None. world_size: the processes that
+    trained it (tokens count over all of them)."""
     status = result.status if result is not None else run_status(log, time.time() if now is None else now)
-    run_dir = log.run_dir
-    lines = [f"run summary: {run_dir} ({status})"]
+    lines = [f"run summary: {log.run_dir} ({status})"]
 
-    steps = log.last_step + 1 if log.last_step is not None else 0
-    steps = max(steps, result.step) if result is not None else steps
+    steps = max(log.last_step + 1 if log.last_step is not None else 0, result.step if result is not None else 0)
     updates = result.opt_step if result is not None else (log.train[-1].get("opt_step") if log.train else None)
     lines.append(_row("steps", f"{steps}" + (f" ({updates} optimizer updates kept)" if updates is not None else "")))
 
@@ -64,8 +56,7 @@ def summary_text(log: RunLog, result=None, report: str | None = None, now: float
     best = log.best_val()
     lines.append(_row("best val", f"{best[0]:.4f} at step {best[1]} ({len(log.evals)} evals)" if best
                       else "no evaluation yet (every train.eval_every steps)"))
-
-    lines.append(_row("checkpoints", _checkpoints(run_dir)))
+    lines.append(_row("checkpoints", _checkpoints(log.run_dir)))
 
     counts = log.event_counts()
     total = sum(counts.values())
@@ -73,10 +64,9 @@ def summary_text(log: RunLog, result=None, report: str | None = None, now: float
                       + ", ".join(f"{n} {action}" for action, n in counts.items()) if counts else "no events"))
     for event in log.events[:MAX_EVENT_LINES]:
         where = f" in {event['module']}" if event.get("module") else ""
-        lines.append(_row("", f"step {event['step']} {event.get('action') or event['event']}: "
-                          f"{event.get('cause', '')}{where}"))
+        lines.append(_row("", f"step {event['step']} {event_action(event)}: {event.get('cause', '')}{where}"))
     if total > MAX_EVENT_LINES:
-        lines.append(_row("", f"... {total - MAX_EVENT_LINES} more in {run_dir / 'metrics.jsonl'}"))
+        lines.append(_row("", f"... {total - MAX_EVENT_LINES} more in {log.run_dir / 'metrics.jsonl'}"))
     if report is not None:
         lines.append(_row("report", report))
     return "\n".join(lines)
@@ -89,10 +79,10 @@ def _checkpoints(run_dir: Path) -> str:
     best, latest = best_checkpoint(run_dir), latest_checkpoint(run_dir)
     described = []
     for path in found:
-        tags = [tag for tag, match in (("latest", path == latest), ("best", path == best)) if match]
         val = checkpoint_val_loss(path)
-        detail = ", ".join(([f"val {val:.4f}"] if val is not None else []) + tags)
-        described.append(f"{path.name}" + (f" ({detail})" if detail else ""))
+        tags = [f"val {val:.4f}"] if val is not None else []
+        tags += [tag for tag, tagged in (("latest", latest), ("best", best)) if path == tagged]
+        described.append(path.name + (f" ({', '.join(tags)})" if tags else ""))
     return f"{len(found)} kept in {run_dir / 'checkpoints'}: " + ", ".join(described)
 
 

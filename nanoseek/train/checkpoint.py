@@ -1,26 +1,12 @@
 """Atomic checkpoints: a crash or kill -9 at any moment leaves only whole checkpoints behind.
 
-Layout of one checkpoint, RUN_DIR/checkpoints/step-00000123/:
-    model.safetensors   weights (tied tensors stored once, see `_split_shared`)
-    ema.safetensors     optional EMA weights
-    trainer_state.pt    torch.save of the trainer's nested dict (optimizer, scaler, RNG, data cursor, guard...)
-    config.json         the run config the trainer passes
-    meta.json           step, val_loss, time, and the size and sha256 of every file above
-    COMPLETE            the commit marker, written last
-
-The protocol (the commit-marker-last scheme of PyTorch DCP's `.metadata` and OLMo-core's `.metadata.json`):
-write everything into `checkpoints/.tmp-step-N`, fsync every file, write COMPLETE, fsync the directory,
-rename it to `step-N` (atomic on POSIX), fsync `checkpoints/`. Readers only look at `step-N` directories
-holding COMPLETE, so an interrupted save is never seen; the next save removes its `.tmp-*` leftovers.
-Deletion is a rename to `.tmp-delete-*` first, so a half-deleted checkpoint is never seen either.
-A plain interrupted `torch.save` leaves a corrupt file (15 of 20 under random SIGKILL, see
-reference/stability_anchors.md); hence all of this.
-
-One writer per run directory (rank 0); readers may run at any time.
-
-trainer_state is loaded with `torch.load(weights_only=True)` (no arbitrary code runs on load) with numpy
-arrays and scalars allowed, so RNG states from `np.random.get_state()` round-trip. `save_checkpoint`
-checks the content first and refuses, naming the key, anything that would not load that way.
+RUN_DIR/checkpoints/step-00000123/ holds model.safetensors (tied tensors stored once), ema.safetensors (optional),
+trainer_state.pt, config.json, meta.json (step, val_loss, time, each file's size and sha256) and COMPLETE.
+Saving follows the commit-marker-last scheme of PyTorch DCP and OLMo-core: write into `.tmp-step-N`, fsync,
+write COMPLETE, fsync, rename to `step-N` (atomic on POSIX). Readers only see `step-N` holding COMPLETE, and
+deletion renames to `.tmp-delete-*` first (a plain `torch.save` killed at random left 15 of 20 files corrupt,
+reference/stability_anchors.md). One writer per run directory (rank 0); readers may run at any time.
+trainer_state loads with `torch.load(weights_only=True)` (no code runs on load), numpy arrays allowed.
 """
 
 from __future__ import annotations
@@ -44,10 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.rundir import fsync_path
+from nanoseek.train.metrics import jsonable
 from nanoseek.train.writes import torch_save
-
-__all__ = ["Checkpoint", "save_checkpoint", "read_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "best_checkpoint", "CHECKPOINTS_DIR"]
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -76,45 +60,36 @@ class Checkpoint:
     ema_state: dict[str, torch.Tensor] | None
 
 
-# -----------------------------------------------------------------------------
-# Finding checkpoints
-
-
-def _root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
 def _step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories of a run, oldest step first (dirs without COMPLETE are skipped)."""
-    root = _root(run_dir)
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE_FILE).is_file()]
-    return sorted(found, key=_step_of)
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE_FILE).is_file()),
+                  key=_step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
     return next(reversed(list_checkpoints(run_dir)), None)
 
 
 def checkpoint_val_loss(path: Path) -> float | None:
     """The finite validation loss recorded in a checkpoint's meta.json, else None."""
     try:
-        value = _decode_float(json.loads((path / META_FILE).read_text()).get("val_loss"))
-    except (OSError, ValueError, TypeError, AttributeError):
+        value = float(json.loads((path / META_FILE).read_text())["val_loss"])  # None (not recorded): TypeError
+    except (OSError, ValueError, TypeError, KeyError):
         return None
-    return value if value is not None and math.isfinite(value) else None
+    return value if math.isfinite(value) else None
 
 
 def _ranked_by_val_loss(found: list[Path]) -> list[Path]:
     """Checkpoints with a finite val_loss, best (lowest) first; ties go to the newer one."""
-    scored = [(loss, -_step_of(p), p) for p in found if (loss := checkpoint_val_loss(p)) is not None]
-    return [p for _, _, p in sorted(scored, key=lambda item: item[:2])]
+    losses = {p: checkpoint_val_loss(p) for p in found}
+    return sorted((p for p in found if losses[p] is not None), key=lambda p: (losses[p], -_step_of(p)))
 
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:
@@ -122,26 +97,21 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     return next(iter(_ranked_by_val_loss(list_checkpoints(run_dir))), None)
 
 
-# -----------------------------------------------------------------------------
-# Writing
-
-
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict,
                     config: dict, val_loss: float | None = None, ema_state: dict[str, torch.Tensor] | None = None,
                     keep_last: int = 2, keep_best: int = 1) -> Path:
-    """Write RUN_DIR/checkpoints/step-{step:08d}/ atomically, then prune; returns its path.
+    """Write RUN_DIR/checkpoints/step-{step:08d}/ atomically (replacing one of that step), then prune.
 
     model_state / ema_state: name -> tensor (any device; tied or overlapping tensors are fine).
     trainer_state: nested dicts/lists/tuples of tensors, numpy arrays, numbers, strings, None.
-    Pruning keeps the newest `keep_last` complete checkpoints, the `keep_best` with the lowest finite
-    val_loss, and always the one just written. A checkpoint already at this step is replaced.
+    Pruning keeps the newest `keep_last`, the `keep_best` with the lowest finite val_loss, and this one.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r}: must be an int >= 0")
     if keep_last < 1 or keep_best < 0:
         raise ValueError(f"keep_last={keep_last}, keep_best={keep_best}: need keep_last >= 1 and keep_best >= 0")
     _check_weights_only_loadable(trainer_state, "trainer_state")
-    root = _root(run_dir)
+    root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
     _check_free_space(root)
@@ -158,7 +128,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         for path in sorted(tmp.iterdir()):
             fsync_path(path)
             files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        meta = {"step": step, "val_loss": _encode_float(val_loss), "time": time.time(), "files": files}
+        meta = {"step": step, "val_loss": jsonable(val_loss), "time": time.time(), "files": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         fsync_path(tmp / META_FILE)
         (tmp / COMPLETE_FILE).write_text(f"{step}\n", encoding="utf-8")
@@ -179,8 +149,7 @@ def _check_free_space(root: Path) -> None:
     if latest is None:
         return
     try:
-        files = json.loads((latest / META_FILE).read_text())["files"]
-        needed = sum(int(info["bytes"]) for info in files.values())
+        needed = sum(int(info["bytes"]) for info in json.loads((latest / META_FILE).read_text())["files"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
     free = shutil.disk_usage(root).free
@@ -189,8 +158,8 @@ def _check_free_space(root: Path) -> None:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final` and make the rename durable. An existing `final` (an earlier save of the same
-    step) is first moved aside: between the two renames this step is briefly absent, never half there."""
+    """Rename `tmp` to `final` durably. An existing `final` (an earlier save of the same step) is moved aside
+    first: between the two renames this step is briefly absent, never half there."""
     aside = final.parent / f"{TMP_PREFIX}replaced-{final.name}"
     if final.exists():
         os.replace(final, aside)
@@ -212,18 +181,16 @@ def _prune(root: Path, keep_last: int, keep_best: int, keep: Path) -> None:
 
 
 def _remove_stale_tmp(root: Path) -> None:
-    for path in root.iterdir():
-        if path.name.startswith(TMP_PREFIX):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in root.glob(f"{TMP_PREFIX}*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _split_shared(state: dict[str, torch.Tensor], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Make `state` acceptable to safetensors, which refuses tensors that share memory.
-
-    Returns (tensors to store, aliases {name: stored name}). A tensor that is exactly another one (a tied
-    weight) becomes an alias and is restored as the same tensor object; one that only overlaps another or
-    is a view into a larger buffer is stored as a contiguous copy.
-    """
+    """(tensors to store, aliases {name: stored name}), as safetensors refuses tensors that share memory: a tied
+    weight becomes an alias, read back as the same tensor object; an overlap or a view is stored as a copy."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -263,28 +230,23 @@ def _write_safetensors(path: Path, state: dict[str, torch.Tensor], what: str) ->
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
+_PLAIN_TYPES = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
 def _check_weights_only_loadable(value: Any, where: str) -> None:
     """Raise ValueError naming the first value that `torch.load(weights_only=True)` would refuse."""
-    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES or isinstance(value, np.generic):
-        return
-    if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise ValueError(f"{where} is a numpy array of Python objects; store a numeric array or a list")
-        return
     if type(value) in (dict, OrderedDict):
         for key, item in value.items():
             _check_weights_only_loadable(key, f"{where} key {key!r}")
             _check_weights_only_loadable(item, f"{where}[{key!r}]")
-        return
-    if type(value) in (list, tuple):
+    elif type(value) in (list, tuple):
         for i, item in enumerate(value):
             _check_weights_only_loadable(item, f"{where}[{i}]")
-        return
-    raise ValueError(f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) refuses; store "
-                     "it as dicts/lists/tuples of tensors, numpy arrays, numbers, strings or None")
-
-
-_PLAIN_TYPES = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+    elif isinstance(value, np.ndarray) and value.dtype.hasobject:
+        raise ValueError(f"{where} is a numpy array of Python objects; store a numeric array or a list")
+    elif not (isinstance(value, (torch.Tensor, np.ndarray, np.generic)) or type(value) in _PLAIN_TYPES):
+        raise ValueError(f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) refuses; "
+                         "store it as dicts/lists/tuples of tensors, numpy arrays, numbers, strings or None")
 
 
 def _numpy_safe_globals() -> list:
@@ -297,23 +259,19 @@ def _numpy_safe_globals() -> list:
     return allowed
 
 
-# -----------------------------------------------------------------------------
-# Reading
-
-
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
     """Read a checkpoint dir (RUN/checkpoints/step-N) or a run dir (its latest complete checkpoint).
 
-    verify: check every file's size and sha256 against meta.json before loading (one extra read).
-    Raises ValueError with a one-line reason and the previous checkpoint to use instead when the
-    checkpoint is incomplete, a file is missing, or a file is corrupt.
+    verify: check every file's size and sha256 against meta.json first (one extra read). An incomplete
+    checkpoint, or a missing or corrupt file, is a one-line ValueError naming the previous checkpoint to use.
     """
     path = _resolve(Path(path))
     if not (path / COMPLETE_FILE).is_file():
         raise ValueError(_broken(path, "is incomplete (no COMPLETE marker: its save was interrupted)"))
     try:
         meta = json.loads((path / META_FILE).read_text())
-        step, files, val_loss = int(meta["step"]), dict(meta["files"]), _decode_float(meta.get("val_loss"))
+        step, files, val_loss = int(meta["step"]), dict(meta["files"]), meta.get("val_loss")
+        val_loss = None if val_loss is None else float(val_loss)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(_broken(path, f"has a missing or corrupt {META_FILE} ({type(err).__name__})")) from None
     if verify:
@@ -321,9 +279,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     for name in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE):
         if name not in files or not (path / name).is_file():
             raise ValueError(_broken(path, f"has no {name}"))
-    device = str(map_location)
-    model_state = _read_safetensors(path, MODEL_FILE, device)
-    ema_state = _read_safetensors(path, EMA_FILE, device) if EMA_FILE in files else None
+    model_state = _read_safetensors(path, MODEL_FILE, str(map_location))
+    ema_state = _read_safetensors(path, EMA_FILE, str(map_location)) if EMA_FILE in files else None
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             trainer_state = torch.load(path / TRAINER_FILE, map_location=map_location, weights_only=True)
@@ -331,8 +288,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except Exception as err:  # any unpickling / zip / JSON failure means the same thing: a corrupt file
         raise ValueError(_broken(path, f"has a corrupt {TRAINER_FILE} or {CONFIG_FILE} ({type(err).__name__}: "
                                        f"{str(err).splitlines()[0] if str(err) else ''})")) from None
-    return Checkpoint(path=path, step=step, model_state=model_state, trainer_state=trainer_state, config=config,
-                      val_loss=val_loss, ema_state=ema_state)
+    return Checkpoint(path, step, model_state, trainer_state, config, val_loss, ema_state)
 
 
 def _resolve(path: Path) -> Path:
@@ -357,8 +313,7 @@ def _broken(path: Path, reason: str) -> str:
     if _STEP_DIR.match(path.name):
         earlier = [p for p in list_checkpoints(path.parent.parent) if _step_of(p) < _step_of(path)]
     fix = (f"use the previous checkpoint {str(earlier[-1])!r} (nanoseek train --resume-from {earlier[-1].name})"
-           if earlier
-           else "no earlier complete checkpoint exists; restart training without resuming")
+           if earlier else "no earlier complete checkpoint exists; restart training without resuming")
     return f"checkpoint {str(path)!r} {reason}; {fix}"
 
 
@@ -383,17 +338,12 @@ def _read_safetensors(path: Path, name: str, device: str) -> dict[str, torch.Ten
     return {key: stored[aliases.get(key, key)] for key in order}
 
 
-# -----------------------------------------------------------------------------
-# Small file helpers
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 
 def _to_json(value: dict, what: str) -> str:
@@ -403,13 +353,3 @@ def _to_json(value: dict, what: str) -> str:
         return json.dumps(value, indent=2)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{what} is not JSON-serialisable ({err}); pass numbers, strings, lists and dicts") from None
-
-
-def _encode_float(value: float | None) -> float | str | None:
-    """JSON has no NaN/Infinity: write non-finite floats as "nan" / "inf" / "-inf" (as metrics.jsonl does)."""
-    value = None if value is None else float(value)
-    return str(value) if value is not None and not math.isfinite(value) else value
-
-
-def _decode_float(value: Any) -> float | None:
-    return None if value is None else float(value)

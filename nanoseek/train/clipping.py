@@ -1,16 +1,10 @@
-"""Adaptive gradient clipping: clip a gradient-norm spike against the run's own recent norms.
+"""Adaptive gradient clipping, ZClip (Kumar et al. 2025, arXiv 2504.02507): an EMA of the total gradient norm's
+mean and variance; a norm whose z-score exceeds `z_threshold` is clipped to mean + z_threshold * std, and the
+clipped value enters the averages, so one spike cannot drag the threshold up. The fixed `grad_clip` applies on top.
 
-ZClip (Kumar et al. 2025, arXiv 2504.02507): keep an exponential moving mean and variance of the total
-gradient norm; a norm whose z-score exceeds `z_threshold` is clipped down to mean + z_threshold * std, and the
-clipped value (not the spike) then enters the averages, so one spike cannot drag the threshold up behind it.
-The fixed clip (`grad_clip`) still applies on top when it is set (`clip_norm`).
-
-Two differences from the published code, both regression-tested (tests/test_clipping.py):
-- A non-finite norm never enters the averages. ZClip's z-test is False for a NaN norm, so nothing is clipped
-  and the NaN is folded into mean and variance, which stay NaN for the rest of the run. Here `limit()` reads
-  the statistics without changing them, and `commit()` refuses anything but a finite norm.
-- The averages move only when a step is applied (`commit()` after the guard's verdict), so a skipped step
-  leaves the clipper exactly as if its batch had never been drawn.
+Unlike the published code, a non-finite norm never enters the averages (ZClip's z-test is False for NaN, which
+then poisons them for the rest of the run), and only applied steps move them (`commit()` after the guard's
+verdict), so a skipped step leaves the clipper as if its batch had never been drawn.
 """
 
 from __future__ import annotations
@@ -29,8 +23,7 @@ class AdaptiveClip:
                              "needs z_threshold > 0, 0 < alpha < 1 and warmup >= 1")
         self.z_threshold, self.alpha, self.warmup = z_threshold, alpha, warmup
         self.mean = self.var = 0.0
-        self.seen = 0  # norms committed so far; the first `warmup` only build the averages
-        self.n_clipped = 0
+        self.seen = self.n_clipped = 0  # seen: norms committed; the first `warmup` only build the averages
 
     def limit(self, norm: float) -> float:
         """The largest norm this step may keep (math.inf: no clipping). Changes nothing."""
@@ -49,14 +42,13 @@ class AdaptiveClip:
         if kept < norm:
             self.n_clipped += 1
         self.seen += 1
+        delta = kept - self.mean
         if self.seen <= self.warmup:  # plain running mean and variance over the warm-up norms
-            delta = kept - self.mean
             self.mean += delta / self.seen
             self.var += (delta * (kept - self.mean) - self.var) / self.seen
-            return
-        delta = kept - self.mean
-        self.mean += (1 - self.alpha) * delta
-        self.var = self.alpha * (self.var + (1 - self.alpha) * delta * delta)
+        else:
+            self.mean += (1 - self.alpha) * delta
+            self.var = self.alpha * (self.var + (1 - self.alpha) * delta * delta)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "seen": self.seen, "n_clipped": self.n_clipped}
@@ -74,9 +66,7 @@ def clip_norm(grad_clip: float, clipper: AdaptiveClip | None, norm: float) -> fl
 
 def clip_applied_step(grads: list[torch.Tensor], device_norm: torch.Tensor, norm: float, grad_clip: float,
                       clipper: AdaptiveClip | None) -> None:
-    """Clip an applied step's gradients (this rank's parts, in place) to `clip_norm`, and record its norm in the
-    clipper: only applied steps move the averages, so a skipped step leaves them untouched. `device_norm` is
-    the global norm still on the device (no host sync), `norm` the same value as a host float."""
+    """Clip this rank's gradients in place to `clip_norm` and record `norm` (on the device: `device_norm`)."""
     limit = clip_norm(grad_clip, clipper, norm)
     if clipper is not None:
         clipper.commit(norm)

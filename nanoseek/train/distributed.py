@@ -1,35 +1,10 @@
-"""Data parallelism on torch.distributed: the process group, DDP / FSDP2 wrapping, and every reduction
-the trainer needs so that all ranks take the same decisions.
+"""Data parallelism on torch.distributed: the process group, DDP / FSDP2 wrapping, and every reduction that
+makes all ranks take the same decisions. Launch: `torchrun --nproc_per_node=N -m nanoseek train --train.dist
+ddp|fsdp ...`; without torchrun the run is one process (mode "none", world size 1) and every method a no-op.
 
-Launch (README "Multiple GPUs"): `torchrun --nproc_per_node=N -m nanoseek train --train.dist ddp|fsdp ...`.
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is one process (world size 1).
-NCCL on GPU, gloo on CPU; host-side flags (a bad batch on some rank) travel over a gloo group even
-with NCCL, so deciding them never waits for the GPU.
-
-One code path: a single process is world size 1 with mode "none", and every method here is then a
-no-op that returns its input, so `nanoseek train` without torchrun runs exactly what it always ran.
-
-What must agree across ranks, and how:
-  - the guard's verdict: the step's loss components, the gradient norm and the bad-batch flag are
-    reduced in one fused all-reduce *before* the verdict, clipping or the optimizer. DDP all-reduces
-    gradients during backward, so a NaN on one rank is a NaN everywhere after backward; a NaN put into
-    one rank's gradients after backward (or an FSDP shard) stays local. A SUM carries a NaN or Inf from
-    any rank into the result on every rank, so every rank's guard sees the same numbers and returns
-    the same verdict; a MAX would not (NaN comparisons are order-dependent).
-  - MoE expert loads: summed over ranks, every layer in one all-reduce, before the balance-bias update
-    (`Transformer.update_balance_bias`).
-  - QK-clip's per-head max logits (DDP): one MAX over ranks before the weights are rescaled
-    (`Transformer.apply_qk_clip`).
-  - the fp16 GradScaler's found-inf flags (DDP): summed, so every rank's scale backs off together.
-  - eval: per-rank means over disjoint slices of the same validation batches, averaged.
-
-Checkpoints are full (unsharded) state written by rank 0: under FSDP the model and optimizer state
-are gathered with torch.distributed.checkpoint.state_dict (full_state_dict=True, cpu_offload=True),
-and the optimizer state is stored keyed by parameter index, exactly what `optimizer.state_dict()` of
-a single process gives. So any checkpoint resumes under any mode and world size; the data cursor
-counts windows, so it re-strides over the new number of ranks (the global batch then changes with
-the world size, and the run says so). Gathering full state is fine for the 1M-1B models nanoseek
-trains; sharded DCP checkpoints would be the way beyond that.
+Checkpoints are full state written by rank 0, the optimizer's keyed by parameter index as in one process's
+`optimizer.state_dict()`: any checkpoint resumes under any mode and world size (the data cursor counts windows,
+so it re-strides over the new ranks). Fine for the 1M-1B models nanoseek trains; beyond, sharded DCP checkpoints.
 """
 
 from __future__ import annotations
@@ -37,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import itertools
 import os
 from collections.abc import Iterator
 
@@ -76,18 +52,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class Distributed:
-    """The run's place in the process group and the collectives the trainer calls.
-
-    mode: "none" (one process), "ddp" or "fsdp". rank / world_size / local_rank as torchrun numbers them.
-    device: this rank's device (cuda:LOCAL_RANK on GPU).
-    """
+    """This rank's place in the process group (mode "none", "ddp" or "fsdp") and the collectives the trainer calls:
+    the guard's numbers (`reduce_step`), MoE expert loads (`sum_`), QK-clip's max logits (`max_`), fp16 found-inf
+    flags (`sync_scaler`) and eval losses (`mean_`) must agree on every rank."""
 
     def __init__(self, mode: str, rank: int, world_size: int, local_rank: int, device: torch.device,
                  owns_group: bool = False, note: str = "", is_main: bool | None = None):
         self.mode, self.rank, self.world_size, self.local_rank = mode, rank, world_size, local_rank
         self.is_main = rank == 0 if is_main is None else is_main  # rank 0: logs, prints, writes checkpoints
-        self.device, self.owns_group = device, owns_group
-        self.note = note  # one line for the console (rank 0), e.g. why ddp was picked
+        self.device, self.owns_group, self.note = device, owns_group, note  # note: one console line, e.g. why DDP
         self.cpu_group = self.mesh = None
         if mode != "none" and dist.get_backend() != "gloo":
             # Host flags over gloo: an NCCL collective on them would first wait for the GPU queue.
@@ -95,12 +68,9 @@ class Distributed:
 
     @classmethod
     def setup(cls, mode: str, device: torch.device) -> "Distributed":
-        """Join (or start) the process group for `mode` on `device` ("cuda" becomes cuda:LOCAL_RANK).
-
-        A run under torchrun with more than one process and mode "none" uses DDP: N copies each
-        training alone on the same run directory would only overwrite one another. DDP or FSDP without
-        torchrun is a process group of one (useful to check that mode on one device).
-        """
+        """Join (or start) the process group for `mode` on `device` ("cuda" becomes cuda:LOCAL_RANK). Several
+        processes with mode "none" use DDP (N runs on one run directory would overwrite one another); DDP or
+        FSDP without torchrun is a process group of one (to check that mode on one device)."""
         if mode not in MODES:
             raise ValueError(f"train.dist={mode!r}: must be one of {', '.join(MODES)}")
         rank, local_rank, world = launched_by_torchrun()
@@ -115,19 +85,15 @@ class Distributed:
                                  "launch at most that many processes per node (--nproc_per_node)")
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        owns = False
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             backend = "nccl" if device.type == "cuda" else "gloo"
             kwargs = {"device_id": device} if device.type == "cuda" else {}
-            if "MASTER_ADDR" not in os.environ and world == 1:
-                # --train.dist ddp|fsdp in a plain process: a group of one needs no rendezvous.
+            if "MASTER_ADDR" not in os.environ and world == 1:  # a group of one needs no rendezvous
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
             else:
                 dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
-            owns = True
         return cls(mode, dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=owns, note=note)
-
-    # ---- who am I ------------------------------------------------------------------------------
 
     @property
     def active(self) -> bool:
@@ -164,12 +130,9 @@ class Distributed:
     def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         """The module the forward pass goes through: `model` itself, DDP(model), or `model` sharded in place.
 
-        DDP: buffers are synced once at start (they are equal then) but not before every forward, because
-        per-rank buffers (MoE expert loads counted since the last bias update, max logits) must stay per
-        rank until our own reductions combine them.
-        FSDP2: every Block and MTP module is one shard group, the root holds embedding, norm and head.
-        bf16 runs gather bf16 parameters (MixedPrecisionPolicy) and reduce gradients in fp32; the MoE
-        routers keep fp32 parameters (DeepSeek-V3 scores experts in fp32), as on one device.
+        DDP syncs buffers once, not before every forward: MoE expert loads and max logits stay per rank until
+        our own reductions combine them. FSDP2 shards each Block and MTP module (the root: embedding, norm,
+        head); bf16 gathers bf16 parameters and reduces in fp32, but MoE routers stay fp32 (DeepSeek-V3).
         """
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -201,11 +164,11 @@ class Distributed:
             module.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
-    # ---- reductions ----------------------------------------------------------------------------
+    # ---- reductions (no-ops at world size 1: mode "none", or a group of one) -------------------
 
     def all_ok(self, ok: bool) -> bool:
         """True only if `ok` holds on every rank (a host-side flag; no GPU sync)."""
-        if not self.active or self.world_size == 1:
+        if self.world_size == 1:
             return ok
         flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
@@ -213,17 +176,13 @@ class Distributed:
 
     def reduce_step(self, components: list[torch.Tensor],
                     grad_norm: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The numbers a verdict is made from, the same on every rank. One all-reduce.
-
-        components: scalar tensors, this rank's mean over its share of the global batch (loss, ce, ...).
-        grad_norm: scalar, the 2-norm of this rank's gradients (DDP: the full, already averaged gradient;
-        FSDP: this rank's shards). Returns the global means and the global gradient norm. A non-finite
-        value on any rank makes the corresponding result non-finite on every rank.
-        """
-        if not self.active or self.world_size == 1:
+        """Global means of the loss components and the global grad norm, from this rank's (DDP: the whole
+        gradient; FSDP: its shards), in one all-reduce. A SUM carries a NaN on any rank (one put into a gradient
+        after backward, or into a shard) to every rank's guard; a MAX would not (NaN comparisons are unordered)."""
+        if self.world_size == 1:
             return components, grad_norm
-        # DDP ranks hold identical gradients (barring a rank-local fault), so their squared norms are
-        # averaged; FSDP shards partition the gradient, so theirs add up.
+        # DDP ranks hold the same gradients (barring a rank-local fault): average their squared norms.
+        # FSDP shards partition the gradient: add them up.
         norm_weight = 1.0 if self.mode == "fsdp" else 1.0 / self.world_size
         packed = torch.stack([c.float() / self.world_size for c in components]
                              + [grad_norm.float().square() * norm_weight])
@@ -231,18 +190,16 @@ class Distributed:
         return list(packed[:-1].unbind()), packed[-1].sqrt()
 
     def sum_(self, tensor: torch.Tensor) -> None:
-        """In-place sum over ranks (MoE expert loads)."""
-        if self.active and self.world_size > 1:
+        if self.world_size > 1:
             dist.all_reduce(tensor)
 
     def max_(self, tensor: torch.Tensor) -> None:
-        """In-place max over ranks of finite values (QK-clip's max logits)."""
-        if self.active and self.world_size > 1:
+        """In place, over finite values (QK-clip's max logits)."""
+        if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
 
     def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Mean over ranks (eval losses); returns `tensor`, reduced in place."""
-        if self.active and self.world_size > 1:
+        if self.world_size > 1:
             dist.all_reduce(tensor)
             tensor /= self.world_size
         return tensor
@@ -250,7 +207,7 @@ class Distributed:
     def sync_scaler(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
         """After `scaler.unscale_`: make the found-inf flags global, so an overflow on one rank backs the
         scale off on all of them (otherwise the ranks' loss scales, and then their weights, drift apart)."""
-        if not (self.active and self.world_size > 1 and scaler.is_enabled()):
+        if self.world_size == 1 or not scaler.is_enabled():
             return
         state = scaler._per_optimizer_states[id(optimizer)]  # torch keeps no public handle on these flags
         for found_inf in state["found_inf_per_device"].values():
@@ -258,7 +215,7 @@ class Distributed:
 
     def gather_objects(self, obj) -> list:
         """Every rank's `obj` (picklable), in rank order, on every rank."""
-        if not self.active or self.world_size == 1:
+        if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.cpu_group)
@@ -273,8 +230,7 @@ class Distributed:
             return model.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
-        return get_model_state_dict(model, options=options)
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
 
     def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load an unsharded state dict (every rank passes the whole of it)."""
@@ -286,11 +242,8 @@ class Distributed:
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
     def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """`optimizer.state_dict()` as one process would have it (states keyed by parameter index).
-
-        FSDP: gathered with get_optimizer_state_dict (keyed by parameter name, a collective; full on rank 0)
-        and renumbered in param-group order, which is how `optimizer.state_dict()` numbers parameters.
-        """
+        """`optimizer.state_dict()` as one process would have it. FSDP (a collective; full on rank 0): keyed by
+        parameter name, renumbered in param-group order as `optimizer.state_dict()` numbers parameters."""
         if self.mode != "fsdp" or not optimizer.state:
             # An optimizer that has not stepped yet (or was rolled back to before its first step) holds no
             # tensors to gather; and get_optimizer_state_dict would "initialise" it with a zero-LR step,
@@ -302,15 +255,10 @@ class Distributed:
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return {}
-        index, state, groups = 0, {}, []
-        for group in named["param_groups"]:
-            ids = []
-            for name in group["params"]:
-                if name in named["state"]:
-                    state[index] = named["state"][name]
-                ids.append(index)
-                index += 1
-            groups.append({**group, "params": ids})
+        order = [name for group in named["param_groups"] for name in group["params"]]
+        index = itertools.count()
+        groups = [{**group, "params": [next(index) for _ in group["params"]]} for group in named["param_groups"]]
+        state = {i: named["state"][name] for i, name in enumerate(order) if name in named["state"]}
         return {"state": state, "param_groups": groups}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -328,8 +276,7 @@ class Distributed:
                              f"{len(params)}; resume with the same model and optimizer settings")
         named_groups = [{**saved, "params": [names[id(p)] for p in group["params"]]}
                         for group, saved in zip(optimizer.param_groups, state["param_groups"])]
-        by_index = [names[id(p)] for p in params]
-        named_state = {by_index[i]: s for i, s in state["state"].items()}
+        named_state = {names[id(params[i])]: s for i, s in state["state"].items()}
         set_optimizer_state_dict(model, optimizer, {"state": named_state, "param_groups": named_groups},
                                  options=StateDictOptions(full_state_dict=True))
 

@@ -1,6 +1,4 @@
-"""The trainer's validation loss: mean loss components over the first `eval_batches` validation batches
-(always the same ones), split over data-parallel ranks as one process of batch_size * world_size would
-read them."""
+"""The trainer's validation loss: mean loss components over the first `eval_batches` validation batches."""
 
 from __future__ import annotations
 
@@ -15,24 +13,21 @@ from nanoseek.train.distributed import Distributed
 
 @torch.no_grad()
 def validation_losses(model: torch.nn.Module, objective: Callable, cfg: RunConfig, data: PreparedData, lookahead: int,
-             dist: Distributed, autocast: Callable) -> dict[str, float]:
-    """objective(model, x, y) -> ModelOutput; autocast() the training precision's context.
-    Returns {"loss": .., and every named component of the objective}."""
-    # Ranks split the same global validation batches one process of batch_size * world_size would see.
+                      dist: Distributed, autocast: Callable) -> dict[str, float]:
+    """{"loss": .., and every named component of objective(model, x, y)} under autocast(), the training
+    precision's context. The ranks split the same batches one process of batch_size * world_size would read."""
     batches = validation_batches(data.val_shards, cfg.train.batch_size, cfg.data.seq_len, lookahead, dist.rank,
                                  dist.world_size, data.vocab_size, cfg.train.eval_batches)
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
-    n = len(batches)
     for x, y in batches:
         with autocast():
             out = objective(model, x.to(dist.device), y.to(dist.device))
         for name, value in {"loss": out.loss, **out.losses}.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().double() / n
+            sums[name] = sums.get(name, 0.0) + value.detach().double() / len(batches)
     model.train(was_training)
-    names = list(sums)
-    if not names:
+    if not sums:
         return {}
-    means = dist.mean_(torch.stack([sums[k] for k in names]))  # over ranks; a no-op in one process
-    return dict(zip(names, means.tolist()))
+    means = dist.mean_(torch.stack(list(sums.values())))  # over ranks; a no-op in one process
+    return dict(zip(sums, means.tolist()))

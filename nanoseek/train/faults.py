@@ -1,11 +1,7 @@
 """Fault injection (`--inject KIND@STEP`, parsed by nanoseek/fault_spec.py), to prove a setup survives what
-it claims to survive.
-
-Installed only with --inject, as wrappers around the parts of a step each kind breaks, so the trainer's
-step holds no injection code: bad-batch wraps the train loader, inf-act and nan-loss the training
-objective, lr-spike the LR schedule, nan-grad and inf-grad the GradScaler's unscale (the first thing
-after backward and after DDP/FSDP's gradient sync, so a one-rank fault stays on that rank). Each wrapper
-reads the step from the trainer's `Progress`.
+it claims to survive: wrappers around the part of a step each kind breaks, so the trainer holds no injection
+code. nan-grad and inf-grad wrap the GradScaler's unscale, the first thing after DDP/FSDP's gradient sync, so a
+one-rank fault stays on that rank.
 """
 
 from __future__ import annotations
@@ -13,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-from typing import Callable, Iterator
+import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,14 +18,9 @@ from torch import nn
 from nanoseek.fault_spec import KINDS, Fault, parse_fault
 from nanoseek.train.distributed import local
 
-__all__ = ["KINDS", "Fault", "parse_fault", "FaultInjector"]
-
 
 class FaultInjector:
-    """Applies parsed faults at their steps: one method per kind of damage, and `wrap_*` to install them.
-
-    `rank` / `world_size`: this process' data-parallel rank; faults selected for another rank stay quiet.
-    """
+    """Applies parsed faults (for this process' `rank`) at their steps: one method per kind; `wrap_*` install them."""
 
     def __init__(self, specs: tuple[str, ...] | list[str], model: nn.Module, rank: int = 0, world_size: int = 1):
         self.faults = [parse_fault(s) for s in specs]
@@ -52,8 +44,6 @@ class FaultInjector:
     def active(self, step: int) -> list[str]:
         return [str(f) for f in self._at(step, *KINDS)]
 
-    # ---- the damage ----------------------------------------------------------------------------
-
     def batch(self, step: int, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
         if self._at(step, "bad-batch"):
             x = x.clone()
@@ -68,30 +58,21 @@ class FaultInjector:
         for fault in self._at(step, "nan-grad", "inf-grad"):
             value = float("nan") if fault.kind == "nan-grad" else float("inf")
             for param in model.parameters():
-                # Under FSDP the gradient is a DTensor: poison this rank's shard (indexing the DTensor
-                # itself would be a collective that the other ranks never join).
+                # This rank's shard of an FSDP DTensor: indexing the DTensor is a collective the others never join.
                 grad = local(param.grad)
                 if grad is not None and grad.numel():
                     grad.view(-1)[0] = value
                     break
 
     def lr_factor(self, step: int) -> float:
-        factor = 1.0
-        for fault in self._at(step, "lr-spike"):
-            factor *= float(fault.arg)
-        return factor
+        return math.prod((float(fault.arg) for fault in self._at(step, "lr-spike")), start=1.0)
 
-    @contextlib.contextmanager
-    def activations(self, step: int) -> Iterator[None]:
-        """While active, the named modules' outputs get an inf in their first element."""
-        handles = [self.modules[f.arg].register_forward_hook(_poison_output) for f in self._at(step, "inf-act")]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    # ---- installing it: wrappers around the step's parts ------------------------------------------
+    def activations(self, step: int) -> contextlib.ExitStack:
+        """A context in which the named modules' outputs get an inf in their first element."""
+        hooks = contextlib.ExitStack()
+        for fault in self._at(step, "inf-act"):
+            hooks.enter_context(self.modules[fault.arg].register_forward_hook(_poison_output))
+        return hooks
 
     def wrap_loader(self, loader, progress, vocab_size: int):
         """bad-batch: the loader's batches of the step get ids past the vocabulary."""
@@ -113,8 +94,7 @@ class FaultInjector:
         return lambda opt_step: schedule(opt_step) * self.lr_factor(progress.step)
 
     def wrap_scaler(self, scaler: torch.amp.GradScaler, progress, model: nn.Module):
-        """nan-grad and inf-grad: one gradient element poisoned as unscale_ starts (after backward and the
-        gradient sync, before the GradScaler looks for infs)."""
+        """nan-grad and inf-grad: one gradient element poisoned as unscale_ starts, before it looks for infs."""
         def unscale_(optimizer: torch.optim.Optimizer) -> None:
             self.grads(progress.step, model)
             scaler.unscale_(optimizer)
@@ -133,9 +113,8 @@ class _Wrapped:
 
 
 def _poison_output(module: nn.Module, args, output):
-    # Every floating-point tensor of a tuple output, not just the first: an MTP module returns
-    # (h for the next depth, normed output), and at the last depth h is never used, so poisoning
-    # only output[0] would inject nothing.
+    # Every floating-point tensor of a tuple: an MTP module returns (h for the next depth, normed output), and
+    # at the last depth h is never used, so poisoning only output[0] would inject nothing.
     def poison(tensor):
         if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
             return tensor

@@ -1,10 +1,8 @@
-"""Float8 training by module (torchao), with the fragile parts kept in high precision.
+"""Float8 training by module (torchao), with the fragile layers kept in high precision.
 
-Which linears go to fp8 is a stability decision: the MLA projections (wq/wq_a/wq_b, wkv_a, wkv_b), whose
-low-rank latents feed every head's keys and values, the router and the output head (DeepSeek-V3, arXiv
-2412.19437 section 3.3.1, keeps both in high precision) stay in bf16/fp32, as do layers whose dims are not
-multiples of 16 (an fp8 GEMM requirement).
-Real fp8 matmuls need CUDA compute capability >= 8.9 (Ada, Hopper); elsewhere we refuse clearly.
+The MLA projections (their low-rank latents feed every head's keys and values), the router and the output head
+(DeepSeek-V3, arXiv 2412.19437 section 3.3.1, keeps both in high precision) stay in bf16/fp32, as do layers whose
+dims are not multiples of 16 (an fp8 GEMM requirement). Real fp8 matmuls need CUDA compute capability >= 8.9.
 """
 
 from __future__ import annotations
@@ -17,10 +15,8 @@ HIGH_PRECISION = ("attn.wq", "attn.wq_a", "attn.wq_b", "attn.wkv_a", "attn.wkv_b
 
 
 def fp8_eligible(module: nn.Module, name: str) -> bool:
-    """True for an nn.Linear that may run in fp8: not a high-precision module, 16-aligned dims."""
-    if not isinstance(module, nn.Linear) or name.endswith(HIGH_PRECISION):
-        return False
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return (isinstance(module, nn.Linear) and not name.endswith(HIGH_PRECISION)
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
 def enable_fp8(model: nn.Module, device: torch.device, recipe: str = "tensorwise") -> list[str]:

@@ -1,29 +1,17 @@
 """StabilityGuard: judge every step before it touches the weights.
 
-The trainer calls `check(stats)` with the step's `StepStats` after backward and before clipping, the
-optimizer, the GradScaler update or the MoE bias update. The verdict is one of:
-
+`check(stats)` runs after backward and before clipping, the optimizer, the GradScaler and the MoE bias update:
 - ok       -- apply the step.
-- skip     -- non-finite loss or gradient, an out-of-range batch, an LR that is not a finite float32
-              (checked even with the guard off: it could only write NaN weights), or a loss / grad-norm spike
-              (more than `spike_sigma` std above the rolling window, OLMo-core style; loss spikes are
-              kept out of the window). Nothing changes but the data position.
-- rollback -- `max_skips` skips inside `window` steps (grad-norm spikes do not count: with finite
-              gradients and a steady loss the weights are fine), or two loss spikes in a row (the loss
-              stays high, so the weights, not the data, are bad): restore the last verified-good snapshot,
-              lower the LR by `rollback_lr_factor`, and leave the data window that led into the
-              trouble behind (PaLM, arXiv 2204.02311, section 5.1).
-- rollback also when the loss sits at the unigram entropy after warm-up, or climbs 0.5 nats above the first
-              step's (`watch_plateau`, train/plateau.py): a run that learned token frequencies and nothing
-              else is lost even though nothing went NaN. The LR is then lowered by `plateau_lr_factor`.
-- rollback also when a sampled max attention logit passes `attn_logit_limit` after growing more than 8-fold
-              within `window` steps: attention-logit growth (Wortsman et al. 2023, arXiv 2309.14322), the slow
-              divergence of an LR a few times too high, which the loss shows only after the run has fallen
-              far behind. The LR is lowered by `plateau_lr_factor`; under Muon only the Muon group's, whose
-              updates drive those logits.
+- skip     -- non-finite loss or gradient, an out-of-range batch, an LR that is not a finite float32 (checked
+              even with the guard off), or a loss / grad-norm spike over the rolling window (OLMo-core style).
+              Nothing changes but the data position.
+- rollback -- `max_skips` skips within `window` steps, two loss spikes in a row, a loss stuck at the unigram
+              level or diverging (train/plateau.py), or attention logits growing past `attn_logit_limit`
+              (Wortsman et al. 2023, arXiv 2309.14322): restore the last verified-good snapshot, lower the LR
+              (after logit growth under Muon only the Muon group's, whose updates drive the logits), and leave
+              the data window that led into the trouble behind (PaLM, arXiv 2204.02311, section 5.1).
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
-- overflow -- fp16 only: the GradScaler saw inf gradients; it lowers its scale and the step is
-              dropped. That is the scaler working, not a fault.
+- overflow -- fp16 only: the GradScaler saw inf gradients and lowers its scale; the scaler working, not a fault.
 """
 
 from __future__ import annotations
@@ -84,18 +72,13 @@ class RollingStats:
     def __init__(self, size: int):
         self.values: deque[float] = deque(maxlen=size)
 
-    def add(self, value: float) -> None:
-        self.values.append(value)
-
-    def z_score(self, value: float) -> float:
-        n = len(self.values)
-        mean = sum(self.values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / max(n - 1, 1))
-        # A floor on the std: a flat window must not turn noise into a "spike".
-        return (value - mean) / max(std, 0.02 * abs(mean), 1e-6)
-
     def mean(self) -> float:
         return sum(self.values) / len(self.values)
+
+    def z_score(self, value: float) -> float:
+        mean = self.mean()
+        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / max(len(self.values) - 1, 1))
+        return (value - mean) / max(std, 0.02 * abs(mean), 1e-6)  # a flat window must not turn noise into a spike
 
 
 class StabilityGuard:
@@ -103,32 +86,29 @@ class StabilityGuard:
 
     # A spike must also be this far above the window mean, so a tight window cannot flag noise.
     MIN_SPIKE_RATIO = {"loss": 1.1, "grad_norm": 2.0}
+    # Runaway growth, not level, within `window` steps: a runaway LR multiplies the logits in tens of steps, while a
+    # healthy run may drift past the limit slowly and a pretrained model start above it (bench/RESULTS.md).
+    ATTN_LOGIT_GROWTH = 8.0
 
     def __init__(self, cfg: GuardConfig, precision: str = "fp32", grad_spikes_clipped: bool = False,
                  attention_groups: tuple[str, ...] = ()):
-        self.cfg = cfg
-        self.precision = precision
+        self.cfg, self.precision = cfg, precision
         self.stats = {name: RollingStats(cfg.window) for name in ("loss", "grad_norm")}
-        self.recent_skips: deque[int] = deque()  # steps of recent skips
-        self.consecutive_spikes = 0
-        self.n_skips = 0
-        self.n_rollbacks = 0
+        self.recent_skips: deque[int] = deque()
+        self.consecutive_spikes = self.n_skips = self.n_rollbacks = 0
         self.lr_scale = 1.0
         self.group_lr_scale: dict[str, float] = {}  # per optimizer group (by name), on top of lr_scale
-        # The optimizer groups whose updates drive the attention logits, where not every group's do: Muon's
-        # (it updates the attention matrices; embeddings, head and norms stay with AdamW). Empty: all groups.
-        self.attention_groups = attention_groups
+        self.attention_groups = attention_groups  # the groups updating the attention matrices (Muon's); empty: all
         self.rollback_groups: tuple[str, ...] = ()  # the groups the next rollback lowers (empty: all)
-        self.plateau: PlateauDetector | None = None
         self.rollback_factor = cfg.rollback_lr_factor  # the next rollback's LR factor
+        self.plateau: PlateauDetector | None = None
         self.grad_spikes_clipped = grad_spikes_clipped  # adaptive clipping (train/clipping.py) is on
         self.recent_attn_logits: deque[tuple[int, float]] = deque()  # (step, sampled max attention logit)
 
     def watch_plateau(self, unigram: float | Callable[[], float] | None, start: int) -> None:
-        """Treat a loss stuck at `unigram` (nats; or a function computing it, called only when detection is on)
-        after `start` applied steps, or one that climbs far above its first value, as a fault (off if
-        plateau_margin=0 or the guard is off). unigram None: a loss with no unigram level (distillation's KL),
-        watched for divergence only."""
+        """Treat a loss stuck at `unigram` nats (a function is called only if detection is on) after `start` applied
+        steps, or diverging, as a fault. None: a loss with no unigram level (distillation's KL), watched for
+        divergence only."""
         if self.cfg.enabled and self.cfg.plateau_margin > 0:
             unigram = unigram() if callable(unigram) else unigram
             unigram = math.inf if unigram is None else unigram  # never "at the plateau", always "below" it
@@ -136,14 +116,11 @@ class StabilityGuard:
 
     @property
     def worth_keeping(self) -> bool:
-        """Whether the weights are a good rollback target: with plateau detection on, only once the loss is
-        below the unigram level (before that a rollback returns to the first snapshot)."""
+        """With plateau detection on, the weights are a rollback target only once the loss is below unigram level."""
         return self.plateau is None or self.plateau.below_unigram
 
     def check(self, stats: StepStats) -> Verdict:
-        """Judge one step from its loss and (unclipped) total grad norm; update counters. `stats.ce` (the
-        next-token cross-entropy, as the total loss also holds MTP and balance terms; a distillation's own loss,
-        which has none) feeds the plateau and divergence check."""
+        """Judge one step and update the counters."""
         step, loss, grad_norm = stats.step, stats.loss, stats.grad_norm
         refused = self.check_update(step, stats.lrs)  # even with the guard off: it could only write NaN weights
         if refused is not None:
@@ -158,29 +135,28 @@ class StabilityGuard:
             if self.precision == "fp16":
                 return Verdict("overflow", "fp16 gradient overflow (GradScaler lowers its scale)", grad_norm)
             return self._skip(step, "non-finite gradient", grad_norm)
-        # With adaptive clipping on, a grad-norm outlier is clipped to its z-bound rather than skipped: the
-        # update stays bounded and the batch still teaches (ZClip, arXiv 2504.02507; skipping alone did not
-        # shorten recovery in Marin 32B). The grad norm then only feeds the window.
+        # With adaptive clipping on, a grad-norm outlier is clipped to its z-bound rather than skipped, so the
+        # batch still teaches (ZClip, arXiv 2504.02507); the grad norm then only feeds the window.
         watched = (("loss", loss),) if self.grad_spikes_clipped else (("loss", loss), ("grad_norm", grad_norm))
         for name, value in watched:
             window = self.stats[name]
-            if len(window.values) >= max(self.cfg.warmup, 2):
-                z = window.z_score(value)
-                if z > self.cfg.spike_sigma and value > self.MIN_SPIKE_RATIO[name] * window.mean():
-                    cause = f"{name} spike ({z:.1f} sigma above the last {len(window.values)} steps)"
-                    if name == "grad_norm":
-                        # Only a loss that stays high says the weights are damaged. A grad-norm spike alone
-                        # (common while the loss leaves its initial plateau) is skipped but never counts
-                        # towards a rollback, and joins the window, so a real shift in the gradient's
-                        # scale is absorbed within a few steps instead of being skipped forever.
-                        self.stats["grad_norm"].add(value)
-                        self.n_skips += 1
-                        return Verdict("skip", cause, value)
-                    verdict = self._skip(step, cause, value)
-                    self.consecutive_spikes += 1
-                    if verdict.action == "skip" and self.consecutive_spikes >= 2:
-                        return self._escalate(f"loss stays high ({self.consecutive_spikes} spikes in a row)", value)
-                    return verdict
+            if len(window.values) < max(self.cfg.warmup, 2):
+                continue
+            z = window.z_score(value)
+            if z <= self.cfg.spike_sigma or value <= self.MIN_SPIKE_RATIO[name] * window.mean():
+                continue
+            cause = f"{name} spike ({z:.1f} sigma above the last {len(window.values)} steps)"
+            if name == "grad_norm":
+                # Only a loss that stays high says the weights are damaged: a grad-norm spike alone is skipped but
+                # never counts towards a rollback, and joins the window, so a real shift in scale is absorbed.
+                window.values.append(value)
+                self.n_skips += 1
+                return Verdict("skip", cause, value)
+            verdict = self._skip(step, cause, value)
+            self.consecutive_spikes += 1
+            if verdict.action == "skip" and self.consecutive_spikes >= 2:
+                return self._escalate(f"loss stays high ({self.consecutive_spikes} spikes in a row)", value)
+            return verdict
         self.consecutive_spikes = 0
         cause = self.attention_logit_growth(step, stats.attn_logit_max)
         if cause is not None:
@@ -190,22 +166,15 @@ class StabilityGuard:
         if cause:
             self.rollback_factor = self.cfg.plateau_lr_factor
             return self._escalate(cause, loss)
-        self.stats["loss"].add(loss)
-        self.stats["grad_norm"].add(grad_norm)
+        self.stats["loss"].values.append(loss)
+        self.stats["grad_norm"].values.append(grad_norm)
         return Verdict("ok")
-
-    # Runaway growth, not level: past the limit, the max attention logit must also have grown more than
-    # ATTN_LOGIT_GROWTH-fold within the last `window` steps. A runaway LR takes it from under 3 to 50-500 in
-    # tens of steps (24-5000x in the lab and the LR sweep); a healthy 36M-parameter run at LR 3e-3 crossed 50
-    # at 3.2x, went on to 137 and trained well (bench/RESULTS.md). Slow drift and a pretrained model that
-    # starts high are left alone.
-    ATTN_LOGIT_GROWTH = 8.0
 
     def attention_logit_growth(self, step: int, value: float | None) -> str | None:
         """A cause when the sampled max attention logit `value` (None: not sampled this step) is past
         `attn_logit_limit` and more than ATTN_LOGIT_GROWTH times the lowest sample of the last `window` steps."""
         if self.cfg.attn_logit_limit <= 0 or value is None or not math.isfinite(value):
-            return None  # a non-finite logit comes with a non-finite loss, which is skipped above
+            return None  # a non-finite logit comes with a non-finite loss, which is skipped
         recent = self.recent_attn_logits
         while recent and recent[0][0] <= step - self.cfg.window:
             recent.popleft()
@@ -220,23 +189,22 @@ class StabilityGuard:
         """Before the optimizer step (host floats, no sync): an LR that is not a finite float32 would write
         NaN/Inf into every weight it touches, however finite the gradients are. None: the update may go on."""
         bad = next((lr for lr in lrs if not math.isfinite(lr) or abs(lr) > _FLOAT32_MAX), None)
-        if bad is None:
-            return None
-        return self._skip(step, f"non-finite learning rate ({bad:g})", bad)
+        return None if bad is None else self._skip(step, f"non-finite learning rate ({bad:g})", bad)
 
     def _skip(self, step: int, cause: str, value: float) -> Verdict:
         self.n_skips += 1
-        self.recent_skips.append(step)
-        while self.recent_skips and self.recent_skips[0] <= step - self.cfg.window:
-            self.recent_skips.popleft()
-        if len(self.recent_skips) >= self.cfg.max_skips:
-            return self._escalate(f"{len(self.recent_skips)} skips within {self.cfg.window} steps, last: {cause}", value)
+        skips = self.recent_skips
+        skips.append(step)
+        while skips and skips[0] <= step - self.cfg.window:
+            skips.popleft()
+        if len(skips) >= self.cfg.max_skips:
+            return self._escalate(f"{len(skips)} skips within {self.cfg.window} steps, last: {cause}", value)
         return Verdict("skip", cause, value)
 
     def _escalate(self, cause: str, value: float) -> Verdict:
-        if self.n_rollbacks >= self.cfg.max_rollbacks:
-            return Verdict("abort", f"{cause}; rollbacks exhausted ({self.n_rollbacks}/{self.cfg.max_rollbacks})", value)
-        return Verdict("rollback", cause, value)
+        if self.n_rollbacks < self.cfg.max_rollbacks:
+            return Verdict("rollback", cause, value)
+        return Verdict("abort", f"{cause}; rollbacks exhausted ({self.n_rollbacks}/{self.cfg.max_rollbacks})", value)
 
     def rolled_back(self) -> None:
         """Called by the trainer once a rollback is done: lower the LR, start fresh counters."""
@@ -258,23 +226,20 @@ class StabilityGuard:
         return f"lr x{self.lr_scale:g}" + "".join(f", {g} lr x{s:g}" for g, s in self.group_lr_scale.items())
 
     def state_dict(self) -> dict:
-        return {
-            "loss": list(self.stats["loss"].values), "grad_norm": list(self.stats["grad_norm"].values),
-            "recent_skips": list(self.recent_skips), "consecutive_spikes": self.consecutive_spikes,
-            "n_skips": self.n_skips, "n_rollbacks": self.n_rollbacks, "lr_scale": self.lr_scale,
-            "group_lr_scale": dict(self.group_lr_scale),
-            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
-            "recent_attn_logits": [list(pair) for pair in self.recent_attn_logits],
-        }
+        return {"loss": list(self.stats["loss"].values), "grad_norm": list(self.stats["grad_norm"].values),
+                "recent_skips": list(self.recent_skips), "consecutive_spikes": self.consecutive_spikes,
+                "n_skips": self.n_skips, "n_rollbacks": self.n_rollbacks, "lr_scale": self.lr_scale,
+                "group_lr_scale": dict(self.group_lr_scale),
+                "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+                "recent_attn_logits": [list(pair) for pair in self.recent_attn_logits]}
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("loss", "grad_norm"):
             self.stats[name].values = deque(state[name], maxlen=self.cfg.window)
         self.recent_skips = deque(state["recent_skips"])
-        self.consecutive_spikes = state["consecutive_spikes"]
+        self.consecutive_spikes, self.lr_scale = state["consecutive_spikes"], state["lr_scale"]
         self.n_skips, self.n_rollbacks = state["n_skips"], state["n_rollbacks"]
-        self.lr_scale = state["lr_scale"]
-        self.group_lr_scale = dict(state.get("group_lr_scale", {}))  # absent in checkpoints from before it
-        self.recent_attn_logits = deque(tuple(pair) for pair in state.get("recent_attn_logits", []))  # absent: older
+        self.group_lr_scale = dict(state.get("group_lr_scale", {}))  # .get: older checkpoints lack these two
+        self.recent_attn_logits = deque(tuple(pair) for pair in state.get("recent_attn_logits", []))
         if self.plateau is not None and state.get("plateau") is not None:
             self.plateau.load_state_dict(state["plateau"])

@@ -1,18 +1,9 @@
 """The device to run on (`resolve_device`) and `--hardware auto`: the training precision for it.
 
-The choice is a pure function of what can be read off the device (`choose_precision`), so it is tested
-on any machine with made-up devices; `detect` reads the real one and `apply_hardware` rewrites a RunConfig.
-
-- H100 / H200 (Hopper, sm_90): bf16, plus torchao fp8 linears when torchao is installed. fp8 tensor
-  cores double the dense peak (989 -> 1979 TF on H100 SXM); the MLA projections, router and head stay
-  bf16 (train/fp8.py).
-- A100 (sm_80): bf16. bf16 tensor cores with fp32's exponent range: no loss scaling.
-- RTX 4090 (sm_89): bf16. Ada has fp8 too, but its gain at our model sizes is unmeasured.
-- Other CUDA GPUs: fp16 + GradScaler. fp16 tensor cores exist on every GPU since Volta; bf16 not before
-  Ampere (on sm >= 80 the printed line says bf16 is an option).
-- CPU with AMX (Intel Sapphire Rapids and later): bf16. oneDNN's AMX bf16 matmuls are several times faster
-  than fp32 and a whole training step gets faster too (measured in bench/RESULTS.md, "Second pass").
-- Other CPUs: fp32 (bf16 matmuls there are emulated or half-rate).
+`choose_precision` is a pure function of what can be read off the device, so it is tested with made-up devices;
+`detect` reads the real one. Hopper: bf16 plus torchao fp8 linears when torchao is installed (fp8 tensor cores
+double the dense peak); A100, RTX 4090 and CPUs with AMX: bf16; other CUDA GPUs: fp16 with a GradScaler (every GPU
+since Volta); other CPUs: fp32, as bf16 matmuls there are emulated or half-rate.
 """
 
 from __future__ import annotations
@@ -50,8 +41,7 @@ def cpu_has_amx() -> bool:
 
 def choose_precision(device_name: str | None, capability: tuple[int, int] | None,
                      torchao_available: bool, cpu_amx: bool = False) -> HardwareChoice:
-    """(CUDA device name or None for CPU, its compute capability, whether torchao imports, whether the CPU
-    has AMX) -> the choice."""
+    """device_name: the CUDA device's, None for the CPU."""
     if device_name is None:
         if cpu_amx:
             return HardwareChoice("bf16", False, "CPU with AMX: bf16 autocast (AMX bf16 matmuls are 3-5x "
@@ -76,7 +66,6 @@ def choose_precision(device_name: str | None, capability: tuple[int, int] | None
 
 
 def detect(device: torch.device) -> HardwareChoice:
-    """The choice for `device` (a resolved torch.device)."""
     if device.type != "cuda":
         return choose_precision(None, None, False, cpu_amx=device.type == "cpu" and cpu_has_amx())
     return choose_precision(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),

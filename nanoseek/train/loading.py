@@ -12,25 +12,17 @@ from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import best_checkpoint, read_checkpoint
 
 
-def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
-    """A checkpoint directory as given; for a run directory its `which` checkpoint: "latest", or "best"
-    (lowest validation loss; the latest when no checkpoint recorded one)."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", use_ema: bool = False,
+               which: str = "latest") -> tuple[Transformer, ModelConfig]:
+    """(model in eval mode, its config) from a checkpoint directory, or from a run directory's `which` checkpoint:
+    "latest", or "best" (lowest validation loss; the latest when none recorded one). use_ema loads the EMA
+    weights when the checkpoint has them (`model.uses_ema` says which were loaded)."""
     path = Path(path)
     if which not in ("latest", "best"):
         raise ValueError(f"which={which!r}: must be 'latest' or 'best'")
     if which == "best" and (path / "checkpoints").is_dir():
-        return best_checkpoint(path) or path
-    return path
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu",
-               use_ema: bool = False, which: str = "latest") -> tuple[Transformer, ModelConfig]:
-    """path: a checkpoint directory, or a run directory (its `which` checkpoint, see resolve_checkpoint).
-
-    use_ema loads the EMA weights when the checkpoint has them (`model.uses_ema` says which were loaded).
-    Returns (model in eval mode, its ModelConfig).
-    """
-    ckpt = read_checkpoint(resolve_checkpoint(path, which), map_location=map_location)
+        path = best_checkpoint(path) or path
+    ckpt = read_checkpoint(path, map_location=map_location)
     cfg = RunConfig.from_dict(ckpt.config).model
     uses_ema = use_ema and ckpt.ema_state is not None
     model = model_from_state(cfg, ckpt.ema_state if uses_ema else ckpt.model_state)
@@ -48,10 +40,7 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], strict: b
 def run_dir_of(path: str | Path) -> Path | None:
     """The run directory (with data/ and config.toml) at or above a run or checkpoint path; None if none."""
     path = Path(path)
-    for candidate in (path, *path.parents):
-        if (candidate / "data").is_dir() and (candidate / "config.toml").exists():
-            return candidate
-    return None
+    return next((p for p in (path, *path.parents) if (p / "data").is_dir() and (p / "config.toml").exists()), None)
 
 
 def load_run_tokenizer(path: str | Path):

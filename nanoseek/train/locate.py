@@ -1,12 +1,10 @@
-"""The NaN locator: replay a bad step with hooks on every module and name the first that went
-non-finite, so a skipped step is explained (which step, which batch, which module) without a debugger.
+"""The NaN locator: replay a bad step with hooks on every module and name the first that went non-finite,
+so a skipped step is explained (which step, which batch, which module) without a debugger.
 
-On a non-finite event the trainer saves the batch and the RNG state (batch.safetensors: tensors only,
-nothing a loader could execute) and the model state under `RUN_DIR/bad_batches/step-N/`;
-`nanoseek diagnose RUN_DIR [--step N]` replays it any time later.
-Replay order: forward hooks (first module whose output is non-finite, in execution order, so a
-child is named before its parent), then the loss, then backward hooks (first module whose
-gradient is non-finite), and last the recorded parameter gradients of the original step.
+A faulted step's batches and RNG state (batch.safetensors: tensors only, nothing a loader could execute) and,
+for a non-finite fault, the weights go to `RUN_DIR/bad_batches/step-N/`; `nanoseek diagnose RUN_DIR [--step N]`
+replays them later. Replay order: forward (the first module whose output is non-finite, in execution order, so
+a child is named before its parent), the loss, backward, and last the original step's parameter gradients.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 def _summary(tensors: list[torch.Tensor]) -> dict:
-    """Range of the finite values and the count of non-finite ones."""
+    """The range of the finite values and the count of non-finite ones."""
     if not tensors:
         return {}
     flat = torch.cat([t.detach().float().flatten() for t in tensors])
@@ -77,15 +75,16 @@ def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultIn
     found: list[Finding] = []
     names = {module: name for name, module in model.named_modules()}
 
+    def note(stage: str, module: nn.Module, tensor: str, parts: dict) -> None:
+        if not found and _nonfinite(_tensors(parts[tensor])):
+            detail = {key: _summary(_tensors(value)) for key, value in parts.items()}
+            found.append(Finding(stage, names[module] or "<model>", tensor, detail))
+
     def forward_hook(module, args, output):
-        if not found and _nonfinite(_tensors(output)):
-            found.append(Finding("forward", names[module] or "<model>", "output",
-                                 {"input": _summary(_tensors(args)), "output": _summary(_tensors(output))}))
+        note("forward", module, "output", {"input": args, "output": output})
 
     def backward_hook(module, grad_input, grad_output):
-        if not found and _nonfinite(_tensors(grad_input)):
-            found.append(Finding("backward", names[module] or "<model>", "grad_input",
-                                 {"grad_output": _summary(_tensors(grad_output)), "grad_input": _summary(_tensors(grad_input))}))
+        note("backward", module, "grad_input", {"grad_output": grad_output, "grad_input": grad_input})
 
     was_training = model.training
     model.zero_grad(set_to_none=True)
@@ -103,8 +102,7 @@ def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultIn
 
 
 def _replay(model, x, y, injector, step, autocast, forward_hook, backward_hook, found) -> Finding | None:
-    """Forward with `forward_hook` on every module, the loss, backward with `backward_hook`: the first
-    Finding of the three stages, or None if all stayed finite."""
+    """The first Finding of forward, loss and backward, or None if all stayed finite."""
     with injector.activations(step) if injector else contextlib.nullcontext():  # before the diagnostic hooks
         with _hooks([m.register_forward_hook(forward_hook) for m in model.modules()]):
             with autocast or contextlib.nullcontext():
@@ -130,47 +128,13 @@ def _hooks(handles: list):
 
 
 def nonfinite_grads(model: nn.Module) -> list[str]:
-    """Names of parameters whose gradient (this rank's part of it, under FSDP) holds a NaN or Inf (only
-    called on the fault path)."""
+    """Names of parameters whose gradient (this rank's part, under FSDP) holds a NaN or Inf."""
     return [name for name, p in model.named_parameters()
             if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())]
 
 
-def locate_and_save(run_dir: Path, step: int, verdict: Verdict, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                    model: nn.Module, injector: FaultInjector, bad_grads: list[str],
-                    autocast: Callable[[], contextlib.AbstractContextManager], device: torch.device) -> str | None:
-    """Save a faulted step's batches under run_dir/bad_batches/step-N/ and, for a non-finite fault, replay
-    the first one with hooks to name the module where it began. Returns that module (None if not found).
-
-    batches: the step's (x [B, T], y [B, T + lookahead - 1]) pairs; injector: the faults of the rank
-    whose batches these are (replayed too); bad_grads: names of the parameters whose gradient was
-    non-finite; autocast: the training precision's context."""
-    root = run_dir / "bad_batches"
-    saved = sorted(root.glob("step-*")) if root.exists() else []
-    nonfinite = verdict.cause.startswith("non-finite")
-    finding = None
-    if nonfinite:
-        x, y = batches[0]
-        finding = replay(model, x.to(device), y.to(device), injector, step, autocast(), bad_grads)
-    if len(saved) < MAX_SAVED:
-        out_dir = root / f"step-{step:08d}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(batch_record(batches), str(out_dir / BATCH_FILE))  # tensors only: nothing to unpickle on load
-        if nonfinite:
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            if model.config.tie_embeddings:
-                state.pop("head.weight", None)
-            save_file(state, str(out_dir / "model.safetensors"))
-        meta = {"step": step, "cause": verdict.cause, "action": verdict.action, "injected": injector.active(step),
-                "finding": finding.line() if finding else None, "module": finding.module if finding else None,
-                "nonfinite_grads": bad_grads[:20], "rank": injector.rank, "world_size": injector.world_size}
-        (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-    return finding.module if finding else None
-
-
 def batch_record(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The step's batches (x: [grad_accum, B, T], y: [grad_accum, B, T + lookahead - 1]) and the torch RNG
-    state at the fault, as plain tensors for safetensors."""
+    """The step's batches (x [grad_accum, B, T], y [grad_accum, B, T + lookahead - 1]) and RNG state, as tensors."""
     record = {"x": torch.stack([b[0] for b in batches]).contiguous(),
               "y": torch.stack([b[1] for b in batches]).contiguous(), "rng_torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -194,12 +158,10 @@ def load_batch(bad_dir: Path) -> dict[str, torch.Tensor]:
 
 
 class BadStepRecorder:
-    """On a faulted step: find the parameters with non-finite gradients, then `locate_and_save`. One code
-    path for one process and torchrun: every rank calls `record` (a collective: every rank holds the same
-    verdict) and rank 0 writes the batch of the rank where the fault began (its own batch was bad, else
-    its own loss, else its own gradients were non-finite), replayed with that rank's fault injections,
-    under FSDP on an unsharded copy of the weights (`whole_copy(state)`; None when the model cannot be
-    rebuilt on one rank)."""
+    """On a faulted step, every rank calls `record` (a collective; all hold the same verdict) and rank 0 saves
+    and replays the batch of the rank where the fault began (its own batch was bad, else its loss, else its
+    gradients were non-finite), under FSDP on an unsharded copy of the weights (`whole_copy(state)`; None
+    when the model cannot be rebuilt on one rank)."""
 
     def __init__(self, run_dir: Path, dist: Distributed, model: nn.Module, inject: tuple[str, ...],
                  autocast: Callable[[], contextlib.AbstractContextManager],
@@ -208,7 +170,7 @@ class BadStepRecorder:
         self.autocast, self.whole_copy, self.log = autocast, whole_copy, log
 
     def record(self, verdict: Verdict, stats: StepStats, batches: list) -> Verdict:
-        """Returns the verdict with the module the fault began in (if found)."""
+        """The verdict, with the module the fault began in when found."""
         if verdict.action == "overflow":
             return verdict
         step, view, nonfinite = stats.step, stats.rank, verdict.cause.startswith("non-finite")
@@ -230,8 +192,33 @@ class BadStepRecorder:
         bad_grads = list(dict.fromkeys(name for info in everyone for name in info["bad_grads"]))
         model = self.whole_copy(state) if state is not None else self.model  # a shard cannot run alone
         injector = FaultInjector(self.inject, model, culprit, self.dist.world_size)
-        module = locate_and_save(self.run_dir, step, verdict, everyone[culprit]["batches"], model, injector,
-                                 bad_grads, self.autocast, self.dist.device)
+        module = self._locate_and_save(step, verdict, everyone[culprit]["batches"], model, injector, bad_grads)
         if self.dist.world_size > 1:
             self.log(f"[guard] step {step}: the fault began on rank {culprit}")
         return dataclasses.replace(verdict, module=module)
+
+    def _locate_and_save(self, step: int, verdict: Verdict, batches: list, model: nn.Module, injector: FaultInjector,
+                         bad_grads: list[str]) -> str | None:
+        """Save a faulted step's (x [B, T], y [B, T + lookahead - 1]) batches under bad_batches/step-N/ and, for a
+        non-finite fault, replay the first with the faults of the rank they came from to name the module where it
+        began (returned; None if not found)."""
+        root = self.run_dir / "bad_batches"
+        saved = sorted(root.glob("step-*")) if root.exists() else []
+        nonfinite, finding = verdict.cause.startswith("non-finite"), None
+        if nonfinite:
+            x, y = (t.to(self.dist.device) for t in batches[0])
+            finding = replay(model, x, y, injector, step, self.autocast(), bad_grads)
+        module = finding.module if finding else None
+        if len(saved) < MAX_SAVED:
+            out_dir = root / f"step-{step:08d}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file(batch_record(batches), str(out_dir / BATCH_FILE))  # tensors only: nothing to unpickle on load
+            if nonfinite:
+                tied = {"head.weight"} if model.config.tie_embeddings else set()
+                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in tied}
+                save_file(state, str(out_dir / "model.safetensors"))
+            meta = {"step": step, "cause": verdict.cause, "action": verdict.action, "injected": injector.active(step),
+                    "finding": finding.line() if finding else None, "module": module,
+                    "nonfinite_grads": bad_grads[:20], "rank": injector.rank, "world_size": injector.world_size}
+            (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+        return module

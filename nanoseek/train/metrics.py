@@ -1,12 +1,8 @@
-"""Where numbers go: metrics.jsonl (always), TensorBoard, optional wandb, a progress bar, the console.
+"""Where numbers go (metrics.jsonl, TensorBoard, optional wandb, a progress bar, the console), and the figures
+a log line needs: tokens/s, peak memory, MFU against the GPU's dense peak.
 
-Plus the figures a log line needs: tokens/s (`Throughput`), peak memory, MFU against the GPU's dense peak.
-
-metrics.jsonl has one JSON object per line, appended (a resumed run continues the same file) and flushed
-line by line, so a crash loses at most the line being written. JSON has no NaN or Infinity, and the
-stability events this project exists for are exactly where they show up, so non-finite floats are written
-as the strings "nan", "inf" and "-inf": `float(value)` reads them back, and NaN stays distinct from Inf
-(null would lose that).
+metrics.jsonl is appended and flushed line by line, so a crash loses at most one line. Non-finite floats, which
+JSON lacks, are written as "nan", "inf" and "-inf": `float(value)` reads them back, and NaN stays apart from Inf.
 """
 
 from __future__ import annotations
@@ -22,8 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
-
-__all__ = ["MetricsLogger", "Throughput", "peak_memory_gb", "device_peak_flops", "mfu", "jsonable"]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
@@ -48,17 +42,13 @@ def jsonable(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Writes training/eval records and stability events; a no-op when `enabled` is False (ranks > 0).
-
-    Each record is a dict with a `kind` ("train" if absent; e.g. "eval", "event") and, for `log`, a `step`.
-    TensorBoard gets every numeric field as the scalar `{kind}/{field}`; wandb the same names.
-    """
+    """Writes training/eval records and stability events; a no-op when `enabled` is False (ranks > 0). A
+    record's `kind` is "train" unless given; its numbers go to TensorBoard and wandb as `{kind}/{field}`."""
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "nanoseek", config: dict | None = None, enabled: bool = True,
                  total_steps: int = 0, start_step: int = 0, show_progress: bool = True):
-        self.enabled = enabled
-        self.run_dir = Path(run_dir)
+        self.enabled, self.run_dir = enabled, Path(run_dir)
         self.total_steps, self.start_step, self.show_progress = total_steps, start_step, show_progress
         self._file = self._tensorboard = self._wandb = self._bar = None
         self._postfix: dict[str, str] = {}
@@ -67,17 +57,13 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
-            self._tensorboard = self._open_tensorboard()
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+            except ImportError:
+                self.write("tensorboard is not installed: logging to metrics.jsonl only (pip install tensorboard)")
         if wandb:
             self._wandb = self._open_wandb(wandb_project, config)
-
-    def _open_tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.write("tensorboard is not installed: logging to metrics.jsonl only (pip install tensorboard)")
-            return None
-        return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
 
     def _open_wandb(self, project: str, config: dict | None):
         try:
@@ -90,8 +76,6 @@ class MetricsLogger:
         id_file.write_text(run_id + "\n")
         return wandb.init(project=project, name=self.run_dir.name, id=run_id, resume="allow",
                           dir=str(self.run_dir), config=config)
-
-    # ---- records --------------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
         """Append a training/eval record (must carry `step`) to every enabled sink."""
@@ -110,25 +94,21 @@ class MetricsLogger:
             self._wandb.log(scalars, step=int(record["step"]))
 
     def event(self, record: dict, line: str) -> None:
-        """A guard/stability event: a JSON record (kind "event" unless given) plus one console line."""
-        if not self.enabled:
-            return
-        self._append({"kind": "event", **record})
-        self.write(line)
+        """A stability event: a record (kind "event" unless given) and one console line."""
+        if self.enabled:
+            self._append({"kind": "event", **record})
+            self.write(line)
 
     def _append(self, record: dict) -> None:
-        record = {**record, "time": round(time.time(), 3)} if "time" not in record else record
+        record = {**record, "time": record.get("time", round(time.time(), 3))}
         self._file.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
         self._file.flush()
-
-    # ---- console --------------------------------------------------------------------------------
 
     def progress(self, step: int, **postfix: Any) -> None:
         """Move the progress bar to `step` (steps done = step + 1) and show `postfix` (loss=..., tok_s=...)."""
         if not (self.enabled and self.show_progress):
             return
-        if self._bar is None:
-            # disable=None: no bar when stdout is not a terminal (log files would fill with redraws).
+        if self._bar is None:  # disable=None: no bar when stdout is not a terminal (log files would fill up)
             self._bar = tqdm(total=self.total_steps or None, initial=self.start_step, unit="step",
                              dynamic_ncols=True, disable=None, file=sys.stdout)
         # Values logged only every few steps (tokens/s) keep their last reading instead of showing None.
@@ -169,32 +149,22 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-# -----------------------------------------------------------------------------
-# Throughput, memory, MFU
-
-
 class Throughput:
-    """Tokens per second over the interval since the last `rate()` call.
-
-    No `cuda.synchronize()` per step: the interval ends wherever the host is, which lags the GPU by at most
-    the queued work; logging reads loss.item() anyway, which syncs once per interval.
-    """
+    """Tokens per second since the last `rate()` call. No cuda.synchronize() per step: the interval ends
+    wherever the host is, at most the queued work behind the GPU (logging syncs once per interval anyway)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        """Start a new interval (e.g. after eval or a checkpoint, which are not training throughput)."""
         self._start, self._tokens = time.perf_counter(), 0
 
     def add(self, tokens: int) -> None:
-        """Count the tokens of one optimizer step."""
         self._tokens += tokens
 
     def rate(self) -> float:
-        """Tokens/s since the last reset, then reset. 0.0 if no time has passed."""
-        elapsed = time.perf_counter() - self._start
-        tokens = self._tokens
+        """Tokens/s since the last reset (0.0 if no time has passed), then reset."""
+        elapsed, tokens = time.perf_counter() - self._start, self._tokens
         self.reset()
         return tokens / elapsed if elapsed > 0 else 0.0
 
@@ -212,10 +182,9 @@ def peak_memory_gb(device: str | torch.device) -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak * 1024 / 2**30  # bytes on macOS, KiB on Linux
 
 
-# Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets: bf16, fp16, tf32, and plain
-# fp32 (CUDA cores; what fp32 matmuls run on unless TF32 is allowed). fp16/bf16 with fp32 accumulation,
-# which is what torch uses (the RTX 4090 does twice that with fp16 accumulation).
-# Matched in order against torch.cuda.get_device_name, so specific names come before general ones.
+# Dense (no 2:4 sparsity) peaks in TFLOP/s from NVIDIA's datasheets: bf16 / fp16 with fp32 accumulation (what
+# torch uses), tf32, and plain fp32 on CUDA cores. Matched in order against torch.cuda.get_device_name, so
+# specific names come before general ones.
 _PEAK_TFLOPS = [
     (r"H[12]00 NVL", dict(bf16=835.0, fp16=835.0, tf32=417.5, fp32=60.0)),
     (r"H100 PCIe", dict(bf16=756.0, fp16=756.0, tf32=378.0, fp32=51.2)),
@@ -229,10 +198,7 @@ _PEAK_TFLOPS = [
 
 def device_peak_flops(device: str | torch.device, precision: str) -> float | None:
     """Dense peak FLOP/s of `device` for `precision` ("bf16", "fp16", "fp32"); None on CPU or unknown GPUs.
-
-    fp32 uses the TF32 tensor-core peak when torch allows TF32 matmuls
-    (torch.get_float32_matmul_precision() != "highest"), the CUDA-core peak otherwise.
-    """
+    fp32 counts the TF32 peak when torch allows TF32 matmuls (float32 matmul precision not "highest")."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
@@ -241,15 +207,9 @@ def device_peak_flops(device: str | torch.device, precision: str) -> float | Non
     if precision == "fp32" and torch.get_float32_matmul_precision() != "highest":
         precision = "tf32"
     name = torch.cuda.get_device_name(device)
-    for pattern, peaks in _PEAK_TFLOPS:
-        if re.search(pattern, name):
-            return peaks[precision] * 1e12
-    return None
+    return next((peaks[precision] * 1e12 for pattern, peaks in _PEAK_TFLOPS if re.search(pattern, name)), None)
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation, a fraction (0.4 = 40%): achieved FLOP/s over `peak`; None without a peak.
-
-    flops_per_token: training FLOPs per token (PaLM appendix B: 6 * N_active + attention), from the model.
-    """
+    """Model FLOPs utilisation (0.4 = 40%), None without a peak; flops_per_token: PaLM's, 6 * N_active + attention."""
     return flops_per_token * tokens_per_sec / peak if peak is not None and peak > 0 else None

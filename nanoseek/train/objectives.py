@@ -1,24 +1,13 @@
 """Training objectives: `objective(model, x, y) -> ModelOutput`, what the Trainer minimises.
 
-x [B, T] token ids, y [B, T + lookahead - 1] next-token (and MTP) targets; the returned `losses` are logged
-and `losses["ce"]` (else the total) is the eval metric.
+x [B, T] token ids, y [B, T + lookahead - 1] next-token (and MTP) targets; the returned `losses` are logged and
+`losses["ce"]` (else the total) is the eval metric. `next_token_objective` is the default; `distill_objective`
+(`nanoseek heal`) distils logits, T^2 * KL(teacher_T || student_T) (Hinton et al. 2015; X-EcoMLA, arXiv
+2503.11132, distils end to end after an MLA conversion); `DistillationObjective` (`nanoseek npt`) trains NPT
+adapters to reproduce the frozen base's hidden state at every converted layer. `student_ce` is logged only.
 
-- `next_token_objective`: the model's own next-token (+ MTP, aux, z) loss; the default.
-- `distill_objective(teacher, ...)`: logit distillation, T^2 * KL(teacher_T || student_T) (Hinton et al.
-  2015; end-to-end distillation is what X-EcoMLA, arXiv 2503.11132, uses after an MLA conversion), optionally
-  plus a normalised MSE between the models' per-layer hidden states and a next-token CE term (`nanoseek heal`).
-- `DistillationObjective`: NPT adapters (`nanoseek npt`): the student (base + adapters) must reproduce the
-  teacher's (frozen base's) hidden state at every converted layer,
-
-      loss = mean_l nmse_l + reg_weight * reg + kl_weight * kl
-
-  nmse_l = ||h_s - h_t||^2 / ||h_t||^2 over the whole batch at converted layer l, in fp32. Scale-invariant:
-  it is the relative squared error whatever the size of the residual stream (a plain MSE grows with the
-  hidden size and norm, and on a large model its first steps give huge gradients). At init it is the
-  relative size of what the conversion removed (the attention residual), O(1) for any model.
-  reg = mean_l (mean(shift^2) + mean(scale_logits^2)) / 2: the adapters' raw outputs, per element so the
-  weight does not depend on the MLP width. kl = KL(teacher || student) of the next-token distributions,
-  optional (kl_weight > 0). `student_ce` (the student's next-token loss) is logged, never optimised.
+Hidden states are compared by nmse = ||h_s - h_t||^2 / ||h_t||^2 over the batch, in fp32: scale-invariant, where
+a plain MSE grows with the hidden size and norm and gives a large model huge first gradients.
 """
 
 from __future__ import annotations
@@ -40,7 +29,6 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], ModelOutput]
 
 
 def next_token_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
-    """The default objective: the model's own next-token (+ MTP, aux, z) loss."""
     return model(x, y)
 
 
@@ -60,16 +48,12 @@ def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 @contextlib.contextmanager
 def outputs_of(modules: dict) -> Iterator[dict]:
-    """{key: module} -> {key: that module's forward output}, filled while the model runs inside the block.
-    Forward hooks read the outputs without changing what the model's forward returns."""
+    """{key: module} -> {key: that module's forward output}, filled while the model runs inside the block."""
     seen: dict = {}
-    handles = [module.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(key, out))
-               for key, module in modules.items()]
-    try:
+    with contextlib.ExitStack() as hooks:
+        for key, module in modules.items():
+            hooks.enter_context(module.register_forward_hook(lambda m, args, out, key=key: seen.__setitem__(key, out)))
         yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def student_ce(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -79,12 +63,8 @@ def student_ce(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 def distill_objective(teacher: nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0,
                       ce_weight: float = 0.0) -> Objective:
-    """T^2 * KL(teacher_T || student_T) per token (+ hidden_weight * mean over layers of
-    MSE(h_student, h_teacher) / mean(h_teacher^2), + ce_weight * CE), see the module docstring.
-
-    The teacher runs without gradients on x's device (moved there on first use). Logged components: kl,
-    hidden (when on), student_ce; the eval metric is the total.
-    """
+    """KL + hidden_weight * mean_l nmse_l + ce_weight * CE; logs kl, hidden (when on) and student_ce, and the
+    total is the eval metric. The teacher runs without gradients on x's device."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0")
     teacher.requires_grad_(False).eval()
@@ -111,23 +91,18 @@ def distill_objective(teacher: nn.Module, temperature: float = 1.0, hidden_weigh
             total = total + hidden_weight * losses["hidden"]
         if ce_weight:
             total = total + ce_weight * ce
-        router = out.losses  # the model's own MoE aux / z losses, when the config turns them on
-        losses.update(router)
-        for value in router.values():
-            total = total + value
-        return ModelOutput(out.logits, total, losses)
+        losses.update(out.losses)  # the model's own MoE aux / z losses, when the config turns them on
+        return ModelOutput(out.logits, sum(out.losses.values(), total), losses)
 
     return objective
 
 
 class DistillationObjective:
-    """`objective(student, x, y) -> ModelOutput` for the Trainer (see the module docstring).
+    """loss = mean_l nmse_l + reg_weight * reg + kl_weight * kl, where reg = mean_l (mean(shift^2) +
+    mean(scale_logits^2)) / 2 of the adapters' raw outputs, per element so its weight does not depend on the MLP
+    width. At init nmse is the relative size of what the conversion removed (the attention residual), O(1)."""
 
-    x [B, T] token ids; y [B, T(+lookahead)] next-token targets (only for the logged student_ce).
-    """
-
-    def __init__(self, teacher: Callable, layer_ids: tuple[int, ...], reg_weight: float = 0.01,
-                 kl_weight: float = 0.0):
+    def __init__(self, teacher: Callable, layer_ids: tuple[int, ...], reg_weight: float = 0.01, kl_weight: float = 0.0):
         if reg_weight < 0 or kl_weight < 0:
             raise ValueError(f"reg_weight={reg_weight}, kl_weight={kl_weight}: weights must be >= 0")
         self.teacher, self.layer_ids = teacher, tuple(layer_ids)
@@ -141,16 +116,8 @@ class DistillationObjective:
                 raise ValueError(f"layer {i} of the student is not an NPT block; convert it with convert_to_npt")
         with outputs_of(blocks) as hidden, outputs_of({i: b.adapter for i, b in blocks.items()}) as adapter_out:
             out = student(x)
-
         nmse = torch.stack([normalised_mse(hidden[i], target_hidden[i]) for i in self.layer_ids]).mean()
-        reg_parts = []
-        for i in self.layer_ids:
-            shift, scale_logits = adapter_out[i]
-            part = shift.float().pow(2).mean()
-            if scale_logits is not None:
-                part = (part + scale_logits.float().pow(2).mean()) / 2
-            reg_parts.append(part)
-        reg = torch.stack(reg_parts).mean()
+        reg = torch.stack([_adapter_reg(*adapter_out[i]) for i in self.layer_ids]).mean()
         losses = {"nmse": nmse, "reg": reg}
         total = nmse + self.reg_weight * reg
         if self.kl_weight > 0:
@@ -159,3 +126,8 @@ class DistillationObjective:
         with torch.no_grad():
             losses["student_ce"] = student_ce(out.logits, x, y)
         return ModelOutput(out.logits, total, losses)
+
+
+def _adapter_reg(shift: torch.Tensor, scale_logits: torch.Tensor | None) -> torch.Tensor:
+    reg = shift.float().pow(2).mean()
+    return reg if scale_logits is None else (reg + scale_logits.float().pow(2).mean()) / 2

@@ -1,15 +1,8 @@
-"""Optimizers (AdamW, Lion, Muon), their parameter groups, and the learning-rate schedule.
+"""Optimizers (AdamW, Lion, Muon), each ONE `torch.optim.Optimizer`, their parameter groups, and the LR schedule.
 
-`build_optimizer` returns ONE `torch.optim.Optimizer` whatever `cfg.optimizer` says: one `.step()`, one
-`state_dict()`. Every param group carries
-  - `name`: "decay", "no_decay" or "muon" (what the group is, for logs and per-group LR),
-  - `base_lr`: its peak LR (cfg.lr, or cfg.muon_lr for the Muon group).
-The trainer sets `group["lr"] = group["base_lr"] * lr_factor(step, cfg)` before each step (`apply_lr_factor`).
-
-Weight decay goes on 2-D+ weight matrices only. Norm gains, biases, other 1-D parameters and embeddings
-(parameters owned by an `nn.Embedding`) are not decayed: decaying a norm gain or a bias pulls it towards a
-value with no special meaning, and decaying embeddings of rare tokens shrinks them between their rare
-gradients (nanoGPT `configure_optimizers`; Loshchilov & Hutter 2019 for the decoupled form).
+Weight decay goes on 2-D+ weight matrices only: decaying a norm gain or a bias pulls it towards a value with
+no special meaning, and decaying embeddings of rare tokens shrinks them between their rare gradients
+(nanoGPT `configure_optimizers`; Loshchilov & Hutter 2019 for the decoupled form).
 """
 
 from __future__ import annotations
@@ -25,9 +18,6 @@ from nanoseek.train.hardware import cpu_has_amx
 if TYPE_CHECKING:
     from nanoseek.config import TrainConfig
 
-__all__ = ["build_optimizer", "lr_factor", "apply_lr_factor", "param_groups", "Lion", "Muon",
-           "newton_schulz"]
-
 # Modules whose weight is an output projection onto the vocabulary. Muon leaves them to AdamW
 # (Jordan et al. 2024: "embedding and final classifier head ... should be optimized by AdamW").
 OUTPUT_HEAD_NAMES = ("head", "lm_head", "output")
@@ -38,46 +28,30 @@ OUTPUT_HEAD_NAMES = ("head", "lm_head", "output")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 MUON_MOMENTUM = 0.95
-
-
-# -----------------------------------------------------------------------------
-# Parameter groups
-
-
-def _embedding_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-
-
-def _head_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES
-            for p in m.parameters(recurse=False)}
+# At most this many elements per batched Newton-Schulz call: the stacked directions are a transient copy.
+NS_BATCH_ELEMENTS = 1 << 24
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Split the trainable parameters of `model` into tagged groups for `cfg.optimizer`.
-
-    Tied parameters appear once (`named_parameters` deduplicates), classified by the module that owns them
-    first, except that anything owned by an `nn.Embedding` counts as an embedding. Parameters with
-    `requires_grad=False` are left out. Empty groups are dropped.
-    """
-    embedding_ids = _embedding_param_ids(model)
-    head_ids = _head_param_ids(model)
+    """The trainable parameters of `model` in groups tagged `name` ("decay", "no_decay", "muon": for logs and
+    per-group LR) and `base_lr` (the peak LR). A tied parameter appears once, classified by the module that
+    owns it first, except that anything owned by an `nn.Embedding` counts as an embedding."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    heads = {id(p) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES
+             for p in m.parameters(recurse=False)}
     decay, no_decay, muon = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or id(p) in embedding_ids or name.rsplit(".", 1)[-1] == "bias":
+        if p.ndim < 2 or id(p) in embeddings or name.rsplit(".", 1)[-1] == "bias":
             no_decay.append(p)
-        elif cfg.optimizer == "muon" and id(p) not in head_ids:
+        elif cfg.optimizer == "muon" and id(p) not in heads:
             muon.append(p)
         else:
             decay.append(p)
-
-    common = dict(betas=(cfg.beta1, cfg.beta2))
-    groups = [
-        dict(name="decay", params=decay, lr=cfg.lr, base_lr=cfg.lr, weight_decay=cfg.weight_decay, **common),
-        dict(name="no_decay", params=no_decay, lr=cfg.lr, base_lr=cfg.lr, weight_decay=0.0, **common),
-    ]
+    lr, betas = dict(lr=cfg.lr, base_lr=cfg.lr), (cfg.beta1, cfg.beta2)
+    groups = [dict(name="decay", params=decay, **lr, weight_decay=cfg.weight_decay, betas=betas),
+              dict(name="no_decay", params=no_decay, **lr, weight_decay=0.0, betas=betas)]
     if cfg.optimizer == "muon":
         for group in groups:
             group.update(use_muon=False, eps=cfg.eps)
@@ -88,21 +62,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """One optimizer over all trainable parameters of `model`, its groups tagged `name` and `base_lr`.
-
-    adamw: `torch.optim.AdamW` (decoupled weight decay). lion: `Lion` with betas (cfg.beta1, cfg.beta2).
-    muon: `Muon` for 2-D+ hidden matrices, AdamW for embeddings, the output head and 1-D parameters.
-    """
+    """AdamW, Lion, or Muon for 2-D+ hidden matrices and AdamW for embeddings, the output head and 1-D ones."""
     groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False); "
                          "unfreeze some parameters before building the optimizer")
     if cfg.optimizer == "adamw":
-        # torch's fused AdamW: one kernel over all parameters instead of ~10 foreach ops, on CPU too
-        # (torch >= 2.4); the same update as the foreach path up to rounding, and faster on CPU
-        # (measured in bench/RESULTS.md, "Fast paths"). Needs float parameters on CPU or CUDA.
-        params = [p for group in groups for p in group["params"]]
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        # torch's fused AdamW (one kernel instead of ~10 foreach ops, on CPU too since torch 2.4): the same
+        # update up to rounding, and faster (bench/RESULTS.md, "Fast paths"). Needs float CPU/CUDA parameters.
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, fused=fused or None)
     if cfg.optimizer == "lion":
@@ -128,18 +96,19 @@ def _call_closure(closure):
         return closure()
 
 
-# -----------------------------------------------------------------------------
-# Lion
+def _state(state: dict, p: torch.Tensor, name: str) -> torch.Tensor:
+    """The optimizer state `name` of `p`, zeros like `p` on its first step."""
+    if name not in state:
+        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state[name]
 
 
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675, Alg. 2).
 
-    update = sign(beta1 * m + (1 - beta1) * g);  p <- p * (1 - lr * wd) - lr * update;
-    m <- beta2 * m + (1 - beta2) * g.
+    update = sign(beta1 * m + (1 - beta1) * g); p <- p * (1 - lr * wd) - lr * update; m <- beta2 * m + (1 - beta2) * g.
     Every coordinate moves by exactly lr, so the paper uses an LR 3-10x smaller than AdamW's and a weight
-    decay 3-10x larger (keeping lr * wd) -- set cfg.lr / cfg.weight_decay accordingly. One state tensor
-    (`exp_avg`) per parameter instead of AdamW's two.
+    decay 3-10x larger (keeping lr * wd). One state tensor (`exp_avg`) per parameter instead of AdamW's two.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
@@ -157,10 +126,7 @@ class Lion(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avg = state["exp_avg"]
+                exp_avg = _state(self.state[p], p, "exp_avg")
                 update = exp_avg.lerp(p.grad, 1 - beta1).sign_()
                 if wd:
                     p.mul_(1 - lr * wd)
@@ -169,30 +135,27 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-# -----------------------------------------------------------------------------
-# Muon
+def _fast_bf16(t: torch.Tensor) -> bool:
+    """bf16 matmuls are fast on CUDA and on CPUs with AMX; elsewhere they are emulated."""
+    return t.is_cuda or (t.device.type == "cpu" and cpu_has_amx())
 
 
 def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS, work_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximately orthogonalise the last two dims of `grad`: U S V^T -> U S' V^T with S' near 1.
 
-    grad: [..., rows, cols]; leading dims are a batch (e.g. stacked experts [E, out, in]), each matrix done
-    on its own. Returns the same shape and dtype. The quintic iteration X <- aX + (bA + cA^2)X with A = XX^T
-    pushes every singular value of X (scaled so the largest is <= 1) towards ~1 without an SVD (Jordan et
-    al. 2024). It runs on the wide orientation so A is the smaller Gram matrix. In bf16 as in the paper
-    (the iteration tolerates the rounding) where bf16 matmuls are fast: CUDA, and CPUs with AMX; in fp32 on
-    other CPUs, where bf16 matmuls are emulated. `work_dtype` overrides that choice.
+    grad: [..., rows, cols], leading dims a batch (e.g. stacked experts [E, out, in]); same shape and dtype out.
+    The quintic iteration X <- aX + (bA + cA^2)X, A = XX^T (the smaller Gram matrix: X is made wide), pushes
+    every singular value towards ~1 without an SVD (Jordan et al. 2024). In bf16 as in the paper where bf16
+    matmuls are fast, else in fp32; `work_dtype` overrides that choice.
     """
     a, b, c = NS_COEFFICIENTS
     if work_dtype is None:
-        fast_bf16 = grad.is_cuda or (grad.device.type == "cpu" and cpu_has_amx())
-        work_dtype = torch.bfloat16 if fast_bf16 else torch.float32
+        work_dtype = torch.bfloat16 if _fast_bf16(grad) else torch.float32
     x = grad.to(work_dtype)
     transposed = grad.size(-2) > grad.size(-1)
     if transposed:
         x = x.mT
-    # The Frobenius norm bounds the spectral norm, so every singular value starts in [0, 1].
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # the Frobenius norm bounds the spectral norm
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -201,19 +164,11 @@ def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS, work_dtype: torch.d
     return x.to(grad.dtype)
 
 
-# At most this many elements per batched Newton-Schulz call: the stacked directions are a transient copy.
-NS_BATCH_ELEMENTS = 1 << 24
-
-
 def _newton_schulz_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Muon's parameters cut into lists that share one Newton-Schulz call.
-
-    Where the iteration runs in bf16 (CUDA, AMX CPUs), matrices of one shape go together, up to
-    NS_BATCH_ELEMENTS: one batched call per shape instead of one per matrix, the same numbers with far fewer
-    small ops. In fp32 on CPU batching measured slower, so each matrix goes alone there (both measured in
-    bench/RESULTS.md, "CPU kernel choices").
-    """
-    if not params or not (params[0].is_cuda or (params[0].device.type == "cpu" and cpu_has_amx())):
+    """Muon's parameters in lists that share one Newton-Schulz call: in bf16, matrices of one shape (up to
+    NS_BATCH_ELEMENTS), the same numbers with far fewer small ops; in fp32 on CPU batching is slower
+    (bench/RESULTS.md, "CPU kernel choices"), so each matrix goes alone."""
+    if not params or not _fast_bf16(params[0]):
         return [[p] for p in params]
     batches: list[list[torch.Tensor]] = []
     open_batch: dict[tuple, list[torch.Tensor]] = {}
@@ -240,9 +195,8 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 0.02, weight_decay: float = 0.0,
                  momentum: float = MUON_MOMENTUM, nesterov: bool = True, ns_steps: int = NS_STEPS,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, betas=betas, eps=eps, use_muon=True)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, betas=betas, eps=eps, use_muon=True))
         for group in self.param_groups:
             if group["use_muon"] and any(p.ndim < 2 for p in group["params"]):
                 raise ValueError(f"Muon group {group.get('name', '?')!r} holds a 1-D parameter; Muon needs "
@@ -261,11 +215,7 @@ class Muon(torch.optim.Optimizer):
         for batch in _newton_schulz_batches(params):
             directions = []
             for p in batch:
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
+                buf = _state(self.state[p], p, "momentum_buffer").lerp_(p.grad, 1 - momentum)
                 directions.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
             if len(directions) == 1:  # no stacked copy (a stacked-experts tensor can be large)
                 updates = [newton_schulz(directions[0], group["ns_steps"])]
@@ -283,14 +233,9 @@ class Muon(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            if not state:
-                state["step"] = 0  # a Python int: reading a device tensor every step would sync the GPU
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.lerp_(p.grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            state["step"] = state.get("step", 0) + 1  # a Python int: a device tensor would sync the GPU each step
+            exp_avg = _state(state, p, "exp_avg").lerp_(p.grad, 1 - beta1)
+            exp_avg_sq = _state(state, p, "exp_avg_sq").mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             # Kingma & Ba 2015 bias correction, folded into the step size and the denominator.
             bias_correction1, bias_correction2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
             denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
@@ -299,28 +244,19 @@ class Muon(torch.optim.Optimizer):
             p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
-# -----------------------------------------------------------------------------
-# Learning-rate schedule
-
-
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak LR at optimizer step `step` (0 = the first step); a pure function.
 
-    Warmup (all schedules): (step + 1) / warmup_steps for step < warmup_steps, so step 0 already moves.
-    Then, with m = min_lr_ratio and T = max_steps:
-      cosine:   m + (1 - m) * (1 + cos(pi * t)) / 2, t going 0 -> 1 from the end of warmup to step T
-                (Loshchilov & Hutter 2017), m from step T on;
-      wsd:      1 until the last decay_fraction * T steps, then linear to m at step T
-                (warmup-stable-decay, Hu et al. 2024 MiniCPM, arXiv 2404.06395);
-      constant: 1;
-      cyclic:   cosine cycles of cycle_steps steps, 1 -> m -> 1, starting at 1 right after warmup. Smooth
-                like Smith 2017's triangular cycles, without SGDR's jump from m back to 1, an LR jump
-                being a classic trigger of loss spikes.
+    Warmup: (step + 1) / warmup_steps, so step 0 already moves. Then, with m = min_lr_ratio and T = max_steps:
+      cosine:   m + (1 - m) * (1 + cos(pi * t)) / 2, t from 0 after warmup to 1 at T (Loshchilov & Hutter 2017)
+      wsd:      1, then linear to m over the last decay_fraction * T steps (MiniCPM, Hu et al. 2024, 2404.06395)
+      constant: 1
+      cyclic:   cosine cycles of cycle_steps steps, 1 -> m -> 1: smooth like Smith 2017's triangular cycles,
+                without SGDR's jump from m back to 1 (an LR jump is a classic trigger of loss spikes)
     """
-    warmup = cfg.warmup_steps
+    warmup, floor = cfg.warmup_steps, cfg.min_lr_ratio
     if step < warmup:
         return (step + 1) / warmup
-    floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "cosine":

@@ -1,21 +1,11 @@
 """Plateau detection: a run whose loss sits at the unigram entropy has learned token frequencies and nothing else.
 
-Too high a learning rate rarely ends in a NaN when gradients are clipped: the model is knocked into a state
-where its output ignores the context (saturated attention, dead residual branches) and its loss settles at
-H(unigram) = -sum_v p(v) log p(v) of the training tokens, the best a context-free predictor can do. Such a run is
-lost as surely as one that went NaN, but nothing non-finite ever shows. `PlateauDetector` calls it: after
-`start` applied steps, if an EMA of the training loss is within `margin` nats of the unigram entropy (or above
-it) and its lowest value has moved less than `min_gain` (0.1 nats) in the last `patience` steps, the run is on
-the plateau. A slow run (low LR) still descending through the unigram level is not flagged: it gains more.
-
-The same detector calls the faster failure of the same cause: a loss EMA that climbs `DIVERGED_NATS` above the
-run's first loss has diverged (Wortsman et al. 2023, arXiv 2309.14322, count such a run at its initial loss).
-Measured at LR 1.0 (bench/instability_lab.py) this shows within the first 5 steps, long before a plateau could
-be told from slow progress, so the rollback costs a few steps instead of a third of the run.
-
-The EMA sees finite losses of applied steps only (a skipped step leaves it untouched), so no NaN can ever enter
-it, and a skip stays equivalent to leaving the batch out. Cost: one float update per step on the host, plus
-one bincount over (a prefix of) the training tokens at start-up.
+With clipped gradients, too high an LR rarely ends in a NaN: it knocks the model into ignoring the context and
+its loss settles at H(unigram) = -sum_v p(v) log p(v), the best a context-free predictor can do. Such a run is
+lost although nothing non-finite shows. The faster failure of the same cause, a loss climbing `DIVERGED_NATS`
+above the first, is divergence (Wortsman et al. 2023, arXiv 2309.14322, count such a run at its initial loss);
+it shows within a few steps, long before a plateau can be told from slow progress. The loss EMA sees only
+finite losses of applied steps, so no NaN enters it and a skipped step stays as if its batch was never drawn.
 """
 
 from __future__ import annotations
@@ -43,7 +33,7 @@ def unigram_entropy(shards: Iterable[str | Path], vocab_size: int,
 
 
 class PlateauDetector:
-    """Flags a training loss stuck at the unigram entropy after warm-up (see the module docstring)."""
+    """Flags a training loss stuck at the unigram entropy after warm-up, or diverging."""
 
     def __init__(self, unigram: float, start: int, margin: float = 0.1, patience: int = 50,
                  min_gain: float = 0.1, ema: float = 0.9):
@@ -56,7 +46,8 @@ class PlateauDetector:
         self.initial: float | None = None  # the run's first loss (kept across rollbacks)
 
     def observe(self, loss: float) -> str | None:
-        """Record an applied step's loss; returns the reason when the run sits on the plateau, else None."""
+        """Record an applied step's loss; the reason when the run diverged or is on the plateau (after `start`
+        steps, its EMA within `margin` of the unigram level or above, its lowest moved < `min_gain` in `patience`)."""
         if not math.isfinite(loss):
             return None  # never averaged: the guard skips such a step anyway
         self.applied += 1
@@ -67,9 +58,8 @@ class PlateauDetector:
                     f"{self.initial:.3f})")
         self.best = min(self.best, self.ema)
         self.bests.append(self.best)
-        # Progress is how far the lowest loss so far moved, not how far the loss fell since `patience` steps ago:
-        # a model knocked above the unigram level that slowly relearns token frequencies is descending, but
-        # towards the plateau, and one creeping along it gains a few hundredths of a nat per window.
+        # Progress is how far the lowest loss moved, not how far the loss fell since `patience` steps ago: a model
+        # knocked above the unigram level that relearns token frequencies descends, but towards the plateau.
         gain = self.bests[0] - self.best
         full = len(self.bests) > self.patience
         if self.applied >= self.start and full and gain < self.min_gain and self.ema > self.unigram - self.margin:
@@ -79,8 +69,7 @@ class PlateauDetector:
 
     @property
     def below_unigram(self) -> bool:
-        """The loss EMA is clearly below the unigram level: the weights have learned more than token counts,
-        so they are worth keeping as a rollback target (a model knocked onto the plateau early is not)."""
+        """The loss EMA is clearly below the unigram level: the weights learned more than token counts."""
         return self.ema is not None and self.ema < self.unigram - self.margin
 
     def reset(self) -> None:

@@ -1,11 +1,8 @@
 """Resume from what the checkpoint says, and start a run only where nothing else would be mixed in.
 
-A checkpoint carries the full run config (config.json); on `--resume` that config is the base, flags given
-with `--resume` are applied on top and listed, and a change that cannot continue the same run (the model's
-shape, the tokenizer, the data or its order, the optimizer kind) is refused in one line, as the optimizer's
-moments or the data cursor would not mean the same thing (OLMo-core and the HF Trainer likewise resume from
-the checkpoint's own state). `--resume-from step-N` picks an earlier checkpoint; the later ones are moved
-aside (never deleted), so the continued run's checkpoints are the only ones `latest_checkpoint` sees.
+On `--resume` the checkpoint's own config is the base and the flags given now apply on top (listed), as in
+OLMo-core and the HF Trainer; what cannot continue the run (the model's shape, the tokenizer, the data or its
+order, the optimizer kind) is refused in one line. Checkpoints after a `--resume-from` are moved aside, never deleted.
 """
 
 from __future__ import annotations
@@ -33,8 +30,8 @@ FIXED = {f"model.{name}" for name in (
     "data.hf_text_field", "train.optimizer", "seed"}
 IGNORED = {"out", "preset", "model.kv_head_ratio", "model.embd_scale"}  # where the run lives; derived values
 
-# What a run directory may hold before a new run starts in it (a run that stopped before its first
-# checkpoint, or the data `heal` copies in first).
+# What a run directory may hold before a new run starts in it (from a run stopped before its first checkpoint,
+# or the data `heal` copies in first).
 RUN_FILES = {CONFIG_TOML, "metrics.jsonl", "data", "tb", "samples.txt", "conversion.json", "heal.json", "npt.json",
              "adapters", "bad_batches", ".wandb_id", "report.png", "report.html", CHECKPOINTS_DIR, LOCK_FILE}
 
@@ -69,8 +66,7 @@ def check_continuation(saved: dict, now: dict, source: str) -> list[str]:
 
 
 def find_checkpoint(run_dir: str | Path, resume_from: str | None = None) -> Path | None:
-    """The checkpoint to resume: the latest complete one, or `resume_from` (step-N, N, or a checkpoint
-    directory of this run). None when the run has none yet."""
+    """The latest complete checkpoint (None: none yet), or `resume_from`: step-N, N, or one of this run's."""
     run_dir = Path(run_dir)
     if resume_from is None:
         return latest_checkpoint(run_dir)
@@ -87,14 +83,13 @@ def find_checkpoint(run_dir: str | Path, resume_from: str | None = None) -> Path
         chosen = next((p for p in found if p.resolve() == path.resolve()), None)
     if chosen is None:
         have = ", ".join(p.name for p in found) or "none"
-        raise ValueError(f"--resume-from {resume_from}: no complete checkpoint of that name in {run_dir / CHECKPOINTS_DIR} "
-                         f"(complete ones: {have})")
+        raise ValueError(f"--resume-from {resume_from}: no complete checkpoint of that name in "
+                         f"{run_dir / CHECKPOINTS_DIR} (complete ones: {have})")
     return chosen
 
 
 def saved_config(run_dir: str | Path, resume_from: str | None = None) -> RunConfig:
-    """The config a resumed run continues with: the chosen checkpoint's own, else (no checkpoint yet) the
-    run's config.toml. ValueError when neither exists."""
+    """The config a resumed run continues with: its checkpoint's own, else (no checkpoint yet) config.toml."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"--resume: {run_dir} does not exist (or is not a directory); point --out at the run to "
@@ -113,8 +108,7 @@ def saved_config(run_dir: str | Path, resume_from: str | None = None) -> RunConf
 
 
 def set_aside_later(run_dir: str | Path, chosen: Path) -> Path | None:
-    """Move the checkpoints after `chosen` into checkpoints/abandoned-TIME/ (kept, but never resumed from or
-    pruned). Returns that folder, or None when there were none."""
+    """Move the checkpoints after `chosen` to checkpoints/abandoned-TIME/ (kept, never resumed); that folder or None."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     step = int(chosen.name.split("-")[1])
     later = [p for p in list_checkpoints(run_dir) if int(p.name.split("-")[1]) > step]
@@ -128,8 +122,8 @@ def set_aside_later(run_dir: str | Path, chosen: Path) -> Path | None:
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
-    """Before a run is built in `run_dir`: one to resume must exist; a new one starts only where there is no
-    run with checkpoints, nobody's other files and no half-started run with other settings."""
+    """A run to resume must exist. A new one starts only where there is no run with checkpoints, nobody's other
+    files, and no run stopped before its first checkpoint with other settings, whose data would be mixed in."""
     if resume:
         if not run_dir.is_dir():
             raise ValueError(f"--resume: {run_dir} does not exist; point --out at the run to continue, "
@@ -138,7 +132,20 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
     if latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a run with checkpoints; continue it with --resume, "
                          "or choose a new --out")
-    check_fresh_run_dir(run_dir, cfg.to_dict())
+    refuse_foreign_files(run_dir)
+    now, toml = cfg.to_dict(), run_dir / CONFIG_TOML
+    if toml.is_file():
+        try:
+            changes = config_changes(RunConfig.load_toml(toml).to_dict(), now)
+        except ValueError:
+            changes = [(CONFIG_TOML, "unreadable", "")]
+        changes = [c for c in changes if c[0] != "model.vocab_size"]  # set from the data once it is prepared
+        if changes:
+            key, old, new = changes[0]
+            raise ValueError(f"--out {run_dir} holds a run that stopped before its first checkpoint, with other "
+                             f"settings ({key} {old!r} -> {new!r}); continue it as it was with --resume, or start "
+                             "this one in a new --out")
+    _refuse_other_data(run_dir, now["data"])
 
 
 def refuse_foreign_files(run_dir: str | Path) -> None:
@@ -155,29 +162,8 @@ def refuse_foreign_files(run_dir: str | Path) -> None:
                          "changed: choose a new or empty --out")
 
 
-def check_fresh_run_dir(run_dir: str | Path, now: dict) -> None:
-    """Before a new run starts in an existing directory: refuse one holding someone's other files, or a run
-    (stopped before its first checkpoint) with another config than `now`, whose data would be mixed in."""
-    refuse_foreign_files(run_dir)
-    toml = Path(run_dir) / CONFIG_TOML
-    if toml.is_file():
-        try:
-            saved = RunConfig.load_toml(toml).to_dict()
-        except ValueError:
-            saved = None
-        changes = config_changes(saved, now) if saved is not None else [(CONFIG_TOML, "unreadable", "")]
-        changes = [c for c in changes if c[0] != "model.vocab_size"]  # set from the data once it is prepared
-        if changes:
-            key, old, new = changes[0]
-            raise ValueError(f"--out {run_dir} holds a run that stopped before its first checkpoint, with other "
-                             f"settings ({key} {old!r} -> {new!r}); continue it as it was with --resume, or start "
-                             "this one in a new --out")
-    _refuse_other_data(Path(run_dir), now["data"])
-
-
 def _refuse_other_data(run_dir: Path, data: dict) -> None:
-    """A run killed while its data was prepared, before config.toml: its data/ may be reused only by the same
-    data settings (the trainer reuses RUN_DIR/data as it is)."""
+    """A run killed while preparing its data left RUN_DIR/data, which is reused as it is: only by the same settings."""
     meta_path = run_dir / "data" / "meta.json"
     if not meta_path.is_file() or Path(data["source"]).expanduser().resolve() == meta_path.parent.resolve():
         return
@@ -187,18 +173,16 @@ def _refuse_other_data(run_dir: Path, data: dict) -> None:
                  "val_fraction": meta["split"]["val_fraction"]}
     except (OSError, ValueError, KeyError, TypeError):
         saved = {"source": "unreadable meta.json"}
-    differs = [key for key, value in saved.items() if data.get(key) != value]
-    if differs:
-        key = differs[0]
+    key = next((key for key, value in saved.items() if data.get(key) != value), None)
+    if key is not None:
         raise ValueError(f"--out {run_dir} holds data prepared from other settings (data.{key} {saved[key]!r}, now "
                          f"{data.get(key)!r}) by a run that stopped before its first checkpoint; continue it with "
                          "the same settings, or start this one in a new --out")
 
 
 def restart_without_checkpoint(run_dir: Path, cfg: RunConfig) -> str:
-    """--resume of a run that stopped before its first checkpoint: it starts again on its own data and
-    config.toml (returns the note saying so), or is refused when there is none: never a default config over
-    someone's data, never another config over this run's data."""
+    """--resume of a run stopped before its first checkpoint starts it again on its own data and config.toml
+    (returns the note saying so); never a default config over someone's data, nor another over this run's."""
     toml = Path(run_dir) / CONFIG_TOML
     if not toml.is_file():
         raise ValueError(f"--resume: no complete checkpoint under {Path(run_dir) / CHECKPOINTS_DIR} and no "

@@ -1,6 +1,4 @@
-"""A run's state besides the weights: the loop's counters, what a checkpoint's trainer state holds, and
-loading it back (`--resume`), which refuses a checkpoint that does not fit the model and tells the console
-where the run continues from (and when the world size or global batch changed under it)."""
+"""A run's state besides the weights: the loop's counters, a checkpoint's trainer state, and loading it back."""
 
 from __future__ import annotations
 
@@ -38,8 +36,7 @@ class Progress:
 
 def run_state(dist: Distributed, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, loader, guard,
               progress: Progress, global_batch: int, clipper=None) -> dict:
-    """Everything but the weights that exact resume needs: the counters (top-level keys), optimizer moments,
-    GradScaler, data cursor, guard statistics, adaptive clipper, RNG. Under FSDP a collective: call on every rank."""
+    """Everything but the weights that exact resume needs. Under FSDP a collective: call on every rank."""
     return {**dataclasses.asdict(progress), "optimizer": dist.full_optimizer_state(model, optimizer),
             "scaler": scaler.state_dict(), "loader": loader.state_dict(), "guard": guard.state_dict(),
             "clipper": clipper.state_dict() if clipper is not None else None,
@@ -53,8 +50,7 @@ def check_fits(ckpt, model: torch.nn.Module, cfg: RunConfig) -> None:
         name for name, tensor in ckpt.model_state.items() if name in own and own[name].shape != tensor.shape)
     if not misfits:
         return
-    saved = ckpt.config.get("model", {})
-    now = cfg.model.to_dict()
+    saved, now = ckpt.config.get("model", {}), cfg.model.to_dict()
     changed = [f"model.{key}={now[key]!r} (saved: {saved[key]!r})" for key in now
                if key in saved and key != "derived" and saved[key] != now[key]]
     what = ", ".join(changed[:4]) or f"{len(misfits)} tensors differ, first {misfits[0]}"
@@ -64,8 +60,7 @@ def check_fits(ckpt, model: torch.nn.Module, cfg: RunConfig) -> None:
 
 def restore_run(ckpt, cfg: RunConfig, dist: Distributed, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 scaler, loader, guard, ema: torch.nn.Module | None, progress: Progress, clipper=None) -> None:
-    """Load a checkpoint's full state (written by any mode and world size) into a run's parts, in place. A
-    checkpoint from before adaptive clipping or plateau detection leaves those starting afresh."""
+    """Load a checkpoint's state (any mode or world size) into a run's parts in place; parts it predates start anew."""
     check_fits(ckpt, unwrap(model), cfg)
     dist.load_model_state(model, ckpt.model_state)
     state = ckpt.trainer_state
@@ -85,8 +80,7 @@ def restore_run(ckpt, cfg: RunConfig, dist: Distributed, model: torch.nn.Module,
 
 def resume_note(path: Path, state: dict, max_steps: int, world_size: int, global_batch: int,
                 overrides: Sequence[str] = (), aside: Path | None = None) -> str:
-    """The console note for a run resumed from the checkpoint at `path` with trainer state `state`; `overrides`:
-    the settings given now over the checkpoint's own; `aside`: where its later checkpoints were moved."""
+    """The console note for a run resumed from `path`, with `overrides` given now and later checkpoints in `aside`."""
     step = state["step"]
     notes = [f"resuming from {path} (step {step} of {max_steps})"]
     if overrides:

@@ -43,9 +43,8 @@ class StepLog:
             record.update(self.model.health_stats())
         if (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.cfg.train.max_steps:
             tps = self.throughput.rate()
-            record["tokens_per_sec"] = tps
-            record["mfu"] = mfu(self.flops_per_token, tps, self.peak_flops)
-            record["peak_mem_gb"] = peak_memory_gb(self.device)
+            record.update(tokens_per_sec=tps, mfu=mfu(self.flops_per_token, tps, self.peak_flops),
+                          peak_mem_gb=peak_memory_gb(self.device))
         self.logger.log(record)
         shown = {"ce": values["ce"]} if "ce" in values else {"loss": values.get("loss")}  # as the val loss reads
         self.logger.progress(step, **shown, tok_s=record.get("tokens_per_sec"))

@@ -1,16 +1,9 @@
 """Stop at a step boundary with a resumable checkpoint when the user or the scheduler asks.
 
-- Ctrl-C (SIGINT): the first finishes the current step, saves and stops (exit 130); a second interrupts at
-  once. One process only: under torchrun every rank would see it at a different step.
-- SIGTERM: what SLURM (at the time limit, `scancel`, preemption), Kubernetes (pod eviction), spot/preemptible
-  instances and torchrun (forwarding its own SIGTERM to every worker) send before they kill a job; a grace
-  period follows (SLURM's KillWait, 30 s by default; Kubernetes' terminationGracePeriodSeconds). The run
-  finishes its step, saves a checkpoint and exits 143 (128 + 15, what a SIGTERM'd process reports).
-- SIGUSR1: what a scheduler sends ahead of the deadline when asked (`sbatch --signal=USR1@120`), so the
-  save happens while there is time left; handled as SIGTERM, exit 138 (128 + 10).
-
-Under torchrun the ranks agree on the step to stop at: each step they OR their flags in one tiny host
-all-reduce (`Distributed.all_ok`), so all ranks save the same step together.
+Ctrl-C (SIGINT, one process only): the first finishes the step, saves and stops; a second interrupts at once.
+SIGTERM (what SLURM, Kubernetes, spot instances and torchrun send before a kill) and SIGUSR1 (a scheduler's early
+warning, `sbatch --signal=USR1@120`): finish the step and save. The exit code is 128 + the signal's number.
+Under torchrun the ranks OR their flags each step in one tiny host all-reduce, so all save the same step.
 """
 
 from __future__ import annotations
@@ -22,8 +15,8 @@ PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr
 
 
 class GracefulStop:
-    """Context manager installing the handlers above in the main thread; `requested` says a stop was asked
-    for, `signum` which signal asked. `world_size > 1` leaves SIGINT with its default meaning."""
+    """Installs the handlers above in the main thread while entered; `requested` says a stop was asked for,
+    `signum` by which signal. `world_size > 1` leaves SIGINT with its default meaning."""
 
     def __init__(self, enabled: bool = True, world_size: int = 1):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
@@ -51,14 +44,7 @@ class GracefulStop:
 
     def should_stop(self, dist) -> bool:
         """True on every rank once any rank was asked to stop (a collective when several processes run)."""
-        if self.world_size > 1:
-            return not dist.all_ok(not self.requested)
-        return self.requested
-
-    @property
-    def exit_code(self) -> int:
-        """The conventional code of a process ended by this signal: 128 + its number."""
-        return 128 + (self.signum or signal.SIGINT)
+        return not dist.all_ok(not self.requested) if self.world_size > 1 else self.requested
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():

@@ -1,25 +1,9 @@
-"""The training loop: one code path for CPU and GPU, fp32/bf16/fp16, one process or torchrun.
+"""The training loop: one code path for CPU and GPU, fp32/bf16/fp16, one process or torchrun (DDP or FSDP2).
 
-One step is a pipeline of plain calls (DESIGN.md, "The path of one training step"), `train_step`:
-
-    read_batches()         grad_accum micro-batches; token ids checked on the host before any forward
-    forward_backward()     forward under autocast -> loss components -> backward (GradScaler in fp16)
-                           -> one fused host read of the components and the grad norm: StepStats
-    guard.check(stats)     the Verdict, before anything is updated (train/guard.py)
-    recorder.record()      a fault: save the batch, replay it to name the module (train/locate.py)
-    apply(verdict)         ok: clip (fixed, tightened by ZClip), optimizer, scaler, model.after_optimizer_step
-                           (MoE balance bias, QK-clip), EMA; otherwise the update is dropped whole
-
-and the loop (`_train`) then reacts to the verdict (roll back via train/rollback.py, or abort), logs,
-and at the step boundary (`_step_boundary`) evaluates, saves and honours a stop request.
-
-Two counters (`Progress`): `step` counts data batches consumed (always advances, so data moves on past a
-bad batch) and `opt_step` counts applied updates (drives the LR schedule and MTP ramp, so a skipped step
-leaves the schedule exactly where it was).
-
-Under torchrun the same loop runs on every rank (`distributed.py`: DDP or FSDP2): the host read above
-becomes one all-reduce of the loss components and grad norm, so every rank's guard judges the global
-step and all ranks apply or drop it together; rank 0 logs and writes checkpoints of full state.
+A step (DESIGN.md, "The path of one training step") is judged by the guard before anything is updated, and a
+bad one is dropped whole. `step` counts data batches consumed (always advances, so data moves on past a bad
+batch); `opt_step` counts applied updates (it drives the LR schedule and MTP ramp, so a skip leaves them be).
+Every rank judges the same global numbers, so all apply or drop a step together; rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -39,25 +23,25 @@ from nanoseek.data import TokenLoader, prepare_data
 from nanoseek.model import Transformer
 from nanoseek.rundir import is_new, unique_run_dir
 from nanoseek.train import resume as resuming
-from nanoseek.train.clipping import AdaptiveClip, clip_applied_step
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from nanoseek.train.clipping import AdaptiveClip, clip_applied_step
 from nanoseek.train.distributed import Distributed, launched_by_torchrun, local
+from nanoseek.train.evaluation import validation_losses
 from nanoseek.train.faults import FaultInjector
 from nanoseek.train.fp8 import enable_fp8
 from nanoseek.train.guard import RankView, StabilityGuard, StepStats, Verdict
 from nanoseek.train.hardware import resolve_device
 from nanoseek.train.loading import model_from_state
-from nanoseek.train.objectives import Objective, next_token_objective
 from nanoseek.train.locate import BadStepRecorder
-from nanoseek.train.evaluation import validation_losses
+from nanoseek.train.objectives import Objective, next_token_objective
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor, update_ema
 from nanoseek.train.plateau import unigram_entropy
-from nanoseek.train.state import Progress, restore_run, resume_note, run_state
 from nanoseek.train.rng import seed_everything
 from nanoseek.train.rollback import RollbackKeeper
 from nanoseek.train.safety import refuse_nonfinite_weights
-from nanoseek.train.stop import GracefulStop
+from nanoseek.train.state import Progress, restore_run, resume_note, run_state
 from nanoseek.train.steplog import StepLog
+from nanoseek.train.stop import GracefulStop
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x [B, T], y [B, T + lookahead - 1] (token ids, on the host)
 
@@ -84,11 +68,9 @@ class TrainResult:
 class Trainer:
     """Builds data, model, optimizer and guard for a RunConfig and runs the loop.
 
-    `model` (a Transformer built elsewhere: a converted or imported model, or one carrying adapters)
-    replaces the one built from `cfg.model`; only its parameters with requires_grad train.
-    `objective(model, x, y) -> ModelOutput` replaces the next-token loss (distillation against a
-    teacher, say); its `losses` dict is logged, and `losses["ce"]` (else the total) is the eval metric.
-    `resume_from` (step-N, N or a checkpoint directory of the run) resumes an earlier checkpoint than the latest.
+    `model` (converted, imported, or carrying adapters) replaces the one built from `cfg.model`; only its
+    parameters with requires_grad train. `objective(model, x, y) -> ModelOutput` replaces the next-token loss
+    (distillation, say). `resume_from` (step-N, N or a checkpoint directory) resumes an earlier checkpoint.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
@@ -96,12 +78,11 @@ class Trainer:
                  resume_from: str | None = None):
         # The process group first: it decides this rank's device (cuda:LOCAL_RANK under torchrun).
         self.dist = Distributed.setup(cfg.train.dist, resolve_device(cfg.device))
-        self.resume_from = resume_from
         created = is_new(run_dir)  # absent, or only locked by this command so far
         try:
             resuming.check_run_dir(Path(run_dir), cfg, resume)  # before anything is written (train/resume.py)
-            self._build(cfg, Path(run_dir), resume, model, objective)
-            self._open_log(show_progress, self._resume() if resume else "")
+            self._build(cfg, Path(run_dir), model, objective)
+            self._open_log(show_progress, self._resume(resume_from) if resume else "")
         except BaseException:  # a bad --data or --out must leave neither the process group nor a half run
             self.dist.close(wait=False)
             if created and self.dist.is_main and latest_checkpoint(run_dir) is None:
@@ -110,8 +91,7 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------
 
-    def _build(self, cfg: RunConfig, run_dir: Path, resume: bool, model: Transformer | None,
-               objective: Objective) -> None:
+    def _build(self, cfg: RunConfig, run_dir: Path, model: Transformer | None, objective: Objective) -> None:
         self.cfg, self.run_dir, tc = cfg, run_dir, cfg.train
         self.device = self.dist.device
         if self.device.type == "cpu":
@@ -131,8 +111,8 @@ class Trainer:
                              "(--data.tokenizer path/to/tokenizer.json)")
         cfg.model = model.config if model is not None else dataclasses.replace(
             cfg.model, vocab_size=self.data.vocab_size, derived=dict(cfg.model.derived))
-        self.lookahead = 1 + (cfg.model.mtp_depth if cfg.model.mtp_depth else 0)
-        self.train_loader = TokenLoader(self.data.train_shards, tc.batch_size, cfg.data.seq_len, lookahead=self.lookahead,
+        self.lookahead = 1 + (cfg.model.mtp_depth or 0)
+        self.train_loader = TokenLoader(self.data.train_shards, tc.batch_size, cfg.data.seq_len, self.lookahead,
                                         rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.seed,
                                         vocab_size=self.data.vocab_size)
         self.built_model = model is None
@@ -149,7 +129,7 @@ class Trainer:
         self.clipper = AdaptiveClip(tc.zclip) if tc.zclip > 0 else None  # ZClip (train/clipping.py)
         self.guard = StabilityGuard(cfg.guard, tc.precision, grad_spikes_clipped=self.clipper is not None,
                                     attention_groups=("muon",) if tc.optimizer == "muon" else ())
-        # After the LR warm-up plus one patience window of steps, a loss at the unigram level is a plateau. Another
+        # After the LR warm-up plus one patience window, a loss at the unigram level is a plateau. Another
         # objective's loss (a distillation's KL) has no unigram level: only its divergence is watched.
         unigram = (functools.partial(unigram_entropy, self.data.train_shards, self.data.vocab_size)
                    if objective is next_token_objective else None)
@@ -169,10 +149,10 @@ class Trainer:
         self.forward_model = torch.compile(wrapped) if tc.compile else wrapped
         self.optimizer = build_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
         # Plain functions, not bound methods: the bad-step recorder holds them, and a trainer in a reference
         # cycle would keep its files open after a failure until the garbage collector ran.
-        self._autocast = functools.partial(autocast_context, self.device.type, self.autocast_dtype)
+        self._autocast = functools.partial(autocast_context, self.device.type, dtype)
         self._whole_copy = functools.partial(whole_copy, self.cfg.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -182,17 +162,16 @@ class Trainer:
         self.log = StepLog(self.cfg, self.run_dir, self.model, self.device, self.dist.world_size,
                            self.dist.is_main, self.step, show_progress)
         self.logger = self.log.logger
-        for note in (self.dist.note, resume_note):
-            if note:
-                self.logger.write(note)
+        for note in filter(None, (self.dist.note, resume_note)):
+            self.logger.write(note)
         self.recorder = BadStepRecorder(self.run_dir, self.dist, self.model, self.cfg.guard.inject, self._autocast,
                                         self._whole_copy if self.built_model else None,
                                         self.logger.write) if self.cfg.guard.save_bad_batches else None
 
-    def _resume(self) -> str:
-        """Load the latest checkpoint, or `resume_from` (full state: any mode and world size), after
-        refusing settings that cannot continue it (train/resume.py). Returns a note for the console."""
-        path = resuming.find_checkpoint(self.run_dir, self.resume_from)
+    def _resume(self, resume_from: str | None) -> str:
+        """Load the latest checkpoint, or `resume_from`, after refusing settings that cannot continue it
+        (train/resume.py); any mode and world size. Returns a note for the console."""
+        path = resuming.find_checkpoint(self.run_dir, resume_from)
         if path is None:  # stopped before its first checkpoint: again from step 0, on its own data and config
             return resuming.restart_without_checkpoint(self.run_dir, self.cfg)
         ckpt = read_checkpoint(path)
@@ -205,8 +184,7 @@ class Trainer:
                            self.global_batch, overrides, aside)
 
     @property
-    def global_batch(self) -> int:
-        """Sequences per optimizer step over all ranks."""
+    def global_batch(self) -> int:  # sequences per optimizer step, over all ranks
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.dist.world_size
 
     # The counters live in `progress` (which the fault wrappers read); these name them as the loop does.
@@ -217,8 +195,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         try:
-            with GracefulStop(world_size=self.dist.world_size) as stop:
-                self.stop = stop
+            with GracefulStop(world_size=self.dist.world_size) as self.stop:
                 return self._train()
         except BaseException:  # Ctrl-C or an error mid-run: leave the process group (a no-op in one process)
             self.dist.close(wait=False)
@@ -252,32 +229,13 @@ class Trainer:
         status = status or "finished"
         if self.saved_step != self.step:
             self.save(self.progress.last_val)
-        train_loss = last_values.get("ce", last_values["loss"])  # the next-token loss, else the objective's
-        result = TrainResult(self.run_dir, self.step, self.opt_step, train_loss,
-                             self.progress.last_val, status, guard.n_skips, guard.n_rollbacks, self.stop.signum)
+        result = TrainResult(self.run_dir, self.step, self.opt_step, headline(last_values), self.progress.last_val,
+                             status, guard.n_skips, guard.n_rollbacks, self.stop.signum)
         self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
                          "val_loss": result.val_loss, "skips": guard.n_skips, "rollbacks": guard.n_rollbacks})
         self.logger.close()
         self._leave_process_group()
         return result
-
-    def _step_boundary(self, verdict: Verdict) -> str | None:
-        """Between two steps, where the run's state is whole: move the data past a rolled-back window,
-        evaluate, save. Returns a status that ends the run, or None to go on."""
-        tc, skip = self.cfg.train, self.cfg.guard.rollback_skip_batches
-        if verdict.action == "rollback" and skip:
-            # Only now, so the event and the record above name the step that faulted. A "batch" here
-            # is a step's data: grad_accum loader batches, so steps and data stay in line.
-            self.train_loader.skip(skip * tc.grad_accum)
-            self.step += skip
-        if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
-            if self._eval_and_maybe_stop():
-                return "early-stopped"
-        elif self.step % tc.save_every == 0:
-            self.save(None)
-        return "interrupted" if self.stop.should_stop(self.dist) else None  # every rank stops at one step
-
-    # ---- one step ------------------------------------------------------------------------------
 
     def train_step(self) -> tuple[Verdict, dict[str, float], list[Batch]]:
         """Read -> forward/backward -> judge -> (on a fault: record) -> apply or drop. Returns the verdict,
@@ -299,8 +257,7 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             batches.append((x, y))
             if int(x.max()) >= self.data.vocab_size or int(x.min()) < 0:
-                # The step is dropped whole: pass over its other micro-batches too, so the data moves on
-                # exactly as after any other skipped step.
+                # Pass over the step's other micro-batches too: the data moves on as after any skipped step.
                 self.train_loader.skip(self.cfg.train.grad_accum - 1 - micro)
                 return batches, False
         return batches, True
@@ -314,9 +271,8 @@ class Trainer:
         self.model.before_step(self.opt_step, track_stats=sample_stats)
         apply_lr_factor(self.optimizer, self.schedule(self.opt_step) * self.guard.lr_scale, self.guard.group_lr_scale)
         lrs = [group["lr"] for group in self.optimizer.param_groups]  # host floats: the guard checks them, no sync
-        lr = {"lr": lrs[0]}
         if not self.dist.all_ok(rank_ok):
-            return StepStats(step, math.nan, math.nan, False, {"loss": math.nan, "grad_norm": math.nan, **lr},
+            return StepStats(step, math.nan, math.nan, False, {"loss": math.nan, "grad_norm": math.nan, "lr": lrs[0]},
                              rank=RankView(rank_ok), lrs=lrs)
         sums, logit_max = {}, None
         for micro, (x, y) in enumerate(batches):
@@ -334,20 +290,17 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         self.dist.sync_scaler(self.scaler, self.optimizer)
         local_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._local_grads())).float())
-        names = list(sums)
-        # Global means and norm (a no-op in one process), so every rank judges the same numbers.
-        reduced, grad_norm = self.dist.reduce_step([sums[n] for n in names], local_norm)
-        # The one host sync of the step: loss components and grad norm together.
-        values = dict(zip(names + ["grad_norm"], torch.stack(reduced + [grad_norm]).tolist()))
+        # Every rank judges the global numbers, read to the host together: the one sync of the step.
+        reduced, grad_norm = self.dist.reduce_step(list(sums.values()), local_norm)
+        values = dict(zip([*sums, "grad_norm"], torch.stack([*reduced, grad_norm]).tolist()))
         if logit_max is not None:
             values["logit_max"] = float(logit_max)
-        return StepStats(step, values["loss"], values["grad_norm"], True, {**values, **lr}, grad_norm,
-                         RankView(True, sums["loss"], local_norm), lrs, values.get("ce", values["loss"]),
+        return StepStats(step, values["loss"], values["grad_norm"], True, {**values, "lr": lrs[0]}, grad_norm,
+                         RankView(True, sums["loss"], local_norm), lrs, headline(values),
                          self.model.max_attention_logit(self.dist.max_) if sample_stats else None)
 
     def _local_grads(self) -> list[torch.Tensor]:
-        """This rank's part of every gradient: the whole gradient in one process or under DDP, the local
-        shard under FSDP (views, so clipping them in place clips the gradients)."""
+        # Under FSDP the local shards: views, so clipping them in place clips the gradients.
         return [local(p.grad) for p in self.params if p.grad is not None]
 
     def apply(self, verdict: Verdict, stats: StepStats) -> None:
@@ -377,10 +330,26 @@ class Trainer:
             self.model.after_skipped_step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    # ---- metrics, eval, checkpoints ---------------------------------------------------------------
-
     def _log_step(self, values: dict[str, float], verdict: Verdict) -> None:
         self.log.step(self.step - 1, self.opt_step, self.guard.n_skips, values, verdict)
+
+    def _step_boundary(self, verdict: Verdict) -> str | None:
+        """Between two steps, where the run's state is whole: move the data past a rolled-back window,
+        evaluate, save. Returns a status that ends the run, or None to go on."""
+        tc, skip = self.cfg.train, self.cfg.guard.rollback_skip_batches
+        if verdict.action == "rollback" and skip:
+            # Only now, so the event and the record above name the step that faulted. A "batch" here
+            # is a step's data: grad_accum loader batches, so steps and data stay in line.
+            self.train_loader.skip(skip * tc.grad_accum)
+            self.step += skip
+        if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+            if self._eval_and_maybe_stop():
+                return "early-stopped"
+        elif self.step % tc.save_every == 0:
+            self.save(None)
+        return "interrupted" if self.stop.should_stop(self.dist) else None  # every rank stops at one step
+
+    # ---- eval and checkpoints ------------------------------------------------------------------
 
     def evaluate(self, model: Transformer | None = None) -> dict[str, float]:
         """Mean loss components over the first eval_batches validation batches (always the same ones)."""
@@ -390,14 +359,14 @@ class Trainer:
     def _eval_and_maybe_stop(self) -> bool:
         tc = self.cfg.train
         losses = self.evaluate()
-        val = losses.get("ce", losses["loss"])
+        val = headline(losses)
         record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
+        ema_note = ""
         if self.ema is not None:
-            ema_losses = self.evaluate(self.ema)
-            record["val_loss_ema"] = ema_losses.get("ce", ema_losses["loss"])
+            record["val_loss_ema"] = headline(self.evaluate(self.ema))
+            ema_note = f" (ema {record['val_loss_ema']:.4f})"
         self.logger.log(record)
-        self.logger.write(f"step {self.step}: val loss {val:.4f}" +
-                          (f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""))
+        self.logger.write(f"step {self.step}: val loss {val:.4f}{ema_note}")
         self.progress.validated(val)
         self.save(val)
         return bool(tc.early_stop_patience) and self.progress.evals_since_best >= tc.early_stop_patience
@@ -414,17 +383,15 @@ class Trainer:
         self.saved_step = self.step
         model_state, trainer_state = self.dist.full_model_state(self.model), self.trainer_state()
         if self.dist.is_main:
-            path = save_checkpoint(self.run_dir, self.step, model_state, trainer_state,
-                                   self.cfg.to_dict(), val_loss=val_loss,
-                                   ema_state=self.ema.state_dict() if self.ema is not None else None,
-                                   keep_last=tc.keep_last, keep_best=tc.keep_best)
+            ema = self.ema.state_dict() if self.ema is not None else None
+            path = save_checkpoint(self.run_dir, self.step, model_state, trainer_state, self.cfg.to_dict(),
+                                   val_loss=val_loss, ema_state=ema, keep_last=tc.keep_last, keep_best=tc.keep_best)
         self.dist.barrier()  # every rank returns once the checkpoint is complete on disk
         return path if self.dist.is_main else latest_checkpoint(self.run_dir)
 
     def _leave_process_group(self) -> None:
-        """After the last step, make this trainer a one-process trainer over an ordinary module: under FSDP
-        the final weights are gathered into a plain Transformer (so a sample or an evaluation needs no other
-        rank; a model passed in stays sharded), then the process group is left if this run started it."""
+        """Become a one-process trainer: under FSDP the final weights are gathered into a plain Transformer (a
+        model passed in stays sharded), so sampling or evaluating after training needs no other rank."""
         if self.dist.mode == "fsdp" and self.built_model:
             self.model = self._whole_copy(self.dist.full_model_state(self.model, everywhere=True))
             self.forward_model = self.model
@@ -432,8 +399,12 @@ class Trainer:
         self.dist = self.dist.detached()
 
 
+def headline(losses: dict[str, float]) -> float:
+    """The next-token loss, else the objective's total: the train and eval metric."""
+    return losses.get("ce", losses["loss"])
+
+
 def autocast_context(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """The training precision's autocast (none for fp32)."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 

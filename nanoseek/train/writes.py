@@ -1,8 +1,7 @@
 """torch.save that fails as the OSError the disk reported.
 
-torch's zip writer turns a failed write (a full disk, a quota, an I/O error) into a RuntimeError that says
-only "unexpected pos N vs M"; the user should read "no space left on the device" with the path instead
-(nanoseek/errors.py maps the OSError to that one line).
+torch's zip writer turns a failed write (a full disk, a quota, an I/O error) into a RuntimeError saying only
+"unexpected pos N vs M"; the OSError, with the path, is what nanoseek/errors.py turns into one clear line.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ import torch
 
 
 class _RecordingWriter:
-    """A raw file for torch.save that keeps the OSError of a failed write: torch's zip writer reports a full
-    disk only as "unexpected pos N vs M"."""
+    """A raw file for torch.save that keeps the OSError of a failed write."""
 
     def __init__(self, file):
         self.file, self.error = file, None
@@ -35,7 +33,6 @@ class _RecordingWriter:
 
 
 def torch_save(value: Any, path: Path) -> None:
-    """torch.save(value, path); a write the OS refused (a full disk, say) raises that OSError, naming `path`."""
     with open(path, "wb", buffering=0) as file:
         writer = _RecordingWriter(file)
         try:
@@ -43,5 +40,4 @@ def torch_save(value: Any, path: Path) -> None:
         except RuntimeError:
             if writer.error is None:
                 raise
-            err = writer.error
-            raise OSError(err.errno, err.strerror, str(path)) from None
+            raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
