@@ -4,8 +4,6 @@ Each preset keeps its structure (attention kind, low-rank query, MoE and its exp
 embeddings, router scoring, RoPE scaling) and shrinks only its sizes: seconds on a CPU, every code path.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import time

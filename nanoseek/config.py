@@ -4,8 +4,6 @@ the one way a run's settings are put together (ModelConfig and PRESETS live in m
 A bad value raises ``ValueError`` naming the field, the value and the fix, before any data or tensor is touched.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import sys

@@ -1,8 +1,6 @@
 """`nanoseek diagnose RUN_DIR [--step N]`: replay a bad batch a run saved, with the NaN locator of
 nanoseek/train/locate.py, and name the first module that went non-finite."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 

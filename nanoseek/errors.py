@@ -5,8 +5,6 @@ Expected: a bad value, file or config (ValueError, raised with the fix in the me
 no space, no permission, ...), a corrupt or truncated file (safetensors, zip/pickle), running out of memory.
 """
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import os

@@ -4,8 +4,6 @@ Perplexity = exp(loss) depends on the tokenizer; bits per byte does not, so it c
 different tokenizers: the summed next-token loss (nats) over a text / ln 2 / the UTF-8 bytes it spells.
 """
 
-from __future__ import annotations
-
 import contextlib
 import math
 from dataclasses import asdict, dataclass

@@ -7,8 +7,6 @@ names, on every rank, or with `:rankR` (`nan-grad@5:rank1`) on rank R only: that
 rank's NaN makes every rank skip.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 

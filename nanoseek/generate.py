@@ -5,8 +5,6 @@ Python. The default cache is static (model/cache.py): every decode step has the 
 traces it once; the dynamic cache (`static_cache=False`) is the simpler reference.
 """
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass

@@ -4,8 +4,6 @@ Field names follow DESIGN.md (DeepSeek-V3's reference code where the concept exi
 ValueError naming the field, the value and the fix. config.py (run-level sections, TOML) re-exports all this.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from dataclasses import dataclass, field

@@ -8,8 +8,6 @@ lock never blocks anyone; the file stays behind on purpose (deleting it races wi
 swaps it in only once that succeeded; a crash between the two renames leaves the old one intact as `.NAME.old-PID`.
 """
 
-from __future__ import annotations
-
 import contextlib
 import glob
 import os

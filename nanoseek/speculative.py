@@ -13,8 +13,6 @@ Verification keeps exactly the tokens plain greedy decoding would produce; only 
 passes changes. Greedy and batch 1 only (rows would accept different lengths).
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

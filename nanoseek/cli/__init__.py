@@ -4,8 +4,6 @@ Every command runs inside one error path (errors.py: an expected failure is one 
 lock on the directory it writes (rundir.py) until it returns.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import signal
 import sys

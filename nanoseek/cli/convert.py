@@ -6,8 +6,6 @@ train/val shards), checkpoints/step-00000000/ (the converted weights) and conver
 options and the ConversionReport).
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import shutil

@@ -3,8 +3,6 @@
 Only the generated text goes to stdout (pipe it anywhere); what was loaded, speeds and acceptance rates go to stderr.
 """
 
-from __future__ import annotations
-
 import json
 import sys
 import time

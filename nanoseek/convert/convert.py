@@ -7,8 +7,6 @@ G > 1 groups' keys do not share per frequency, the truncated latent, the latent 
 top-k routing over split experts.
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import sys

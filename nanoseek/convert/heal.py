@@ -1,8 +1,6 @@
 """Heal a converted model: distil the original (teacher) back into it with the ordinary Trainer (guard,
 checkpoints, metrics) under train/objectives.py's `distill_objective`, and measure how close the two are."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from dataclasses import dataclass

@@ -9,8 +9,6 @@ principal component: a complex scalar commutes with the rotation, so mixing grou
 [W_k(nope); W_v] (MHA2MLA's joint SVD), whose spare dims keep |latent| ~ |u| so that the latent RMSNorm is a constant.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

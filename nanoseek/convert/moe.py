@@ -11,8 +11,6 @@
   1/(n_shared + 1) of the down-projection, the layer equals the dense one for any routing.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

@@ -10,8 +10,6 @@ The NoPE keys and the values then share one latent: the principal subspace of th
 without it the larger of the two takes the whole rank). All arithmetic is float64 on CPU.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

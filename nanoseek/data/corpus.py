@@ -8,8 +8,6 @@ a time (never a whole corpus in memory), in an order fixed by the source alone.
   hf:NAME[:CONFIG]   a Hugging Face dataset, streamed; hf:PATH, a folder of data files or of `save_to_disk`.
 """
 
-from __future__ import annotations
-
 import glob
 import json
 import os

@@ -6,8 +6,6 @@ next-token target once. A batch is x [B, T] and targets [B, T + lookahead - 1], 
 are the (k+1)-ahead targets (k = 0: next token; k > 0: multi-token prediction).
 """
 
-from __future__ import annotations
-
 import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path

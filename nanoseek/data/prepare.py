@@ -4,8 +4,6 @@ A prepared directory holds train_*.bin and val_*.bin (shards.py's format), the t
 written last, so a folder whose preparation crashed is never mistaken for a finished one.
 """
 
-from __future__ import annotations
-
 import hashlib
 import itertools
 import json

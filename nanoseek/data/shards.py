@@ -6,8 +6,6 @@ Ids are uint16 whenever the vocabulary fits, halving disk and page-cache use; do
 tokenizer's end-of-text id.
 """
 
-from __future__ import annotations
-
 import hashlib
 import os
 import struct

@@ -6,8 +6,6 @@ as `eos_id`, so a corpus that mentions the token cannot fake document boundaries
 `char`) and, for the bpe and file kinds, tokenizer.json (loadable by transformers' PreTrainedTokenizerFast).
 """
 
-from __future__ import annotations
-
 import itertools
 import json
 from collections.abc import Iterable, Iterator

@@ -3,8 +3,6 @@ ready for `generate` / `eval`; and its chat template for `--chat`, rendered by t
 tokens such as <|im_start|>, which only the model's own tokenizer.json (not nanoseek's plain `encode`) turns into ids.
 """
 
-from __future__ import annotations
-
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -8,8 +8,6 @@ transformers 4.x, 5.x and vLLM all load; MTP modules are training-only and not e
 See shared/reference/ecosystem.md section 1 for the layouts and the traps between versions.
 """
 
-from __future__ import annotations
-
 import json
 import re
 import warnings

@@ -4,8 +4,6 @@ tokenizer is written once into a cache folder ($NANOSEEK_CACHE, default ~/.cache
 that data preparation, `--chat` and a converted run read it as a file. Needs `pip install 'nanoseek[gguf]'`.
 """
 
-from __future__ import annotations
-
 import hashlib
 import importlib
 import os

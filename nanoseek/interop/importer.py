@@ -8,8 +8,6 @@ non-zero attention/MLP biases, activations other than SiLU, sliding-window atten
 and any tensor that is missing, unknown or of the wrong shape (named in the message).
 """
 
-from __future__ import annotations
-
 import json
 import math
 import re

@@ -8,8 +8,6 @@ and Qwen3 rotate halves (x[i], x[i + d/2]). Permuting the rows of each GQA head'
 qk-norm weight) between the two is exact: q.k is a sum over pairs, and each pair keeps its frequency.
 """
 
-from __future__ import annotations
-
 import re
 
 import torch

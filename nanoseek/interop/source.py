@@ -2,8 +2,6 @@
 tokenizer its data must use: a nanoseek run or checkpoint directory (tokenizer from its data/), a transformers folder
 (detected by its config.json; its tokenizer.json) or a GGUF file (detected by its header; a cache folder)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from pathlib import Path
 

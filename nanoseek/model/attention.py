@@ -1,7 +1,5 @@
 """Attention: grouped-query attention (MHA, MQA, GQA) and DeepSeek's Multi-head Latent Attention."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

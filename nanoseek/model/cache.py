@@ -6,8 +6,6 @@ graph at every position and compiles once. Ragged batches are left-padded: row b
 pad[b], slot s sits at RoPE position s - pad[b] (as if decoded alone), and a query in slot t sees pad[b]..t.
 """
 
-from __future__ import annotations
-
 import torch
 
 

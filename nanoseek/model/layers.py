@@ -1,7 +1,5 @@
 """Building blocks: RMSNorm, SwiGLU MLP, rotary position embeddings."""
 
-from __future__ import annotations
-
 import math
 
 import torch

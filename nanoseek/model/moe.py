@@ -1,7 +1,5 @@
 """DeepSeekMoE: a router with auxiliary-loss-free balancing, stacked routed experts, shared experts."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -5,8 +5,6 @@ the tokens k+1 ahead of each input position. A [B, T + depth] target tensor give
 a plain [B, T] one loses the last k positions at depth k.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

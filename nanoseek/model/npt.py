@@ -19,8 +19,6 @@ So the student starts as the base minus the converted layers' attention residual
 1e-3 of the output's norm in tests/test_npt.py); teacher-student training (train/objectives.py) puts them back.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

@@ -5,8 +5,6 @@ a prepacked weight far faster than bf16 `F.linear` (bench/RESULTS.md, "Generatio
 Inference only: a packed layer has no gradient and does not follow `model.to()`; pack last.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

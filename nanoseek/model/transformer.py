@@ -1,7 +1,5 @@
 """The Transformer: embeddings -> Blocks -> norm -> head, plus MTP modules."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import math

@@ -7,8 +7,6 @@ base weights plus adapters, data/ with the base's tokenizer), so the guard, resu
     adapters/    the trained adapters alone (adapters.safetensors + adapter_config.json)
 """
 
-from __future__ import annotations
-
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,7 +1,5 @@
 """What an NPT adapter set is: which layers, what rank, safe mode. Saved next to the adapter weights."""
 
-from __future__ import annotations
-
 import dataclasses
 from dataclasses import dataclass
 

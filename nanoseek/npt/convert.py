@@ -5,8 +5,6 @@ blocks' attention, norms and MLP, and the Teacher runs the original blocks over 
 that does not fit twice in memory still distils.
 """
 
-from __future__ import annotations
-
 import dataclasses
 
 import torch

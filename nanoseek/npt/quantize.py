@@ -9,8 +9,6 @@ base is rebuilt from --base (on --resume too), and such a run is generated from 
 `attach_adapters(base, RUN/adapters)`, not from its checkpoints alone.
 """
 
-from __future__ import annotations
-
 import importlib.util
 
 import torch

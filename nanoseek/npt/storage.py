@@ -2,8 +2,6 @@
 state-dict names) + DIR/adapter_config.json (the AdapterConfig and where the base came from).
 """
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 

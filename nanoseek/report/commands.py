@@ -1,7 +1,5 @@
 """The report's command-line surface: `nanoseek report`, `nanoseek runs`, and the end of `nanoseek train`."""
 
-from __future__ import annotations
-
 import os
 import time
 from dataclasses import dataclass

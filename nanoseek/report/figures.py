@@ -5,8 +5,6 @@ window, needs a display, or changes the backend of a program that imports it. `b
 what it plotted next to the artists, so a test can check the picture's data.
 """
 
-from __future__ import annotations
-
 import io
 import math
 from dataclasses import dataclass, field

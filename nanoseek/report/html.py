@@ -1,8 +1,6 @@
 """report.html: one self-contained page (the PNG inlined as base64, inline CSS, no scripts or links),
 so it can be mailed, attached to an issue or opened from a copied run directory."""
 
-from __future__ import annotations
-
 import base64
 import html
 import math

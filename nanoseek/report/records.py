@@ -7,8 +7,6 @@ dropped. (Within a segment a step's guard event comes just before its training r
 the summary's step counts the steps done, so no record is behind.)
 """
 
-from __future__ import annotations
-
 import json
 import math
 import re

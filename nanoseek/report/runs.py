@@ -7,8 +7,6 @@ A run's status comes from its own log, so it needs no process table and works on
 - otherwise it stopped without closing its log (a crash, kill -9, Ctrl-C, a lost machine): interrupted.
 """
 
-from __future__ import annotations
-
 import math
 import time
 from dataclasses import dataclass

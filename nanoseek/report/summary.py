@@ -4,8 +4,6 @@ Everything comes from the run directory, so the same text can be rebuilt for any
 when given, only fills in what the log cannot know yet (the applied-update count of a run that just ended).
 """
 
-from __future__ import annotations
-
 import math
 import time
 from pathlib import Path

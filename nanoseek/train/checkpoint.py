@@ -9,8 +9,6 @@ reference/stability_anchors.md). One writer per run directory (rank 0); readers 
 trainer_state loads with `torch.load(weights_only=True)` (no code runs on load), numpy arrays allowed.
 """
 
-from __future__ import annotations
-
 import errno
 import hashlib
 import json

@@ -7,8 +7,6 @@ then poisons them for the rest of the run), and only applied steps move them (`c
 verdict), so a skipped step leaves the clipper as if its batch had never been drawn.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

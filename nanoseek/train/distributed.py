@@ -7,8 +7,6 @@ Checkpoints are full state written by rank 0, the optimizer's keyed by parameter
 so it re-strides over the new ranks). Fine for the 1M-1B models nanoseek trains; beyond, sharded DCP checkpoints.
 """
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import datetime

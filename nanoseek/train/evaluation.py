@@ -1,7 +1,5 @@
 """The trainer's validation loss: mean loss components over the first `eval_batches` validation batches."""
 
-from __future__ import annotations
-
 from typing import Callable
 
 import torch

@@ -4,8 +4,6 @@ code. nan-grad and inf-grad wrap the GradScaler's unscale, the first thing after
 one-rank fault stays on that rank.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import difflib

@@ -5,8 +5,6 @@ The MLA projections (their low-rank latents feed every head's keys and values), 
 dims are not multiples of 16 (an fp8 GEMM requirement). Real fp8 matmuls need CUDA compute capability >= 8.9.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

@@ -14,8 +14,6 @@
 - overflow -- fp16 only: the GradScaler saw inf gradients and lowers its scale; the scaler working, not a fault.
 """
 
-from __future__ import annotations
-
 import math
 from collections import deque
 from collections.abc import Callable

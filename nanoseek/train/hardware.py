@@ -6,8 +6,6 @@ double the dense peak); A100, RTX 4090 and CPUs with AMX: bf16; other CUDA GPUs:
 since Volta); other CPUs: fp32, as bf16 matmuls there are emulated or half-rate.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import importlib.util

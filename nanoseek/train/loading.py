@@ -1,7 +1,5 @@
 """Rebuild a model (and its tokenizer) from a run's checkpoint."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import torch

@@ -7,8 +7,6 @@ replays them later. Replay order: forward (the first module whose output is non-
 a child is named before its parent), the loss, backward, and last the original step's parameter gradients.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import json

@@ -5,8 +5,6 @@ metrics.jsonl is appended and flushed line by line, so a crash loses at most one
 JSON lacks, are written as "nan", "inf" and "-inf": `float(value)` reads them back, and NaN stays apart from Inf.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import re
@@ -131,7 +129,7 @@ class MetricsLogger:
         self._file = self._tensorboard = self._wandb = self._bar = None
         self.enabled = False
 
-    def __enter__(self) -> MetricsLogger:
+    def __enter__(self) -> "MetricsLogger":
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,8 +10,6 @@ Hidden states are compared by nmse = ||h_s - h_t||^2 / ||h_t||^2 over the batch,
 a plain MSE grows with the hidden size and norm and gives a large model huge first gradients.
 """
 
-from __future__ import annotations
-
 import contextlib
 from collections.abc import Callable, Iterator
 

@@ -5,18 +5,14 @@ no special meaning, and decaying embeddings of rare tokens shrinks them between 
 (nanoGPT `configure_optimizers`; Loshchilov & Hutter 2019 for the decoupled form).
 """
 
-from __future__ import annotations
-
 import math
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
+from nanoseek.config import TrainConfig
 from nanoseek.train.hardware import cpu_has_amx
-
-if TYPE_CHECKING:
-    from nanoseek.config import TrainConfig
 
 # Modules whose weight is an output projection onto the vocabulary. Muon leaves them to AdamW
 # (Jordan et al. 2024: "embedding and final classifier head ... should be optimized by AdamW").

@@ -8,8 +8,6 @@ it shows within a few steps, long before a plateau can be told from slow progres
 finite losses of applied steps, so no NaN enters it and a skipped step stays as if its batch was never drawn.
 """
 
-from __future__ import annotations
-
 import math
 from collections import deque
 from collections.abc import Iterable

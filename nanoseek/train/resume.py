@@ -5,8 +5,6 @@ OLMo-core and the HF Trainer; what cannot continue the run (the model's shape, t
 order, the optimizer kind) is refused in one line. Checkpoints after a `--resume-from` are moved aside, never deleted.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re

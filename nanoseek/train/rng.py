@@ -1,7 +1,5 @@
 """Random-number-generator state: capture and restore every generator a run uses (exact resume)."""
 
-from __future__ import annotations
-
 import random
 
 import numpy as np

@@ -5,8 +5,6 @@ once the loss is below the unigram level), so a bad update that looked fine when
 rolls back to (PaLM, arXiv 2204.02311, section 5.1). It holds the adaptive clipper's averages too.
 """
 
-from __future__ import annotations
-
 import torch
 
 from nanoseek.config import GuardConfig

@@ -4,8 +4,6 @@ An update from finite inputs can still overflow (an Adam `eps` of 0 over a zero 
 step would cost a pass over the model and a host sync; a checkpoint is rare, so the check runs there.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

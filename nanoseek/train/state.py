@@ -1,7 +1,5 @@
 """A run's state besides the weights: the loop's counters, a checkpoint's trainer state, and loading it back."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from collections.abc import Sequence

@@ -1,8 +1,6 @@
 """What a run writes per step: the train record (values, sampled health statistics, tokens/s, MFU, peak
 memory), guard events, the progress bar. Only rank 0 writes; the others skip the host reads too."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from nanoseek.config import RunConfig

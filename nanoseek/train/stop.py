@@ -6,8 +6,6 @@ warning, `sbatch --signal=USR1@120`): finish the step and save. The exit code is
 Under torchrun the ranks OR their flags each step in one tiny host all-reduce, so all save the same step.
 """
 
-from __future__ import annotations
-
 import signal
 import threading
 

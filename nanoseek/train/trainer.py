@@ -6,8 +6,6 @@ batch); `opt_step` counts applied updates (it drives the LR schedule and MTP ram
 Every rank judges the same global numbers, so all apply or drop a step together; rank 0 logs and saves.
 """
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import dataclasses

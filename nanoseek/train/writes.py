@@ -4,8 +4,6 @@ torch's zip writer turns a failed write (a full disk, a quota, an I/O error) int
 "unexpected pos N vs M"; the OSError, with the path, is what nanoseek/errors.py turns into one clear line.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Any
 
