@@ -2,14 +2,9 @@
 
 from nanoseek.config import PRESETS, DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig
 from nanoseek.model import ModelOutput, Transformer
-from nanoseek.train.loading import load_model
+from nanoseek.train.loading import load_model as load_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "DataConfig", "GuardConfig", "ModelConfig", "ModelOutput", "RunConfig", "TrainConfig",
            "Transformer", "load_checkpoint", "__version__"]
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """(the Transformer in eval mode, its ModelConfig) from a checkpoint or a run directory (its latest checkpoint)."""
-    return load_model(path, map_location)

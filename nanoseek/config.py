@@ -1,11 +1,8 @@
-"""A run's configuration: DataConfig, TrainConfig, GuardConfig, RunConfig, their TOML form, and `load_config`,
-the one way a run's settings are put together (ModelConfig and PRESETS live in model_config.py).
-
-A bad value raises ``ValueError`` naming the field, the value and the fix, before any data or tensor is touched.
-"""
+"""A run's configuration: DataConfig, TrainConfig, GuardConfig, RunConfig, their TOML form, and `load_config`
+(ModelConfig and PRESETS live in model_config.py). A bad value raises ValueError naming the field, the value and
+the fix, before any data or tensor is touched."""
 
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +146,8 @@ class GuardConfig:
     plateau_lr_factor: float = 0.1  # LR factor after a plateau or a diverged loss: such an LR is off by a decade
     # Runaway attention-logit growth (Wortsman et al. 2023): a sampled max attention logit above this that grew
     # more than 8-fold within `window` steps means rollback, LR x plateau_lr_factor (under Muon, the Muon group's).
-    # Healthy models peak from about 20 to well over 100 (bench/RESULTS.md). 0 = off.
+    # For scale (bench/RESULTS.md): SmolLM2-135M peaks at 21, the lab model at its best LR at 35, a healthy 36M
+    # run reached 137 slowly enough not to trip it. 0 = off.
     attn_logit_limit: float = 50.0
     save_bad_batches: bool = True  # save a faulted step's batches under RUN_DIR/bad_batches/ (`nanoseek diagnose`)
     inject: tuple[str, ...] = ()  # fault injection: KIND@STEP, e.g. nan-loss@12, inf-act:layers.1.ffn@5
@@ -162,6 +160,7 @@ class GuardConfig:
         if self.warmup > self.window:
             _fail("warmup", self.warmup, f"must be <= window={self.window}: the window could never fill, "
                   "so spike detection would be off")
+        self.inject = tuple(self.inject)  # TOML and JSON give lists
         for spec in self.inject:  # a bad --inject fails before any data is prepared
             parse_fault(spec)
         for name in ("rollback_lr_factor", "plateau_lr_factor"):
@@ -191,23 +190,21 @@ class RunConfig:
                   "FSDP shards across ranks; use --train.dist ddp with QK-clip")
 
     def to_dict(self) -> dict:
-        guard = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.guard).items()}
         return {"preset": self.preset, "out": self.out, "seed": self.seed, "device": self.device,
                 "model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train), "guard": guard}
+                "train": dataclasses.asdict(self.train),
+                "guard": {**dataclasses.asdict(self.guard), "inject": list(self.guard.inject)}}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        values = dict(values)
-        preset = values.get("preset", "tiny")
-        # A run's own label (e.g. "converted") names no preset; its [model] section is complete anyway.
-        model = (ModelConfig.from_preset(preset) if preset in PRESETS else ModelConfig()).to_dict()
-        model.update(values.pop("model", {}))
         top = _known_fields(cls, values, "run")
-        model_config = ModelConfig.from_dict(model)
-        sections = {name: kind(**_known_fields(kind, _with_inject_tuple(top.pop(name, {})), name))
+        preset = top.get("preset", "tiny")
+        # A run's own label (e.g. "converted") names no preset; its [model] section is complete anyway.
+        base = ModelConfig.from_preset(preset) if preset in PRESETS else ModelConfig()
+        model = ModelConfig.from_dict({**base.to_dict(), **top.pop("model", {})})
+        sections = {name: kind(**_known_fields(kind, top.pop(name, {}), name))
                     for name, kind in (("data", DataConfig), ("train", TrainConfig), ("guard", GuardConfig))}
-        return cls(model=model_config, **sections, **top)
+        return cls(model=model, **sections, **top)
 
     def save_toml(self, path: str | Path) -> None:
         Path(path).write_text(to_toml(self.to_dict()))
@@ -227,10 +224,8 @@ class RunConfig:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else "nan"
     if isinstance(value, (int, float)):
-        return repr(value)
+        return repr(value)  # also TOML's inf, -inf and nan
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
@@ -253,16 +248,12 @@ def load_config(preset: str | None = None, toml: str | Path | None = None,
     """The one way a run's configuration is put together; later steps win:
 
     1. the dataclass defaults;
-    2. `toml`, a config file with top-level keys and [model], [data], [train], [guard] sections (a run's
-       config.toml or one written by hand), or in its place `saved`, a run's own config (on --resume the
-       one its checkpoint was saved with, read by train/resume.py);
+    2. `toml`, a config file (top-level keys and [model], [data], [train], [guard] sections), or in its place
+       `saved`, a run's own config (on --resume, the one its checkpoint was saved with);
     3. `preset`, a model shape from PRESETS: without `toml` or `saved` the start (default "tiny"); over a
        config written for another preset, the preset's model section replaces the config's;
     4. `overrides`, e.g. {"model": {"dim": 256}, "train": {"lr": 3e-4}, "seed": 3}; a model override derives
        again what the preset derived (a GQA head_dim from the new dim, say).
-
-    `nanoseek train` passes --preset and --config (or on --resume the checkpoint's config), then its other
-    flags as overrides (a resumed run refuses the changes that cannot continue it, and lists the others).
     """
     if toml is not None or saved is not None:
         cfg = RunConfig.load_toml(toml) if toml is not None else saved
@@ -276,11 +267,6 @@ def load_config(preset: str | None = None, toml: str | Path | None = None,
     return _replaced(cfg, {**overrides, **sections}, "run")
 
 
-def _with_inject_tuple(values: dict) -> dict:
-    # TOML and JSON give lists; GuardConfig.inject is a tuple.
-    return {**values, "inject": tuple(values["inject"])} if isinstance(values.get("inject"), list) else dict(values)
-
-
 def _replaced(obj: Any, changes: dict, section: str) -> Any:
     _known_fields(type(obj), changes, section)
-    return dataclasses.replace(obj, **_with_inject_tuple(changes)) if changes else obj
+    return dataclasses.replace(obj, **changes) if changes else obj

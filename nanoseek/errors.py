@@ -1,9 +1,6 @@
-"""One error path for every command: an expected failure is one line on stderr and a non-zero exit; a
-traceback only for what must be a bug in nanoseek, with a request to report it.
-
-Expected: a bad value, file or config (ValueError, raised with the fix in the message), an OS refusal (OSError:
-no space, no permission, ...), a corrupt or truncated file (safetensors, zip/pickle), running out of memory.
-"""
+"""One error path for every command: an expected failure (a ValueError carrying its fix, an OS refusal, a corrupt
+file, running out of memory) is one line on stderr and exit 2; anything else is a bug: a traceback and a request
+to report it."""
 
 import contextlib
 import errno
@@ -44,15 +41,15 @@ def describe(err: BaseException) -> str | None:
         return ("out of memory; lower --train.batch-size (raise --train.grad-accum to keep the batch), use a smaller "
                 "model, or --train.activation-checkpointing")
     if isinstance(err, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError)):
-        return f"a file is truncated or corrupt ({type(err).__name__}: {_first_line(err)}); recreate it"
+        return f"a file is truncated or corrupt ({type(err).__name__}: {first_line(err)}); recreate it"
     if type(err).__name__ == "SafetensorError":
-        return f"a .safetensors file is unreadable or corrupt ({_first_line(err)}); recreate it"
+        return f"a .safetensors file is unreadable or corrupt ({first_line(err)}); recreate it"
     if isinstance(err, ValueError):
         return str(err).replace("\n", " ")
     return None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else ""
 
@@ -69,12 +66,8 @@ def report(err: BaseException, prog: str = "nanoseek") -> int:
     return 1
 
 
-class ConfigError(ValueError):
-    """A setting rejected while the command line was turned into config objects."""
-
-
 def validation_errors_raised():
-    """Within: a config's `__post_init__` ValueError while tyro builds it comes out as a one-line ConfigError,
+    """Within: a config's `__post_init__` ValueError while tyro builds it comes out as a one-line ValueError,
     not tyro's multi-line box; usage errors (an unknown flag, a wrong type) keep tyro's message. Uses tyro
     1.0's parse-error hook; a no-op on a tyro without it."""
     try:
@@ -84,6 +77,6 @@ def validation_errors_raised():
 
     def hook(event) -> None:
         if isinstance(event, InstantiationFailure):
-            raise ConfigError(str(event.message).replace("\n", " "))
+            raise ValueError(str(event.message).replace("\n", " "))
 
     return on_parse_error(hook)

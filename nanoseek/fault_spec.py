@@ -1,11 +1,9 @@
-"""What `--inject KIND@STEP` means: the fault kinds and their parser. config.py checks `GuardConfig.inject` with
-it before any data is prepared; train/faults.py injects them.
+"""What `--inject KIND@STEP` means (config.py parses it before any data is prepared; train/faults.py injects it).
 
 Kinds: nan-loss, nan-grad, inf-grad, inf-act:MODULE_PATH (a `named_modules()` path such as `layers.1.attn`),
 lr-spike:FACTOR, bad-batch (token ids past the vocabulary). Each fires once, at the step (data batch index) it
 names, on every rank, or with `:rankR` (`nan-grad@5:rank1`) on rank R only: that is how a test proves that one
-rank's NaN makes every rank skip.
-"""
+rank's NaN makes every rank skip."""
 
 import math
 from dataclasses import dataclass

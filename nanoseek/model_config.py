@@ -1,13 +1,13 @@
 """ModelConfig, a Transformer's shape and numerics validated before any tensor is made, and the presets.
 
-Field names follow DESIGN.md (DeepSeek-V3's reference code where the concept exists there). A bad value raises
+Field names follow DeepSeek-V3's reference code where the concept exists there. A bad value raises
 ValueError naming the field, the value and the fix. config.py (run-level sections, TOML) re-exports all this.
 """
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 
 def _fail(field_name: str, value: Any, fix: str) -> None:
@@ -152,18 +152,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "rope_theta", "norm_eps",
                          "embd_scale", "inter_dim", "init_std", "beta_fast", "beta_slow", "mscale")
-        _one_of(self, "attention", ("mla", "gqa"))
-        _one_of(self, "score_func", ("sigmoid", "softmax"))
-        _one_of(self, "mtp_kind", ("modules", "shared"))
-        _one_of(self, "rope_scaling", ("none", "linear", "yarn"))
+        for f in dataclasses.fields(self):
+            if get_origin(f.type) is Literal:
+                _one_of(self, f.name, get_args(f.type))
         require_non_negative(self, "q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts",
                              "route_scale", "balance_rate", "aux_loss_coef", "router_z_loss_coef", "mtp_weight",
                              "qk_clip_threshold", "logit_z_loss_coef", "swiglu_clamp", "rope_original_max_seq_len",
-                             "mscale_all_dim")
+                             "mscale_all_dim", "mtp_depth")
         if not 0.0 <= self.dropout < 1.0:
             _fail("dropout", self.dropout, "must be in [0, 1)")
-        if self.mtp_depth < 0:
-            _fail("mtp_depth", self.mtp_depth, "must be >= 0 (0 turns multi-token prediction off)")
         if self.n_dense_layers > self.n_layers:
             _fail("n_dense_layers", self.n_dense_layers, f"must be <= n_layers={self.n_layers}")
         if not (_is_number(self.rope_factor) and self.rope_factor >= 1.0):
@@ -179,10 +176,9 @@ class ModelConfig:
     def _derive_gqa(self) -> None:
         # Values derived by an earlier validation (a preset, or the CLI's defaults) are derived again,
         # so `from_preset("tiny-gqa", dim=256)` or `--model.dim 256` does not keep a stale head_dim.
-        if self.derived.get("auto_head_dim") == self.head_dim:
-            self.head_dim = None
-        if self.derived.get("auto_n_kv_heads") == self.n_kv_heads:
-            self.n_kv_heads = None
+        for name in ("head_dim", "n_kv_heads"):
+            if self.derived.get(f"auto_{name}") == getattr(self, name):
+                setattr(self, name, None)
         if self.embd_scale != 1.0 and "dim" not in self.derived:
             # Widen the residual stream with the KV-cache memory GQA frees; keep it a multiple of n_heads,
             # and of 2 * n_heads when head_dim = dim // n_heads is derived (RoPE needs it even: 768 * 1.12
@@ -211,22 +207,18 @@ class ModelConfig:
             _fail("head_dim", self.head_dim, "must be a positive even number (rotary embeddings rotate pairs)")
 
     def _check_mla(self) -> None:
-        gqa_only = "GQA settings do not apply to attention='mla' (every head has its own K/V from the latent)"
-        if self.kv_head_ratio is not None:
-            _fail("kv_head_ratio", self.kv_head_ratio, gqa_only)
-        if self.n_kv_heads not in (None, self.n_heads):
-            _fail("n_kv_heads", self.n_kv_heads, gqa_only)
-        if self.head_dim is not None:  # silently ignoring it would build a different model than asked for
-            _fail("head_dim", self.head_dim,
-                  "is for GQA; MLA's head sizes are qk_nope_head_dim, qk_rope_head_dim, v_head_dim")
-        if self.embd_scale != 1.0:
-            _fail("embd_scale", self.embd_scale, "widens dim for attention='gqa' only; set dim directly for MLA")
+        # A GQA setting silently ignored would build a different model than asked for.
+        gqa_only = {"kv_head_ratio": self.kv_head_ratio is not None, "head_dim": self.head_dim is not None,
+                    "n_kv_heads": self.n_kv_heads not in (None, self.n_heads), "embd_scale": self.embd_scale != 1.0,
+                    "qk_norm": self.qk_norm}
+        for name, is_set in gqa_only.items():
+            if is_set:
+                _fail(name, getattr(self, name), "is for attention='gqa' only: drop it (MLA takes dim as given, sizes "
+                      "heads by qk_nope_head_dim, qk_rope_head_dim, v_head_dim, bounds logits by qk_clip_threshold)")
         require_positive(self, "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
         require_non_negative(self, "qk_nope_head_dim")
         if self.qk_rope_head_dim % 2:
             _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (rotary embeddings rotate pairs)")
-        if self.qk_norm:
-            _fail("qk_norm", True, "is for GQA; MLA has its latent norms and QK-clip (qk_clip_threshold)")
 
     def _check_moe(self) -> None:
         require_positive(self, "moe_inter_dim", "n_activated_experts", "n_expert_groups", "n_limited_groups")

@@ -52,7 +52,7 @@ def check_folder_path(path: Path) -> None:
 
 
 def hold(directory: str | Path, command: str) -> None:
-    """Lock `directory` (created if missing) for this process until `release_all()` or exit; another process's
+    """Lock `directory` (created if missing) until `command_scope` ends or the process exits; another process's
     hold is refused with a ValueError naming its PID."""
     directory = Path(directory).expanduser()
     check_folder_path(directory)
@@ -100,19 +100,15 @@ def release(directory: str | Path) -> None:
     os.close(lock.fd)  # closing the last descriptor releases the flock
 
 
-def release_all() -> None:
-    for lock in list(_held.values()):
-        lock.count = 1
-        release(lock.directory)
-
-
 @contextlib.contextmanager
 def command_scope() -> Iterator[None]:
     """Locks taken inside are released when the command returns or fails (for `nanoseek.cli.main`)."""
     try:
         yield
     finally:
-        release_all()
+        for lock in list(_held.values()):
+            lock.count = 1
+            release(lock.directory)
 
 
 def unique_run_dir(root: str | Path, prefix: str) -> Path:
@@ -163,7 +159,7 @@ def replacing(target: str | Path, owned: set[str], writes: set[str], what: str) 
         if (target / LOCK_FILE).is_file():  # the lock (the same inode) travels with the folder it locks
             with contextlib.suppress(OSError):
                 os.link(target / LOCK_FILE, staging / LOCK_FILE)
-        _swap(staging, target)
+        swap_in(staging, target, target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(3)}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -194,15 +190,16 @@ def _recover(target: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _swap(staging: Path, target: Path) -> None:
-    aside = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
+def swap_in(new: Path, target: Path, aside: Path) -> None:
+    """Rename `new` to `target` durably. An existing `target` is moved to `aside` first (and back, should the second
+    rename fail), then deleted: between the two renames `target` is briefly absent, never half there."""
     if target.exists():
         os.replace(target, aside)
     try:
-        os.replace(staging, target)
+        os.replace(new, target)
     except BaseException:
         if aside.exists():
-            os.replace(aside, target)  # put the old one back
+            os.replace(aside, target)
         raise
     fsync_path(target.parent)
     shutil.rmtree(aside, ignore_errors=True)

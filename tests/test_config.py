@@ -4,11 +4,13 @@ TOML round-trips."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from nanoseek import PRESETS, DataConfig, GuardConfig, ModelConfig, RunConfig, TrainConfig, Transformer
+from nanoseek.config import to_toml, tomllib
 
 GQA = dict(attention="gqa")
 
@@ -201,6 +203,12 @@ def test_run_config_toml_round_trip(tmp_path):
     default = RunConfig()
     default.save_toml(tmp_path / "default.toml")
     assert RunConfig.load_toml(tmp_path / "default.toml") == default
+
+
+def test_toml_round_trips_non_finite_floats():
+    values = {"up": math.inf, "down": -math.inf, "table": {"down": -math.inf}}
+    assert tomllib.loads(to_toml(values)) == values
+    assert math.isnan(tomllib.loads(to_toml({"x": math.nan}))["x"])
 
 
 def test_round_trip_of_a_derived_config(tmp_path):

@@ -1,8 +1,4 @@
-"""The `nanoseek` command line: one subcommand per job, each a dataclass whose fields tyro turns into flags.
-
-Every command runs inside one error path (errors.py: an expected failure is one line and exit 2) and holds a
-lock on the directory it writes (rundir.py) until it returns.
-"""
+"""The `nanoseek` command line: one subcommand per job, each a dataclass whose fields tyro turns into flags."""
 
 import dataclasses
 import signal
@@ -31,13 +27,12 @@ from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
 from nanoseek.rundir import command_scope, hold, replacing
 from nanoseek.train.distributed import launched_by_torchrun
 from nanoseek.train.hardware import apply_hardware, resolve_device
-from nanoseek.train.loading import load_model, load_run_tokenizer
+from nanoseek.train.loading import load_model, run_dir_of
 from nanoseek.train.resume import saved_config
 from nanoseek.train.trainer import Trainer, default_run_dir
 
 
-# The config sections as flags (--model.dim, --train.lr, ...). The settings users reach for first are flags
-# without a section prefix: --data (data.source), --max-steps and --dist (train.*), --inject (guard.*).
+# The config sections as flags (--model.dim, --train.lr, ...); the settings users reach for first drop the prefix.
 @dataclass
 class ModelFlags(ModelConfig):
     derived: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict, compare=False)
@@ -88,9 +83,8 @@ class Train:
     seed: int = 1337  # Random seed (weights, data order).
     device: Literal["auto", "cpu", "cuda"] = "auto"  # Where to train (auto: cuda if available).
     hardware: Literal["manual", "auto"] = "manual"
-    """auto: set --train.precision/--train.fp8 for the device (H100/H200: bf16 + fp8 with torchao; A100,
-    RTX 4090: bf16; other GPUs: fp16 + GradScaler; CPUs with AMX: bf16; other CPUs: fp32) and print why;
-    manual: as configured."""
+    """auto: set --train.precision/--train.fp8 for the device (H100/H200: bf16 + fp8 with torchao; A100, RTX 4090:
+    bf16; other GPUs: fp16 + GradScaler; CPUs with AMX: bf16; other CPUs: fp32) and print why; manual: as configured."""
     sample: bool = True  # Print a generated sample at the end.
     progress: bool = True  # Show a progress bar.
     model: ModelFlags = field(default_factory=ModelFlags)
@@ -123,8 +117,7 @@ class _Start:
 
 
 def parse_train(argv: list[str]) -> Train:
-    """`nanoseek train` ARGV -> Train: load_config(the preset, the --config file, or with --resume the run's own
-    config: train/resume.py saved_config), then every flag on top of it."""
+    """`nanoseek train` ARGV -> Train: the base config (see Train) read first, then every flag on top."""
     start, _ = tyro.cli(_Start, args=argv, return_unknown_args=True, add_help=False, console_outputs=False)
     resume, saved = start.resume or start.resume_from is not None, None
     if resume and not start.out:
@@ -160,8 +153,7 @@ class Diagnose:
 class Export:
     """Write a model as a Hugging Face transformers folder (DeepseekV3 / DeepseekV2 / Llama / Qwen3)."""
 
-    path: tyro.conf.Positional[str]
-    """A run directory (latest checkpoint), a checkpoint directory, or a transformers folder (re-exported)."""
+    path: tyro.conf.Positional[str]  # Run dir (latest checkpoint), checkpoint dir or transformers folder (re-exported).
     out: str  # Folder to write (config.json, model.safetensors, tokenizer files).
     dtype: Literal["fp32", "bf16", "fp16"] | None = None  # Weight dtype on disk (default: the source's).
 
@@ -235,8 +227,7 @@ def cmd_export(args: Export) -> int:
         saved = model.hf_config.get("torch_dtype") or model.hf_config.get("dtype")
         dtype = dtype or (saved if saved in DTYPES else "fp32")  # export_hf reads "bfloat16" and "bf16" alike
     else:
-        model, _ = load_model(source)
-        tok = _checkpoint_tokenizer(source)
+        model, tok = load_model(source)[0], _checkpoint_tokenizer(source)
     with replacing(out, export_files(out), {"config.json"}, "an export") as staging:
         export_hf(model, staging, tokenizer=tok, dtype=dtype)  # an earlier export stays whole until this is
     print(f"exported {hf_model_type(model.config)} ({model.num_params() / 1e6:.2f}M parameters) to {out}; "
@@ -245,14 +236,9 @@ def cmd_export(args: Export) -> int:
 
 
 def _checkpoint_tokenizer(path: Path):
-    """The tokenizer of a run or checkpoint directory: the run's prepared data, else tokenizer files saved in the
-    checkpoint or run directory (or its tokenizer/ folder); None when there is none."""
-    try:
-        return load_run_tokenizer(path)
-    except ValueError:
-        pass
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
-    for folder in (path, run_dir, run_dir / "tokenizer"):
+    """The tokenizer of a run or checkpoint directory: its run's data/, else tokenizer files beside it; or None."""
+    run_dir = run_dir_of(path) or (path.parent.parent if path.parent.name == "checkpoints" else path)
+    for folder in (run_dir / "data", path, run_dir, run_dir / "tokenizer"):
         if (folder / "tokenizer_meta.json").is_file() or (folder / "tokenizer.json").is_file():
             return load_tokenizer(folder)
     return None

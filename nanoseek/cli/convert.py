@@ -1,9 +1,8 @@
 """`nanoseek convert` and `nanoseek heal`: the command-line side of convert/convert.py and convert/heal.py.
 
-A converted model is written as a nanoseek run directory, so every other command reads it: config.toml (the
-converted ModelConfig, the data it was measured on), data/ (the source's tokenizer, the text tokenised into
-train/val shards), checkpoints/step-00000000/ (the converted weights) and conversion.json (the source, the
-options and the ConversionReport).
+A converted model is a nanoseek run directory, so every other command reads it: config.toml, data/ (the source's
+tokenizer, the text tokenised into train/val shards), checkpoints/step-00000000/ (the converted weights) and
+conversion.json (the source, the options and the ConversionReport).
 """
 
 import dataclasses
@@ -60,15 +59,13 @@ class Convert:
     dense_layers: int = 1  # The first layers keep their dense MLP (DeepSeek's first_k_dense_replace).
     router_std: float = 0.02  # Spread of the initial router logits (small: top-k weights stay ~equal).
     method: Literal["rorope", "partial"] = "rorope"
-    """rorope: per kept RoPE frequency the KV groups' principal component is the shared rope key and the rest of
-    every key becomes NoPE (TransMLA's RoRoPE; heads D + Dr wide); partial: partial RoPE (MHA2MLA), the other
-    frequencies' rotation dropped (heads D wide)."""
+    """rorope: per kept RoPE frequency the KV groups' principal component is the shared rope key, the rest of every
+    key NoPE (TransMLA's RoRoPE; heads D + Dr wide); partial: MHA2MLA's partial RoPE, the others unrotated (D wide)."""
     kv_latent_norm: bool = True
     """Keep the RMSNorm on the KV latent (transformers' DeepseekV3 always has one; --no-kv-latent-norm is closer
     to the original in nanoseek, and its export then adds the norm back with a constant weight)."""
     latent_init: Literal["activations", "weights"] = "activations"
-    """--method partial, below full rank: SVD of the K/V projections weighted by the calibration inputs, or of
-    the bare weights."""
+    """--method partial, below full rank: SVD of K/V projections weighted by calibration inputs, or of bare weights."""
     data: str = "builtin:pydocs"
     """Text for calibration (its train split) and the held-out report (its val split); any `train --data` form
     (a prepared directory must have been tokenised with the model's tokenizer)."""
@@ -105,8 +102,7 @@ class Heal:
 
 
 def load_source(path: str | Path, flag: str = "--from"):
-    """(dense model, tokenizer spec for DataConfig.tokenizer, tokenizer folder) from a transformers folder, a
-    GGUF file or a nanoseek run."""
+    """(dense model, tokenizer spec for DataConfig.tokenizer, tokenizer folder); a char tokenizer is refused."""
     source = load_source_model(path, flag)
     if source.tokenizer == "char":
         raise ValueError(f"the run at {path} uses a 'char' tokenizer; convert needs a tokenizer.json or byte one")
@@ -192,9 +188,10 @@ def cmd_heal(args: Heal) -> int:
     if teacher.config.vocab_size != cfg.vocab_size:
         raise ValueError(f"--teacher {teacher_path} has vocab_size {teacher.config.vocab_size}, the converted model "
                          f"{cfg.vocab_size}; pass the model it was converted from")
-    out = Path(args.out or f"{str(run).rstrip('/')}-healed")
+    out = Path(args.out or f"{run}-healed")
     base = RunConfig.load_toml(run / "config.toml")
-    if launched_by_torchrun()[0] == 0:  # one writer per run directory; checked before data is copied in
+    writer = launched_by_torchrun()[0] == 0  # under torchrun, rank 0 alone writes and reports
+    if writer:  # one writer per run directory; checked before data is copied in
         hold(out, "heal")
         refuse_foreign_files(out)
     data = args.data
@@ -210,7 +207,7 @@ def cmd_heal(args: Heal) -> int:
     held_out = torch.from_numpy(_split_ids(run / "data", "val", args.eval_tokens))
     result = heal(student, teacher, run_cfg, out, held_out, args.temperature, args.hidden_weight, args.ce_weight,
                   show_progress=args.progress, train_router=args.train_router)
-    if launched_by_torchrun()[0] == 0:  # under torchrun, rank 0 alone writes and reports
+    if writer:
         (out / HEAL_FILE).write_text(json.dumps({"teacher": str(teacher_path), **result.as_dict()}, indent=1) + "\n")
         print(f"before heal: {result.before.line()}")
         print(f"after heal ({result.steps} steps, {result.status}): {result.after.line()}")

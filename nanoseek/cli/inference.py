@@ -1,7 +1,6 @@
 """`nanoseek generate`, `eval` and `check`: using a model rather than training one.
 
-Only the generated text goes to stdout (pipe it anywhere); what was loaded, speeds and acceptance rates go to stderr.
-"""
+Only the generated text goes to stdout (pipe it anywhere); what was loaded, speeds and acceptance rates go to stderr."""
 
 import json
 import sys
@@ -48,15 +47,13 @@ class Generate:
     """Self-speculative decoding: MTP modules draft, the model verifies (greedy; needs MTP); prints acceptance rate."""
     truncate: bool = False  # Keep the last max_seq_len - 1 tokens of a too-long prompt (otherwise that is an error).
     ema: bool = False  # Use the EMA weights when the checkpoint has them.
-    which: Literal["best", "latest"] = "best"
-    """For a run dir: the checkpoint with the lowest validation loss, or the newest."""
+    which: Literal["best", "latest"] = "best"  # For a run dir: the lowest-validation-loss checkpoint, or the newest.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stream: bool = True  # Print tokens as they are generated.
     dtype: Literal["checkpoint", "fp32", "bf16"] = "checkpoint"
     """Weights as saved, or cast (bf16 halves the bytes each token reads; fast on GPUs and CPUs with bf16 support)."""
     compile: bool = False  # Compile the decode step (torch.compile): minutes to compile on a CPU, for long generations.
-    chat: bool = False
-    """Wrap each prompt as a user turn in the model's chat template (instruct models); stop at its end of turn."""
+    chat: bool = False  # Wrap each prompt as a user turn in the chat template (instruct models); stop at end of turn.
     system: str | None = None  # With --chat: a system message (default: the template's own, if it has one).
 
 
@@ -90,10 +87,10 @@ def cmd_generate(args: Generate) -> int:
         ids, stops = chat_prompt(loaded.tokenizer_dir, text, args.system) if args.chat else (tok.encode(text), [])
         return ids, {tok.eos_id, *stops}
 
+    encoded = [encode(text) for text in prompts]
     if len(prompts) > 1 and not args.speculative:
-        return _generate_batch(model, tok, encode, prompts, args, sampling, generator)
-    for text in prompts:
-        ids, stops = encode(text)
+        return _generate_batch(model, tok, prompts, encoded, args, sampling, generator)
+    for text, (ids, stops) in zip(prompts, encoded):
         prompt = check_prompt(model, torch.tensor([ids], device=device), args.truncate)
         start, n_new = time.perf_counter(), 0
         sys.stdout.write(text + ("\n" if args.chat else ""))
@@ -105,29 +102,29 @@ def cmd_generate(args: Generate) -> int:
             _log(f"speculative: {stats.accepted}/{stats.drafted} drafts accepted "
                  f"({100 * stats.acceptance_rate:.1f}%), {stats.tokens_per_pass:.2f} tokens per model pass")
         else:
-            printer = _StreamPrinter(tok, live=args.stream)
+            new, written = [], 0
             for nxt in stream(model, prompt, args.max_new_tokens, sampling, tok.eos_id, generator,
                               use_cache=args.cache, compile=args.compile):
                 n_new += 1
                 if int(nxt[0, 0]) in stops:
                     break
-                printer.add(int(nxt[0, 0]))
-            printer.flush()
+                new.append(int(nxt[0, 0]))
+                if args.stream:  # a trailing U+FFFD is half of a multi-byte character: held back until the end
+                    written = _write_new(tok.decode(new).rstrip("\ufffd"), written)
+            _write_new(tok.decode(new), written)
         sys.stdout.write("\n")
         sys.stdout.flush()
         _log(_speed(n_new, start))
     return 0
 
 
-def _generate_batch(model, tok, encode, prompts: list[str], args: Generate, sampling, generator) -> int:
+def _generate_batch(model, tok, prompts: list[str], encoded: list, args: Generate, sampling, generator) -> int:
     """Every prompt of --prompt-file in one left-padded batch; each printed with its continuation, in order."""
     if not args.cache:
         raise ValueError("--prompt-file decodes its prompts as one batch from the cache; drop --no-cache")
     start = time.perf_counter()
-    encoded = [encode(text) for text in prompts]
-    with torch.no_grad():
-        rows = generate_batch(model, [ids for ids, _ in encoded], args.max_new_tokens, sampling, tok.eos_id,
-                              generator, args.truncate, args.compile)
+    rows = generate_batch(model, [ids for ids, _ in encoded], args.max_new_tokens, sampling, tok.eos_id, generator,
+                          args.truncate, args.compile)
     for text, row, (_, stops) in zip(prompts, rows, encoded):
         end = next((i for i, t in enumerate(row) if t in stops), len(row))  # a chat row ends at its end of turn
         sys.stdout.write(text + ("\n" if args.chat else "") + tok.decode(row[:end]) + "\n")
@@ -136,25 +133,11 @@ def _generate_batch(model, tok, encode, prompts: list[str], args: Generate, samp
     return 0
 
 
-class _StreamPrinter:
-    """Writes decoded text as tokens arrive. Decodes the whole continuation each time and prints what is new,
-    holding back a trailing replacement character (half of a multi-byte character) until the end."""
-
-    def __init__(self, tokenizer, live: bool = True):
-        self.tokenizer, self.live, self.ids, self.printed = tokenizer, live, [], 0
-
-    def add(self, token: int) -> None:
-        self.ids.append(token)
-        if self.live:
-            self.flush(final=False)
-
-    def flush(self, final: bool = True) -> None:
-        text = self.tokenizer.decode(self.ids)
-        text = text if final else text.rstrip("\ufffd")
-        if len(text) > self.printed:
-            sys.stdout.write(text[self.printed:])
-            sys.stdout.flush()
-            self.printed = len(text)
+def _write_new(text: str, written: int) -> int:
+    """Write what `text`, the decoded continuation so far, adds past the `written` characters already out."""
+    sys.stdout.write(text[written:])
+    sys.stdout.flush()
+    return max(written, len(text))
 
 
 @dataclass
@@ -163,14 +146,13 @@ class Eval:
 
     ckpt: str  # A run dir (best checkpoint, else latest: --which), checkpoint dir, transformers folder or .gguf file.
     data: str | None = None
-    """Text to score: anything `train --data` accepts (builtin:pydocs, a file, directory, glob, hf:NAME) or a
-    prepared directory (its validation split). Default: the run's own validation split (required for a
-    transformers folder or GGUF file)."""
+    """Text to score: anything `train --data` accepts, or a prepared directory (its validation split). Default: the
+    run's own validation split (required for a transformers folder or GGUF file)."""
     seq_len: int | None = None  # Window length (default: the model's max_seq_len).
     batch_size: int = 8
     max_tokens: int | None = None  # Score at most this many tokens (default: all).
     ema: bool = True  # Use the EMA weights when the checkpoint has them (--no-ema for the raw weights).
-    which: Literal["best", "latest"] = "best"
+    which: Literal["best", "latest"] = "best"  # For a run dir: the lowest-validation-loss checkpoint, or the newest.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     json: bool = False  # Print the result as one JSON object.
@@ -182,8 +164,7 @@ def cmd_eval(args: Eval) -> int:
     if args.data is None and loaded.run_dir is None:
         raise ValueError(f"--ckpt {args.ckpt} is not a nanoseek run, so it has no validation split: pass --data "
                          "(a file, directory, glob, builtin:pydocs or hf:NAME)")
-    run_data = loaded.run_dir / "data" if loaded.run_dir else None
-    ids = token_stream(args.data, tok, run_data=run_data, max_tokens=args.max_tokens)
+    ids = token_stream(args.data, tok, loaded.run_dir / "data" if loaded.run_dir else None, args.max_tokens)
     result = evaluate_ids(model, tok, ids, args.seq_len, args.batch_size,
                           torch.bfloat16 if args.precision == "bf16" else None, progress=True)
     source, weights = args.data or "the run's validation split", "EMA" if model.uses_ema else "raw"

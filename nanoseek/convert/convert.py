@@ -88,12 +88,6 @@ def _log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def balance_rate_for(router_std: float) -> float:
-    """DeepSeek-V3's bias step 0.001 suits sigmoid scores spread over (0, 1); a converted router's spread by only
-    ~router_std / 4 (the sigmoid's slope at 0): ~200 steps of steady over-load move a bias by one such spread."""
-    return router_std / 4 / 200
-
-
 def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_routed_experts: int,
                   n_shared_experts: int, n_activated_experts: int, moe: str, n_dense_layers: int,
                   choice: RopeChoice | None = None, method: str = "partial", kv_latent_norm: bool = True,
@@ -113,8 +107,6 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
     head_dim = dense.head_dim
     if not isinstance(rope_dims, int) or rope_dims < 2 or rope_dims % 2 or rope_dims > head_dim:
         raise ValueError(f"rope_dims={rope_dims!r}: must be an even number in [2, head_dim={head_dim}]")
-    if kv_lora_rank < 1:
-        raise ValueError(f"kv_lora_rank={kv_lora_rank}: must be >= 1")
     if method not in ("rorope", "partial"):
         raise ValueError(f"method={method!r}: choose 'rorope' (every kept frequency's shared component, the rest "
                          "as NoPE) or 'partial' (partial RoPE, the other pairs' rotation dropped)")
@@ -137,14 +129,15 @@ def target_config(dense: ModelConfig, kv_lora_rank: int, rope_dims: int, n_route
         n_activated_experts=n_activated_experts if n_routed_experts else 1, moe_inter_dim=dense.inter_dim // parts,
         # split: each picked expert gets weight ~1 (top-k weights sum to route_scale); upcycle: they sum to 1.
         route_scale=float(n_activated_experts) if moe == "split" else 1.0, score_func="sigmoid",
-        n_expert_groups=1, n_limited_groups=1, balance_rate=balance_rate_for(router_std),
+        # DeepSeek-V3's bias step 0.001 suits sigmoid scores spread over (0, 1); a converted router's spread by only
+        # ~router_std / 4 (the sigmoid's slope at 0): ~200 steps of steady over-load move a bias by one such spread.
+        n_expert_groups=1, n_limited_groups=1, balance_rate=router_std / 4 / 200,
         n_dense_layers=min(n_dense_layers, dense.n_layers), mtp_depth=0))
 
 
 @torch.no_grad()
 def collect_inputs(model: Transformer, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Per layer, `resid` (attn_norm input), `attn_out` and `ffn_in` (MLP input) on ids [B, T]: [B, T, dim] float32
-    on CPU."""
+    """Per layer, `resid` (attn_norm input), `attn_out` and `ffn_in` (MLP input) on ids [B, T]: [B, T, dim] on CPU."""
     records: list[dict[str, list[torch.Tensor]]] = [{} for _ in model.layers]
     handles = []
     for i, block in enumerate(model.layers):
@@ -198,14 +191,13 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     """
     src = dense.config
     _check_options(calib_ids, eval_ids, latent_init, method, router_std)
-    target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe,
-                  n_dense_layers, None, method, kv_latent_norm)  # fail on a bad source or options before any work
+    options = (kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe, n_dense_layers)
+    target_config(src, *options, None, method, kv_latent_norm)  # fail on a bad source or options before any work
     say = log or (lambda line: None)
     records = collect_inputs(dense, calib_ids)
     scores = _pair_scores(dense.layers, records, src)  # [L, P]
     choice = choose_rope_pairs(scores.sum(0), rope_dims // 2)
-    cfg = target_config(src, kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts,
-                        moe, n_dense_layers, choice, method, kv_latent_norm, router_std)
+    cfg = target_config(src, *options, choice, method, kv_latent_norm, router_std)
     model = Transformer(cfg).to(dense.embed.weight.dtype)
     model.load_state_dict({k: v for k, v in dense.state_dict().items()
                            if k in ("embed.weight", "norm.weight", "head.weight")}, strict=False)
@@ -274,10 +266,8 @@ def _convert_attention(old: torch.nn.Module, new: torch.nn.Module, windows: torc
     dense = (old.attn.wq, old.attn.wk, old.attn.wv, old.attn.wo, old.attn_norm)
     args = (*(m.weight.double().cpu() for m in dense), u, src.n_heads, src.n_kv_heads, pairs, cfg.kv_lora_rank,
             cfg.norm_eps)
-    if method == "rorope":
-        weights = convert_attention_rorope(*args, kv_norm=cfg.kv_latent_norm)
-    else:
-        weights = convert_attention(*args, weighted)
+    weights = (convert_attention_rorope(*args, kv_norm=cfg.kv_latent_norm) if method == "rorope"
+               else convert_attention(*args, weighted))
     new.attn_norm.weight.fill_(1.0)  # folded into the projections
     for name in ("wq", "wkv_a", "wkv_b", "wo"):
         getattr(new.attn, name).weight.copy_(getattr(weights, name))
@@ -304,8 +294,7 @@ def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cf
                  router_std: float, seed: int) -> float | None:
     """Fill `new` (dense MLP or MoE) from dense `old`; x: [N, dim]. -> the MoE output's relative error, or None."""
     if not isinstance(new, MoE):
-        for name in ("w1", "w2", "w3"):
-            getattr(new, name).weight.copy_(getattr(old, name).weight)
+        new.load_state_dict(old.state_dict())
         return None
     w1, w2, w3 = (getattr(old, n).weight.double().cpu() for n in ("w1", "w2", "w3"))
     if moe == "split":

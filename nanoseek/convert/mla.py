@@ -4,9 +4,8 @@ Notation: H query heads of head_dim D in G key/value groups (head h reads group 
 (2p, 2p+1); z_g = k_g,2p + i k_g,2p+1 the complex key of group g at pair p; u the attention input at unit RMS.
 RoPE stays on Dr/2 pairs in one rope key shared by all heads (DeepSeek-V2 section 2.1.3); as in MHA2MLA (Ji et al.,
 arXiv 2502.14837) the other pairs become NoPE dims. With G > 1 groups the rope key is, per pair, the groups'
-principal component: a complex scalar commutes with the rotation, so mixing groups per frequency is exact algebra
-(TransMLA's RoRoPE, Meng et al., arXiv 2502.07864). NoPE keys and values share one latent, a truncated SVD of
-[W_k(nope); W_v] (MHA2MLA's joint SVD), whose spare dims keep |latent| ~ |u| so that the latent RMSNorm is a constant.
+principal component (RoRoPE: rorope.py). NoPE keys and values share one latent, a truncated SVD of [W_k(nope); W_v]
+(MHA2MLA's joint SVD), whose spare dims keep |latent| ~ |u| so that the latent RMSNorm is a constant.
 """
 
 from dataclasses import dataclass
@@ -16,8 +15,7 @@ import torch
 
 @dataclass
 class RopeChoice:
-    """The RoPE pairs kept: pair o + s*j for slot j < n, which a standard rope over 2n dims expresses with
-    rope_theta' = theta^(2 n s / D) and a linear rope factor theta^(2 o / D)."""
+    """The RoPE pairs kept: pair offset + stride * j for slot j < n_pairs (a standard rope: `rope_config`)."""
 
     offset: int
     stride: int
@@ -205,6 +203,8 @@ def convert_attention(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: 
     wq, wk, wv = (w * norm_weight for w in (wq, wk, wv))
     head_dim = wq.shape[0] // n_heads
     nope_dims = [2 * p + i for p in range(head_dim // 2) if p not in set(pairs) for i in (0, 1)]
+    if len(nope_dims) + 2 * len(pairs) != head_dim:
+        raise ValueError(f"rope pairs {pairs} must be distinct pair indices below head_dim/2 = {head_dim // 2}")
     rope_query, rope_key, _, rope_error = shared_rope_key(wq, wk, u, n_heads, n_groups, pairs)
     k_nope = wk.view(n_groups, head_dim, -1)[:, nope_dims]  # [G, Dn, dim]
     m = torch.cat([k_nope, wv.view(n_groups, head_dim, -1)], dim=1).reshape(-1, wk.shape[1])  # [G*(Dn+D), dim]

@@ -33,14 +33,13 @@ def rope_and_nope_keys(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_he
             nope.reshape(n_groups, head_dim, -1), residual)
 
 
-def _weighted(rows: torch.Tensor, cov: torch.Tensor | None,
-              damping: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cov^(1/2) rows, cov^(-1/2)) for cov [..., d, d] PSD, its eigenvalues floored at damping * their mean;
+def _weighted(rows: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cov^(1/2) rows, cov^(-1/2)) for cov [..., d, d] PSD, its eigenvalues floored at 1e-3 * their mean;
     (rows, None) without cov."""
     if cov is None:
         return rows, None
     vals, vecs = torch.linalg.eigh(cov)
-    vals = vals.clamp(min=0) + damping * vals.mean(-1, keepdim=True).clamp(min=1e-30)
+    vals = vals.clamp(min=0) + 1e-3 * vals.mean(-1, keepdim=True).clamp(min=1e-30)
     root = (vecs * vals.sqrt()[..., None, :]) @ vecs.transpose(-1, -2)
     return root @ rows, (vecs * vals.rsqrt()[..., None, :]) @ vecs.transpose(-1, -2)
 

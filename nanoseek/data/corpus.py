@@ -16,6 +16,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from nanoseek.errors import first_line
+
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 
@@ -24,6 +26,7 @@ SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 PREPARED_META = "meta.json"
 PREPARED_FORMAT = "nanoseek-tokens"
 
+_STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Directory names under the stdlib that are not "the standard library": third-party installs and the
 # regression-test suites (huge, repetitive, and full of deliberately broken code).
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -42,22 +45,35 @@ def is_prepared_dir(path: str | Path) -> bool:
 def iter_documents(source: str, *, text_field: str = "text", hf_split: str = "train") -> Iterator[str]:
     """The non-empty documents of `source`, in a deterministic order. The source is checked now (a bad path raises
     here, not at the first `next`), its text read lazily; a source with no text raises ValueError once exhausted."""
-    return _non_empty(_open_source(source, text_field, hf_split), source)
+    checked = _checked(source)
+    if checked == "builtin:pydocs":
+        documents = iter(_pydocs())
+    elif checked == "builtin:stdlib":
+        documents = _stdlib_documents()
+    elif checked.startswith("hf:"):
+        documents = _hf_documents(checked, text_field, hf_split)
+    elif is_prepared_dir(Path(checked).expanduser()):
+        raise ValueError(f"data source {source!r} is a prepared token directory, not text; pass it to "
+                         f"`nanoseek train --data {source}` (or prepare_data) which reuses it as-is")
+    else:
+        documents = _file_documents(_resolve_files(checked), text_field)
+    return _non_empty(documents, source)
 
 
 def describe_source(source: str) -> str:
     """A one-line human description of `source`, without reading its documents (no network either)."""
+    source = _checked(source)
     if source == "builtin:pydocs":
         return f"builtin:pydocs (CPython {sys.version.split()[0]} language reference, {len(_pydocs())} topics)"
     if source == "builtin:stdlib":
-        return f"builtin:stdlib (Python {sys.version.split()[0]} standard library sources in {_stdlib_root()})"
+        return f"builtin:stdlib (Python {sys.version.split()[0]} standard library sources in {_STDLIB})"
     if source.startswith("hf:"):
         name, config = _parse_hf(source)
         if Path(name).is_dir():
             return f"local Hugging Face dataset folder {name}"
         return f"Hugging Face dataset {name}" + (f" (config {config})" if config else "") + " (streamed)"
     path = Path(source).expanduser()
-    if path.is_dir() and is_prepared_dir(path):
+    if is_prepared_dir(path):
         return f"prepared token shards in {path}"
     files = _resolve_files(source)
     total = sum(f.stat().st_size for f in files)
@@ -67,24 +83,14 @@ def describe_source(source: str) -> str:
     return f"{kind} {source} ({len(files)} file{'s' * (len(files) != 1)}, {_human_bytes(total)})"
 
 
-def _open_source(source: str, text_field: str, hf_split: str) -> Iterator[str]:
+def _checked(source: str) -> str:
+    """`source`, refused if its name alone is wrong; a folder written by `save_to_disk` becomes hf:FOLDER."""
     if not isinstance(source, str) or not source:
         raise ValueError(f"data source {source!r} is empty; {_FIX_SOURCE}")
-    if source == "builtin:pydocs":
-        return iter(_pydocs())
-    if source == "builtin:stdlib":
-        return _stdlib_documents()
-    if source.startswith("builtin:"):
+    if source.startswith("builtin:") and source not in ("builtin:pydocs", "builtin:stdlib"):
         raise ValueError(f"data source {source!r}: unknown builtin corpus; use builtin:pydocs or builtin:stdlib")
-    if source.startswith("hf:"):
-        return _hf_documents(source, text_field, hf_split)
     path = Path(source).expanduser()
-    if path.is_dir() and is_prepared_dir(path):
-        raise ValueError(f"data source {source!r} is a prepared token directory, not text; pass it to "
-                         f"`nanoseek train --data {source}` (or prepare_data) which reuses it as-is")
-    if path.is_dir() and _is_saved_hf_dataset(path):
-        return _hf_documents(f"hf:{path}", text_field, hf_split)
-    return _file_documents(_resolve_files(source), text_field)
+    return f"hf:{path}" if _is_saved_hf_dataset(path) else source
 
 
 def _non_empty(documents: Iterator[str], source: str) -> Iterator[str]:
@@ -137,12 +143,8 @@ def _pydocs() -> list[str]:
     return [topics[key] for key in sorted(topics)]  # dict order is a detail of the generated file; sort it
 
 
-def _stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
 def _stdlib_documents() -> Iterator[str]:
-    for directory, subdirs, files in os.walk(_stdlib_root()):
+    for directory, subdirs, files in os.walk(_STDLIB):
         # Pruning and sorting in place steers os.walk: skipped trees are never entered, order is fixed.
         subdirs[:] = sorted(d for d in subdirs if d not in _STDLIB_SKIP_DIRS and not d.startswith("."))
         for name in sorted(f for f in files if f.endswith(".py")):
@@ -227,7 +229,7 @@ def _hf_documents(source: str, text_field: str, hf_split: str) -> Iterator[str]:
         raise ValueError(f"data source {source!r} needs the `datasets` library; pip install 'nanoseek[hf]'") from None
     name, config = _parse_hf(source)
     path = Path(name)
-    if path.is_dir() and _is_saved_hf_dataset(path):
+    if _is_saved_hf_dataset(path):
         # save_to_disk folders are memory-mapped Arrow: already larger-than-memory friendly.
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
@@ -239,18 +241,13 @@ def _hf_documents(source: str, text_field: str, hf_split: str) -> Iterator[str]:
         try:
             dataset = datasets.load_dataset(name, config, split=hf_split, streaming=True)
         except Exception as err:  # the library raises many types (hub, network, builder); name them all once
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err) or type(err).__name__
             what = f"{name!r}" + (f" config {config!r}" if config else "") + f" split {hf_split!r}"
             raise ValueError(f"could not load Hugging Face dataset {what}: "
                              f"{type(err).__name__}: {reason}; check the name/config/split, or save it locally "
                              "and pass hf:/path/to/folder") from err
-    return _hf_rows(dataset, text_field, source)
-
-
-def _hf_rows(dataset, text_field: str, source: str) -> Iterator[str]:
-    features = getattr(dataset, "column_names", None)
-    if features is not None and text_field not in features:
-        raise ValueError(f"{source}: no column {text_field!r} (columns: {', '.join(features)}); "
+    columns = getattr(dataset, "column_names", None)  # None for a stream whose features are unknown
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"{source}: no column {text_field!r} (columns: {', '.join(columns)}); "
                          "set data.hf_text_field to the column holding the text")
-    for index, row in enumerate(dataset):
-        yield _text_of(row, text_field, f"{source} row {index}")
+    return (_text_of(row, text_field, f"{source} row {index}") for index, row in enumerate(dataset))

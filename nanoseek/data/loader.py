@@ -72,7 +72,13 @@ class TokenLoader:
 
     def next_batch(self) -> Batch:
         start = self._advance() + self.rank * self.batch_size
-        return self._read(self.epoch, start, shuffled=self.shuffle)
+        rows = []
+        for index in range(start, start + self.batch_size):
+            shard, offset = self._locate(self.epoch, index, self.shuffle)
+            if shard not in self._tokens:  # validated on first use: the id range check reads the whole shard once
+                self._tokens[shard] = read_shard(self.shards[shard], self.vocab_size)
+            rows.append(self._tokens[shard][offset:offset + self.window])
+        return _as_batch(rows, self.lookahead)
 
     def skip(self, n_batches: int) -> None:
         """Move the cursor `n_batches` global batches forward without reading (to step over a bad data window)."""
@@ -103,30 +109,19 @@ class TokenLoader:
         self.position += self.global_batch
         return self.position - self.global_batch
 
-    def _read(self, epoch: int, start: int, shuffled: bool) -> Batch:
-        rows = np.empty((self.batch_size, self.window), dtype=np.int64)
-        for row in range(self.batch_size):
-            shard, offset = self._locate(epoch, start + row, shuffled)
-            rows[row] = self._shard_tokens(shard)[offset:offset + self.window]
-        return _as_batch(rows, self.lookahead)
-
     def _locate(self, epoch: int, index: int, shuffled: bool) -> tuple[int, int]:
         """Window `index` of `epoch`'s order -> (shard number, token offset in that shard)."""
-        order, starts = self._epoch_layout(epoch if shuffled else -1)
+        key = epoch if shuffled else -1  # -1: the natural order
+        if self._layout is None or self._layout[0] != key:  # the shard order and each shard's first window index
+            n = len(self.shards)
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(n) if shuffled else np.arange(n)
+            self._layout = (key, order, np.concatenate([[0], np.cumsum(self.windows_per_shard[order])[:-1]]))
+        _, order, starts = self._layout
         slot = int(np.searchsorted(starts, index, side="right")) - 1
-        shard = int(order[slot])
-        local = index - int(starts[slot])
+        shard, local = int(order[slot]), index - int(starts[slot])
         if shuffled:
             local = int(self._window_permutation(epoch, shard)[local])
         return shard, local * self.seq_len
-
-    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard order of `epoch` (-1: natural) and the first window index of each shard in that order."""
-        if self._layout is None or self._layout[0] != epoch:
-            n = len(self.shards)
-            order = np.random.default_rng([self.seed, epoch, 0]).permutation(n) if epoch >= 0 else np.arange(n)
-            self._layout = (epoch, order, np.concatenate([[0], np.cumsum(self.windows_per_shard[order])[:-1]]))
-        return self._layout[1], self._layout[2]
 
     def _window_permutation(self, epoch: int, shard: int) -> np.ndarray:
         key = (epoch, shard)
@@ -136,11 +131,6 @@ class TokenLoader:
             rng = np.random.default_rng([self.seed, epoch, 1, shard])
             self._permutations[key] = rng.permutation(int(self.windows_per_shard[shard]))
         return self._permutations[key]
-
-    def _shard_tokens(self, shard: int) -> np.memmap:
-        if shard not in self._tokens:  # validated on first use: the id range check reads the whole shard once
-            self._tokens[shard] = read_shard(self.shards[shard], self.vocab_size)
-        return self._tokens[shard]
 
 
 def token_windows(arrays: Iterable[np.ndarray], seq_len: int, batch_size: int, lookahead: int = 1, rank: int = 0,
@@ -184,7 +174,7 @@ def validation_batches(shards: list[Path], batch_size: int, seq_len: int, lookah
     return list(token_windows(arrays, seq_len, batch_size, lookahead, rank, world_size, max_batches, drop_last=True))
 
 
-def _as_batch(rows: list[np.ndarray] | np.ndarray, lookahead: int) -> Batch:
+def _as_batch(rows: list[np.ndarray], lookahead: int) -> Batch:
     """Windows [b, T + lookahead] -> (x [b, T], targets [b, T + lookahead - 1])."""
     batch = np.stack(rows).astype(np.int64)
     x = torch.from_numpy(np.ascontiguousarray(batch[:, :batch.shape[1] - lookahead]))

@@ -1,13 +1,9 @@
-"""`prepare_data`: corpus -> tokenizer -> train/val shards + meta.json; `load_prepared` opens the result.
-
-A prepared directory holds train_*.bin and val_*.bin (shards.py's format), the tokenizer files and meta.json,
-written last, so a folder whose preparation crashed is never mistaken for a finished one.
-"""
+"""`prepare_data`: corpus -> tokenizer -> a prepared directory of train_*.bin and val_*.bin (shards.py's format),
+the tokenizer files and meta.json; `load_prepared` opens it."""
 
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +70,12 @@ def load_prepared(directory: str | Path) -> PreparedData:
     if tokenizer.vocab_size != meta["vocab_size"]:
         raise ValueError(f"{directory}: tokenizer has {tokenizer.vocab_size} ids but meta.json says "
                          f"{meta['vocab_size']}; {REBUILD}")
-    paths = {split: [directory / entry["file"] for entry in meta[split]["shards"]] for split in _SPLITS}
-    for split, files in paths.items():
-        for path, entry in zip(files, meta[split]["shards"]):
-            _, count, _ = read_shard_header(path)
-            if count != entry["tokens"]:
-                raise ValueError(f"{path}: holds {count} tokens but meta.json lists {entry['tokens']}; {REBUILD}")
-    return PreparedData(directory, tokenizer, meta["vocab_size"], paths["train"], paths["val"], meta)
+    for entry in meta["train"]["shards"] + meta["val"]["shards"]:
+        path = directory / entry["file"]
+        if (count := read_shard_header(path)[1]) != entry["tokens"]:
+            raise ValueError(f"{path}: holds {count} tokens but meta.json lists {entry['tokens']}; {REBUILD}")
+    train, val = ([directory / entry["file"] for entry in meta[split]["shards"]] for split in _SPLITS)
+    return PreparedData(directory, tokenizer, meta["vocab_size"], train, val, meta)
 
 
 def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
@@ -141,9 +136,7 @@ def _prepare_into(cfg: DataConfig, out_dir: Path, progress: bool) -> None:
                              f"corpus, raise data.val_fraction (now {cfg.val_fraction}) or lower data.seq_len")
     paths = {split: writer.close() for split, writer in writers.items()}
     meta = _build_meta(cfg, out_dir, tokenizer, paths, runs, val_bucket_max)
-    tmp = out_dir / (PREPARED_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out_dir / PREPARED_META)  # atomic: meta.json exists only once everything else does
+    (out_dir / PREPARED_META).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _build_meta(cfg: DataConfig, out_dir: Path, tokenizer: Tokenizer, paths: dict[str, list[Path]],

@@ -19,7 +19,7 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per token, token count, vocab size
 HEADER_BYTES = _HEADER.size  # 32: keeps the payload aligned for uint16 and uint32 memory maps
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-REBUILD = "re-run `nanoseek prepare` to rebuild the shards"
+REBUILD = "re-run `nanoseek prepare` to rebuild the data"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -2,14 +2,14 @@
 
 `encode` treats its input as plain text: a literal "<|endoftext|>" in a document is encoded as characters, never
 as `eos_id`, so a corpus that mentions the token cannot fake document boundaries; only `prepare_data` inserts
-`eos_id`, between documents. `save` writes tokenizer_meta.json (kind, vocab_size, eos; the character table for
-`char`) and, for the bpe and file kinds, tokenizer.json (loadable by transformers' PreTrainedTokenizerFast).
-"""
+`eos_id`, between documents."""
 
 import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from nanoseek.data.shards import REBUILD
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -109,24 +109,19 @@ class ByteTokenizer(Tokenizer):
         return "".join(parts)
 
     def to_hf_files(self, directory: str | Path, model_max_length: int | None = None) -> None:
-        # A byte vocabulary is a BPE model with no merges over the byte-to-unicode alphabet; mapping each
-        # alphabet character to its byte value keeps ids identical to ours.
+        # A byte vocabulary is a BPE model with no merges over byte-level BPE's alphabet, each character mapped
+        # to its byte value so that ids stay ours: printable bytes stand for themselves, the rest are shifted
+        # above U+0100 in byte order (every byte a visible, non-space character).
         from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
 
-        vocab = {ch: byte for byte, ch in _byte_alphabet().items()}
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+        shifted = [b for b in range(256) if b not in printable]
+        vocab = {**{chr(b): b for b in printable}, **{chr(256 + offset): b for offset, b in enumerate(shifted)}}
         rust = RustTokenizer(models.BPE(vocab=vocab, merges=[]))
         rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         rust.decoder = decoders.ByteLevel()
         rust.add_special_tokens([EOS_TOKEN])
         _write_hf_files(Path(directory), rust, EOS_TOKEN, EOS_TOKEN, model_max_length)
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """byte value -> the printable character byte-level BPE uses for it (printable bytes stand for themselves,
-    the rest are shifted above U+0100 in byte order), so every byte is a visible, non-space character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    shifted = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + offset) for offset, b in enumerate(shifted)}}
 
 
 class HFTokenizer(Tokenizer):
@@ -166,7 +161,7 @@ def _write_hf_files(directory: Path, rust, eos_token: str, pad_token: str, model
     directory.mkdir(parents=True, exist_ok=True)
     rust.save(str(directory / TOKENIZER_FILE))
     # tokenizer_config.json by hand: transformers 5.x's save_pretrained names the class "TokenizersBackend", which 4.x
-    # cannot load; "PreTrainedTokenizerFast" loads in both (reference/ecosystem.md section 6).
+    # cannot load; "PreTrainedTokenizerFast" loads in both.
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos_token, "eos_token": eos_token,
               "pad_token": pad_token, "unk_token": None, "clean_up_tokenization_spaces": False}
     if model_max_length:
@@ -203,10 +198,7 @@ def train_tokenizer(kind_or_path: str, documents: Iterable[str], vocab_size: int
     """Build a tokenizer: "char" and "bpe" learn from `documents`, "byte" and a tokenizer.json path ignore them.
     `vocab_size` applies to "bpe" only (a small corpus may yield fewer tokens; read `.vocab_size`)."""
     if kind_or_path == "char":
-        chars: set[str] = set()
-        for text in documents:
-            chars.update(text)
-        return CharTokenizer(chars)
+        return CharTokenizer(itertools.chain.from_iterable(documents))
     if kind_or_path == "byte":
         return ByteTokenizer()
     if kind_or_path == "bpe":
@@ -221,16 +213,14 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if path.is_file() or (not meta_path.is_file() and (path / TOKENIZER_FILE).is_file()):
         return _load_tokenizer_json(path, kind="file")
     if not meta_path.is_file():
-        raise ValueError(f"no tokenizer in {str(path)!r} (neither {META_FILE} nor {TOKENIZER_FILE}); "
-                         "re-run `nanoseek prepare` to write one")
+        raise ValueError(f"no tokenizer in {str(path)!r} (neither {META_FILE} nor {TOKENIZER_FILE}); {REBUILD}")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except ValueError:
-        raise ValueError(f"{meta_path} is not valid JSON; re-run `nanoseek prepare` to rewrite it") from None
+        raise ValueError(f"{meta_path} is not valid JSON; {REBUILD}") from None
     kind = meta.get("kind")
     if meta.get("format") != _META_FORMAT or kind not in ("char", "byte", "bpe", "file"):
-        raise ValueError(f"{meta_path} is not a nanoseek tokenizer description (kind={kind!r}); "
-                         "re-run `nanoseek prepare` to rewrite it")
+        raise ValueError(f"{meta_path} is not a nanoseek tokenizer description (kind={kind!r}); {REBUILD}")
     if kind == "char":
         tokenizer: Tokenizer = CharTokenizer(meta["chars"])
     elif kind == "byte":
@@ -239,7 +229,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         tokenizer = _load_tokenizer_json(path / TOKENIZER_FILE, kind=kind)
     if tokenizer.vocab_size != meta.get("vocab_size"):
         raise ValueError(f"{meta_path} says vocab_size={meta.get('vocab_size')} but the tokenizer has "
-                         f"{tokenizer.vocab_size}; the files are mismatched, re-run `nanoseek prepare`")
+                         f"{tokenizer.vocab_size}; the files are mismatched, {REBUILD}")
     return tokenizer
 
 

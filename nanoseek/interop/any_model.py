@@ -9,11 +9,17 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.data import Tokenizer, load_tokenizer
+from nanoseek.interop.importer import is_hf_folder
+from nanoseek.interop.source import load_source_model
+from nanoseek.model import Transformer
+from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
+
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # nanoseek Transformer in eval mode on the requested device
-    tokenizer: object  # nanoseek Tokenizer
+    model: Transformer  # in eval mode on the requested device
+    tokenizer: Tokenizer
     tokenizer_dir: Path | None  # folder with tokenizer.json (and a chat template when the model has one)
     run_dir: Path | None  # the nanoseek run directory (its data/ is the default eval text), None otherwise
     label: str  # what was loaded, for the log line
@@ -22,24 +28,17 @@ class LoadedModel:
 def load_any_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = False,
                    which: str = "best") -> LoadedModel:
     """A run / checkpoint directory, a transformers folder or a GGUF file -> LoadedModel."""
-    from nanoseek.data import load_tokenizer
-    from nanoseek.interop.source import is_model_file_or_folder, load_source_model
-    from nanoseek.train.loading import load_model, load_run_tokenizer, run_dir_of
-
     path = Path(path).expanduser()
-    if not path.exists():
-        raise ValueError(f"--ckpt {str(path)!r} does not exist; pass a run or checkpoint directory, a transformers "
-                         "folder or a .gguf file")
-    if is_model_file_or_folder(path):
-        source = load_source_model(path, "--ckpt")
-        model = source.model.to(device).eval()
-        model.uses_ema, model.checkpoint_path = False, path
-        return LoadedModel(model, load_tokenizer(source.tokenizer_dir), source.tokenizer_dir, None,
-                           f"{path} ({source.kind})")
-    model, _ = load_model(path, map_location=device, use_ema=use_ema, which=which)
-    run_dir = run_dir_of(path)
-    return LoadedModel(model, load_run_tokenizer(path), run_dir / "data" if run_dir else None, run_dir,
-                       str(model.checkpoint_path))
+    if path.is_dir() and not is_hf_folder(path):  # a nanoseek run or checkpoint
+        model, _ = load_model(path, map_location=device, use_ema=use_ema, which=which)
+        run_dir = run_dir_of(path)
+        return LoadedModel(model, load_run_tokenizer(path), run_dir / "data" if run_dir else None, run_dir,
+                           str(model.checkpoint_path))
+    source = load_source_model(path, "--ckpt")  # a transformers folder or GGUF file, else the error saying so
+    model = source.model.to(device).eval()
+    model.uses_ema, model.checkpoint_path = False, path
+    return LoadedModel(model, load_tokenizer(source.tokenizer_dir), source.tokenizer_dir, None,
+                       f"{path} ({source.kind})")
 
 
 def read_chat_template(folder: Path | None) -> str | None:
@@ -84,11 +83,9 @@ def _tokenizer_config(folder: Path) -> dict:
         return {}
 
 
-def copy_chat_files(tokenizer_dir: Path | None, out: Path) -> None:
+def copy_chat_files(tokenizer_dir: Path, out: Path) -> None:
     """Copy the chat template (and the tokenizer config naming its special tokens) into `out`: a converted run's
     data/ gets them so that the converted model takes the same prompts as its original."""
-    if tokenizer_dir is None:
-        return
     for name in ("chat_template.jinja", "tokenizer_config.json"):
         if (tokenizer_dir / name).is_file():
             out.mkdir(parents=True, exist_ok=True)

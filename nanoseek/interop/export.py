@@ -5,7 +5,6 @@ dense GQA becomes Llama, or Qwen3 with qk_norm; GQA + MoE is refused (no transfo
 The config carries RoPE in both forms (4.x `rope_theta`/`rope_scaling`, 5.x `rope_parameters`) and the DeepSeek
 keys transformers ignores but vLLM reads (`scoring_func`, ...); experts are written one tensor each, the layout
 transformers 4.x, 5.x and vLLM all load; MTP modules are training-only and not exported.
-See shared/reference/ecosystem.md section 1 for the layouts and the traps between versions.
 """
 
 import json
@@ -14,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from nanoseek.config import ModelConfig
@@ -147,8 +147,6 @@ def hf_state_dict(model: nn.Module, model_type: str | None = None,
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
-    from safetensors.torch import save_file
-
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0  # of the last shard
     for name, tensor in tensors.items():
@@ -157,17 +155,14 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_by
             shards, size = shards + [{}], 0
         shards[-1][name] = tensor
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SINGLE_FILE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for k, shard in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / filename), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    n = len(shards)
+    files = [SINGLE_FILE] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    for file, shard in zip(files, shards):
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def hf_config(cfg: ModelConfig, model_type: str | None = None, dtype: torch.dtype = torch.float32,

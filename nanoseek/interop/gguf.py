@@ -32,16 +32,9 @@ def _require_gguf_support():
     return transformers
 
 
-def _check(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not is_gguf_file(path):
-        raise ValueError(f"{str(path)!r} is not a GGUF file (no GGUF header); pass a .gguf model file")
-    return path
-
-
 def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(transformers config dict, dequantised float32 tensors by transformers' names) of a GGUF file."""
-    path = _check(path)
+    path = Path(path)
     transformers = _require_gguf_support()
     try:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -57,7 +50,7 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def gguf_tokenizer_dir(path: str | Path) -> Path:
     """A folder holding the GGUF's tokenizer (tokenizer.json, tokenizer_config.json, its chat template),
     written on first use; keyed by the file's absolute path, size and modification time."""
-    path = _check(path).resolve()
+    path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek") / "gguf"

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import TOKENIZER_FILE, _load_tokenizer_json
@@ -26,7 +28,6 @@ from nanoseek.model import Transformer
 from nanoseek.model.layers import _yarn_mscale
 from nanoseek.train.checkpoint import COMPLETE_FILE
 
-SUPPORTED_MODEL_TYPES = tuple(NAME_TABLES)
 _REQUIRED = object()  # a config key without a default
 # transformers' defaults for keys a config.json may leave out (its *Config classes); Llama derives head_dim.
 _DEFAULTS = {
@@ -74,11 +75,8 @@ ROTATE_HALF_TRANSFORMS: dict[str, dict[str, Callable[[torch.Tensor, ModelConfig]
 
 def is_hf_folder(path: str | Path) -> bool:
     """True for a folder whose config.json has a `model_type` (a nanoseek checkpoint's is a run config)."""
-    config = Path(path) / CONFIG_FILE
-    if not config.is_file() or (Path(path) / COMPLETE_FILE).exists():  # a checkpoint's commit marker
-        return False
     try:
-        return "model_type" in json.loads(config.read_text())
+        return "model_type" in read_hf_config(path)
     except ValueError:
         return False
 
@@ -120,7 +118,7 @@ def _folder(path: str | Path) -> Path:
     return folder
 
 
-def read_hf_config(path: Path) -> dict:
+def read_hf_config(path: str | Path) -> dict:
     folder = _folder(path)
     if (folder / COMPLETE_FILE).is_file() or (folder / "checkpoints").is_dir():
         raise ValueError(f"{str(folder)!r} is a nanoseek checkpoint or run directory, not a transformers folder; "
@@ -137,9 +135,9 @@ def read_hf_config(path: Path) -> dict:
 def model_config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
     """transformers config.json dict -> the nanoseek ModelConfig that computes the same function."""
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in NAME_TABLES:
         raise ValueError(f"{source}: model_type={model_type!r} is not supported; nanoseek imports "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family dense models and its own exports)")
+                         f"{', '.join(NAME_TABLES)} (Llama-family dense models and its own exports)")
 
     def get(key: str, default=_REQUIRED):
         # transformers writes an unset key as null; both mean "the default" (q_lora_rank is read directly).
@@ -264,9 +262,6 @@ def rope_fields(hf: dict, attention: str, max_seq_len: int, source: str = CONFIG
 
 def read_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists (CPU)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder, weight_map = Path(folder), None
     if (folder / INDEX_FILE).is_file():
         try:
@@ -300,9 +295,8 @@ def nanoseek_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf: 
     rotate-half rope rows reordered, zero biases and empty shared experts dropped). ValueError names the first
     tensor that is unknown, missing, non-zero where nanoseek has nothing, or of the wrong shape."""
     model_type = hf["model_type"]
-    v3_halves = model_type == "deepseek_v3" and hf.get("rope_interleave", True) is False
-    rotate_half = model_type in ("llama", "qwen3") or v3_halves
-    transforms = ROTATE_HALF_TRANSFORMS[cfg.attention] if rotate_half else {}
+    v3_halves = model_type == "deepseek_v3" and hf.get("rope_interleave") is False
+    transforms = ROTATE_HALF_TRANSFORMS[cfg.attention] if model_type in ("llama", "qwen3") or v3_halves else {}
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, torch.Tensor]] = {}
     skipped_mtp = []
@@ -342,6 +336,10 @@ def nanoseek_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf: 
         state[name] = _stacked_experts(name, slices, expected[name].shape[0], model_type)
     if cfg.tie_embeddings and "embed.weight" in state:
         state["head.weight"] = state["embed.weight"]
+    if model_type == "deepseek_v2":  # softmax routing has no correction bias: nanoseek's stays inert at 0
+        for name in expected:
+            if name.endswith("gate.balance_bias"):
+                state.setdefault(name, torch.zeros_like(expected[name]))
     _check_complete(state, expected, model_type)
     return state
 
@@ -362,8 +360,6 @@ def _stacked_experts(name: str, slices: dict[int, torch.Tensor], n: int, model_t
 def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model_type: str) -> None:
     for name, value in expected.items():
         hf_name = to_hf_name(name, model_type, expert=0 if name.endswith(STACKED_EXPERTS) else None)
-        if name not in state and model_type == "deepseek_v2" and name.endswith("gate.balance_bias"):
-            state[name] = torch.zeros_like(value)  # softmax routing has no correction bias: nanoseek's stays at 0
         if name not in state:
             raise ValueError(f"weight {hf_name} (nanoseek {name}) is missing from the "
                              f"checkpoint; the folder is incomplete or its {CONFIG_FILE} describes a different model")

@@ -21,13 +21,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype={dtype}: choose torch.float32, torch.bfloat16 or torch.float16")
-    return dtype
+    resolved = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in DTYPES.values():
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)} or the torch dtype they name")
+    return resolved
 
 
 def _rows(ours: str, theirs: str, **names: str) -> list[tuple[str, str]]:

@@ -17,9 +17,9 @@ class SourceModel:
     model: Transformer  # fp32, on CPU, in eval mode
     kind: str  # "nanoseek" | "hf" | "gguf"
     tokenizer: str  # what DataConfig.tokenizer takes: a tokenizer.json path, "byte", or "char"
+    tokenizer_dir: Path  # the folder with tokenizer.json (and a chat template, if any)
     prepared_data: Path | None = None  # a char-tokenizer run's own prepared data (its table covers only that text)
     preset: str = "tiny-gqa"  # only supplies defaults when a run config is read back; every field is stored
-    tokenizer_dir: Path | None = None  # the folder with tokenizer.json (and a chat template, if any)
 
 
 def load_source_model(path: str | Path, flag: str) -> SourceModel:
@@ -33,12 +33,12 @@ def load_source_model(path: str | Path, flag: str) -> SourceModel:
             raise ValueError(f"{flag} {str(path)!r} is a file but not a GGUF model; pass a .gguf file, a "
                              "transformers folder or a nanoseek run directory")
         folder = gguf_tokenizer_dir(path)
-        return SourceModel(import_hf(path), "gguf", str(folder / "tokenizer.json"), tokenizer_dir=folder)
+        return SourceModel(import_hf(path), "gguf", str(folder / "tokenizer.json"), folder)
     if is_hf_folder(path):
         if load_hf_tokenizer(path) is None:
             raise ValueError(f"{flag} {str(path)!r} has no tokenizer.json; save the model's fast tokenizer there "
                              "(tokenizer.save_pretrained(folder)) so text is tokenised as the model expects")
-        return SourceModel(import_hf(path).eval(), "hf", str(path / "tokenizer.json"), tokenizer_dir=path)
+        return SourceModel(import_hf(path), "hf", str(path / "tokenizer.json"), path)
     model, _ = load_model(path)
     run_dir = run_dir_of(path)
     if run_dir is None:
@@ -51,10 +51,5 @@ def load_source_model(path: str | Path, flag: str) -> SourceModel:
         preset = "tiny-gqa"
     data = run_dir / "data"
     tokenizer = kind if kind in ("byte", "char") else str(data / "tokenizer.json")
-    return SourceModel(model.eval(), "nanoseek", tokenizer, prepared_data=data if kind == "char" else None,
-                       preset=preset, tokenizer_dir=data)
-
-
-def is_model_file_or_folder(path: str | Path) -> bool:
-    """True for a transformers folder or a GGUF file (what generate / eval load without a run directory)."""
-    return is_gguf_file(path) or is_hf_folder(path)
+    return SourceModel(model.eval(), "nanoseek", tokenizer, data, prepared_data=data if kind == "char" else None,
+                       preset=preset)

@@ -64,49 +64,47 @@ def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor,
                    eager: bool) -> torch.Tensor:
-    """GQA attention from a static cache under its mask. q [B, H, T, D], k/v [B, Hkv, S, D], allowed
-    [B, 1, T, S] -> [B, H, T, D]. For one new token the `repeat` query heads of a group become rows against
-    their shared key head (query head h reads kv head h // repeat): no copy of the cache per query head."""
+    """Attention from a static cache under its mask. q [B, H, T, Dqk], k [B, Hkv, S, Dqk], v [B, Hkv, S, Dv],
+    allowed [B, 1, T, S] -> [B, H, T, Dv]. For one new token the `repeat` query heads of a group become rows
+    against their shared key head (query head h reads kv head h // repeat): no copy of the cache per query head."""
     bsz, heads, seq_len, head_dim = q.shape
     repeat = heads // k.shape[1]
     if seq_len == 1 and not eager:
         out = F.scaled_dot_product_attention(q.reshape(bsz, k.shape[1], repeat, head_dim), k, v,
-                                             attn_mask=allowed, scale=scale)  # [B, Hkv, repeat, D]
-        return out.reshape(bsz, heads, 1, head_dim)
+                                             attn_mask=allowed, scale=scale)  # [B, Hkv, repeat, Dv]
+        return out.reshape(bsz, heads, 1, -1)
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     return attend_masked(q, k, v, scale, allowed, eager)
 
 
-@torch.no_grad()
-def max_logit_per_head(q: torch.Tensor, k: torch.Tensor, scale: float, start_pos: int = 0,
-                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Largest causal attention logit of each head, over the batch: q [B,H,T,D], k [B,H,S,D] -> [H] fp32."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    allowed = allowed_keys(q.shape[2], k.shape[2], start_pos, key_mask, q.device)
-    return scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
-
-
 class _Attention(nn.Module):
-    """What both kinds share: the eager switch, the per-head max-logit record, dropout, the output projection."""
+    """What both kinds share: the eager switch, the per-head max-logit record, the attention itself, dropout."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
         self.eager = False
         self.track_max_logit = False
         self.register_buffer("max_logit", torch.zeros(cfg.n_heads), persistent=False)
-        self.dropout = cfg.dropout
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
-                key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Without a static cache: `attend`, then cast to `dtype` and dropout; records the max logit if tracked."""
-        if self.track_max_logit:
-            self.max_logit.copy_(max_logit_per_head(q, k, self.scale, start_pos, key_mask))
-        out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager).to(dtype)
-        return F.dropout(out, self.dropout) if self.dropout and self.training else out
-
-    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
-        """out: [B, H, T, Dv] -> wo([B, T, H * Dv]): [B, T, dim]."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, key_mask: torch.Tensor | None,
+                dtype: torch.dtype, layout: SlotLayout | None) -> torch.Tensor:
+        """q [B, H, T, Dqk], k/v [B, Hkv, S, D] -> wo(heads cast to `dtype`) [B, T, dim]. A static cache's layout:
+        every slot under its mask. Else `attend` with dropout, recording the max logit if tracked."""
+        if layout is not None:
+            out = attend_grouped(q, k, v, self.scale, layout.mask, self.eager).to(dtype)
+        else:
+            repeat = q.shape[1] // k.shape[1]
+            if repeat > 1:  # query head h reads kv head h // repeat, as transformers' repeat_kv
+                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            if self.track_max_logit:
+                with torch.no_grad():  # each head's largest causal logit over the batch: [H] fp32
+                    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+                    allowed = allowed_keys(q.shape[2], k.shape[2], start_pos, key_mask, q.device)
+                    self.max_logit.copy_(scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3)))
+            out = attend(q, k, v, self.scale, start_pos, key_mask, self.eager).to(dtype)
+            out = F.dropout(out, self.dropout) if self.dropout and self.training else out
         return self.wo(out.transpose(1, 2).flatten(2))
 
 
@@ -118,7 +116,7 @@ class GQAttention(_Attention):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_kv_heads, self.head_dim = cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -154,12 +152,7 @@ class GQAttention(_Attention):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), T, D]
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        if layout is not None:
-            return self._merge_heads(attend_grouped(q, k, v, self.scale, layout.mask, self.eager).to(act_dtype))
-        repeat = self.n_heads // self.n_kv_heads
-        if repeat > 1:  # query head h reads kv head h // repeat, as transformers' repeat_kv
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return self._merge_heads(self._attend(q, k, v, start_pos, key_mask, act_dtype))
+        return self._attend(q, k, v, start_pos, key_mask, act_dtype, layout)
 
 
 class MLAttention(_Attention):
@@ -172,7 +165,6 @@ class MLAttention(_Attention):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.n_heads = cfg.n_heads
         self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.qk_head_dim, self.v_head_dim = cfg.qk_head_dim, cfg.v_head_dim
@@ -222,13 +214,10 @@ class MLAttention(_Attention):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, S, H, ...]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, Dqk]
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)  # [B, H, S, Dv]
-        if layout is not None:
-            return self._merge_heads(attend_masked(q, k, v, self.scale, layout.mask, self.eager))
-        return self._merge_heads(self._attend(q, k, v, start_pos, key_mask, q.dtype))
+        return self._attend(q, k, v.transpose(1, 2), start_pos, key_mask, q.dtype, layout)  # v: [B, H, S, Dv]
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
-                  start_pos: int, key_mask: torch.Tensor | None, layout=None) -> torch.Tensor:
+                  start_pos: int, key_mask: torch.Tensor | None, layout: SlotLayout | None) -> torch.Tensor:
         """Attention straight from the latent cache, K and V never expanded (DeepSeek-V2 section 2.1.3). With
         W_UK_h, W_UV_h the key/value rows of wkv_b for head h:
           q_h . k_h = (W_UK_h^T q_nope_h) . c_s + q_rope_h . k_rope_s   (W_UK absorbed into the query)
@@ -255,11 +244,11 @@ class MLAttention(_Attention):
         return torch.einsum("bhtr,hvr->bthv", out, w_uv)
 
     @torch.no_grad()
-    def qk_clip_(self, threshold: float) -> torch.Tensor:
+    def qk_clip_(self, threshold: float) -> None:
         """QK-clip (Kimi K2, arXiv 2507.20534 section 2.1): scale the query/key weights of each head whose max
         logit passed `threshold` by gamma_h = threshold / max_logit_h, so the logit comes back to it. The head's
         own parts (q_nope rows, k_nope rows of wkv_b) get sqrt(gamma_h) each, its q_rope rows gamma_h; the rope
-        key is shared by all heads, so left alone. Returns gamma [H] (1 = untouched)."""
+        key is shared by all heads, so left alone."""
         gamma = (threshold / self.max_logit.clamp(min=threshold)).float()  # [H], <= 1
         if bool((gamma < 1).any()):
             w_q = (self.wq_b if self.q_lora_rank else self.wq).weight.view(self.n_heads, self.qk_head_dim, -1)
@@ -267,4 +256,3 @@ class MLAttention(_Attention):
             w_q[:, self.qk_nope_head_dim:] *= gamma.view(-1, 1, 1).to(w_q.dtype)
             w_kv = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
             w_kv[:, :self.qk_nope_head_dim] *= gamma.sqrt().view(-1, 1, 1).to(w_kv.dtype)
-        return gamma

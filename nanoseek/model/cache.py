@@ -40,8 +40,9 @@ class _Cache:
     """Two [B, ...] tensors of max_len positions along `seq_dim`; `update` writes at start_pos and returns the
     prefix so far, or with a layout writes its slots (start_pos unused) and returns them all."""
 
-    def __init__(self, tensors: tuple[torch.Tensor, torch.Tensor], layout: SlotLayout | None):
-        self.tensors, self.layout = tensors, layout
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device, layout: SlotLayout | None):
+        self.tensors = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in shapes)
+        self.layout = layout
 
     def update(self, start_pos: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.layout is not None:
@@ -68,10 +69,9 @@ class KVCache(_Cache):
 
     seq_dim = 2
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", layout: SlotLayout | None = None):
-        k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        super().__init__((k, torch.zeros_like(k)), layout)
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                 layout: SlotLayout | None):
+        super().__init__([(batch, n_kv_heads, max_len, head_dim)] * 2, dtype, device, layout)
 
 
 class LatentCache(_Cache):
@@ -80,21 +80,16 @@ class LatentCache(_Cache):
 
     seq_dim = 1
 
-    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, qk_rope_head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 layout: SlotLayout | None = None):
-        kv_latent = torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device)
-        k_rope = torch.zeros(batch, max_len, qk_rope_head_dim, dtype=dtype, device=device)
-        super().__init__((kv_latent, k_rope), layout)
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, qk_rope_head_dim: int, dtype: torch.dtype, device,
+                 layout: SlotLayout | None):
+        super().__init__([(batch, max_len, kv_lora_rank), (batch, max_len, qk_rope_head_dim)], dtype, device, layout)
 
 
 def new_static_caches(model, batch: int, max_len: int, pad: torch.Tensor | None = None,
                       dtype: torch.dtype | None = None) -> tuple[SlotLayout, list]:
     """(layout, caches): a static cache per layer of `model` sharing one SlotLayout; pad: [B] left-padding lengths."""
-    weight = model.embed.weight
     if max_len > model.config.max_seq_len:
         raise ValueError(f"a cache of {max_len} slots is longer than the model's context "
                          f"(max_seq_len={model.config.max_seq_len})")
-    layout = SlotLayout(batch, max_len, pad, weight.device)
-    return layout, [block.attn.new_cache(batch, max_len, dtype or weight.dtype, weight.device, layout)
-                    for block in model.layers]
+    layout = SlotLayout(batch, max_len, pad, model.embed.weight.device)
+    return layout, model.new_caches(batch, max_len, dtype, layout)

@@ -9,6 +9,11 @@ from torch import nn
 from nanoseek.config import ModelConfig
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 if it is bf16/fp16 (a float64 reference model stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019), statistics in fp32 (fp64 for a float64 model) whatever the input dtype.
     The weight multiplies after the cast back, as transformers' Llama/DeepseekV3 do: exports give the same numbers."""
@@ -23,7 +28,7 @@ class RMSNorm(nn.Module):
         if needs_grad and not torch.compiler.is_compiling():
             return _RMSNormFunction.apply(x, self.weight, self.eps)
         # Inference, and under torch.compile, where inductor fuses these few ops into one kernel.
-        xc = x.to(torch.promote_types(x.dtype, torch.float32))
+        xc = at_least_fp32(x)
         normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -38,7 +43,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xc = x.to(torch.promote_types(x.dtype, torch.float32))
+        xc = at_least_fp32(x)
         # vector_norm reads x once and writes [..., 1]: no x^2 temporary.
         sq = torch.linalg.vector_norm(xc, dim=-1, keepdim=True).square_()
         rstd = sq.div_(x.shape[-1]).add_(eps).rsqrt_()  # [..., 1]
@@ -134,19 +139,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, cfg: ModelConfig):
         super().__init__()
-        self.dim = dim
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
         if cfg.rope_scaling == "linear":
             inv_freq = inv_freq / cfg.rope_factor
         elif cfg.rope_scaling == "yarn":
             inv_freq = _yarn_inv_freq(inv_freq, cfg, dim)
-        self.attention_factor, self.inv_freq, self.max_seq_len = yarn_attention_factor(cfg), inv_freq, cfg.max_seq_len
+        self.inv_freq, self.max_seq_len = inv_freq, cfg.max_seq_len
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)  # [S, dim/2]
         # e^{i angle} times the YaRN factor: a pair read as the complex number x[2i] + i x[2i+1] rotates by one
         # complex multiply, in eager mode on CPU cheaper (forward and backward) than four real products and a
         # stack. Plain attributes, not buffers, so model.to(bfloat16) cannot round them (_apply moves them);
         # every dtype the forward asks for is made here, as one first cast under torch.compile would recompile.
-        exact = torch.polar(torch.full_like(angles, self.attention_factor), angles)
+        exact = torch.polar(torch.full_like(angles, yarn_attention_factor(cfg)), angles)
         real = torch.stack([exact.real, exact.imag])
         self.tables = {torch.complex128: exact, torch.complex64: exact.to(torch.complex64),
                        torch.float64: real, torch.float32: real.float()}
@@ -161,11 +165,9 @@ class RotaryEmbedding(nn.Module):
     def table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The rotation table [max_seq_len, dim/2] in `dtype` (complex64/128; float32/64: cos and sin stacked
         as [2, max_seq_len, dim/2]) on `device`, from the float64 angles."""
-        found = self.tables[dtype]
-        if found.device != device:  # the module was not moved with .to(): move the tables now
+        if self.tables[dtype].device != device:  # the module was not moved with .to(): move the tables now
             self.tables = {kind: t.to(device) for kind, t in self.tables.items()}
-            found = self.tables[dtype]
-        return found
+        return self.tables[dtype]
 
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotate x: [B, T, H, dim] (positions start_pos..start_pos+T-1, or start_pos itself when it is a

@@ -34,8 +34,3 @@ class MTPModule(nn.Module):
         h = self.eh_proj(torch.cat([self.enorm(next_embed), self.hnorm(hidden)], dim=-1))
         h = self.block(h, start_pos, None, cache, router_losses)
         return h, self.norm(h)
-
-
-def mtp_length(seq_len: int, target_len: int, k: int) -> int:
-    """Positions that have a target k+1 ahead: min(T, target_len - k)."""
-    return min(seq_len, target_len - k)

@@ -3,15 +3,16 @@ the MLP's gate, so attention reaches the block only through that gate, per token
 
     a     = attn(attn_norm(x))                            [B, T, dim]   attention output, no residual
     m     = ffn_norm(x)                                   [B, T, dim]   the block's input, normed
-    z     = down(a / rms(x))                              [B, T, rank]  rms over dim, per token
-    shift = gate_shift(z)                                 [B, T, inter] additive path
-    scale = 0.5 + sigmoid(gate_scale(z))                  [B, T, inter] multiplicative path, in [0.5, 1.5]
+    z     = down(a / rms(x))                              [B, T, rank]  rms over dim, per token (A_proj)
+    shift = gate_shift(z)                                 [B, T, inter] additive path (B_add)
+    scale = 0.5 + sigmoid(gate_scale(z))                  [B, T, inter] multiplicative path (B_mult), in [0.5, 1.5]
     g     = w1(m) * scale + SHIFT_SCALE * shift           (safe mode: w1(m) + SHIFT_SCALE * shift)
     out   = x + w2(silu(g) * w3(m))
 
 The adapter (down, gate_shift, gate_scale) is the only trainable part. Lessons of earlier runs that fought NaNs:
 - The factor must never reach 0 (a `1 + tanh` one did, zeroing activations, sending gradients to 0 or inf) nor
-  grow without bound: `0.5 + sigmoid(.)` stays in [0.5, 1.5] for any input, +-inf included, and is 1 at init.
+  grow without bound: `0.5 + sigmoid(.)` stays in [0.5, 1.5] for any input, +-inf included, and is 1 at init
+  (`0.5 * sigmoid(.) + 0.5` would span only (0.5, 1.0) and shrink every gate by a quarter at init).
 - The additive path is scaled by SHIFT_SCALE = 0.1 and gate_shift starts at N(0, 0.001): far below w1(m).
 - `down` reads a / rms(x) and starts at N(0, 1/dim), so z is O(1) at any width; with a raw `a` and std 0.02 a
   small model's z was ~1e-3 and the zero-initialised gate_scale took thousands of steps to move.
@@ -44,12 +45,7 @@ def gate_factor(logits: torch.Tensor) -> torch.Tensor:
 
 
 class NPTAdapter(nn.Module):
-    """Low-rank map from the attention output to the two gate modulations.
-
-    down:       dim -> rank      (A_proj), N(0, 1/dim)
-    gate_shift: rank -> inter    (B_add), N(0, 0.001)
-    gate_scale: rank -> inter    (B_mult), zeros; absent in safe mode
-    """
+    """Low-rank map from the attention output to the two gate modulations; gate_scale is absent in safe mode."""
 
     def __init__(self, dim: int, inter_dim: int, rank: int, safe_mode: bool = False):
         super().__init__()
@@ -97,7 +93,6 @@ class NPTBlock(nn.Module):
         """x: [B, T, dim] -> [B, T, dim]; Block's signature (a dense layer has no router losses)."""
         attn_out = self.attn(self.attn_norm(x), start_pos, key_mask, cache)
         shift, scale_logits = self.adapter(relative_to(attn_out, x))
-        # m = ffn_norm(x), the block's input, not x + attn_out: attention reaches the MLP only through the gate.
         gate, up = self.ffn.gate_up(self.ffn_norm(x))
         if scale_logits is not None:
             gate = gate * gate_factor(scale_logits)

@@ -35,12 +35,8 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, packed"
 
 
-# Linears whose weight the model also reads directly (MLA's absorbed attention splits wkv_b per head).
-_READ_DIRECTLY = ("wkv_b",)
-
-
 @torch.no_grad()
-def fuse_linears(model: nn.Module, batch_hint: int = 1) -> int:
+def fuse_linears(model: nn.Module) -> int:
     """Stack the linears that read the same input (a module's FUSIBLE groups: GQA's wq, wk, wv; SwiGLU's w1,
     w3) into one PackedLinear each, in place, dropping the parts; returns how many groups. One call reads the
     same bytes but pays the per-call overhead once (bench/bench_decode_overhead.py). For generation only."""
@@ -53,7 +49,7 @@ def fuse_linears(model: nn.Module, batch_hint: int = 1) -> int:
             parts = [getattr(module, name) for name in names]
             if not all(type(part) is nn.Linear and part.bias is None for part in parts):
                 continue
-            setattr(module, fused_name, PackedLinear(torch.cat([part.weight for part in parts]), batch_hint))
+            setattr(module, fused_name, PackedLinear(torch.cat([part.weight for part in parts])))
             for name in names:
                 setattr(module, name, None)
             count += 1
@@ -61,14 +57,15 @@ def fuse_linears(model: nn.Module, batch_hint: int = 1) -> int:
 
 
 @torch.no_grad()
-def pack_linears(model: nn.Module, batch_hint: int = 1) -> int:
+def pack_linears(model: nn.Module) -> int:
     """Replace every bias-free nn.Linear of `model` (in place) by a PackedLinear; returns how many. Nothing
     happens where `can_pack` says no (a GPU, a build without oneDNN, fp16). For generation only."""
     weight = next(model.parameters())
     if not can_pack(weight.dtype, weight.device):
         return 0
+    # wkv_b stays: MLA's absorbed attention reads its weight directly, split per head.
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is nn.Linear and child.bias is None and name not in _READ_DIRECTLY]
+             if type(child) is nn.Linear and child.bias is None and name != "wkv_b"]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child.weight, batch_hint))
+        setattr(parent, name, PackedLinear(child.weight))
     return len(swaps)

@@ -12,9 +12,10 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import GQAttention, MLAttention
-from nanoseek.model.layers import MLP, RMSNorm
+from nanoseek.model.cache import SlotLayout
+from nanoseek.model.layers import MLP, RMSNorm, at_least_fp32
 from nanoseek.model.moe import Experts, MoE
-from nanoseek.model.mtp import MTPModule, mtp_length
+from nanoseek.model.mtp import MTPModule
 from nanoseek.model.npt import NPTBlock
 
 IGNORE_INDEX = -100
@@ -67,7 +68,6 @@ class Transformer(nn.Module):
         # A buffer, not a Python float: ramped every step (before_step) without triggering a recompile.
         self.register_buffer("mtp_weight", torch.tensor(float(cfg.mtp_weight)), persistent=False)
         self.set_training_options()
-        self.track_logit_max = False
         self.reset_parameters()
         for i in cfg.npt_layers:  # an `nanoseek npt` student's converted blocks (model/npt.py)
             self.layers[i] = NPTBlock(self.layers[i], cfg.npt_rank, cfg.npt_safe_mode)
@@ -76,7 +76,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Truncated normal (init_std, cut at 3 std); residual output projections scaled by 1/sqrt(2 * n_layers)
-        (GPT-2, Radford et al. 2019) so the stream's variance does not grow with depth; norms 1, balance biases 0."""
+        (GPT-2, Radford et al. 2019) so the stream's variance does not grow with depth; norms 1."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
@@ -86,8 +86,6 @@ class Transformer(nn.Module):
             is_residual_out = name.endswith(("attn.wo.weight", ".w2.weight", "experts.w2"))
             s = residual_std if is_residual_out else std
             nn.init.trunc_normal_(param, mean=0.0, std=s, a=-3 * s, b=3 * s)
-        for _, moe in self.moe_layers():
-            moe.gate.balance_bias.zero_()
 
     def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache,
                    router_losses: list) -> torch.Tensor:
@@ -123,17 +121,17 @@ class Transformer(nn.Module):
         else:
             logits = self.head(normed)
             ce = _cross_entropy(logits, main_targets)
-            lse_sq = _loss_dtype(logits).logsumexp(-1).pow(2).mean() if z_coef > 0 else None
+            lse_sq = at_least_fp32(logits).logsumexp(-1).pow(2).mean() if z_coef > 0 else None
             out, scored = ModelOutput(logits), logits
-        losses = {"ce": ce, **self._mtp_losses(x, scored, targets, router)}
+        mtp = self._mtp_losses(x, scored, targets, router)
+        losses = {"ce": ce, **mtp}
         if z_coef > 0:  # PaLM (arXiv 2204.02311, section 5): keeps log Z near 0
             losses["logit_z"] = z_coef * lse_sq
         losses.update(_sum_router_losses(router))
-        total = losses["ce"]
-        mtp = [v for k, v in losses.items() if k.startswith("mtp_")]
-        if mtp:  # DeepSeek-V3 eq. 25: lambda / D * sum_k L_k
-            total = total + self.mtp_weight * torch.stack(mtp).mean()
-        out.loss, out.losses = sum((losses[k] for k in ("logit_z", "aux", "z") if k in losses), total), losses
+        # DeepSeek-V3 eq. 25: lambda / D * sum_k L_k
+        total = ce + self.mtp_weight * torch.stack(list(mtp.values())).mean() if mtp else ce
+        out.loss = sum((losses[k] for k in ("logit_z", "aux", "z") if k in losses), total)  # added in this order
+        out.losses = losses
         return out
 
     def _mtp_losses(self, x: torch.Tensor, scored: torch.Tensor, targets: torch.Tensor,
@@ -142,7 +140,7 @@ class Transformer(nn.Module):
         normed hidden [B, T, dim] they come from. MTP blocks append their router losses to `router`."""
         losses, hidden = {}, x
         for k in range(1, self.config.mtp_depth + 1):
-            n = mtp_length(x.shape[1], targets.shape[1], k)
+            n = min(x.shape[1], targets.shape[1] - k)  # positions that have a target k+1 ahead
             if n <= 0:
                 break
             if self.config.mtp_kind == "shared":  # one head: the main logits also scored against tokens k+1 ahead
@@ -161,11 +159,12 @@ class Transformer(nn.Module):
             return chunked_cross_entropy(self.head, x, targets, self.loss_chunk)[0]
         return _cross_entropy(self.head(x), targets)
 
-    def new_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list:
-        """One KV cache per layer (full K/V for GQA, latent + rope key for MLA)."""
+    def new_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                   layout: SlotLayout | None = None) -> list:
+        """One KV cache per layer (full K/V for GQA, latent + rope key for MLA), static under a `layout`."""
         weight = self.embed.weight
-        return [block.attn.new_cache(batch, max_len or self.config.max_seq_len, dtype or weight.dtype, weight.device)
-                for block in self.layers]
+        return [block.attn.new_cache(batch, max_len or self.config.max_seq_len, dtype or weight.dtype, weight.device,
+                                     layout) for block in self.layers]
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Cache bytes per token over all layers."""
@@ -208,14 +207,18 @@ class Transformer(nn.Module):
         self.set_stat_tracking(track_stats)
 
     def after_optimizer_step(self, sum_=None, max_=None) -> None:
-        """After an applied update: the MoE balance-bias step and QK-clip. `sum_` / `max_`: in-place
-        reductions over data-parallel ranks (None in one process), so every replica moves alike."""
+        """After an applied update: the MoE balance-bias step and QK-clip. `sum_` / `max_`: in-place reductions
+        over data-parallel ranks (None in one process), each run once over all layers, so every replica moves alike."""
         self.update_balance_bias(sum_)
         self.apply_qk_clip(max_)
 
-    def after_skipped_step(self) -> None:
-        """After a dropped update: the expert loads it counted must not move the balance bias."""
-        self.reset_expert_loads()
+    @torch.no_grad()
+    def reset_expert_loads(self) -> None:
+        """Forget the loads counted since the last update: a dropped update's must not move the balance bias."""
+        for _, moe in self.moe_layers():
+            moe.gate.load.zero_()
+
+    after_skipped_step = reset_expert_loads
 
     @torch.no_grad()
     def health_stats(self) -> dict[str, float]:
@@ -229,9 +232,8 @@ class Transformer(nn.Module):
             if attn.track_max_logit:
                 stats[f"attn_logit_max/{name}"] = attn.max_logit.max()
         for name, moe in self.moe_layers():
-            load = moe.gate.last_load
-            stats[f"expert_load_imbalance/{name}"] = torch.where(load.sum() > 0, load.max() / load.mean(),
-                                                                 torch.full_like(load.mean(), math.nan))
+            load = moe.gate.last_load  # all 0 (so max / mean is NaN) before any token was counted
+            stats[f"expert_load_imbalance/{name}"] = load.max() / load.mean()
             stats[f"router_logit_max/{name}"], stats[f"router_z/{name}"] = moe.gate.logit_stats.unbind()
         if not stats:
             return {}
@@ -259,18 +261,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_balance_bias(self, reduce=None) -> None:
-        """Aux-loss-free balancing step for every MoE layer, once per optimizer step; `reduce` (an in-place
-        sum over data-parallel ranks) runs once, over every layer's loads in one tensor."""
+        """The aux-loss-free balancing step of every MoE layer, on the loads summed over ranks by `reduce`."""
         gates = [moe.gate for _, moe in self.moe_layers()]
         _reduce_together([gate.load for gate in gates], reduce)
         for gate in gates:
             gate.update_balance_bias()
-
-    @torch.no_grad()
-    def reset_expert_loads(self) -> None:
-        """Forget loads counted since the last update (a skipped step must not move the bias)."""
-        for _, moe in self.moe_layers():
-            moe.gate.load.zero_()
 
     def set_stat_tracking(self, enabled: bool) -> None:
         """Record attention and router logit statistics in the next forwards (MLA always does under QK-clip)."""
@@ -282,8 +277,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def apply_qk_clip(self, reduce=None) -> None:
-        """QK-clip every MLA layer whose max logit passed qk_clip_threshold. `reduce` (an in-place max over
-        data-parallel ranks) runs once over all layers' max logits: every replica clips the same heads alike."""
+        """QK-clip every MLA layer whose max logit (maxed over ranks by `reduce`) passed qk_clip_threshold."""
         if self.config.qk_clip_threshold > 0:
             layers = [attn for _, attn in self.attention_layers() if isinstance(attn, MLAttention)]
             _reduce_together([attn.max_logit for attn in layers], reduce)
@@ -320,20 +314,15 @@ def _reduce_together(tensors: list[torch.Tensor], reduce) -> None:
         t.copy_(part.view_as(t))
 
 
-def _loss_dtype(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in at least fp32 (bf16/fp16 up, a float64 reference model stays float64)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy in at least fp32. logits [B, L, V], targets [B, L]."""
-    return F.cross_entropy(_loss_dtype(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, logsumexp_sq: bool,
                 logit_max: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [C, dim], targets [C] -> (summed CE, summed logsumexp^2 or 0, max |logit| or 0), >= fp32 scalars."""
-    logits = _loss_dtype(head(hidden))  # [C, vocab]: the only full-vocabulary tensor, alive for one chunk
+    logits = at_least_fp32(head(hidden))  # [C, vocab]: the only full-vocabulary tensor, alive for one chunk
     ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     zero = logits.new_zeros(())
     lse_sq = logits.logsumexp(-1).pow(2).sum() if logsumexp_sq else zero
@@ -349,15 +338,11 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
     O(chunk x vocab) memory for one more head matmul (Liger Kernel's fused linear cross-entropy, in plain torch).
     Returns (mean CE over scored tokens, mean logsumexp^2 over all positions (the logit z-loss) if
     `logsumexp_sq`, max |logit| if `logit_max`; None where not asked)."""
-    flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
     fn = functools.partial(_chunk_loss, head, logsumexp_sq=logsumexp_sq, logit_max=logit_max)
-    parts = []
-    for start in range(0, flat_hidden.shape[0], chunk):
-        rows = (flat_hidden[start:start + chunk], flat_targets[start:start + chunk])
-        # No RNG stash: head + CE draw no random numbers, and the stash costs time per chunk.
-        parts.append(checkpoint(fn, *rows, use_reentrant=False, preserve_rng_state=False)
-                     if torch.is_grad_enabled() else fn(*rows))
-    ce, lse_sq, peak = zip(*parts)  # per chunk
+    if torch.is_grad_enabled():  # no RNG stash: head + CE draw no random numbers, and the stash costs time per chunk
+        fn = functools.partial(checkpoint, fn, use_reentrant=False, preserve_rng_state=False)
+    flat_targets = targets.flatten()
+    ce, lse_sq, peak = zip(*(fn(*rows) for rows in zip(hidden.flatten(0, 1).split(chunk), flat_targets.split(chunk))))
     n_scored = (flat_targets != IGNORE_INDEX).sum()
     return (sum(ce) / n_scored, sum(lse_sq) / flat_targets.numel() if logsumexp_sq else None,
             functools.reduce(torch.maximum, peak) if logit_max else None)

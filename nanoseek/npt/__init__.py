@@ -1,9 +1,5 @@
-"""NPT adapters: a frozen base model whose chosen layers' attention residual is replaced by a bounded,
-attention-driven modulation of the MLP gate, trained against the base as teacher.
-
-The block and its bounds are model/npt.py; the loss (normalised hidden-state MSE + lambda * reg, + KL) is
-train/objectives.py DistillationObjective.
-"""
+"""NPT adapters: a frozen base model whose chosen layers' attention residual becomes a bounded, attention-driven
+modulation of the MLP gate (model/npt.py), distilled from the base as teacher (train/objectives.py)."""
 
 from nanoseek.model.npt import NPTAdapter, NPTBlock, gate_factor
 from nanoseek.npt.config import AdapterConfig, parse_layers

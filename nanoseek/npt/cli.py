@@ -1,14 +1,12 @@
 """`nanoseek npt`: train NPT adapters on a frozen base model against the base as teacher.
 
-The run directory is an ordinary nanoseek run (config.toml, metrics.jsonl, checkpoints/ holding the student:
-base weights plus adapters, data/ with the base's tokenizer), so the guard, resume, metrics,
-`nanoseek generate --ckpt RUN` and `nanoseek eval --ckpt RUN` all apply. In addition:
-    npt.json     the adapter layout and distillation settings (what --resume rebuilds)
-    adapters/    the trained adapters alone (adapters.safetensors + adapter_config.json)
+The run directory is an ordinary nanoseek run (checkpoints/ hold the student: base weights plus adapters; data/ the
+base's tokenizer), so the guard, resume, metrics, `generate --ckpt RUN` and `eval --ckpt RUN` all apply. In addition
+npt.json holds the adapter layout and distillation settings (what --resume rebuilds), adapters/ the adapters alone.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -78,12 +76,9 @@ class Npt:
 
 @dataclass
 class NptResult:
-    run_dir: Path
     initial_loss: float | None  # validation distillation loss before the first step (None on resume)
     final_loss: float | None
     status: str
-    n_skips: int
-    adapters_dir: Path
     model: Transformer  # the trained student: the base with NPT blocks
     teacher: Teacher
 
@@ -91,19 +86,18 @@ class NptResult:
 def _layout(args: Npt, run_dir: Path, student: Transformer) -> tuple[AdapterConfig, float, float]:
     """(adapter layout, reg_weight, kl_weight): from the flags, or on --resume from the run's npt.json (the
     layout and loss the checkpoints were written with, whatever the flags say now)."""
-    if not args.resume:
-        layers = parse_layers(args.layers, student)
-        return AdapterConfig(layers=layers, rank=args.rank, safe_mode=args.safe_mode), args.reg_weight, args.kl_weight
-    if not (run_dir / RUN_FILE).is_file():
-        raise ValueError(f"--resume: {run_dir} has no {RUN_FILE}; it is not an `nanoseek npt` run")
-    record = json.loads((run_dir / RUN_FILE).read_text())
-    return AdapterConfig.from_dict(record["adapters"]), record["reg_weight"], record["kl_weight"]
+    if args.resume:
+        if not (run_dir / RUN_FILE).is_file():
+            raise ValueError(f"--resume: {run_dir} has no {RUN_FILE}; it is not an `nanoseek npt` run")
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        return AdapterConfig.from_dict(record["adapters"]), record["reg_weight"], record["kl_weight"]
+    return AdapterConfig(parse_layers(args.layers, student), args.rank, args.safe_mode), args.reg_weight, args.kl_weight
 
 
 def _run_config(args: Npt, base: SourceModel, student: Transformer, run_dir: Path) -> tuple[RunConfig, bool]:
     """The run's config, and whether its data is a prepared directory (tokenised already)."""
     source = args.data or (str(base.prepared_data) if base.prepared_data else "builtin:pydocs")
-    prepared = Path(source).expanduser().is_dir() and is_prepared_dir(Path(source).expanduser())
+    prepared = is_prepared_dir(Path(source).expanduser())
     if base.tokenizer == "char" and not prepared:
         raise ValueError(f"--data {source}: the base uses a char tokenizer, which cannot encode other text; omit "
                          f"--data to distil on the base run's own data ({base.prepared_data})")
@@ -131,15 +125,14 @@ def run_npt(args: Npt) -> NptResult:
     teacher = convert_to_npt(student, adapter_cfg)
     n_quantized = quantize_base(student, args.quantize, device)
     cfg, prepared = _run_config(args, base, student, run_dir)
-    objective = DistillationObjective(teacher, adapter_cfg.layers, reg_weight, kl_weight)
     trainer = Trainer(cfg, run_dir, resume=args.resume, show_progress=args.progress, model=student,
-                      objective=objective)
+                      objective=DistillationObjective(teacher, adapter_cfg.layers, reg_weight, kl_weight))
     main = trainer.dist.is_main  # under torchrun, rank 0 alone writes and reports
     if prepared and main:  # the shards live elsewhere: keep the tokenizer with this run for generate/eval
         load_prepared(cfg.data.source).tokenizer.save(run_dir / "data")
     if not args.resume and main:
         (run_dir / RUN_FILE).write_text(json.dumps({
-            "base": str(args.base), "base_kind": base.kind, "adapters": adapter_cfg.to_dict(),
+            "base": str(args.base), "base_kind": base.kind, "adapters": asdict(adapter_cfg),
             "reg_weight": reg_weight, "kl_weight": kl_weight, "quantize": args.quantize}, indent=1) + "\n")
 
     n_adapter = sum(p.numel() for p in trainer.params)
@@ -162,7 +155,7 @@ def run_npt(args: Npt) -> NptResult:
     # A quantised run's checkpoints hold no quantised weights (quantize.py): rebuild the base, then attach.
     say(f"generate with: nanoseek.npt.attach_adapters(<the base, quantised again>, {adapters_dir!r})" if n_quantized
         else f"generate with: nanoseek generate --ckpt {run_dir}")
-    return NptResult(run_dir, initial, result.val_loss, result.status, result.n_skips, adapters_dir, student, teacher)
+    return NptResult(initial, result.val_loss, result.status, student, teacher)
 
 
 def cmd_npt(args: Npt) -> int:

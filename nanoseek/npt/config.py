@@ -25,9 +25,6 @@ class AdapterConfig:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"rank={self.rank!r}: must be a positive int (e.g. --rank 16)")
 
-    def to_dict(self) -> dict:
-        return {"layers": list(self.layers), "rank": self.rank, "safe_mode": self.safe_mode}
-
     @classmethod
     def from_dict(cls, values: dict) -> "AdapterConfig":
         known = sorted(f.name for f in dataclasses.fields(cls))
@@ -64,8 +61,7 @@ def parse_layers(spec: str, model) -> tuple[int, ...]:
         raise ValueError(f"--layers {spec!r} names no layer; write {LAYER_SPEC_HELP}")
     outside = sorted(i for i in ids if not 0 <= i < n_layers)
     if outside:
-        raise ValueError(f"--layers {spec!r}: layer {outside[0]} does not exist "
-                         f"(the model has layers 0-{n_layers - 1})")
+        raise ValueError(f"--layers {spec!r}: layer {outside[0]} does not exist (the layers are 0-{n_layers - 1})")
     moe = sorted(ids - set(dense))
     if moe:
         raise ValueError(f"--layers {spec!r}: layer {moe[0]} is a mixture-of-experts layer; NPT modulates a dense "

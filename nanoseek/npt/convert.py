@@ -1,9 +1,6 @@
-"""Turn a frozen base Transformer into an NPT student, and keep a teacher view of the original blocks.
+"""Turn a frozen base Transformer into an NPT student in place, keeping a Teacher view of the original blocks.
 
-The base is converted in place and its weights are shared, not copied: the student's NPTBlocks hold the original
-blocks' attention, norms and MLP, and the Teacher runs the original blocks over those very modules, so a model
-that does not fit twice in memory still distils.
-"""
+The two share every weight (nothing is copied), so a model that does not fit twice in memory still distils."""
 
 import dataclasses
 
@@ -24,8 +21,7 @@ class Teacher:
     """
 
     def __init__(self, model: Transformer):
-        self.embed, self.norm, self.head = model.embed, model.norm, model.head
-        self.blocks = list(model.layers)
+        self.embed, self.norm, self.head, self.blocks = model.embed, model.norm, model.head, list(model.layers)
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor, layer_ids: tuple[int, ...], with_logits: bool = False
@@ -41,28 +37,19 @@ class Teacher:
         return hidden, (self.head(self.norm(x)) if with_logits else None)
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """requires_grad False for every parameter, and MoE balance biases held still: the trainer's aux-loss-free
-    balancing would otherwise move a frozen base's routing (a buffer, not a parameter) after every step."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, Gate):
-            module.balance_rate = 0.0
-    return model
-
-
 def convert_to_npt(model: Transformer, cfg: AdapterConfig) -> Teacher:
     """Freeze `model` and replace the blocks named by cfg.layers with NPTBlocks, in place. Returns the Teacher;
     `model` is now the student, whose only trainable parameters are the adapters'."""
     if any(isinstance(block, NPTBlock) for block in model.layers):
         raise ValueError("the model already carries NPT adapters; convert the base model, not an NPT student")
-    outside = [i for i in cfg.layers if i >= len(model.layers)]
-    if outside:
-        raise ValueError(f"adapter layer {outside[0]} does not exist (the model has {len(model.layers)} layers); "
+    if cfg.layers[-1] >= len(model.layers):  # cfg.layers ascends
+        raise ValueError(f"adapter layer {cfg.layers[-1]} does not exist (the model has {len(model.layers)} layers); "
                          "the adapters were trained on a different base")
     teacher = Teacher(model)
-    freeze(model)
+    model.requires_grad_(False)
+    for module in model.modules():  # aux-loss-free balancing would move a frozen base's routing (a buffer) each step
+        if isinstance(module, Gate):
+            module.balance_rate = 0.0
     for i in cfg.layers:
         model.layers[i] = NPTBlock(model.layers[i], cfg.rank, cfg.safe_mode)
     model.npt_config = cfg
@@ -73,7 +60,6 @@ def convert_to_npt(model: Transformer, cfg: AdapterConfig) -> Teacher:
 
 
 def adapters(model: nn.Module) -> dict[int, NPTAdapter]:
-    """{layer id: adapter} of a converted model."""
     return {i: block.adapter for i, block in enumerate(model.layers) if isinstance(block, NPTBlock)}
 
 

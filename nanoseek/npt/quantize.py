@@ -2,11 +2,9 @@
 
 Mixed precision over quantised weights has produced NaNs in adapter training, so `Npt` refuses --quantize with
 bf16/fp16 and every quantised layer computes in fp32. Only the frozen MLP and GQA attention projections are
-quantised; embeddings, norms, the head and the adapters stay fp32. CPU tests can check only the refusals.
-
-A quantised layer is held outside the module tree, so checkpoints hold only the fp32 parts and the adapters: the
-base is rebuilt from --base (on --resume too), and such a run is generated from with
-`attach_adapters(base, RUN/adapters)`, not from its checkpoints alone.
+quantised; embeddings, norms, the head and the adapters stay fp32. A quantised layer is held outside the module
+tree, so checkpoints hold only the fp32 parts and the adapters: the base is rebuilt from --base (on --resume too),
+and such a run is generated from with `attach_adapters(base, RUN/adapters)`, not from its checkpoints alone.
 """
 
 import importlib.util
@@ -62,7 +60,8 @@ def _quantized_copy(linear: nn.Linear, mode: str, device: torch.device) -> nn.Mo
 
 def quantize_base(model: nn.Module, mode: str, device: torch.device) -> int:
     """Replace the frozen nn.Linear projections inside model.layers (not the adapters) with quantised
-    copies on `device` (check_quantization first); returns how many were replaced."""
+    copies on `device`; returns how many were replaced."""
+    check_quantization(mode, device)
     if mode == "none":
         return 0
     targets = []

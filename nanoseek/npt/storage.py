@@ -1,8 +1,8 @@
 """Adapters on disk, apart from the base: DIR/adapters.safetensors (the adapter weights alone, under the student's
-state-dict names) + DIR/adapter_config.json (the AdapterConfig and where the base came from).
-"""
+state-dict names) + DIR/adapter_config.json (the AdapterConfig and where the base came from)."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,7 +19,6 @@ FORMAT = "nanoseek-npt-adapters"
 
 
 def save_adapters(model: torch.nn.Module, out_dir: str | Path, base: str = "") -> Path:
-    """Write the adapters of a converted `model` to out_dir; returns out_dir."""
     cfg = getattr(model, "npt_config", None)
     if cfg is None:
         raise ValueError("the model carries no NPT adapters; convert it with convert_to_npt first")
@@ -29,7 +28,7 @@ def save_adapters(model: torch.nn.Module, out_dir: str | Path, base: str = "") -
     partial = out_dir / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(partial), metadata={"format": "pt"})
     partial.replace(out_dir / WEIGHTS_FILE)  # a reader never sees a half-written file
-    meta = {"format": FORMAT, **cfg.to_dict(), "base": str(base)}
+    meta = {"format": FORMAT, **asdict(cfg), "base": str(base)}
     (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out_dir
 

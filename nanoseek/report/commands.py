@@ -43,15 +43,14 @@ class Runs:
     """The folder holding run directories (or one run directory)."""
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path | None = None, dpi: int = 80,
-                 warn=None) -> tuple[Path, Path]:
+def write_report(run_dirs: list[str | Path], out: str | Path | None = None, dpi: int = 80) -> tuple[Path, Path]:
     """Draw the runs into `out`/report.png and report.html (default: the first run dir); return their paths.
     Raises ValueError for a missing run or metrics.jsonl, MissingMatplotlib (a ValueError) without matplotlib."""
     if not run_dirs:
         raise ValueError("nanoseek report needs at least one RUN_DIR (a directory holding metrics.jsonl)")
     if dpi < 20 or dpi > 600:
         raise ValueError(f"dpi={dpi}: use a value in [20, 600] (80 gives a ~1000 x 1100 pixel page)")
-    logs = [read_run(path, warn=warn) for path in run_dirs]
+    logs = [read_run(path) for path in run_dirs]
     out_dir = Path(out) if out is not None else logs[0].run_dir
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} is a file; pass a directory to write {REPORT_PNG} and "

@@ -1,9 +1,6 @@
-"""The report figure: one page of panels over training steps, for one run or several overlaid.
-
-Drawn on an Agg canvas of its own (matplotlib is an optional extra; no pyplot), so nothing here opens a
-window, needs a display, or changes the backend of a program that imports it. `build_figure` returns
-what it plotted next to the artists, so a test can check the picture's data.
-"""
+"""The report figure: one page of panels over training steps, for one run or several overlaid. Drawn on an Agg
+canvas of its own (matplotlib is an optional extra; no pyplot), so nothing here opens a window, needs a display,
+or changes the backend of a program that imports it."""
 
 import io
 import math
@@ -33,7 +30,7 @@ class MissingMatplotlib(ValueError):
 
 @dataclass
 class ReportFigure:
-    """The drawn figure and, per panel, exactly the data that was plotted."""
+    """The drawn figure and, per panel, exactly the data that was plotted, so a test can check what it shows."""
 
     figure: Any  # matplotlib.figure.Figure
     axes: dict[str, Any]  # panel name -> Axes
@@ -56,7 +53,7 @@ class ReportFigure:
 
 def run_labels(logs: list[RunLog]) -> list[str]:
     """A short label per run: its directory name, or the whole path where two names collide."""
-    names = [log.name for log in logs]
+    names = [log.run_dir.name or str(log.run_dir) for log in logs]
     return [name if names.count(name) == 1 else str(log.run_dir) for name, log in zip(names, logs)]
 
 
@@ -97,14 +94,21 @@ def _plot(report: ReportFigure, panel: str, label: str, x: np.ndarray, y: np.nda
 
 
 def _finish(ax, lines: dict, title: str, empty: str, log_span: float = 0.0, legend: bool = True, **style) -> None:
-    """Title a panel, then give it a legend (and log y where the values span more than `log_span` x), or
-    say `empty` when nothing was plotted."""
+    """Title a panel, then give it a legend, or say `empty` when nothing was plotted. Log y when every finite
+    value is positive and they span more than `log_span` x (spikes, tiny aux losses), so one outlier does not
+    flatten the rest of the curve."""
     ax.set_title(title)
     if not any(len(x) for x, _ in lines.values()):
         _empty(ax, empty)
         return
-    if log_span:
-        _log_scale_if_positive(ax, lines, log_span)
+    values = np.concatenate([y[np.isfinite(y)] for _, y in lines.values()])
+    if log_span and len(values) and values.min() > 0 and values.max() / values.min() > log_span:
+        from matplotlib.ticker import FuncFormatter, LogFormatter
+
+        ax.set_yscale("log")
+        # Plain numbers ("0.5", "2", "1e-04"), not 2 x 10^0, for the labelled major and minor ticks.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     if legend:
         ax.legend(**{"fontsize": 8, **style})
 
@@ -231,7 +235,7 @@ def _grad_norm_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
     for log, label, color in runs:
         _plot(report, "grad_norm", label if overlay else "grad norm (before clipping)", *log.series("grad_norm"),
               color=color, linewidth=1.0)
-        if clip := _threshold(log, "train", "grad_clip"):
+        if clip := _threshold(log, "train.grad_clip"):
             thresholds.setdefault(clip, []).append(label)
     for clip, labels in thresholds.items():
         which = f" ({', '.join(labels)})" if len(labels) < len(runs) else ""
@@ -301,15 +305,15 @@ def _attn_logit_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
         else:
             for index, (name, (s, v)) in enumerate(zip(layers, series)):
                 _plot(report, "attn_logit", name, s, v, color=f"C{index}", marker=".", linewidth=1.0)
-    for threshold in sorted({_threshold(log, "model", "qk_clip_threshold") for log, _, _ in runs} - {None}):
+    for threshold in sorted({_threshold(log, "model.qk_clip_threshold") for log, _, _ in runs} - {None}):
         ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1.0, label=f"QK-clip threshold {threshold:g}")
     _finish(ax, report.lines["attn_logit"], "max attention logit per layer",
             "no attention-logit stats (sampled every guard.stats_every steps)", fontsize=7, ncols=2)
 
 
-def _threshold(log: RunLog, section: str, key: str) -> float | None:
+def _threshold(log: RunLog, name: str) -> float | None:
     """A positive number from config.toml (a clip threshold), else None (off, or unknown)."""
-    value = log.setting(section, key)
+    value = log.setting(name)
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
@@ -329,19 +333,6 @@ def _cell_edges(steps: np.ndarray) -> np.ndarray:
         return np.array([steps[0] - 0.5, steps[0] + 0.5])
     mids = (steps[1:] + steps[:-1]) / 2
     return np.concatenate([[steps[0] - (mids[0] - steps[0])], mids, [steps[-1] + (steps[-1] - mids[-1])]])
-
-
-def _log_scale_if_positive(ax, lines: dict[str, tuple[np.ndarray, np.ndarray]], span: float) -> None:
-    """Log y when every finite value is positive and they span more than `span` x (spikes, tiny aux
-    losses), so one outlier does not flatten the rest of the curve."""
-    values = np.concatenate([y[np.isfinite(y)] for _, y in lines.values()] or [np.array([])])
-    if len(values) and values.min() > 0 and values.max() / values.min() > span:
-        from matplotlib.ticker import FuncFormatter, LogFormatter
-
-        ax.set_yscale("log")
-        # Plain numbers ("0.5", "2", "1e-04"), not 2 x 10^0, for the labelled major and minor ticks.
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _empty(ax, text: str) -> None:

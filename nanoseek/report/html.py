@@ -8,7 +8,7 @@ import time
 
 from nanoseek.report.records import RunLog, event_action
 from nanoseek.report.runs import run_status
-from nanoseek.report.summary import format_duration, tokens_per_step
+from nanoseek.report.summary import summary_rows
 
 # config.toml fields worth a glance, as section.key (top-level keys have no section).
 CONFIG_FIELDS = ("preset model.attention model.dim model.n_layers model.n_heads model.n_routed_experts "
@@ -41,19 +41,9 @@ def render_html(logs: list[RunLog], labels: list[str], png: bytes, now: float | 
 
 
 def _summary_rows(log: RunLog, now: float) -> list[tuple[str, str]]:
-    best, per_step = log.best_val(), tokens_per_step(log)
-    rows = [("status", run_status(log, now)), ("last step", _fmt(log.last_step)),
-            ("optimizer updates kept", _fmt(log.train[-1].get("opt_step")) if log.train else "")]
-    if log.train:
-        rows.append(("last train ce", _fmt(log.train[-1].get("ce", log.train[-1].get("loss")))))
-    rows.append(("best val loss", f"{best[0]:.4f} at step {best[1]}" if best else "no eval yet"))
+    rows = [("status", run_status(log, now)), *summary_rows(log, world_size=None)]
     if log.evals:
-        rows.append(("last val loss", f"{_fmt(log.evals[-1].get('val_loss'))} at step {log.evals[-1]['step']}"))
-    if per_step:
-        # config.toml does not record the process count: under torchrun multiply by it.
-        rows.append(("tokens (per process)", f"{len(log.train) * per_step:,} ({per_step:,} per step)"))
-    rows.append(("wall time", format_duration(log.elapsed_s)))
-    rows.append(("guard events", ", ".join(f"{n} {a}" for a, n in log.event_counts().items()) or "none"))
+        rows.append(("last val", f"{_fmt(log.evals[-1].get('val_loss'))} at step {log.evals[-1]['step']}"))
     if log.resumed_at:
         rows.append(("resumed at steps", ", ".join(map(str, log.resumed_at))))
     if log.skipped_lines:
@@ -80,8 +70,7 @@ def _table(caption: str, rows: list[tuple[str, str]]) -> str:
 
 
 def _setting(log: RunLog, name: str) -> str:
-    section, _, key = name.rpartition(".")
-    value = log.setting(section, key) if section else log.config.get(key)
+    value = log.setting(name)
     return ", ".join(map(str, value)) if isinstance(value, list) else "" if value in (None, "") else str(value)
 
 

@@ -10,7 +10,6 @@ the summary's step counts the steps done, so no record is behind.)
 import json
 import math
 import re
-import statistics
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -51,10 +50,6 @@ class RunLog:
     mtime: float = 0.0  # metrics.jsonl's last modification (seconds since the epoch)
 
     @property
-    def name(self) -> str:
-        return self.run_dir.name or str(self.run_dir)
-
-    @property
     def last_step(self) -> int | None:
         return self.train[-1]["step"] if self.train else None
 
@@ -74,9 +69,10 @@ class RunLog:
         """{guard action (skip, rollback, ...): how many}, in order of first appearance."""
         return dict(Counter(event_action(event) for event in self.events))
 
-    def setting(self, section: str, key: str, default=None):
-        """config.toml's [section] key, or `default` when the file or the key is missing."""
-        table = self.config.get(section, {})
+    def setting(self, name: str, default=None):
+        """config.toml's `section.key` (or top-level `key`), or `default` when the file or the key is missing."""
+        section, _, key = name.rpartition(".")
+        table = self.config.get(section, {}) if section else self.config
         return table.get(key, default) if isinstance(table, dict) else default
 
 
@@ -121,8 +117,11 @@ def read_run(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> 
             if record is None or record["kind"] not in KINDS:
                 continue  # malformed, blank, or a kind a newer version writes (nothing this report draws)
             kind, step = record["kind"], record["step"]
-            if step < frontier:  # a resumed segment restarting from an earlier checkpoint
-                _truncate(log, step)
+            if step < frontier:  # a resumed segment restarting from an earlier checkpoint: drop what it replaces
+                log.train[:] = [r for r in log.train if r["step"] < step]
+                log.events[:] = [r for r in log.events if r["step"] < step]
+                # evals at `step` ran before that checkpoint was written (an eval's step counts the steps done)
+                log.evals[:] = [r for r in log.evals if r["step"] <= step]
                 log.resumed_at.append(step)
                 frontier = step
                 segments.append([])
@@ -155,12 +154,6 @@ def read_config(path: Path) -> dict:
         return {}
 
 
-def typical_record_interval(log: RunLog) -> float | None:
-    """Median seconds between the last records (one per step while training), or None with too few."""
-    gaps = [b - a for a, b in zip(log.record_times, log.record_times[1:]) if b >= a]
-    return statistics.median(gaps) if gaps else None
-
-
 def _parse(line: str) -> tuple[dict | None, str | None]:
     """(decoded record, None), (None, why the line is malformed), or (None, None) for a blank line."""
     if not line.strip():
@@ -178,7 +171,6 @@ def _parse(line: str) -> tuple[dict | None, str | None]:
         return None, "no integer 'step'"
     if record["kind"] == "event" and not isinstance(record.get("event"), str):
         return None, "an event without 'event'"
-    decoded = {}
     for key, value in record.items():
         if isinstance(value, str) and value in _NONFINITE and key not in TEXT_FIELDS:
             value = float(value)
@@ -187,16 +179,7 @@ def _parse(line: str) -> tuple[dict | None, str | None]:
                 value = float(value)  # json writes 2.0 as 2.0 but a hand-made line may say 2
             if not (value is None or isinstance(value, float)):
                 return None, f"{key!r} is not a number"
-        decoded[key] = value
+        record[key] = value
     if not line.endswith("\n"):
         return None, "unterminated last line (a crash or a write in progress)"
-    return decoded, None
-
-
-def _truncate(log: RunLog, step: int) -> None:
-    """Drop what a resumed segment from `step` replaces, in place. Evals at `step` ran before that
-    checkpoint was written (an eval's step counts the steps done), so they stay."""
-    log.train[:] = [r for r in log.train if r["step"] < step]
-    log.events[:] = [r for r in log.events if r["step"] < step]
-    log.evals[:] = [r for r in log.evals if r["step"] <= step]
-    log.summary = None
+    return record, None

@@ -8,11 +8,12 @@ A run's status comes from its own log, so it needs no process table and works on
 """
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanoseek.report.records import CONFIG_FILE, RunLog, read_config, read_run, typical_record_interval
+from nanoseek.report.records import CONFIG_FILE, RunLog, read_config, read_run
 from nanoseek.train.metrics import METRICS_FILE
 
 # A training run appends a record every step; eval and checkpoint pauses are longer than a step, so
@@ -28,7 +29,8 @@ def run_status(log: RunLog, now: float | None = None) -> str:
     if any(e["event"] == "abort" or e.get("action") == "abort" for e in log.events):
         return "aborted"
     now = time.time() if now is None else now
-    interval = typical_record_interval(log) or 0.0
+    gaps = [b - a for a, b in zip(log.record_times, log.record_times[1:]) if b >= a]
+    interval = statistics.median(gaps) if gaps else 0.0  # seconds between records: one per step while training
     return "running" if now - log.mtime <= max(RUNNING_IDLE_S, RUNNING_INTERVALS * interval) else "interrupted"
 
 
@@ -59,22 +61,17 @@ def find_runs(root: str | Path) -> list[Path]:
     return found
 
 
-def list_runs(root: str | Path, now: float | None = None, warn=None) -> list[RunInfo]:
+def list_runs(root: str | Path, now: float | None = None) -> list[RunInfo]:
     """One RunInfo per run under `root`, most recently modified first."""
-    now = time.time() if now is None else now
     infos = []
     for path in find_runs(root):
         if (path / METRICS_FILE).is_file():
-            log = read_run(path, warn=warn)
-            infos.append(RunInfo(path, run_status(log, now), str(log.config.get("preset", "?")),
-                                 *(log.best_val() or (None, None)), log.last_step, log.mtime))
-            continue
-        # config written, no record yet: just starting, or what `nanoseek convert` writes whole
-        modified = (path / CONFIG_FILE).stat().st_mtime if (path / CONFIG_FILE).is_file() else 0.0
-        status = ("converted" if (path / "conversion.json").is_file()
-                  else "running" if now - modified <= RUNNING_IDLE_S else "interrupted")
-        preset = str(read_config(path / CONFIG_FILE).get("preset", "?"))
-        infos.append(RunInfo(path, status, preset, None, None, None, modified))
+            log, status = read_run(path), None
+        else:  # config written, no record yet: just starting, or what `nanoseek convert` writes whole
+            log = RunLog(path, config=read_config(path / CONFIG_FILE), mtime=(path / CONFIG_FILE).stat().st_mtime)
+            status = "converted" if (path / "conversion.json").is_file() else None
+        infos.append(RunInfo(path, status or run_status(log, now), str(log.config.get("preset", "?")),
+                             *(log.best_val() or (None, None)), log.last_step, log.mtime))
     return sorted(infos, key=lambda info: info.modified, reverse=True)
 
 

@@ -1,10 +1,2 @@
-"""Training: optimizers and LR schedules, atomic checkpoints, metrics (the loop itself is trainer.py)."""
-
-from nanoseek.train.checkpoint import (Checkpoint, best_checkpoint, latest_checkpoint, list_checkpoints,
-                                       read_checkpoint, save_checkpoint)
-from nanoseek.train.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gb
-from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor
-
-__all__ = ["Checkpoint", "best_checkpoint", "latest_checkpoint", "list_checkpoints", "read_checkpoint",
-           "save_checkpoint", "MetricsLogger", "Throughput", "device_peak_flops", "mfu", "peak_memory_gb",
-           "apply_lr_factor", "build_optimizer", "lr_factor"]
+"""Training: the loop (trainer.py) and the guard that judges each step (guard.py), optimizers and LR schedules
+(optim.py), atomic checkpoints (checkpoint.py), metrics (metrics.py)."""

@@ -1,12 +1,14 @@
 """Atomic checkpoints: a crash or kill -9 at any moment leaves only whole checkpoints behind.
 
 RUN_DIR/checkpoints/step-00000123/ holds model.safetensors (tied tensors stored once), ema.safetensors (optional),
-trainer_state.pt, config.json, meta.json (step, val_loss, time, each file's size and sha256) and COMPLETE.
-Saving follows the commit-marker-last scheme of PyTorch DCP and OLMo-core: write into `.tmp-step-N`, fsync,
-write COMPLETE, fsync, rename to `step-N` (atomic on POSIX). Readers only see `step-N` holding COMPLETE, and
-deletion renames to `.tmp-delete-*` first (a plain `torch.save` killed at random left 15 of 20 files corrupt,
-reference/stability_anchors.md). One writer per run directory (rank 0); readers may run at any time.
-trainer_state loads with `torch.load(weights_only=True)` (no code runs on load), numpy arrays allowed.
+trainer_state.pt (the trainer's nested dict: optimizer, scaler, RNG, data cursor, guard...), config.json,
+meta.json (step, val_loss, time, each file's size and sha256) and COMPLETE. Saving follows the
+commit-marker-last scheme of PyTorch DCP and OLMo-core: write into `.tmp-step-N`, fsync, write COMPLETE, fsync,
+rename to `step-N` (atomic on POSIX). Readers only see `step-N` holding COMPLETE, and deletion renames to
+`.tmp-delete-*` first: a plain `torch.save` killed at random leaves a corrupt file. One writer per run
+directory (rank 0); readers may run at any time. trainer_state loads with `torch.load(weights_only=True)` (no
+code runs on load) with numpy arrays and scalars allowed, so `np.random.get_state()` round-trips; saving
+refuses, naming the key, anything that would not load that way.
 """
 
 import errno
@@ -27,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.rundir import fsync_path
+from nanoseek.rundir import fsync_path, swap_in
 from nanoseek.train.metrics import jsonable
 from nanoseek.train.writes import torch_save
 
@@ -58,7 +60,7 @@ class Checkpoint:
     ema_state: dict[str, torch.Tensor] | None
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
@@ -68,7 +70,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE_FILE).is_file()),
-                  key=_step_of)
+                  key=step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -87,7 +89,7 @@ def checkpoint_val_loss(path: Path) -> float | None:
 def _ranked_by_val_loss(found: list[Path]) -> list[Path]:
     """Checkpoints with a finite val_loss, best (lowest) first; ties go to the newer one."""
     losses = {p: checkpoint_val_loss(p) for p in found}
-    return sorted((p for p in found if losses[p] is not None), key=lambda p: (losses[p], -_step_of(p)))
+    return sorted((p for p in found if losses[p] is not None), key=lambda p: (losses[p], -step_of(p)))
 
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:
@@ -109,6 +111,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     if keep_last < 1 or keep_best < 0:
         raise ValueError(f"keep_last={keep_last}, keep_best={keep_best}: need keep_last >= 1 and keep_best >= 0")
     _check_weights_only_loadable(trainer_state, "trainer_state")
+    if not isinstance(config, dict):
+        raise ValueError(f"config is a {type(config).__name__}; pass a dict (e.g. RunConfig.to_dict())")
+    try:
+        config_json = json.dumps(config, indent=2)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config is not JSON-serialisable ({err}); pass numbers, strings, lists and dicts") from None
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
@@ -121,7 +129,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         if ema_state is not None:
             _write_safetensors(tmp / EMA_FILE, ema_state, "ema_state")
         torch_save(trainer_state, tmp / TRAINER_FILE)  # a failed write is the OSError it is (train/writes.py)
-        (tmp / CONFIG_FILE).write_text(_to_json(config, "config"), encoding="utf-8")
+        (tmp / CONFIG_FILE).write_text(config_json, encoding="utf-8")
         files = {}
         for path in sorted(tmp.iterdir()):
             fsync_path(path)
@@ -132,7 +140,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         (tmp / COMPLETE_FILE).write_text(f"{step}\n", encoding="utf-8")
         fsync_path(tmp / COMPLETE_FILE)
         fsync_path(tmp)
-        _publish(tmp, final)
+        swap_in(tmp, final, root / f"{TMP_PREFIX}replaced-{final.name}")  # replaces an earlier save of this step
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,17 +161,6 @@ def _check_free_space(root: Path) -> None:
     free = shutil.disk_usage(root).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"{free:,} bytes free, the latest checkpoint took {needed:,}", str(root))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final` durably. An existing `final` (an earlier save of the same step) is moved aside
-    first: between the two renames this step is briefly absent, never half there."""
-    aside = final.parent / f"{TMP_PREFIX}replaced-{final.name}"
-    if final.exists():
-        os.replace(final, aside)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int, keep_best: int, keep: Path) -> None:
@@ -273,7 +270,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(_broken(path, f"has a missing or corrupt {META_FILE} ({type(err).__name__})")) from None
     if verify:
-        _verify_files(path, files)
+        for name, info in files.items():
+            file = path / name
+            if not file.is_file():
+                raise ValueError(_broken(path, f"is missing {name}"))
+            if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+                raise ValueError(_broken(path, f"has a corrupt {name} (size or sha256 differs from {META_FILE})"))
     for name in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE):
         if name not in files or not (path / name).is_file():
             raise ValueError(_broken(path, f"has no {name}"))
@@ -309,19 +311,10 @@ def _broken(path: Path, reason: str) -> str:
     """One line: which checkpoint is unusable, why, and which earlier one to use instead."""
     earlier = []
     if _STEP_DIR.match(path.name):
-        earlier = [p for p in list_checkpoints(path.parent.parent) if _step_of(p) < _step_of(path)]
+        earlier = [p for p in list_checkpoints(path.parent.parent) if step_of(p) < step_of(path)]
     fix = (f"use the previous checkpoint {str(earlier[-1])!r} (nanoseek train --resume-from {earlier[-1].name})"
            if earlier else "no earlier complete checkpoint exists; restart training without resuming")
     return f"checkpoint {str(path)!r} {reason}; {fix}"
-
-
-def _verify_files(path: Path, files: dict) -> None:
-    for name, info in files.items():
-        file = path / name
-        if not file.is_file():
-            raise ValueError(_broken(path, f"is missing {name}"))
-        if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
-            raise ValueError(_broken(path, f"has a corrupt {name} (size or sha256 differs from {META_FILE})"))
 
 
 def _read_safetensors(path: Path, name: str, device: str) -> dict[str, torch.Tensor]:
@@ -342,12 +335,3 @@ def _sha256(path: Path) -> str:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _to_json(value: dict, what: str) -> str:
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} is a {type(value).__name__}; pass a dict (e.g. RunConfig.to_dict())")
-    try:
-        return json.dumps(value, indent=2)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{what} is not JSON-serialisable ({err}); pass numbers, strings, lists and dicts") from None

@@ -8,9 +8,7 @@ so it re-strides over the new ranks). Fine for the 1M-1B models nanoseek trains;
 """
 
 import contextlib
-import copy
 import datetime
-import itertools
 import os
 from collections.abc import Iterator
 
@@ -20,8 +18,6 @@ from torch import nn
 
 from nanoseek.model.moe import MoE
 
-MODES = ("none", "ddp", "fsdp")
-
 
 def launched_by_torchrun() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) in a plain process."""
@@ -29,24 +25,22 @@ def launched_by_torchrun() -> tuple[int, int, int]:
     return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: the local shard of an FSDP2 DTensor, else the tensor itself (a view,
     so in-place changes reach the parameter or gradient it came from)."""
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside torch.compile and DDP wrappers (an objective that reads `model.layers` needs it: the
     trainer hands it the wrapped module, and DDP forwards no attribute of the module it holds)."""
-    while True:
-        inner = model.__dict__.get("_modules", {}).get("_orig_mod") or model.__dict__.get("_modules", {}).get("module")
-        if inner is None:
-            return model
-        model = inner
+    modules = model.__dict__.get("_modules", {})
+    inner = modules.get("_orig_mod") or modules.get("module")
+    return model if inner is None else unwrap(inner)
 
 
 class Distributed:
@@ -54,10 +48,9 @@ class Distributed:
     the guard's numbers (`reduce_step`), MoE expert loads (`sum_`), QK-clip's max logits (`max_`), fp16 found-inf
     flags (`sync_scaler`) and eval losses (`mean_`) must agree on every rank."""
 
-    def __init__(self, mode: str, rank: int, world_size: int, local_rank: int, device: torch.device,
-                 owns_group: bool = False, note: str = "", is_main: bool | None = None):
-        self.mode, self.rank, self.world_size, self.local_rank = mode, rank, world_size, local_rank
-        self.is_main = rank == 0 if is_main is None else is_main  # rank 0: logs, prints, writes checkpoints
+    def __init__(self, mode: str, rank: int, world_size: int, device: torch.device, owns_group: bool = False,
+                 note: str = ""):
+        self.mode, self.rank, self.world_size, self.is_main = mode, rank, world_size, rank == 0  # rank 0 saves
         self.device, self.owns_group, self.note = device, owns_group, note  # note: one console line, e.g. why DDP
         self.cpu_group = self.mesh = None
         if mode != "none" and dist.get_backend() != "gloo":
@@ -69,14 +62,12 @@ class Distributed:
         """Join (or start) the process group for `mode` on `device` ("cuda" becomes cuda:LOCAL_RANK). Several
         processes with mode "none" use DDP (N runs on one run directory would overwrite one another); DDP or
         FSDP without torchrun is a process group of one (to check that mode on one device)."""
-        if mode not in MODES:
-            raise ValueError(f"train.dist={mode!r}: must be one of {', '.join(MODES)}")
-        rank, local_rank, world = launched_by_torchrun()
+        _, local_rank, world = launched_by_torchrun()
         note = ""
         if world > 1 and mode == "none":
             mode, note = "ddp", f"{world} processes and train.dist='none': using DDP (--train.dist fsdp shards instead)"
         if mode == "none":
-            return cls("none", 0, 1, 0, device)
+            return cls("none", 0, 1, device)
         if device.type == "cuda":
             if local_rank >= torch.cuda.device_count():
                 raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
@@ -91,7 +82,7 @@ class Distributed:
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
             else:
                 dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kwargs)
-        return cls(mode, dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=owns, note=note)
+        return cls(mode, dist.get_rank(), dist.get_world_size(), device, owns_group=owns, note=note)
 
     @property
     def active(self) -> bool:
@@ -111,17 +102,14 @@ class Distributed:
             self.barrier()
 
     def close(self, wait: bool = True) -> None:
-        """Leave the process group if this run started it. wait: every rank reaches here together, so meet
-        at a barrier first; False on an error path, where the other ranks may never arrive."""
+        """Leave the process group if this run started it, and go on as this rank alone: no collectives, but
+        still rank 0 or not for printing. wait: every rank reaches here together, so meet at a barrier first;
+        False on an error path, where the other ranks may never arrive."""
         if self.active and self.owns_group and dist.is_initialized():
             if wait:
-                dist.barrier(group=self.cpu_group)
+                self.barrier()
             dist.destroy_process_group()
-        self.owns_group = False
-
-    def detached(self) -> "Distributed":
-        """This rank on its own after training: no collectives, but still rank 0 or not for printing."""
-        return Distributed("none", 0, 1, 0, self.device, is_main=self.is_main)
+        self.mode, self.rank, self.world_size, self.owns_group, self.cpu_group = "none", 0, 1, False, None
 
     # ---- wrapping ------------------------------------------------------------------------------
 
@@ -253,10 +241,9 @@ class Distributed:
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return {}
-        order = [name for group in named["param_groups"] for name in group["params"]]
-        index = itertools.count()
-        groups = [{**group, "params": [next(index) for _ in group["params"]]} for group in named["param_groups"]]
-        state = {i: named["state"][name] for i, name in enumerate(order) if name in named["state"]}
+        index = {name: i for i, name in enumerate(n for group in named["param_groups"] for n in group["params"])}
+        groups = [{**group, "params": [index[name] for name in group["params"]]} for group in named["param_groups"]]
+        state = {index[name]: named["state"][name] for name in index if name in named["state"]}
         return {"state": state, "param_groups": groups}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -277,45 +264,3 @@ class Distributed:
         named_state = {names[id(params[i])]: s for i, s in state["state"].items()}
         set_optimizer_state_dict(model, optimizer, {"state": named_state, "param_groups": named_groups},
                                  options=StateDictOptions(full_state_dict=True))
-
-    # ---- in-memory snapshots (rollback) ---------------------------------------------------------
-
-    @staticmethod
-    def offload(obj):
-        """A CPU copy of nested state (tensors, dicts, lists); FSDP's DTensors keep their layout."""
-        if _is_dtensor(obj):
-            return _ShardCopy(obj)
-        if isinstance(obj, torch.Tensor):
-            return obj.detach().to("cpu", copy=True)
-        if isinstance(obj, dict):
-            return {k: Distributed.offload(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(Distributed.offload(v) for v in obj)
-        return copy.deepcopy(obj)
-
-    @staticmethod
-    def restore(obj):
-        """The inverse of `offload` for `load_state_dict`: DTensors rebuilt on their mesh, the rest as is."""
-        if isinstance(obj, _ShardCopy):
-            return obj.rebuild()
-        if isinstance(obj, dict):
-            return {k: Distributed.restore(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(Distributed.restore(v) for v in obj)
-        return obj
-
-
-class _ShardCopy:
-    """This rank's shard of a DTensor, copied to CPU, plus what it takes to rebuild the DTensor."""
-
-    def __init__(self, tensor):
-        self.local = tensor.to_local().detach().to("cpu", copy=True)
-        self.device = tensor.to_local().device
-        self.mesh, self.placements = tensor.device_mesh, tensor.placements
-        self.shape, self.stride = tensor.shape, tensor.stride()
-
-    def rebuild(self):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(self.local.to(self.device), self.mesh, self.placements, run_check=False,
-                                  shape=self.shape, stride=self.stride)

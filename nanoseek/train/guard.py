@@ -3,13 +3,17 @@
 `check(stats)` runs after backward and before clipping, the optimizer, the GradScaler and the MoE bias update:
 - ok       -- apply the step.
 - skip     -- non-finite loss or gradient, an out-of-range batch, an LR that is not a finite float32 (checked
-              even with the guard off), or a loss / grad-norm spike over the rolling window (OLMo-core style).
-              Nothing changes but the data position.
-- rollback -- `max_skips` skips within `window` steps, two loss spikes in a row, a loss stuck at the unigram
-              level or diverging (train/plateau.py), or attention logits growing past `attn_logit_limit`
-              (Wortsman et al. 2023, arXiv 2309.14322): restore the last verified-good snapshot, lower the LR
-              (after logit growth under Muon only the Muon group's, whose updates drive the logits), and leave
-              the data window that led into the trouble behind (PaLM, arXiv 2204.02311, section 5.1).
+              even with the guard off: it could only write NaN weights), or a loss / grad-norm spike over the
+              rolling window (OLMo-core style; spikes are kept out of the window). Nothing changes but the
+              data position.
+- rollback -- `max_skips` skips within `window` steps (grad-norm spikes do not count: with finite gradients
+              and a steady loss the weights are fine) or two loss spikes in a row (the weights, not the data,
+              are bad): LR times `rollback_lr_factor`. Also a loss (stats.ce) stuck at the unigram level or
+              diverging (train/plateau.py), or attention logits growing past `attn_logit_limit` (Wortsman et
+              al. 2023, arXiv 2309.14322): LR times `plateau_lr_factor`, after logit growth under Muon only
+              the Muon group's, whose updates drive the logits. Every rollback restores the last
+              verified-good snapshot and leaves the data window that led into the trouble behind (PaLM,
+              arXiv 2204.02311, section 5.1).
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
 - overflow -- fp16 only: the GradScaler saw inf gradients and lowers its scale; the scaler working, not a fault.
 """
@@ -23,8 +27,6 @@ import torch
 
 from nanoseek.config import GuardConfig
 from nanoseek.train.plateau import PlateauDetector
-
-_FLOAT32_MAX = 3.4028234663852886e38  # an LR above it is inf once the optimizer computes in float32
 
 
 @dataclass
@@ -186,7 +188,7 @@ class StabilityGuard:
     def check_update(self, step: int, lrs: list[float]) -> Verdict | None:
         """Before the optimizer step (host floats, no sync): an LR that is not a finite float32 would write
         NaN/Inf into every weight it touches, however finite the gradients are. None: the update may go on."""
-        bad = next((lr for lr in lrs if not math.isfinite(lr) or abs(lr) > _FLOAT32_MAX), None)
+        bad = next((lr for lr in lrs if not math.isfinite(lr) or abs(lr) > torch.finfo(torch.float32).max), None)
         return None if bad is None else self._skip(step, f"non-finite learning rate ({bad:g})", bad)
 
     def _skip(self, step: int, cause: str, value: float) -> Verdict:

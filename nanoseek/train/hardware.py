@@ -1,9 +1,7 @@
 """The device to run on (`resolve_device`) and `--hardware auto`: the training precision for it.
 
 `choose_precision` is a pure function of what can be read off the device, so it is tested with made-up devices;
-`detect` reads the real one. Hopper: bf16 plus torchao fp8 linears when torchao is installed (fp8 tensor cores
-double the dense peak); A100, RTX 4090 and CPUs with AMX: bf16; other CUDA GPUs: fp16 with a GradScaler (every GPU
-since Volta); other CPUs: fp32, as bf16 matmuls there are emulated or half-rate.
+`detect` reads the real one. Each choice carries its reason (Hopper's fp8 tensor cores double its dense peak).
 """
 
 import dataclasses

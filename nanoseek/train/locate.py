@@ -11,9 +11,9 @@ import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,10 +63,6 @@ def _summary(tensors: list[torch.Tensor]) -> dict:
     return out
 
 
-def _nonfinite(tensors: list[torch.Tensor]) -> bool:
-    return any(not bool(torch.isfinite(t).all()) for t in tensors)
-
-
 def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultInjector | None = None,
            step: int = -1, autocast=None, grad_findings: list[str] | None = None) -> Finding:
     """Re-run forward/backward of one batch with hooks; x: [B, T], y: [B, T + lookahead - 1]."""
@@ -74,7 +70,7 @@ def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultIn
     names = {module: name for name, module in model.named_modules()}
 
     def note(stage: str, module: nn.Module, tensor: str, parts: dict) -> None:
-        if not found and _nonfinite(_tensors(parts[tensor])):
+        if not found and any(not bool(torch.isfinite(t).all()) for t in _tensors(parts[tensor])):
             detail = {key: _summary(_tensors(value)) for key, value in parts.items()}
             found.append(Finding(stage, names[module] or "<model>", tensor, detail))
 
@@ -88,41 +84,31 @@ def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultIn
     model.zero_grad(set_to_none=True)
     model.train()
     try:
-        finding = _replay(model, x, y, injector, step, autocast, forward_hook, backward_hook, found)
+        with contextlib.ExitStack() as hooks:
+            hooks.enter_context(injector.activations(step) if injector else contextlib.nullcontext())  # before ours
+            for module in model.modules():
+                hooks.enter_context(module.register_forward_hook(forward_hook))
+            with autocast or contextlib.nullcontext():
+                out = model(x, y)
+        loss = injector.loss(step, out.loss) if injector else out.loss
+        if not found and not math.isfinite(float(loss.detach())):
+            bad = {k: float(v.detach()) for k, v in out.losses.items() if not math.isfinite(float(v.detach()))}
+            return Finding("loss", None, "loss", {"components": bad or "all finite; the total is not"})
+        if not found:
+            with contextlib.ExitStack() as hooks:
+                for module in (m for m in model.modules() if m is not model):
+                    hooks.enter_context(module.register_full_backward_hook(backward_hook))
+                loss.backward()
     finally:  # leave the model as it was: no gradients, no expert loads counted by the replay
         model.zero_grad(set_to_none=True)
         model.reset_expert_loads()
         model.train(was_training)
-    if finding is None and grad_findings:  # finite on replay: name the parameters of the original step
-        param = grad_findings[0]
-        finding = Finding("grad", param.rsplit(".", 1)[0], f"gradient of {param}", {"parameters": len(grad_findings)})
-    return finding or Finding("clean")
-
-
-def _replay(model, x, y, injector, step, autocast, forward_hook, backward_hook, found) -> Finding | None:
-    """The first Finding of forward, loss and backward, or None if all stayed finite."""
-    with injector.activations(step) if injector else contextlib.nullcontext():  # before the diagnostic hooks
-        with _hooks([m.register_forward_hook(forward_hook) for m in model.modules()]):
-            with autocast or contextlib.nullcontext():
-                out = model(x, y)
     if found:
         return found[0]
-    loss = injector.loss(step, out.loss) if injector else out.loss
-    if not math.isfinite(float(loss.detach())):
-        bad = {k: float(v.detach()) for k, v in out.losses.items() if not math.isfinite(float(v.detach()))}
-        return Finding("loss", None, "loss", {"components": bad or "all finite; the total is not"})
-    with _hooks([m.register_full_backward_hook(backward_hook) for m in model.modules() if m is not model]):
-        loss.backward()
-    return found[0] if found else None
-
-
-@contextlib.contextmanager
-def _hooks(handles: list):
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    if grad_findings:  # finite on replay: name the parameters of the original step
+        param = grad_findings[0]
+        return Finding("grad", param.rsplit(".", 1)[0], f"gradient of {param}", {"parameters": len(grad_findings)})
+    return Finding("clean")
 
 
 def nonfinite_grads(model: nn.Module) -> list[str]:
@@ -168,7 +154,8 @@ class BadStepRecorder:
         self.autocast, self.whole_copy, self.log = autocast, whole_copy, log
 
     def record(self, verdict: Verdict, stats: StepStats, batches: list) -> Verdict:
-        """The verdict, with the module the fault began in when found."""
+        """The verdict, with the module the fault began in when found. The first MAX_SAVED faulted steps keep their
+        batches (x [B, T], y [B, T + lookahead - 1]) in bad_batches/step-N/, with the weights if non-finite."""
         if verdict.action == "overflow":
             return verdict
         step, view, nonfinite = stats.step, stats.rank, verdict.cause.startswith("non-finite")
@@ -187,36 +174,28 @@ class BadStepRecorder:
             return verdict
         culprit = next((r for key in ("batch_ok", "loss_ok", "grad_ok") for r, info in enumerate(everyone)
                         if not info[key]), 0)
+        batches = everyone[culprit]["batches"]  # the culprit's, replayed with its faults
         bad_grads = list(dict.fromkeys(name for info in everyone for name in info["bad_grads"]))
         model = self.whole_copy(state) if state is not None else self.model  # a shard cannot run alone
         injector = FaultInjector(self.inject, model, culprit, self.dist.world_size)
-        module = self._locate_and_save(step, verdict, everyone[culprit]["batches"], model, injector, bad_grads)
-        if self.dist.world_size > 1:
-            self.log(f"[guard] step {step}: the fault began on rank {culprit}")
-        return dataclasses.replace(verdict, module=module)
-
-    def _locate_and_save(self, step: int, verdict: Verdict, batches: list, model: nn.Module, injector: FaultInjector,
-                         bad_grads: list[str]) -> str | None:
-        """Save a faulted step's (x [B, T], y [B, T + lookahead - 1]) batches under bad_batches/step-N/ and, for a
-        non-finite fault, replay the first with the faults of the rank they came from to name the module where it
-        began (returned; None if not found)."""
-        root = self.run_dir / "bad_batches"
-        saved = sorted(root.glob("step-*")) if root.exists() else []
-        nonfinite, finding = verdict.cause.startswith("non-finite"), None
+        finding = None
         if nonfinite:
             x, y = (t.to(self.dist.device) for t in batches[0])
             finding = replay(model, x, y, injector, step, self.autocast(), bad_grads)
         module = finding.module if finding else None
-        if len(saved) < MAX_SAVED:
+        root = self.run_dir / "bad_batches"
+        if len(list(root.glob("step-*"))) < MAX_SAVED:
             out_dir = root / f"step-{step:08d}"
             out_dir.mkdir(parents=True, exist_ok=True)
             save_file(batch_record(batches), str(out_dir / BATCH_FILE))  # tensors only: nothing to unpickle on load
             if nonfinite:
                 tied = {"head.weight"} if model.config.tie_embeddings else set()
-                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in tied}
-                save_file(state, str(out_dir / "model.safetensors"))
+                weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in tied}
+                save_file(weights, str(out_dir / "model.safetensors"))
             meta = {"step": step, "cause": verdict.cause, "action": verdict.action, "injected": injector.active(step),
                     "finding": finding.line() if finding else None, "module": module,
-                    "nonfinite_grads": bad_grads[:20], "rank": injector.rank, "world_size": injector.world_size}
+                    "nonfinite_grads": bad_grads[:20], "rank": culprit, "world_size": self.dist.world_size}
             (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-        return module
+        if self.dist.world_size > 1:
+            self.log(f"[guard] step {step}: the fault began on rank {culprit}")
+        return dataclasses.replace(verdict, module=module)

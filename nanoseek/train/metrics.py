@@ -152,18 +152,16 @@ class Throughput:
     wherever the host is, at most the queued work behind the GPU (logging syncs once per interval anyway)."""
 
     def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
         self._start, self._tokens = time.perf_counter(), 0
 
     def add(self, tokens: int) -> None:
         self._tokens += tokens
 
     def rate(self) -> float:
-        """Tokens/s since the last reset (0.0 if no time has passed), then reset."""
-        elapsed, tokens = time.perf_counter() - self._start, self._tokens
-        self.reset()
+        """Tokens/s since the last call (0.0 if no time has passed); starts the next interval."""
+        now = time.perf_counter()
+        elapsed, tokens = now - self._start, self._tokens
+        self._start, self._tokens = now, 0
         return tokens / elapsed if elapsed > 0 else 0.0
 
 

@@ -2,12 +2,8 @@
 
 x [B, T] token ids, y [B, T + lookahead - 1] next-token (and MTP) targets; the returned `losses` are logged and
 `losses["ce"]` (else the total) is the eval metric. `next_token_objective` is the default; `distill_objective`
-(`nanoseek heal`) distils logits, T^2 * KL(teacher_T || student_T) (Hinton et al. 2015; X-EcoMLA, arXiv
-2503.11132, distils end to end after an MLA conversion); `DistillationObjective` (`nanoseek npt`) trains NPT
-adapters to reproduce the frozen base's hidden state at every converted layer. `student_ce` is logged only.
-
-Hidden states are compared by nmse = ||h_s - h_t||^2 / ||h_t||^2 over the batch, in fp32: scale-invariant, where
-a plain MSE grows with the hidden size and norm and gives a large model huge first gradients.
+(`nanoseek heal`) distils logits end to end after an MLA conversion (X-EcoMLA, arXiv 2503.11132), and
+`DistillationObjective` (`nanoseek npt`) trains NPT adapters to match the frozen base's hidden state per layer.
 """
 
 import contextlib
@@ -39,7 +35,8 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 
 def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """student, teacher [B, T, dim] -> scalar sum((s - t)^2) / sum(t^2), in fp32."""
+    """student, teacher [B, T, dim] -> scalar sum((s - t)^2) / sum(t^2) over the batch, in fp32: scale-invariant,
+    where a plain MSE grows with the hidden size and norm and gives a large model huge first gradients."""
     s, t = student.float(), teacher.float()
     return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(NMSE_FLOOR)
 

@@ -1,7 +1,8 @@
 """Optimizers (AdamW, Lion, Muon), each ONE `torch.optim.Optimizer`, their parameter groups, and the LR schedule.
 
-Weight decay goes on 2-D+ weight matrices only: decaying a norm gain or a bias pulls it towards a value with
-no special meaning, and decaying embeddings of rare tokens shrinks them between their rare gradients
+Weight decay goes on 2-D+ weight matrices other than embeddings (anything an `nn.Embedding` owns): decaying a
+norm gain or a bias pulls it towards a value with no special meaning, and decaying embeddings of rare tokens
+shrinks them between their rare gradients
 (nanoGPT `configure_optimizers`; Loshchilov & Hutter 2019 for the decoupled form).
 """
 
@@ -48,17 +49,14 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     lr, betas = dict(lr=cfg.lr, base_lr=cfg.lr), (cfg.beta1, cfg.beta2)
     groups = [dict(name="decay", params=decay, **lr, weight_decay=cfg.weight_decay, betas=betas),
               dict(name="no_decay", params=no_decay, **lr, weight_decay=0.0, betas=betas)]
-    if cfg.optimizer == "muon":
-        for group in groups:
-            group.update(use_muon=False, eps=cfg.eps)
-        groups.insert(0, dict(name="muon", params=muon, lr=cfg.muon_lr, base_lr=cfg.muon_lr,
-                              weight_decay=cfg.weight_decay, use_muon=True, momentum=MUON_MOMENTUM,
-                              nesterov=True, ns_steps=NS_STEPS))
+    if cfg.optimizer == "muon":  # momentum, Nesterov and ns_steps: Muon's defaults
+        groups = [dict(name="muon", params=muon, lr=cfg.muon_lr, base_lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                       use_muon=True), *(dict(group, use_muon=False) for group in groups)]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, Lion, or Muon for 2-D+ hidden matrices and AdamW for embeddings, the output head and 1-D ones."""
+    """AdamW, Lion, or Muon (2-D+ hidden matrices; AdamW for the rest) over `param_groups`, which set each lr."""
     groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False); "
@@ -67,12 +65,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         # torch's fused AdamW (one kernel instead of ~10 foreach ops, on CPU too since torch 2.4): the same
         # update up to rounding, and faster (bench/RESULTS.md, "Fast paths"). Needs float CPU/CUDA parameters.
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, fused=fused or None)
+        return torch.optim.AdamW(groups, eps=cfg.eps, fused=fused or None)
     if cfg.optimizer == "lion":
-        return Lion(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        return Lion(groups)
     if cfg.optimizer == "muon":
-        return Muon(groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+        return Muon(groups, eps=cfg.eps)
     raise ValueError(f"optimizer={cfg.optimizer!r}: unknown; choose 'adamw', 'lion' or 'muon'")
 
 

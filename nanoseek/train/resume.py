@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from nanoseek.config import RunConfig
-from nanoseek.rundir import LOCK_FILE
-from nanoseek.train.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, list_checkpoints
+from nanoseek.rundir import LOCK_FILE, check_folder_path
+from nanoseek.train.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, list_checkpoints, step_of
 
 CONFIG_TOML = "config.toml"
 ABANDONED_PREFIX = "abandoned-"
@@ -71,7 +71,7 @@ def find_checkpoint(run_dir: str | Path, resume_from: str | None = None) -> Path
     found = list_checkpoints(run_dir)
     match = re.fullmatch(r"(?:step-)?(\d+)", str(resume_from))
     if match:
-        chosen = next((p for p in found if int(p.name.split("-")[1]) == int(match.group(1))), None)
+        chosen = next((p for p in found if step_of(p) == int(match.group(1))), None)
     else:
         path = Path(resume_from).expanduser()
         inside = path.resolve().parent == (run_dir / CHECKPOINTS_DIR).resolve()
@@ -107,12 +107,10 @@ def saved_config(run_dir: str | Path, resume_from: str | None = None) -> RunConf
 
 def set_aside_later(run_dir: str | Path, chosen: Path) -> Path | None:
     """Move the checkpoints after `chosen` to checkpoints/abandoned-TIME/ (kept, never resumed); that folder or None."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    step = int(chosen.name.split("-")[1])
-    later = [p for p in list_checkpoints(run_dir) if int(p.name.split("-")[1]) > step]
+    later = [p for p in list_checkpoints(run_dir) if step_of(p) > step_of(chosen)]
     if not later:
         return None
-    aside = root / f"{ABANDONED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-from-{chosen.name}"
+    aside = Path(run_dir) / CHECKPOINTS_DIR / f"{ABANDONED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-from-{chosen.name}"
     aside.mkdir()
     for path in later:
         os.replace(path, aside / path.name)
@@ -149,8 +147,7 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> None:
 def refuse_foreign_files(run_dir: str | Path) -> None:
     """Refuse (one line) an --out that is a file, or a directory holding files no nanoseek run writes."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir} is a file, not a directory; choose a new --out")
+    check_folder_path(run_dir)
     if not run_dir.is_dir():
         return
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith(".data."))
@@ -181,11 +178,7 @@ def _refuse_other_data(run_dir: Path, data: dict) -> None:
 def restart_without_checkpoint(run_dir: Path, cfg: RunConfig) -> str:
     """--resume of a run stopped before its first checkpoint starts it again on its own data and config.toml
     (returns the note saying so); never a default config over someone's data, nor another over this run's."""
-    toml = Path(run_dir) / CONFIG_TOML
-    if not toml.is_file():
-        raise ValueError(f"--resume: no complete checkpoint under {Path(run_dir) / CHECKPOINTS_DIR} and no "
-                         f"{CONFIG_TOML}; start without --resume (or point --out at the run to continue)")
-    saved = RunConfig.load_toml(toml).to_dict()
+    saved = saved_config(run_dir).to_dict()
     saved["model"]["vocab_size"] = cfg.model.vocab_size  # set from the prepared data, like the run's own
-    check_continuation(saved, cfg.to_dict(), str(toml))
+    check_continuation(saved, cfg.to_dict(), str(run_dir / CONFIG_TOML))
     return f"{run_dir} has no checkpoint yet: starting it again from step 0 on its own data and {CONFIG_TOML}"

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from nanoseek.train.distributed import local
+from nanoseek.train.distributed import Distributed, local
 
 
 class NonFiniteWeights(ValueError):
@@ -25,11 +25,9 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return math.isfinite(float(torch.stack([n.float() for n in norms]).sum()))
 
 
-def refuse_nonfinite_weights(model: torch.nn.Module, step: int, dist=None) -> None:
-    """Raise NonFiniteWeights if any weight is NaN/Inf. With `dist` (a Distributed) all ranks refuse together,
-    rather than some entering the checkpoint's collectives."""
-    finite = weights_finite(model) if dist is None else dist.all_ok(weights_finite(model))
-    if not finite:
+def refuse_nonfinite_weights(model: torch.nn.Module, step: int, dist: Distributed) -> None:
+    """Raise NonFiniteWeights on every rank (none enters the checkpoint's collectives) if any weight is NaN/Inf."""
+    if not dist.all_ok(weights_finite(model)):
         raise NonFiniteWeights(f"the weights hold NaN/Inf at step {step}; refusing to save them as a checkpoint "
                                "(the earlier checkpoints are intact): resume from the latest one with a lower "
                                "--train.lr, or look at metrics.jsonl and nanoseek diagnose RUN_DIR")

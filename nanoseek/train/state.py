@@ -1,6 +1,5 @@
-"""A run's state besides the weights: the loop's counters, a checkpoint's trainer state, and loading it back."""
+"""A run's state besides the weights: the loop's counters, and a checkpoint's (Trainer.trainer_state) loaded back."""
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,8 +9,8 @@ import torch
 
 from nanoseek.config import RunConfig
 from nanoseek.train.distributed import Distributed, unwrap
-from nanoseek.train.optim import build_optimizer
-from nanoseek.train.rng import rng_state, set_rng_state
+from nanoseek.train.optim import param_groups
+from nanoseek.train.rng import set_rng_state
 
 
 @dataclass
@@ -30,15 +29,6 @@ class Progress:
             self.best_val, self.evals_since_best = val, 0
         else:
             self.evals_since_best += 1
-
-
-def run_state(dist: Distributed, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, loader, guard,
-              progress: Progress, global_batch: int, clipper=None) -> dict:
-    """Everything but the weights that exact resume needs. Under FSDP a collective: call on every rank."""
-    return {**dataclasses.asdict(progress), "optimizer": dist.full_optimizer_state(model, optimizer),
-            "scaler": scaler.state_dict(), "loader": loader.state_dict(), "guard": guard.state_dict(),
-            "clipper": clipper.state_dict() if clipper is not None else None,
-            "rng": rng_state(), "world_size": dist.world_size, "global_batch": global_batch}
 
 
 def check_fits(ckpt, model: torch.nn.Module, cfg: RunConfig) -> None:
@@ -63,7 +53,7 @@ def restore_run(ckpt, cfg: RunConfig, dist: Distributed, model: torch.nn.Module,
     dist.load_model_state(model, ckpt.model_state)
     state = ckpt.trainer_state
     dist.load_optimizer_state(model, optimizer, state["optimizer"])
-    for group, fresh in zip(optimizer.param_groups, build_optimizer(model, cfg.train).param_groups):
+    for group, fresh in zip(optimizer.param_groups, param_groups(model, cfg.train)):
         group["base_lr"] = fresh["base_lr"]  # an LR given on the command line at resume wins
     scaler.load_state_dict(state["scaler"])
     loader.load_state_dict(state["loader"])

@@ -26,10 +26,8 @@ class StepLog:
         record = {"kind": "event", "event": verdict.action, "step": step, "cause": verdict.cause,
                   "module": verdict.module, "action": verdict.action, "value": verdict.value, **extra}
         where = f" in {verdict.module}" if verdict.module else ""
-        line = f"[guard] step {step}: {verdict.cause}{where} -> {verdict.action}"
-        if extra.get("detail"):
-            line += f" ({extra['detail']})"
-        self.logger.event(record, line)
+        detail = f" ({extra['detail']})" if extra.get("detail") else ""
+        self.logger.event(record, f"[guard] step {step}: {verdict.cause}{where} -> {verdict.action}{detail}")
 
     def step(self, step: int, opt_step: int, n_skips: int, values: dict[str, float], verdict: Verdict) -> None:
         """The record of data step `step` (done), with `opt_step` updates applied so far."""

@@ -1,6 +1,7 @@
 """Stop at a step boundary with a resumable checkpoint when the user or the scheduler asks.
 
-Ctrl-C (SIGINT, one process only): the first finishes the step, saves and stops; a second interrupts at once.
+Ctrl-C (SIGINT): the first finishes the step, saves and stops; a second interrupts at once. One process only:
+under torchrun every rank would see it at a different step.
 SIGTERM (what SLURM, Kubernetes, spot instances and torchrun send before a kill) and SIGUSR1 (a scheduler's early
 warning, `sbatch --signal=USR1@120`): finish the step and save. The exit code is 128 + the signal's number.
 Under torchrun the ranks OR their flags each step in one tiny host all-reduce, so all save the same step.
@@ -16,17 +17,14 @@ class GracefulStop:
     """Installs the handlers above in the main thread while entered; `requested` says a stop was asked for,
     `signum` by which signal. `world_size > 1` leaves SIGINT with its default meaning."""
 
-    def __init__(self, enabled: bool = True, world_size: int = 1):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.world_size = world_size
-        self.requested = False
+    def __init__(self, world_size: int = 1):
+        self.world_size, self.requested = world_size, False
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> "GracefulStop":
-        if self.enabled:
-            wanted = PREEMPTION_SIGNALS + ((signal.SIGINT,) if self.world_size == 1 else ())
-            for signum in wanted:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works in the main thread only
+            for signum in PREEMPTION_SIGNALS + ((signal.SIGINT,) if self.world_size == 1 else ()):
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
 

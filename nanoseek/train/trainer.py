@@ -1,9 +1,18 @@
 """The training loop: one code path for CPU and GPU, fp32/bf16/fp16, one process or torchrun (DDP or FSDP2).
 
-A step (DESIGN.md, "The path of one training step") is judged by the guard before anything is updated, and a
-bad one is dropped whole. `step` counts data batches consumed (always advances, so data moves on past a bad
-batch); `opt_step` counts applied updates (it drives the LR schedule and MTP ramp, so a skip leaves them be).
-Every rank judges the same global numbers, so all apply or drop a step together; rank 0 logs and saves.
+One step (`train_step`) is a pipeline of plain calls:
+
+    read_batches()       grad_accum micro-batches; token ids checked on the host before any forward
+    forward_backward()   autocast forward -> loss components -> backward -> one host read: StepStats
+    guard.check(stats)   the Verdict, before anything is updated (train/guard.py)
+    recorder.record()    on a fault: save the batch, replay it to name the module (train/locate.py)
+    apply(verdict)       ok: clip, optimizer, scaler, model.after_optimizer_step, EMA; else drop it whole
+
+The loop (`_train`) then reacts to the verdict (roll back via train/rollback.py, or abort), logs, and at the
+step boundary evaluates, saves and honours a stop request. `step` counts data batches consumed (always
+advances, so data moves on past a bad batch); `opt_step` counts applied updates (it drives the LR schedule
+and MTP ramp, so a skip leaves them be). Every rank judges the same all-reduced numbers, so all apply or
+drop a step together; rank 0 logs and saves.
 """
 
 import contextlib
@@ -34,10 +43,10 @@ from nanoseek.train.locate import BadStepRecorder
 from nanoseek.train.objectives import Objective, next_token_objective
 from nanoseek.train.optim import apply_lr_factor, build_optimizer, lr_factor, update_ema
 from nanoseek.train.plateau import unigram_entropy
-from nanoseek.train.rng import seed_everything
+from nanoseek.train.rng import rng_state, seed_everything
 from nanoseek.train.rollback import RollbackKeeper
 from nanoseek.train.safety import refuse_nonfinite_weights
-from nanoseek.train.state import Progress, restore_run, resume_note, run_state
+from nanoseek.train.state import Progress, restore_run, resume_note
 from nanoseek.train.steplog import StepLog
 from nanoseek.train.stop import GracefulStop
 
@@ -150,7 +159,8 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
         # Plain functions, not bound methods: the bad-step recorder holds them, and a trainer in a reference
         # cycle would keep its files open after a failure until the garbage collector ran.
-        self._autocast = functools.partial(autocast_context, self.device.type, dtype)
+        self._autocast = (contextlib.nullcontext if dtype is None
+                          else functools.partial(torch.autocast, self.device.type, dtype=dtype))
         self._whole_copy = functools.partial(whole_copy, self.cfg.model, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -236,8 +246,7 @@ class Trainer:
         return result
 
     def train_step(self) -> tuple[Verdict, dict[str, float], list[Batch]]:
-        """Read -> forward/backward -> judge -> (on a fault: record) -> apply or drop. Returns the verdict,
-        the step's values for the metrics and its batches."""
+        """Read -> forward/backward -> judge -> (on a fault: record) -> apply or drop; the verdict, values, batches."""
         batches, rank_ok = self.read_batches()
         stats = self.forward_backward(batches, rank_ok)
         verdict = self.guard.check(stats)
@@ -355,24 +364,25 @@ class Trainer:
                                  self.dist, self._autocast)
 
     def _eval_and_maybe_stop(self) -> bool:
-        tc = self.cfg.train
         losses = self.evaluate()
         val = headline(losses)
         record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
-        ema_note = ""
         if self.ema is not None:
             record["val_loss_ema"] = headline(self.evaluate(self.ema))
-            ema_note = f" (ema {record['val_loss_ema']:.4f})"
         self.logger.log(record)
+        ema_note = f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""
         self.logger.write(f"step {self.step}: val loss {val:.4f}{ema_note}")
         self.progress.validated(val)
         self.save(val)
-        return bool(tc.early_stop_patience) and self.progress.evals_since_best >= tc.early_stop_patience
+        return 0 < self.cfg.train.early_stop_patience <= self.progress.evals_since_best
 
     def trainer_state(self) -> dict:
         """Everything but the weights that exact resume needs (under FSDP a collective: call on every rank)."""
-        return run_state(self.dist, self.model, self.optimizer, self.scaler, self.train_loader, self.guard,
-                         self.progress, self.global_batch, self.clipper)
+        optimizer = self.dist.full_optimizer_state(self.model, self.optimizer)
+        return {**dataclasses.asdict(self.progress), "optimizer": optimizer, "scaler": self.scaler.state_dict(),
+                "loader": self.train_loader.state_dict(), "guard": self.guard.state_dict(),
+                "clipper": self.clipper.state_dict() if self.clipper is not None else None,
+                "rng": rng_state(), "world_size": self.dist.world_size, "global_batch": self.global_batch}
 
     def save(self, val_loss: float | None = None) -> Path:
         """Write a checkpoint (every rank calls this; rank 0 writes full, unsharded state)."""
@@ -394,16 +404,11 @@ class Trainer:
             self.model = self._whole_copy(self.dist.full_model_state(self.model, everywhere=True))
             self.forward_model = self.model
         self.dist.close()
-        self.dist = self.dist.detached()
 
 
 def headline(losses: dict[str, float]) -> float:
     """The next-token loss, else the objective's total: the train and eval metric."""
     return losses.get("ce", losses["loss"])
-
-
-def autocast_context(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 def whole_copy(config: ModelConfig, device: torch.device, state: dict[str, torch.Tensor]) -> Transformer:
