@@ -23,7 +23,7 @@ from nanoseek.diagnose import diagnose_run
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import latest_checkpoint, read_checkpoint
 from nanoseek.train.faults import KINDS, FaultInjector, parse_fault
-from nanoseek.train.locate import load_batch
+from nanoseek.train.locate import load_batch, replay
 from nanoseek.train.optim import lr_factor
 from nanoseek.train.trainer import Trainer
 from tiny import tiny_model_config, write_corpus
@@ -212,6 +212,21 @@ def test_injector_fires_only_at_its_step(model):
             assert not torch.isfinite(model(idx).logits).all()
         assert torch.isfinite(model(idx).logits).all()  # the hook is gone after the step
     model.reset_expert_loads()
+
+
+def test_replay_names_the_module_whose_backward_goes_non_finite():
+    """A forward that stays finite while its gradient does not (d sqrt(u)/du at u = 0) is located in backward."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_config(vocab_size=40))
+    x, y = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 9))
+    assert replay(model, x, y).stage == "clean"
+    ffn = model.layers[1].ffn
+    finite_forward = ffn.forward
+    ffn.forward = lambda h, *args: finite_forward(h, *args) + torch.sqrt((h - h.detach()) ** 2)  # adds 0; grad NaN
+    finding = replay(model, x, y)
+    assert (finding.stage, finding.module, finding.tensor) == ("backward", "layers.1.ffn", "grad_input")
+    assert finding.detail["grad_output"]["nonfinite"] == 0 and finding.detail["grad_input"]["nonfinite"] > 0
+    assert all(p.grad is None for p in model.parameters())  # the replay leaves no gradients behind
 
 
 class TupleOut(nn.Module):

@@ -18,6 +18,8 @@ from nanoseek.cli import main
 from nanoseek.errors import describe
 from nanoseek.rundir import LOCK_FILE, hold, release, replacing, unique_run_dir
 from nanoseek.train.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+from nanoseek.train.metrics import WANDB_ID_FILE
+from nanoseek.train.resume import refuse_foreign_files
 from safety_helpers import FLAGS, assert_one_line_failure, fingerprint, popen_cli, run_cli
 
 @pytest.fixture(scope="module")
@@ -309,3 +311,16 @@ def test_two_writers_on_one_run_directory(corpus, tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == list(range(last.step))  # one writer's records, each step once
+
+
+def test_an_out_holding_only_run_files_is_accepted_and_any_other_file_refused(tmp_path):
+    """Every file a run writes (wandb's run id included, so a wandb run can start over) is a run's; anything else
+    is someone's, and nothing is written next to it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.toml", "metrics.jsonl", WANDB_ID_FILE, "samples.txt", ".data.tmp-1"):
+        (run / name).write_text("x")
+    refuse_foreign_files(run)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not a nanoseek run \(notes.txt\).*choose a new or empty --out"):
+        refuse_foreign_files(run)

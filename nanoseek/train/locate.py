@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,17 +89,18 @@ def replay(model: nn.Module, x: torch.Tensor, y: torch.Tensor, injector: FaultIn
             hooks.enter_context(injector.activations(step) if injector else contextlib.nullcontext())  # before ours
             for module in model.modules():
                 hooks.enter_context(module.register_forward_hook(forward_hook))
+                if module is not model:  # a full backward hook wraps the forward's outputs: register it first
+                    hooks.enter_context(module.register_full_backward_hook(backward_hook))
             with autocast or contextlib.nullcontext():
                 out = model(x, y)
-        loss = injector.loss(step, out.loss) if injector else out.loss
-        if not found and not math.isfinite(float(loss.detach())):
-            bad = {k: float(v.detach()) for k, v in out.losses.items() if not math.isfinite(float(v.detach()))}
-            return Finding("loss", None, "loss", {"components": bad or "all finite; the total is not"})
-        if not found:
-            with contextlib.ExitStack() as hooks:
-                for module in (m for m in model.modules() if m is not model):
-                    hooks.enter_context(module.register_full_backward_hook(backward_hook))
-                loss.backward()
+            loss = injector.loss(step, out.loss) if injector else out.loss
+            if not found and not math.isfinite(float(loss.detach())):
+                bad = {k: float(v.detach()) for k, v in out.losses.items() if not math.isfinite(float(v.detach()))}
+                return Finding("loss", None, "loss", {"components": bad or "all finite; the total is not"})
+            if not found:
+                with warnings.catch_warnings():  # the embedding's input ids carry no gradient: expected here
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
     finally:  # leave the model as it was: no gradients, no expert loads counted by the replay
         model.zero_grad(set_to_none=True)
         model.reset_expert_loads()

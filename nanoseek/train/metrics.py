@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
-_WANDB_ID_FILE = "wandb_id.txt"  # so a resumed run logs into the same wandb run
+WANDB_ID_FILE = "wandb_id.txt"  # so a resumed run logs into the same wandb run
 
 
 def jsonable(value: Any) -> Any:
@@ -69,7 +69,7 @@ class MetricsLogger:
         except ImportError:
             raise RuntimeError("wandb=True but wandb is not installed; pip install 'nanoseek[wandb]' "
                                "or set train.wandb=false") from None
-        id_file = self.run_dir / _WANDB_ID_FILE
+        id_file = self.run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")
         return wandb.init(project=project, name=self.run_dir.name, id=run_id, resume="allow",

@@ -14,6 +14,7 @@ from pathlib import Path
 from nanoseek.config import RunConfig
 from nanoseek.rundir import LOCK_FILE, check_folder_path
 from nanoseek.train.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, list_checkpoints, step_of
+from nanoseek.train.metrics import WANDB_ID_FILE
 
 CONFIG_TOML = "config.toml"
 ABANDONED_PREFIX = "abandoned-"
@@ -31,7 +32,7 @@ IGNORED = {"out", "preset", "model.kv_head_ratio", "model.embd_scale"}  # where 
 # What a run directory may hold before a new run starts in it (from a run stopped before its first checkpoint,
 # or the data `heal` copies in first).
 RUN_FILES = {CONFIG_TOML, "metrics.jsonl", "data", "tb", "samples.txt", "conversion.json", "heal.json", "npt.json",
-             "adapters", "bad_batches", ".wandb_id", "report.png", "report.html", CHECKPOINTS_DIR, LOCK_FILE}
+             "adapters", "bad_batches", WANDB_ID_FILE, "report.png", "report.html", CHECKPOINTS_DIR, LOCK_FILE}
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
