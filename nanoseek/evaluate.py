@@ -18,7 +18,7 @@ from nanoseek.data.loader import token_windows
 from nanoseek.data.prepare import load_prepared
 from nanoseek.data.shards import read_tokens
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, eval_mode
 
 
 @dataclass
@@ -74,22 +74,21 @@ def evaluate_ids(model: Transformer, tokenizer: Tokenizer, ids: np.ndarray, seq_
                          "the data was tokenised with another tokenizer")
     seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
     device = model.embed.weight.device
-    was_training = model.training
-    model.eval()
     nats, tokens, n_bytes = 0.0, 0, 0
     n_full, tail = divmod(len(ids) - 1, seq_len)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    for x, y in tqdm(token_windows([ids], seq_len, batch_size, tail=True), desc="eval", unit="batch",
-                     total=math.ceil(n_full / batch_size) + (1 if tail else 0), disable=not progress):
-        with autocast:
-            out = model(x.to(device), y.to(device))
-        nats += float(out.losses["ce"]) * y.numel()
-        tokens += y.numel()
-        # eos ends a document but spells no text: it is scored, its bytes are not counted
-        n_bytes += sum(len(tokenizer.decode([t for t in row.tolist() if t != tokenizer.eos_id]).encode("utf-8"))
-                       for row in y)
-    model.train(was_training)
+    windows = tqdm(token_windows([ids], seq_len, batch_size, tail=True), desc="eval", unit="batch",
+                   total=math.ceil(n_full / batch_size) + (1 if tail else 0), disable=not progress)
+    with eval_mode(model):
+        for x, y in windows:
+            with autocast:
+                out = model(x.to(device), y.to(device))
+            nats += float(out.losses["ce"]) * y.numel()
+            tokens += y.numel()
+            # eos ends a document but spells no text: it is scored, its bytes are not counted
+            n_bytes += sum(len(tokenizer.decode([t for t in row.tolist() if t != tokenizer.eos_id]).encode("utf-8"))
+                           for row in y)
     loss = nats / tokens
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)),
                       bits_per_byte=nats / (math.log(2) * max(n_bytes, 1)), tokens=tokens, bytes=n_bytes)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, eval_mode
 from nanoseek.model.cache import new_static_caches
 from nanoseek.model.packed import fuse_linears, pack_linears
 
@@ -151,9 +151,7 @@ def stream(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampli
     batch of one, which is synchronous anyway)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         full_len = prompt.shape[1]
         prompt = check_prompt(model, prompt, truncate)
         batch, length = prompt.shape
@@ -172,8 +170,6 @@ def stream(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampli
             if pos + 1 >= total or (checked and bool(done.all())):
                 break
             logits = step(nxt, pos)
-    finally:
-        model.train(was_training)
 
 
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),

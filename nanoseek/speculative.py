@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.generate import check_prompt
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, eval_mode
 
 
 @dataclass
@@ -48,12 +48,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         raise ValueError(f"speculative decoding takes one prompt at a time, got a batch of {prompt.shape[0]}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _decode(model, check_prompt(model, prompt, truncate), max_new_tokens, eos_id)
-    finally:
-        model.train(was_training)
 
 
 def _decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,

@@ -11,7 +11,7 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.attention import GQAttention, KVCache, LatentCache, MLAttention
 from nanoseek.model.layers import RotaryEmbedding
-from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.model.transformer import IGNORE_INDEX, eval_mode
 
 VOCAB = 64
 
@@ -619,3 +619,13 @@ def test_qk_clip_brings_max_logit_back_to_threshold(q_lora_rank):
     assert torch.equal(kv[:, cfg.qk_nope_head_dim:], saved_kv[:, cfg.qk_nope_head_dim:])  # values never scaled
     for name in ("wkv_a.weight", "wo.weight", "kv_norm.weight"):
         assert torch.equal(getattr(attn, name.split(".")[0]).weight, saved[name])
+
+
+def test_eval_mode_restores_the_previous_mode_even_after_an_error():
+    model = build(moe_config(dropout=0.1))
+    for training in (True, False):
+        model.train(training)
+        with pytest.raises(RuntimeError), eval_mode(model):
+            assert not model.training and not any(m.training for m in model.modules())
+            raise RuntimeError("inside")
+        assert all(m.training == training for m in model.modules())

@@ -22,7 +22,7 @@ from nanoseek.convert.mla import (RopeChoice, choose_rope_pairs, convert_attenti
                                   rope_config)
 from nanoseek.convert.moe import split_mlp, upcycle_mlp
 from nanoseek.convert.rorope import convert_attention_rorope
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, eval_mode
 from nanoseek.model.moe import MoE, expert_counts
 
 
@@ -155,15 +155,13 @@ def collect_inputs(model: Transformer, ids: torch.Tensor) -> list[dict[str, torc
 def _run_trunk(model: Transformer, ids: torch.Tensor, hooks: list) -> None:
     """Embeddings and blocks only (the hooks want the activations; a vocabulary-sized head over thousands of
     tokens would only cost memory), in eval mode, 8 rows of ids [B, T] at a time; removes the hooks after."""
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, ids.shape[0], 8):
-            x = model.embed(ids[start:start + 8].to(model.embed.weight.device))
-            for block in model.layers:
-                x = block(x)
+        with eval_mode(model):
+            for start in range(0, ids.shape[0], 8):
+                x = model.embed(ids[start:start + 8].to(model.embed.weight.device))
+                for block in model.layers:
+                    x = block(x)
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data.loader import token_windows
+from nanoseek.model import eval_mode
 from nanoseek.model.moe import Gate
 from nanoseek.train.objectives import distill_objective
 from nanoseek.train.trainer import Trainer
@@ -43,21 +44,19 @@ def compare(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tenso
         pairs = token_windows([ids.cpu().numpy()], seq_len, batch_size, tail=True)
     else:
         pairs = ((rows[:, :-1], rows[:, 1:]) for rows in ids.split(batch_size))
-    was = teacher.training, student.training
-    teacher.eval(), student.eval()
     kl = ce_t = ce_s = agree = 0.0
     count = 0
     device, teacher_device = next(student.parameters()).device, next(teacher.parameters()).device
-    for x, y in pairs:
-        x, y = x.to(device), y.to(device).flatten()
-        log_t = F.log_softmax(teacher(x.to(teacher_device)).logits.float().to(device), -1).flatten(0, 1)
-        log_s = F.log_softmax(student(x).logits.float(), -1).flatten(0, 1)
-        kl += float((log_t.exp() * (log_t - log_s)).sum())
-        ce_t += float(F.nll_loss(log_t, y, reduction="sum"))
-        ce_s += float(F.nll_loss(log_s, y, reduction="sum"))
-        agree += float((log_t.argmax(-1) == log_s.argmax(-1)).sum())
-        count += y.numel()
-    teacher.train(was[0]), student.train(was[1])
+    with eval_mode(teacher), eval_mode(student):
+        for x, y in pairs:
+            x, y = x.to(device), y.to(device).flatten()
+            log_t = F.log_softmax(teacher(x.to(teacher_device)).logits.float().to(device), -1).flatten(0, 1)
+            log_s = F.log_softmax(student(x).logits.float(), -1).flatten(0, 1)
+            kl += float((log_t.exp() * (log_t - log_s)).sum())
+            ce_t += float(F.nll_loss(log_t, y, reduction="sum"))
+            ce_s += float(F.nll_loss(log_s, y, reduction="sum"))
+            agree += float((log_t.argmax(-1) == log_s.argmax(-1)).sum())
+            count += y.numel()
     return Comparison(kl / count, math.exp(ce_t / count), math.exp(ce_s / count), agree / count, count)
 
 

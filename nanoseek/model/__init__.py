@@ -2,6 +2,6 @@
 
 from nanoseek.model.attention import GQAttention, KVCache, LatentCache, MLAttention
 from nanoseek.model.moe import MoE
-from nanoseek.model.transformer import Block, ModelOutput, Transformer
+from nanoseek.model.transformer import Block, ModelOutput, Transformer, eval_mode
 
-__all__ = ["Block", "GQAttention", "KVCache", "LatentCache", "MLAttention", "MoE", "ModelOutput", "Transformer"]
+__all__ = ["Block", "GQAttention", "KVCache", "LatentCache", "MLAttention", "MoE", "ModelOutput", "Transformer", "eval_mode"]

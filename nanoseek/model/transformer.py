@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -346,3 +347,14 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
     n_scored = (flat_targets != IGNORE_INDEX).sum()
     return (sum(ce) / n_scored, sum(lse_sq) / flat_targets.numel() if logsumexp_sq else None,
             functools.reduce(torch.maximum, peak) if logit_max else None)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the body (no dropout), then back in the mode it had, also after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
