@@ -1,8 +1,7 @@
 """`nanoseek check`: every preset, built at tiny width, must run forward, backward and cached decoding.
 
 Each preset keeps its structure (attention kind, low-rank query, MoE and its expert groups, MTP, tied
-embeddings, router scoring, RoPE scaling) and shrinks only its sizes: seconds on a CPU, every code path.
-"""
+embeddings, router scoring, RoPE scaling) and shrinks only its sizes: seconds on a CPU, every code path."""
 
 import dataclasses
 import math
@@ -15,19 +14,14 @@ from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.generate import GREEDY, generate
 from nanoseek.model import Transformer
 
-CHECK_TOKENS = 20  # generated per preset
-
 
 def tiny_variant(cfg: ModelConfig) -> ModelConfig:
     """The same architecture at tiny sizes."""
     groups = cfg.n_expert_groups
     experts = groups * max(1, min(cfg.n_routed_experts, 8) // groups) if cfg.n_routed_experts else 0
     n_heads = min(cfg.n_heads, 4)
-    kv = {}
-    if cfg.attention == "gqa":
-        kv_heads = cfg.n_kv_heads or cfg.n_heads
-        kv = {"n_kv_heads": max(1, n_heads * kv_heads // cfg.n_heads), "head_dim": 16, "kv_head_ratio": None,
-              "embd_scale": 1.0}
+    kv = ({"n_kv_heads": max(1, n_heads * (cfg.n_kv_heads or cfg.n_heads) // cfg.n_heads), "head_dim": 16,
+           "kv_head_ratio": None, "embd_scale": 1.0} if cfg.attention == "gqa" else {})
     return dataclasses.replace(
         cfg, vocab_size=128, dim=64, n_layers=min(cfg.n_layers, cfg.n_dense_layers + 2), n_heads=n_heads,
         max_seq_len=64, q_lora_rank=32 if cfg.q_lora_rank else 0, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -70,7 +64,7 @@ def check_config(name: str, cfg: ModelConfig, device: str | torch.device = "cpu"
             return CheckResult(name, False, params, time.perf_counter() - start, f"backward: {what}")
         model.eval()
         prompt = idx[:1, :8]
-        tokens = generate(model, prompt, CHECK_TOKENS, GREEDY)
+        tokens = generate(model, prompt, 20, GREEDY)
         if (mismatch := _cache_mismatch(model, tokens, prompt.shape[1])) is not None:
             return CheckResult(name, False, params, time.perf_counter() - start,
                                f"decode: cached token {mismatch} differs from a full re-forward")

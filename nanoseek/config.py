@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nanoseek.fault_spec import parse_fault
-from nanoseek.model_config import (PRESETS, ModelConfig, _fail, _known_fields, _one_of, require_non_negative,
+from nanoseek.model_config import (PRESETS, ModelConfig, _check_choices, _fail, _known_fields, require_non_negative,
                                    require_positive)
 
 if sys.version_info >= (3, 11):
@@ -91,10 +91,7 @@ class TrainConfig:
                          "log_every", "cycle_steps", "muon_lr", "eps")
         require_non_negative(self, "max_steps", "weight_decay", "warmup_steps", "grad_clip", "mtp_rampup_steps",
                              "early_stop_patience", "grad_noise", "keep_best", "sample_tokens", "loss_chunk", "zclip")
-        _one_of(self, "optimizer", ("adamw", "lion", "muon"))
-        _one_of(self, "schedule", ("cosine", "wsd", "constant", "cyclic"))
-        _one_of(self, "precision", ("fp32", "bf16", "fp16"))
-        _one_of(self, "dist", ("none", "ddp", "fsdp"))
+        _check_choices(self)
         if self.dist == "fsdp":
             self._check_fsdp()
         if self.fp8 and self.precision != "bf16":
@@ -104,8 +101,7 @@ class TrainConfig:
         intervals = {"min_lr_ratio": (0.0 <= self.min_lr_ratio <= 1.0, "[0, 1]"),
                      "ema_decay": (0.0 <= self.ema_decay < 1.0, "[0, 1); 0 turns EMA off"),
                      "decay_fraction": (0.0 < self.decay_fraction <= 1.0, "(0, 1]"),
-                     "beta1": (0.0 <= self.beta1 < 1.0, "[0, 1)"),
-                     "beta2": (0.0 <= self.beta2 < 1.0, "[0, 1)")}
+                     "beta1": (0.0 <= self.beta1 < 1.0, "[0, 1)"), "beta2": (0.0 <= self.beta2 < 1.0, "[0, 1)")}
         for name, (inside, interval) in intervals.items():
             if not inside:
                 _fail(name, getattr(self, name), f"must be in {interval}")
@@ -182,7 +178,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        _one_of(self, "device", ("auto", "cpu", "cuda"))
+        _check_choices(self)
         if self.data.seq_len > self.model.max_seq_len:
             _fail("data.seq_len", self.data.seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}")
         if self.train.dist == "fsdp" and self.model.qk_clip_threshold > 0:
@@ -253,8 +249,7 @@ def load_config(preset: str | None = None, toml: str | Path | None = None,
     3. `preset`, a model shape from PRESETS: without `toml` or `saved` the start (default "tiny"); over a
        config written for another preset, the preset's model section replaces the config's;
     4. `overrides`, e.g. {"model": {"dim": 256}, "train": {"lr": 3e-4}, "seed": 3}; a model override derives
-       again what the preset derived (a GQA head_dim from the new dim, say).
-    """
+       again what the preset derived (a GQA head_dim from the new dim, say)."""
     if toml is not None or saved is not None:
         cfg = RunConfig.load_toml(toml) if toml is not None else saved
         if preset is not None and preset != cfg.preset:

@@ -1,23 +1,18 @@
 """Held-out evaluation of a trained model: loss, perplexity and bits per byte.
 
 Perplexity = exp(loss) depends on the tokenizer; bits per byte does not, so it compares models with
-different tokenizers: the summed next-token loss (nats) over a text / ln 2 / the UTF-8 bytes it spells.
-"""
+different tokenizers: the summed next-token loss (nats) over a text / ln 2 / the UTF-8 bytes it spells."""
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanoseek.data.corpus import is_prepared_dir, iter_documents
-from nanoseek.data.loader import token_windows
-from nanoseek.data.prepare import load_prepared
-from nanoseek.data.shards import read_tokens
-from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.data import Tokenizer, is_prepared_dir, iter_documents, load_prepared, read_tokens, token_windows
 from nanoseek.model import Transformer, eval_mode
 
 
@@ -28,9 +23,6 @@ class EvalResult:
     bits_per_byte: float
     tokens: int  # tokens scored
     bytes: int  # UTF-8 bytes those tokens decode to
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def line(self) -> str:
         return (f"loss {self.loss:.4f} | perplexity {self.perplexity:.3f} | bits/byte {self.bits_per_byte:.4f} | "

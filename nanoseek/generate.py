@@ -2,8 +2,7 @@
 
 The end-of-text check reads the device only every `sync_every` tokens, so a GPU keeps decoding ahead of
 Python. The default cache is static (model/cache.py): every decode step has the same shapes, so `compile`
-traces it once; the dynamic cache (`static_cache=False`) is the simpler reference.
-"""
+traces it once; the dynamic cache (`static_cache=False`) is the simpler reference."""
 
 import functools
 from collections.abc import Iterator

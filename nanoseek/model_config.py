@@ -1,13 +1,10 @@
-"""ModelConfig, a Transformer's shape and numerics validated before any tensor is made, and the presets.
-
-Field names follow DeepSeek-V3's reference code where the concept exists there. A bad value raises
-ValueError naming the field, the value and the fix. config.py (run-level sections, TOML) re-exports all this.
-"""
+"""ModelConfig, a Transformer's shape and numerics validated before any tensor is made, and the presets. Field
+names follow DeepSeek-V3's reference code where the concept exists there. config.py re-exports all this."""
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 
 def _fail(field_name: str, value: Any, fix: str) -> None:
@@ -31,9 +28,10 @@ def require_non_negative(obj: Any, *names: str) -> None:
             _fail(name, value, "must be a finite number >= 0")
 
 
-def _one_of(obj: Any, name: str, choices: tuple[str, ...]) -> None:
-    if (value := getattr(obj, name)) not in choices:
-        _fail(name, value, f"must be one of {', '.join(map(repr, choices))}")
+def _check_choices(obj: Any) -> None:
+    for name, kind in get_type_hints(type(obj)).items():  # hints, not field types: they see through Annotated
+        if get_origin(kind) is Literal and (value := getattr(obj, name)) not in get_args(kind):
+            _fail(name, value, f"must be one of {', '.join(map(repr, get_args(kind)))}")
 
 
 @dataclass
@@ -71,8 +69,7 @@ class ModelConfig:
     v_head_dim: int = 32
     """MLA: per-head value width."""
     kv_latent_norm: bool = True
-    """MLA: RMS-normalise the KV latent (DeepSeek-V2's kv_a_layernorm; transformers' DeepseekV3 always applies it).
-    Off suits a model converted from GQA, whose latent is a projection of real keys and values."""
+    """MLA: RMS-normalise the KV latent (DeepSeek-V2's kv_a_layernorm); off suits a model converted from GQA."""
     inter_dim: int = 384
     """Hidden width of the dense SwiGLU MLP (every layer without MoE)."""
     n_dense_layers: int = 1
@@ -151,10 +148,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "rope_theta", "norm_eps",
-                         "embd_scale", "inter_dim", "init_std", "beta_fast", "beta_slow", "mscale")
-        for f in dataclasses.fields(self):
-            if get_origin(f.type) is Literal:
-                _one_of(self, f.name, get_args(f.type))
+                         "embd_scale", "inter_dim", "init_std", "beta_fast", "beta_slow", "mscale", "npt_rank")
+        _check_choices(self)
         require_non_negative(self, "q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts",
                              "route_scale", "balance_rate", "aux_loss_coef", "router_z_loss_coef", "mtp_weight",
                              "qk_clip_threshold", "logit_z_loss_coef", "swiglu_clamp", "rope_original_max_seq_len",
@@ -190,9 +185,8 @@ class ModelConfig:
         if self.kv_head_ratio is not None:
             if not 0 < self.kv_head_ratio <= 1:
                 _fail("kv_head_ratio", self.kv_head_ratio, "must be in (0, 1]: n_kv_heads = n_heads * ratio")
-            n_kv = max(1, int(self.n_heads * self.kv_head_ratio))
-            while self.n_heads % n_kv:  # round down to a divisor of n_heads
-                n_kv -= 1
+            limit = max(1, int(self.n_heads * self.kv_head_ratio))
+            n_kv = max(d for d in range(1, limit + 1) if self.n_heads % d == 0)  # largest divisor of n_heads <= limit
             self.derived["n_kv_heads"] = f"n_heads {self.n_heads} * kv_head_ratio {self.kv_head_ratio} -> {n_kv}"
             self.n_kv_heads, self.kv_head_ratio = n_kv, None
         if self.n_kv_heads is None:
@@ -245,7 +239,6 @@ class ModelConfig:
             if not 0 <= i < self.n_layers or self.is_moe_layer(i):
                 _fail("npt_layers", self.npt_layers, f"layer {i} is not a dense-MLP layer of this model "
                       f"(layers 0-{self.n_layers - 1}, MoE from {self.n_dense_layers} when n_routed_experts > 0)")
-        require_positive(self, "npt_rank")
 
     @property
     def uses_moe(self) -> bool:
@@ -286,10 +279,8 @@ def _known_fields(cls: type, values: dict, section: str) -> dict:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # CPU-fast: MLA + MoE (1 shared + 8 routed, top-2) + one MTP module.
-    "tiny": ModelConfig(),
-    # MLA with dense SwiGLU everywhere, no MTP.
-    "tiny-dense": ModelConfig(n_routed_experts=0, mtp_depth=0),
+    "tiny": ModelConfig(),  # CPU-fast: MLA + MoE (1 shared + 8 routed, top-2) + one MTP module
+    "tiny-dense": ModelConfig(n_routed_experts=0, mtp_depth=0),  # MLA with dense SwiGLU everywhere, no MTP
     # The GQA baseline (Llama-style, exports to transformers' Llama): 4 query heads share 2 KV heads.
     "tiny-gqa": ModelConfig(attention="gqa", n_kv_heads=2, n_routed_experts=0, mtp_depth=0),
     "small": ModelConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, max_seq_len=512,

@@ -5,8 +5,7 @@ line naming the holder's PID. The kernel drops the lock however its process exit
 lock never blocks anyone; the file stays behind on purpose (deleting it races with a process that just opened it).
 
 `replacing` writes a folder that is replaced whole (prepared data, an export) into a sibling staging folder and
-swaps it in only once that succeeded; a crash between the two renames leaves the old one intact as `.NAME.old-PID`.
-"""
+swaps it in only once that succeeded; a crash between the two renames leaves the old one intact as `.NAME.old-PID`."""
 
 import contextlib
 import glob
@@ -180,8 +179,7 @@ def _recover(target: Path) -> None:
     are left alone): a staging folder is removed; an old folder moved aside is renamed back if the swap
     never completed (no `target`), else removed."""
     for path in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
-        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
+        kind, pid, *_ = path.name[len(target.name) + 2:].split("-")  # new|old, the PID, a random suffix
         if kind not in ("new", "old") or not pid.isdigit() or _alive(int(pid)):
             continue
         if kind == "old" and not target.exists():

@@ -10,8 +10,7 @@ small "what comes after the next token" predictors; the paper notes they can dri
      drafts that equals its own greedy choice, plus its own next token: 1 to D + 1 tokens per pass.
 
 Verification keeps exactly the tokens plain greedy decoding would produce; only the number of main model
-passes changes. Greedy and batch 1 only (rows would accept different lengths).
-"""
+passes changes. Greedy and batch 1 only (rows would accept different lengths)."""
 
 from dataclasses import dataclass
 
@@ -49,49 +48,43 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     with eval_mode(model):
-        return _decode(model, check_prompt(model, prompt, truncate), max_new_tokens, eos_id)
-
-
-def _decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
-            eos_id: int | None) -> tuple[torch.Tensor, SpeculativeStats]:
-    depth, limit = len(model.mtp), model.config.max_seq_len
-    total = min(limit, prompt.shape[1] + max_new_tokens)
-    if total == prompt.shape[1]:  # nothing to generate: greedy decoding returns the prompt as it is
-        return prompt, SpeculativeStats()
-    dtype, device = model.embed.weight.dtype, model.embed.weight.device
-    caches = model.new_caches(1, limit)
-    mtp_caches = [m.block.attn.new_cache(1, limit, dtype, device) for m in model.mtp]
-    out = model(prompt, caches=caches)
-    hidden = [out.hidden] + [prompt.new_zeros(1, 0, model.config.dim, dtype=dtype) for _ in range(depth)]
-    filled = [0] * depth  # positions of module k's cache that no longer depend on a draft
-    tokens = prompt[0].tolist()
-    nxt = int(out.logits[0, -1].argmax())
-    stats = SpeculativeStats()
-    while True:
-        n = len(tokens)  # positions 0..n-1 are processed by the main model; nxt is t_n
-        tokens.append(nxt)
-        if len(tokens) >= total or nxt == eos_id:
-            break
-        n_drafts = min(depth, total - len(tokens), limit - 1 - n)
-        drafts = _draft(model, hidden, filled, mtp_caches, tokens, n, n_drafts, device)
-        candidates = torch.tensor([[nxt, *drafts]], device=device)  # positions n .. n + len(drafts)
-        out = model(candidates, caches=caches, start_pos=n)
-        choice = out.logits[0].argmax(-1).tolist()  # choice[j]: the main model's token after candidate j
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
-            accepted += 1
-        stats.rounds += 1
-        stats.drafted += len(drafts)
-        stats.accepted += accepted
-        hidden[0] = torch.cat([hidden[0][:, :n], out.hidden[:, :accepted + 1]], dim=1)
-        kept = drafts[:accepted]
-        if eos_id in kept:
-            kept = kept[:kept.index(eos_id) + 1]
-        tokens.extend(kept[:total - len(tokens)])
-        if len(tokens) >= total or (kept and kept[-1] == eos_id):
-            break
-        nxt = choice[accepted]
-    return torch.tensor([tokens], device=device), stats
+        prompt = check_prompt(model, prompt, truncate)
+        depth, limit = len(model.mtp), model.config.max_seq_len
+        total = min(limit, prompt.shape[1] + max_new_tokens)
+        if total == prompt.shape[1]:  # nothing to generate: greedy decoding returns the prompt as it is
+            return prompt, SpeculativeStats()
+        dtype, device = model.embed.weight.dtype, model.embed.weight.device
+        caches = model.new_caches(1, limit)
+        mtp_caches = [m.block.attn.new_cache(1, limit, dtype, device) for m in model.mtp]
+        out = model(prompt, caches=caches)
+        hidden = [out.hidden] + [prompt.new_zeros(1, 0, model.config.dim, dtype=dtype) for _ in range(depth)]
+        filled = [0] * depth  # positions of module k's cache that no longer depend on a draft
+        tokens = prompt[0].tolist()
+        nxt = int(out.logits[0, -1].argmax())
+        stats = SpeculativeStats()
+        while True:
+            n = len(tokens)  # positions 0..n-1 are processed by the main model; nxt is t_n
+            tokens.append(nxt)
+            if len(tokens) >= total or nxt == eos_id:
+                break
+            n_drafts = min(depth, total - len(tokens), limit - 1 - n)
+            drafts = _draft(model, hidden, filled, mtp_caches, tokens, n, n_drafts, device)
+            candidates = torch.tensor([[nxt, *drafts]], device=device)  # positions n .. n + len(drafts)
+            out = model(candidates, caches=caches, start_pos=n)
+            choice = out.logits[0].argmax(-1).tolist()  # choice[j]: the main model's token after candidate j
+            accepted = next((j for j, draft in enumerate(drafts) if draft != choice[j]), len(drafts))
+            stats.rounds += 1
+            stats.drafted += len(drafts)
+            stats.accepted += accepted
+            hidden[0] = torch.cat([hidden[0][:, :n], out.hidden[:, :accepted + 1]], dim=1)
+            kept = drafts[:accepted]
+            if eos_id in kept:
+                kept = kept[:kept.index(eos_id) + 1]
+            tokens.extend(kept[:total - len(tokens)])
+            if len(tokens) >= total or (kept and kept[-1] == eos_id):
+                break
+            nxt = choice[accepted]
+        return torch.tensor([tokens], device=device), stats
 
 
 def _draft(model: Transformer, hidden: list[torch.Tensor], filled: list[int], mtp_caches: list, tokens: list[int],

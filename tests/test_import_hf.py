@@ -285,6 +285,20 @@ def test_bf16_export_round_trip(tmp_path):
             assert torch.equal(tensor, expected.bfloat16()), name
 
 
+def test_import_in_bf16_keeps_a_trained_balance_bias_exact(tmp_path):
+    """Routing compares biased scores, so the bias must not pass through bf16 on its way to float32."""
+    model = redraw(Transformer(mla()).eval())
+    for _, moe in model.moe_layers():
+        moe.gate.balance_bias.copy_(0.1 * torch.randn(moe.gate.balance_bias.shape))  # not bf16-representable
+    back = import_hf(export_hf(model, tmp_path / "hf"), dtype="bf16")
+    ours = dict(model.moe_layers())  # the MTP modules' MoE layers are not exported
+    imported = dict(back.moe_layers())
+    assert imported and imported.keys() <= ours.keys()
+    for name, moe in imported.items():
+        assert moe.gate.balance_bias.dtype == torch.float32
+        assert torch.equal(moe.gate.balance_bias, ours[name].gate.balance_bias), name
+
+
 # ---- tokenizer and the CLI --------------------------------------------------------------------------------
 
 

@@ -22,8 +22,7 @@ from nanoseek.interop import export_hf, hf_model_type, import_hf, is_hf_folder, 
 from nanoseek.interop.export import export_files
 from nanoseek.interop.names import DTYPES
 from nanoseek.npt.cli import Npt, cmd_npt
-from nanoseek.report import finish_train
-from nanoseek.report.commands import Report, Runs, cmd_report, cmd_runs
+from nanoseek.report import Report, Runs, cmd_report, cmd_runs, finish_train
 from nanoseek.rundir import command_scope, hold, replacing
 from nanoseek.train.distributed import launched_by_torchrun
 from nanoseek.train.hardware import apply_hardware, resolve_device
@@ -60,7 +59,6 @@ class GuardFlags(GuardConfig):
 
 
 def _as(cls: type, section: object) -> object:
-    """`section` as an instance of `cls` (a config dataclass or its flags subclass), field by field."""
     return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 

@@ -2,8 +2,7 @@
 
 A converted model is a nanoseek run directory, so every other command reads it: config.toml, data/ (the source's
 tokenizer, the text tokenised into train/val shards), checkpoints/step-00000000/ (the converted weights) and
-conversion.json (the source, the options and the ConversionReport).
-"""
+conversion.json (the source, the options and the ConversionReport)."""
 
 import dataclasses
 import json
@@ -31,7 +30,6 @@ from nanoseek.train.loading import load_model, run_dir_of
 from nanoseek.train.resume import refuse_foreign_files
 
 CONVERSION_FILE = "conversion.json"
-HEAL_FILE = "heal.json"
 
 
 @dataclass
@@ -110,7 +108,6 @@ def load_source(path: str | Path, flag: str = "--from"):
 
 
 def _split_ids(data_dir: Path, split: str, n_tokens: int) -> np.ndarray:
-    """The first `n_tokens` ids of a prepared directory's train or val split."""
     prepared = load_prepared(data_dir)
     return read_tokens(prepared.train_shards if split == "train" else prepared.val_shards, n_tokens)
 
@@ -208,7 +205,7 @@ def cmd_heal(args: Heal) -> int:
     result = heal(student, teacher, run_cfg, out, held_out, args.temperature, args.hidden_weight, args.ce_weight,
                   show_progress=args.progress, train_router=args.train_router)
     if writer:
-        (out / HEAL_FILE).write_text(json.dumps({"teacher": str(teacher_path), **result.as_dict()}, indent=1) + "\n")
+        (out / "heal.json").write_text(json.dumps({"teacher": str(teacher_path), **result.as_dict()}, indent=1) + "\n")
         print(f"before heal: {result.before.line()}")
         print(f"after heal ({result.steps} steps, {result.status}): {result.after.line()}")
         print(f"healed model saved in {out}")

@@ -5,7 +5,7 @@ Only the generated text goes to stdout (pipe it anywhere); what was loaded, spee
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -81,13 +81,10 @@ def cmd_generate(args: Generate) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)  # "checkpoint": as saved
     prepare_for_generation(model, dtype, pack=not args.compile)
     generator = torch.Generator().manual_seed(args.seed)
-
-    def encode(text: str) -> tuple[list[int], set[int]]:
-        """The prompt's ids, and the ids that end its continuation."""
+    encoded = []  # each prompt's ids, and the ids that end its continuation
+    for text in prompts:
         ids, stops = chat_prompt(loaded.tokenizer_dir, text, args.system) if args.chat else (tok.encode(text), [])
-        return ids, {tok.eos_id, *stops}
-
-    encoded = [encode(text) for text in prompts]
+        encoded.append((ids, {tok.eos_id, *stops}))
     if len(prompts) > 1 and not args.speculative:
         return _generate_batch(model, tok, prompts, encoded, args, sampling, generator)
     for text, (ids, stops) in zip(prompts, encoded):
@@ -170,7 +167,7 @@ def cmd_eval(args: Eval) -> int:
     source, weights = args.data or "the run's validation split", "EMA" if model.uses_ema else "raw"
     if args.json:
         print(json.dumps({"checkpoint": str(model.checkpoint_path), "data": source, "weights": weights,
-                          **result.as_dict()}))
+                          **asdict(result)}))
     else:
         _log(f"nanoseek eval: {loaded.label} ({weights} weights) on {source}")
         print(result.line())
@@ -188,8 +185,7 @@ class Check:
 def cmd_check(args: Check) -> int:
     results = check_presets(list(args.presets) or None, resolve_device(args.device))
     print(f"{'preset':<20} {'':<5} {'params':>9} {'time':>7}  detail")
-    for result in results:
-        print(result.row())
+    print("\n".join(result.row() for result in results))
     failed = [r.preset for r in results if not r.ok]
     print(f"{len(results) - len(failed)}/{len(results)} presets pass"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

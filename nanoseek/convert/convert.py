@@ -4,8 +4,7 @@ from the dense model's activations on calibration tokens, and measure what chang
 Exact with one KV group, every RoPE pair kept, a latent of rank >= dim and all routed experts active (or upcycled
 ones), up to attn_norm's eps. Otherwise lost: the pairs partial RoPE stops rotating (MHA2MLA's main loss), what
 G > 1 groups' keys do not share per frequency, the truncated latent, the latent RMSNorm's per-token scale, and
-top-k routing over split experts.
-"""
+top-k routing over split experts."""
 
 import copy
 import dataclasses
@@ -185,8 +184,7 @@ def convert_to_mla_moe(dense: Transformer, calib_ids: torch.Tensor, *, kv_lora_r
     calib_ids: [B, T] token ids whose activations drive every fitted choice (a few thousand tokens of ordinary text).
     method: "rorope" (rorope.py) or "partial" (mla.py; latent_init picks its SVD). n_routed_experts=0 keeps MLPs dense.
     kv_latent_norm: False drops the latent RMSNorm (transformers' export adds it back).
-    eval_ids: optional held-out ids [B, T] (or 1-D) for the KL / perplexity comparison (heal.compare).
-    """
+    eval_ids: optional held-out ids [B, T] (or 1-D) for the KL / perplexity comparison (heal.compare)."""
     src = dense.config
     _check_options(calib_ids, eval_ids, latent_init, method, router_std)
     options = (kv_lora_rank, rope_dims, n_routed_experts, n_shared_experts, n_activated_experts, moe, n_dense_layers)
@@ -304,8 +302,7 @@ def _convert_ffn(old: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, cf
         getattr(new.experts, name).copy_(getattr(weights, name))
         if new.shared_experts is not None:
             getattr(new.shared_experts, name).weight.copy_(getattr(weights, f"shared_{name}"))
-    new.gate.weight.copy_(weights.gate)
-    new.gate.balance_bias.copy_(weights.balance_bias)
+    new.gate.weight.copy_(weights.gate)  # its balance_bias stays at the 0 it starts from
     out = copy.deepcopy(new).double().eval()(x[None])
     return relative_error(out[0] if isinstance(out, tuple) else out, copy.deepcopy(old).double().eval()(x[None]))
 

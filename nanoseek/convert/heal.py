@@ -88,6 +88,5 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, run_cfg, run_dir: s
     trainer = Trainer(run_cfg, run_dir, show_progress=show_progress, model=student,
                       objective=distill_objective(teacher, temperature, hidden_weight, ce_weight))
     result = trainer.train()
-    student = trainer.model
-    after = compare(teacher.to(next(student.parameters()).device), student, eval_ids)
+    after = compare(teacher.to(next(trainer.model.parameters()).device), trainer.model, eval_ids)
     return HealResult(before, after, Path(run_dir), result.status, result.step)

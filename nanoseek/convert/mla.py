@@ -5,8 +5,7 @@ Notation: H query heads of head_dim D in G key/value groups (head h reads group 
 RoPE stays on Dr/2 pairs in one rope key shared by all heads (DeepSeek-V2 section 2.1.3); as in MHA2MLA (Ji et al.,
 arXiv 2502.14837) the other pairs become NoPE dims. With G > 1 groups the rope key is, per pair, the groups'
 principal component (RoRoPE: rorope.py). NoPE keys and values share one latent, a truncated SVD of [W_k(nope); W_v]
-(MHA2MLA's joint SVD), whose spare dims keep |latent| ~ |u| so that the latent RMSNorm is a constant.
-"""
+(MHA2MLA's joint SVD), whose spare dims keep |latent| ~ |u| so that the latent RMSNorm is a constant."""
 
 from dataclasses import dataclass
 
@@ -70,8 +69,7 @@ def choose_rope_pairs(scores: torch.Tensor, n_pairs: int) -> RopeChoice:
             kept = float(scores[offset:offset + stride * (n_pairs - 1) + 1:stride].sum())
             if best is None or kept > best[0] + 1e-12 * total:
                 best = (kept, offset, stride)
-    top = float(scores.topk(n_pairs).values.sum())
-    return RopeChoice(best[1], best[2], n_pairs, best[0] / total, top / total)
+    return RopeChoice(best[1], best[2], n_pairs, best[0] / total, float(scores.topk(n_pairs).values.sum()) / total)
 
 
 def rope_config(theta: float, factor: float, head_dim: int, choice: RopeChoice) -> tuple[float, float]:
@@ -80,9 +78,9 @@ def rope_config(theta: float, factor: float, head_dim: int, choice: RopeChoice) 
     return theta ** (choice.stride * 2 * choice.n_pairs / head_dim), factor * theta ** (2 * choice.offset / head_dim)
 
 
-def _complex_pairs(w: torch.Tensor, n_rows: int, head_dim: int, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _complex_pairs(w: torch.Tensor, n_rows: int, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the selected pairs: w [n_rows*D, dim] -> (even rows, odd rows), each [n_rows, n, dim]."""
-    heads = w.view(n_rows, head_dim // 2, 2, -1)[:, pairs]
+    heads = w.view(n_rows, -1, 2, w.shape[1])[:, pairs]
     return heads[:, :, 0], heads[:, :, 1]
 
 
@@ -91,9 +89,8 @@ def rope_coefficients(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_hea
     """Per selected pair, the groups' shared complex key s = sum_g a_g z_g with z_g ~= w_g s: the top eigenvector of
     E[y y^H], y_g = sqrt(lambda_g) z_g, lambda_g the query energy of group g at that pair (what the queries read).
     wq: [H*D, dim], wk: [G*D, dim], u: [N, dim] -> (a [n, G], w [n, G] complex, residual energy share)."""
-    head_dim = wq.shape[0] // n_heads
-    q_even, q_odd = _complex_pairs(wq, n_heads, head_dim, pairs)  # [H, n, dim]
-    k_even, k_odd = _complex_pairs(wk, n_groups, head_dim, pairs)  # [G, n, dim]
+    q_even, q_odd = _complex_pairs(wq, n_heads, pairs)  # [H, n, dim]
+    k_even, k_odd = _complex_pairs(wk, n_groups, pairs)  # [G, n, dim]
     z = torch.complex(torch.einsum("td,gnd->tgn", u, k_even), torch.einsum("td,gnd->tgn", u, k_odd))  # [N, G, n]
     q_energy = (torch.einsum("td,hnd->thn", u, q_even) ** 2 + torch.einsum("td,hnd->thn", u, q_odd) ** 2).mean(0)
     lam = q_energy.view(n_groups, n_heads // n_groups, -1).sum(1)  # [G, n]
@@ -125,10 +122,9 @@ def shared_rope_key(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_heads
     """The shared rope key and the queries that read it: a query pair q of group g becomes q * conj(w_g), as
     Re(q conj(w_g) conj(s)) ~= Re(q conj(z_g)) = q . k. -> (rope query rows [H, n, 2, dim], rope key rows
     [n, 2, dim], w [n, G], residual energy share)."""
-    head_dim = wq.shape[0] // n_heads
     a, w, residual = rope_coefficients(wq, wk, u, n_heads, n_groups, pairs)
-    q_even, q_odd = _complex_pairs(wq, n_heads, head_dim, pairs)  # [H, n, dim]
-    k_even, k_odd = _complex_pairs(wk, n_groups, head_dim, pairs)  # [G, n, dim]
+    q_even, q_odd = _complex_pairs(wq, n_heads, pairs)  # [H, n, dim]
+    k_even, k_odd = _complex_pairs(wk, n_groups, pairs)  # [G, n, dim]
     rope_key = mix_rows(a.T, k_even, k_odd).sum(0)  # [G, n, 2, dim] summed over groups: s = sum_g a_g z_g
     w_heads = w.repeat_interleave(n_heads // n_groups, dim=1).T  # [H, n]
     return mix_rows(w_heads.conj(), q_even, q_odd), rope_key, w, residual

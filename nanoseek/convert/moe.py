@@ -8,8 +8,7 @@
   are nearly equal, so the normalised weights (times route_scale = top_k) stay ~1 for each pick.
 * `upcycle` (sparse upcycling, Komatsuzaki et al. 2022, arXiv 2212.05055): every expert is a copy of the MLP.
   Top-k weights sum to route_scale, so with route_scale 1 and the shared and the routed experts each carrying
-  1/(n_shared + 1) of the down-projection, the layer equals the dense one for any routing.
-"""
+  1/(n_shared + 1) of the down-projection, the layer equals the dense one for any routing."""
 
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ class MoEWeights:
     shared_w2: torch.Tensor | None  # [dim, S*m]
     shared_w3: torch.Tensor | None  # [S*m, dim]
     gate: torch.Tensor  # [E, dim]
-    balance_bias: torch.Tensor  # [E]
 
 
 def _balanced_kmeans(features: torch.Tensor, n_clusters: int, iters: int,
@@ -88,8 +86,7 @@ def split_mlp(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Ten
         # changed the KL in our checks and starved some experts of tokens.
         gate = (coef[:-1] * scale).T.contiguous()
     shared_w = (w1[shared], w2[:, shared], w3[shared]) if n_shared else (None, None, None)
-    return MoEWeights(w1[index], w2[:, index].permute(1, 0, 2).contiguous(), w3[index], *shared_w, gate,
-                      torch.zeros(n_experts, dtype=x.dtype))
+    return MoEWeights(w1[index], w2[:, index].permute(1, 0, 2).contiguous(), w3[index], *shared_w, gate)
 
 
 def upcycle_mlp(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor, n_shared: int, n_experts: int,
@@ -101,4 +98,4 @@ def upcycle_mlp(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.T
     gate = torch.randn(n_experts, x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=x.dtype) * scale
     shared_w = (w1.repeat(n_shared, 1), w2.repeat(1, n_shared), w3.repeat(n_shared, 1)) if n_shared else (None,) * 3
     experts = (w.expand(n_experts, -1, -1).clone() for w in (w1, w2, w3))
-    return MoEWeights(*experts, *shared_w, gate, torch.zeros(n_experts, dtype=x.dtype))
+    return MoEWeights(*experts, *shared_w, gate)

@@ -7,8 +7,7 @@ rotation exactly, the remainder r_g (small when the groups' keys are alike at th
 Unlike partial RoPE (MHA2MLA, mla.py) nothing is dropped: q_h . k = Re(q conj(w_g s)) + Re(q conj(r_g)) exactly.
 The NoPE keys and the values then share one latent: the principal subspace of their outputs on calibration inputs
 (TransMLA's PCA on activations), the keys scaled so their energy matches the values' (its balanced K/V, BKV:
-without it the larger of the two takes the whole rank). All arithmetic is float64 on CPU.
-"""
+without it the larger of the two takes the whole rank). All arithmetic is float64 on CPU."""
 
 import math
 
@@ -26,11 +25,9 @@ def rope_and_nope_keys(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor, n_he
     q_h . k_g = rope_query_h . rope_key + q_h . nope_g exactly: (rope query rows [H, Dr, dim], rope key rows
     [Dr, dim], NoPE key rows [G, D, dim], residual energy share)."""
     rope_query, rope_key, w, residual = shared_rope_key(wq, wk, u, n_heads, n_groups, pairs)
-    head_dim = wq.shape[0] // n_heads
-    nope = wk.view(n_groups, head_dim // 2, 2, -1).clone()
+    nope = wk.view(n_groups, -1, 2, wk.shape[1]).clone()  # [G, D/2, 2, dim]
     nope[:, pairs] -= mix_rows(w.T, rope_key[:, 0], rope_key[:, 1])  # r_g = z_g - w_g s
-    return (rope_query.reshape(n_heads, -1, wq.shape[1]), rope_key.reshape(-1, wk.shape[1]),
-            nope.reshape(n_groups, head_dim, -1), residual)
+    return rope_query.reshape(n_heads, -1, wq.shape[1]), rope_key.reshape(-1, wk.shape[1]), nope.flatten(1, 2), residual
 
 
 def _weighted(rows: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -5,8 +5,7 @@ a time (never a whole corpus in memory), in an order fixed by the source alone.
   builtin:stdlib     the standard library's own `.py` files (a larger corpus, still no download).
   PATH | DIR | GLOB  a .txt/.md file (one document), .jsonl (one JSON object per line) or .parquet file; every
                      such file under DIR, recursively; or the files a pattern such as `data/**/*.jsonl` matches.
-  hf:NAME[:CONFIG]   a Hugging Face dataset, streamed; hf:PATH, a folder of data files or of `save_to_disk`.
-"""
+  hf:NAME[:CONFIG]   a Hugging Face dataset, streamed; hf:PATH, a folder of data files or of `save_to_disk`."""
 
 import glob
 import json
@@ -243,9 +242,8 @@ def _hf_documents(source: str, text_field: str, hf_split: str) -> Iterator[str]:
         except Exception as err:  # the library raises many types (hub, network, builder); name them all once
             reason = first_line(err) or type(err).__name__
             what = f"{name!r}" + (f" config {config!r}" if config else "") + f" split {hf_split!r}"
-            raise ValueError(f"could not load Hugging Face dataset {what}: "
-                             f"{type(err).__name__}: {reason}; check the name/config/split, or save it locally "
-                             "and pass hf:/path/to/folder") from err
+            raise ValueError(f"could not load Hugging Face dataset {what}: {type(err).__name__}: {reason}; check "
+                             "the name/config/split, or save it locally and pass hf:/path/to/folder") from err
     columns = getattr(dataset, "column_names", None)  # None for a stream whose features are unknown
     if columns is not None and text_field not in columns:
         raise ValueError(f"{source}: no column {text_field!r} (columns: {', '.join(columns)}); "

@@ -3,8 +3,7 @@ striding), `token_windows` / `validation_batches` for evaluation (natural order,
 
 A window is seq_len + lookahead tokens inside one shard, starting at a multiple of seq_len, so every token is a
 next-token target once. A batch is x [B, T] and targets [B, T + lookahead - 1], both int64: targets[:, k:k+T]
-are the (k+1)-ahead targets (k = 0: next token; k > 0: multi-token prediction).
-"""
+are the (k+1)-ahead targets (k = 0: next token; k > 0: multi-token prediction)."""
 
 import itertools
 from collections.abc import Iterable, Iterator
@@ -25,13 +24,12 @@ def count_windows(shards: Iterable[str | Path], seq_len: int, lookahead: int = 1
 
 
 class TokenLoader:
-    """Training batches from memory-mapped shards. An epoch orders all windows: shard order, then window order
-    within a shard; `shuffle` permutes both with a generator keyed on (seed, epoch), so the order depends on
-    those alone and costs memory in proportion to one shard's windows. Global batch g is windows [g*B*W,
-    (g+1)*B*W) of that order (W = world_size), rank r taking the r-th block of B: ranks are disjoint and
-    together equal one rank with batch size B*W. Windows that cannot fill a last global batch are left out (a
-    different few each shuffled epoch). The cursor (epoch, position) is the same on every rank, so any rank's
-    `state_dict` resumes all of them."""
+    """Training batches from memory-mapped shards. An epoch orders all windows: shard order, then window order within a
+    shard; `shuffle` permutes both with a generator keyed on (seed, epoch), so the order depends on those alone and
+    costs memory in proportion to one shard's windows. Global batch g is windows [g*B*W, (g+1)*B*W) of that order
+    (W = world_size), rank r taking the r-th block of B: ranks are disjoint and together equal one rank with batch size
+    B*W. Windows that cannot fill a last global batch are left out (a different few each shuffled epoch). The cursor
+    (epoch, position) is the same on every rank, so any rank's `state_dict` resumes all of them."""
 
     def __init__(self, shards: list[Path], batch_size: int, seq_len: int, lookahead: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, vocab_size: int | None = None, shuffle: bool = True):
@@ -44,9 +42,8 @@ class TokenLoader:
         if not shards:
             raise ValueError("no shards given; prepare data first (`nanoseek prepare`) and pass its shard lists")
         self.shards = [Path(p) for p in shards]
-        self.batch_size, self.seq_len, self.lookahead = batch_size, seq_len, lookahead
+        self.batch_size, self.seq_len, self.lookahead, self.vocab_size = batch_size, seq_len, lookahead, vocab_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.vocab_size = vocab_size
         self.window = seq_len + lookahead
         lengths = [read_shard_header(path)[1] for path in self.shards]
         for path, n in zip(self.shards, lengths):
@@ -120,17 +117,13 @@ class TokenLoader:
         slot = int(np.searchsorted(starts, index, side="right")) - 1
         shard, local = int(order[slot]), index - int(starts[slot])
         if shuffled:
-            local = int(self._window_permutation(epoch, shard)[local])
+            if (epoch, shard) not in self._permutations:  # the shard's window order in this epoch
+                if len(self._permutations) >= 4:  # a batch touches at most a few shards; keep memory to a few
+                    self._permutations.clear()
+                rng = np.random.default_rng([self.seed, epoch, 1, shard])
+                self._permutations[epoch, shard] = rng.permutation(int(self.windows_per_shard[shard]))
+            local = int(self._permutations[epoch, shard][local])
         return shard, local * self.seq_len
-
-    def _window_permutation(self, epoch: int, shard: int) -> np.ndarray:
-        key = (epoch, shard)
-        if key not in self._permutations:
-            if len(self._permutations) >= 4:  # a batch touches at most a few shards; keep memory to a few
-                self._permutations.clear()
-            rng = np.random.default_rng([self.seed, epoch, 1, shard])
-            self._permutations[key] = rng.permutation(int(self.windows_per_shard[shard]))
-        return self._permutations[key]
 
 
 def token_windows(arrays: Iterable[np.ndarray], seq_len: int, batch_size: int, lookahead: int = 1, rank: int = 0,
@@ -141,8 +134,7 @@ def token_windows(arrays: Iterable[np.ndarray], seq_len: int, batch_size: int, l
     Consecutive windows form global batches of batch_size * world_size; rank r takes the r-th block of
     batch_size. A last global batch short of windows is used only without `drop_last` in one process (every
     rank must run the same batches). With `tail`, each array's last, shorter window (if it holds a target)
-    comes in a batch of its own after the rest. Arrays are read lazily, only as far as `max_batches` needs.
-    """
+    comes in a batch of its own after the rest. Arrays are read lazily, only as far as `max_batches` needs."""
     window, per_step, tails = seq_len + lookahead, batch_size * world_size, []
 
     def windows() -> Iterator[np.ndarray]:

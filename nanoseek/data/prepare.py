@@ -90,19 +90,14 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True) ->
         raise ValueError(f"data.shard_tokens={cfg.shard_tokens}: must be >= {min_shard} (two sequences of "
                          f"seq_len={cfg.seq_len} plus look-ahead) so every shard holds a training window")
     out_dir = Path(out_dir).expanduser()
-    with replacing(out_dir, _prepared_files(out_dir), {PREPARED_META, META_FILE, TOKENIZER_FILE},
-                   "data written by `nanoseek prepare`") as staging:
+    writes = {PREPARED_META, META_FILE, TOKENIZER_FILE}
+    earlier: set[str] = set()  # the files an earlier preparation in `out_dir` wrote: this one replaces them
+    if is_prepared_dir(out_dir):
+        meta = json.loads((out_dir / PREPARED_META).read_text())
+        earlier = writes | {Path(e["file"]).name for split in _SPLITS for e in meta.get(split, {}).get("shards", [])}
+    with replacing(out_dir, earlier, writes, "data written by `nanoseek prepare`") as staging:
         _prepare_into(cfg, staging, progress)
     return load_prepared(out_dir)
-
-
-def _prepared_files(out_dir: Path) -> set[str]:
-    """The files an earlier preparation in `out_dir` wrote (replaced by a new one); none if it is not one."""
-    if not is_prepared_dir(out_dir):
-        return set()
-    meta = json.loads((out_dir / PREPARED_META).read_text())
-    shards = {Path(entry["file"]).name for split in _SPLITS for entry in meta.get(split, {}).get("shards", [])}
-    return {PREPARED_META, META_FILE, TOKENIZER_FILE} | shards
 
 
 def _prepare_into(cfg: DataConfig, out_dir: Path, progress: bool) -> None:
@@ -171,11 +166,10 @@ def _canonical_json_sha256(path: Path) -> str:
 def _pieces(text: str) -> list[str]:
     pieces, start = [], 0
     while start < len(text):
-        end = min(start + SPLIT_PIECE_CHARS, len(text))
-        if end < len(text):
-            newline = text.rfind("\n", start, end)
-            if newline > start:
-                end = newline + 1
+        end = start + SPLIT_PIECE_CHARS
+        newline = text.rfind("\n", start, end)
+        if end < len(text) and newline > start:
+            end = newline + 1
         pieces.append(text[start:end])
         start = end
     return pieces

@@ -3,8 +3,7 @@
   magic b"NSEEKTOK" | format version u32 | bytes per token u32 (2: uint16, 4: uint32) | token count u64 | vocab size u64
 
 Ids are uint16 whenever the vocabulary fits, halving disk and page-cache use; documents are separated by the
-tokenizer's end-of-text id.
-"""
+tokenizer's end-of-text id."""
 
 import hashlib
 import os
@@ -31,8 +30,7 @@ class ShardWriter:
     """Streams tokens into `{prefix}_00000.bin`, `{prefix}_00001.bin`, ... of `shard_tokens` tokens each.
 
     Memory use is one shard buffer, whatever the corpus size. A short tail (under half a shard) is appended
-    to the previous shard instead of becoming a tiny shard of its own that could not hold a training window.
-    """
+    to the previous shard instead of becoming a tiny shard of its own that could not hold a training window."""
 
     def __init__(self, out_dir: str | Path, prefix: str, shard_tokens: int, vocab_size: int):
         if shard_tokens <= 0 or vocab_size <= 0:
@@ -67,11 +65,15 @@ class ShardWriter:
 
     def close(self) -> list[Path]:
         """Write what is buffered and return every shard path, in order."""
-        if self.filled:
-            if self.paths and self.filled < self.shard_tokens // 2:
-                _append_tokens(self.paths[-1], self.buffer[:self.filled])
-            else:
-                self._flush()
+        if self.filled and self.paths and self.filled < self.shard_tokens // 2:
+            with self.paths[-1].open("r+b") as f:  # append to the last shard, then update its header's count
+                magic, version, itemsize, count, vocab_size = _HEADER.unpack(f.read(HEADER_BYTES))
+                f.seek(0, os.SEEK_END)
+                f.write(self.buffer[:self.filled].tobytes())
+                f.seek(0)
+                f.write(_HEADER.pack(magic, version, itemsize, count + self.filled, vocab_size))
+        elif self.filled:
+            self._flush()
         self.filled = 0
         return list(self.paths)
 
@@ -82,15 +84,6 @@ class ShardWriter:
             f.write(self.buffer[:self.filled].tobytes())
         self.paths.append(path)
         self.filled = 0
-
-
-def _append_tokens(path: Path, tokens: np.ndarray) -> None:
-    with path.open("r+b") as f:
-        magic, version, itemsize, count, vocab_size = _HEADER.unpack(f.read(HEADER_BYTES))
-        f.seek(0, os.SEEK_END)
-        f.write(tokens.tobytes())
-        f.seek(0)
-        f.write(_HEADER.pack(magic, version, itemsize, count + tokens.size, vocab_size))
 
 
 def read_shard_header(path: str | Path) -> tuple[np.dtype, int, int]:

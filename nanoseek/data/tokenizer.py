@@ -9,6 +9,8 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 from nanoseek.data.shards import REBUILD
 
 EOS_TOKEN = "<|endoftext|>"
@@ -112,8 +114,6 @@ class ByteTokenizer(Tokenizer):
         # A byte vocabulary is a BPE model with no merges over byte-level BPE's alphabet, each character mapped
         # to its byte value so that ids stay ours: printable bytes stand for themselves, the rest are shifted
         # above U+0100 in byte order (every byte a visible, non-space character).
-        from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
-
         printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
         shifted = [b for b in range(256) if b not in printable]
         vocab = {**{chr(b): b for b in printable}, **{chr(256 + offset): b for offset, b in enumerate(shifted)}}
@@ -170,8 +170,6 @@ def _write_hf_files(directory: Path, rust, eos_token: str, pad_token: str, model
 
 
 def _train_bpe(documents: Iterable[str], vocab_size: int) -> HFTokenizer:
-    from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     specials = [EOS_TOKEN, PAD_TOKEN]  # ids 0 and 1, in this order
     if vocab_size < 256 + len(specials) + 1:
         raise ValueError(f"vocab_size={vocab_size}: a byte-level BPE needs >= 259 (256 bytes + 2 specials + 1 merge)")
@@ -238,8 +236,6 @@ def _load_tokenizer_json(path: Path, kind: str) -> HFTokenizer:
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(f"tokenizer {str(path)!r} does not exist; use char, byte, bpe or a path to a tokenizer.json")
-    from tokenizers import Tokenizer as RustTokenizer
-
     try:
         rust = RustTokenizer.from_file(str(path))
     except Exception as err:  # the Rust side raises a bare Exception for any parse error

@@ -1,7 +1,6 @@
 """Whatever model a user holds (a nanoseek run or checkpoint, a transformers folder, a GGUF file) with its tokenizer,
 ready for `generate` / `eval`; and its chat template for `--chat`, rendered by transformers: the text holds special
-tokens such as <|im_start|>, which only the model's own tokenizer.json (not nanoseek's plain `encode`) turns into ids.
-"""
+tokens such as <|im_start|>, which only the model's own tokenizer.json (not nanoseek's `encode`) turns into ids."""
 
 import json
 from dataclasses import dataclass

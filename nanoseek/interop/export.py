@@ -4,8 +4,7 @@ MLA becomes DeepseekV3, or DeepseekV2 with softmax-routed MoE (no correction bia
 dense GQA becomes Llama, or Qwen3 with qk_norm; GQA + MoE is refused (no transformers model matches it exactly).
 The config carries RoPE in both forms (4.x `rope_theta`/`rope_scaling`, 5.x `rope_parameters`) and the DeepSeek
 keys transformers ignores but vLLM reads (`scoring_func`, ...); experts are written one tensor each, the layout
-transformers 4.x, 5.x and vLLM all load; MTP modules are training-only and not exported.
-"""
+transformers 4.x, 5.x and vLLM all load; MTP modules are training-only and not exported."""
 
 import json
 import re

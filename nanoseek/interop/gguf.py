@@ -1,8 +1,7 @@
 """Read a GGUF file (llama.cpp's format) through transformers, which dequantises it into an ordinary float32 model
 (undoing llama.cpp's query/key row permutation); from there it is imported as a transformers folder is. Its
 tokenizer is written once into a cache folder ($NANOSEEK_CACHE, default ~/.cache/nanoseek/gguf/<name>-<key>/) so
-that data preparation, `--chat` and a converted run read it as a file. Needs `pip install 'nanoseek[gguf]'`.
-"""
+that data preparation, `--chat` and a converted run read it as a file. Needs `pip install 'nanoseek[gguf]'`."""
 
 import hashlib
 import importlib
@@ -53,8 +52,7 @@ def gguf_tokenizer_dir(path: str | Path) -> Path:
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek") / "gguf"
-    folder = cache / f"{path.stem}-{key}"
+    folder = Path(os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache/nanoseek") / "gguf" / f"{path.stem}-{key}"
     if (folder / "tokenizer.json").is_file():
         return folder
     tokenizer = _require_gguf_support().AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -5,8 +5,7 @@ what `export_hf` writes, so export -> import gives back the same state dict (les
 only through the name tables of names.py read backwards, then the rotate-half transforms below.
 Refused with a one-line ValueError: RoPE scalings nanoseek does not compute (llama3, dynamic, longrope, ...),
 non-zero attention/MLP biases, activations other than SiLU, sliding-window attention, partial rotary dims,
-and any tensor that is missing, unknown or of the wrong shape (named in the message).
-"""
+and any tensor that is missing, unknown or of the wrong shape (named in the message)."""
 
 import json
 import math
@@ -96,10 +95,10 @@ def import_hf(path: str | Path, dtype: torch.dtype | str = torch.float32) -> Tra
         tensors = read_hf_tensors(path)
     model = Transformer(cfg)
     model.load_state_dict(nanoseek_state_dict(tensors, cfg, hf, expected=model.state_dict()))
-    model = model.to(dtype).eval()
-    for module in model.modules():  # routing compares biased scores: keep the bias at full precision
-        if hasattr(module, "balance_bias") and module.balance_bias.dtype != torch.float32:
-            module.balance_bias = module.balance_bias.float()
+    biases = {module: module.balance_bias for module in model.modules() if hasattr(module, "balance_bias")}
+    model = model.to(dtype).eval()  # a new tensor for every buffer whose dtype changes: `biases` stay float32
+    for module, bias in biases.items():  # routing compares biased scores: the bias keeps full precision
+        module.balance_bias = bias
     model.hf_config = hf
     return model
 
@@ -337,9 +336,7 @@ def nanoseek_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hf: 
     if cfg.tie_embeddings and "embed.weight" in state:
         state["head.weight"] = state["embed.weight"]
     if model_type == "deepseek_v2":  # softmax routing has no correction bias: nanoseek's stays inert at 0
-        for name in expected:
-            if name.endswith("gate.balance_bias"):
-                state.setdefault(name, torch.zeros_like(expected[name]))
+        state |= {name: torch.zeros_like(t) for name, t in expected.items() if name.endswith("gate.balance_bias")}
     _check_complete(state, expected, model_type)
     return state
 
@@ -364,6 +361,5 @@ def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Te
             raise ValueError(f"weight {hf_name} (nanoseek {name}) is missing from the "
                              f"checkpoint; the folder is incomplete or its {CONFIG_FILE} describes a different model")
         if state[name].shape != value.shape:
-            raise ValueError(f"weight {hf_name} has shape {tuple(state[name].shape)} but "
-                             f"{CONFIG_FILE} implies {tuple(value.shape)} (nanoseek {name}); the config and the "
-                             "weights disagree")
+            raise ValueError(f"weight {hf_name} has shape {tuple(state[name].shape)} but {CONFIG_FILE} implies "
+                             f"{tuple(value.shape)} (nanoseek {name}); the config and the weights disagree")

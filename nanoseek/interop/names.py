@@ -5,8 +5,7 @@ forwards, the import backwards). `{i}` is a layer index, `{j}` an expert index o
 nanoseek stacks a layer's routed experts (`experts.w1` is [E, inter, dim]), transformers names each one.
 RoPE: nanoseek rotates interleaved pairs (x[2i], x[2i+1]), as DeepSeek and transformers' DeepseekV3/V2 do; Llama
 and Qwen3 rotate halves (x[i], x[i + d/2]). Permuting the rows of each GQA head's query/key projection (and
-qk-norm weight) between the two is exact: q.k is a sum over pairs, and each pair keeps its frequency.
-"""
+qk-norm weight) between the two is exact: q.k is a sum over pairs, and each pair keeps its frequency."""
 
 import re
 

@@ -62,42 +62,31 @@ def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out if has_key is None else out * has_key.to(out.dtype)
 
 
-def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor,
-                   eager: bool) -> torch.Tensor:
-    """Attention from a static cache under its mask. q [B, H, T, Dqk], k [B, Hkv, S, Dqk], v [B, Hkv, S, Dv],
-    allowed [B, 1, T, S] -> [B, H, T, Dv]. For one new token the `repeat` query heads of a group become rows
-    against their shared key head (query head h reads kv head h // repeat): no copy of the cache per query head."""
-    bsz, heads, seq_len, head_dim = q.shape
-    repeat = heads // k.shape[1]
-    if seq_len == 1 and not eager:
-        out = F.scaled_dot_product_attention(q.reshape(bsz, k.shape[1], repeat, head_dim), k, v,
-                                             attn_mask=allowed, scale=scale)  # [B, Hkv, repeat, Dv]
-        return out.reshape(bsz, heads, 1, -1)
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    return attend_masked(q, k, v, scale, allowed, eager)
-
-
 class _Attention(nn.Module):
     """What both kinds share: the eager switch, the per-head max-logit record, the attention itself, dropout."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
-        self.eager = False
-        self.track_max_logit = False
+        self.eager, self.track_max_logit = False, False
         self.register_buffer("max_logit", torch.zeros(cfg.n_heads), persistent=False)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, key_mask: torch.Tensor | None,
                 dtype: torch.dtype, layout: SlotLayout | None) -> torch.Tensor:
-        """q [B, H, T, Dqk], k/v [B, Hkv, S, D] -> wo(heads cast to `dtype`) [B, T, dim]. A static cache's layout:
-        every slot under its mask. Else `attend` with dropout, recording the max logit if tracked."""
+        """q [B, H, T, Dqk], k/v [B, Hkv, S, D] -> wo(heads cast to `dtype`) [B, T, dim]. A static cache's `layout`:
+        all its slots under its mask [B, 1, T, S]."""
+        bsz, heads, seq_len, head_dim = q.shape
+        repeat = heads // k.shape[1]
+        if layout is not None and seq_len == 1 and not self.eager:
+            # The `repeat` query heads of a group become rows against their shared key head: no cache copy per head.
+            out = F.scaled_dot_product_attention(q.reshape(bsz, k.shape[1], repeat, head_dim), k, v,
+                                                 attn_mask=layout.mask, scale=self.scale)  # [B, Hkv, repeat, Dv]
+            return self.wo(out.reshape(bsz, heads, 1, -1).to(dtype).transpose(1, 2).flatten(2))
+        if repeat > 1:  # query head h reads kv head h // repeat, as transformers' repeat_kv
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if layout is not None:
-            out = attend_grouped(q, k, v, self.scale, layout.mask, self.eager).to(dtype)
+            out = attend_masked(q, k, v, self.scale, layout.mask, self.eager).to(dtype)
         else:
-            repeat = q.shape[1] // k.shape[1]
-            if repeat > 1:  # query head h reads kv head h // repeat, as transformers' repeat_kv
-                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
             if self.track_max_logit:
                 with torch.no_grad():  # each head's largest causal logit over the batch: [H] fp32
                     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
@@ -134,7 +123,6 @@ class GQAttention(_Attention):
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
-        seq_len = x.shape[1]
         if self.wqkv is not None:
             kv_width = self.n_kv_heads * self.head_dim
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
@@ -142,7 +130,7 @@ class GQAttention(_Attention):
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))  # [B, T, H(kv), D]
         act_dtype = q.dtype
-        if attends_in_fp32_on_cpu(q, seq_len):  # before RoPE, which computes in fp32 anyway: no round trip
+        if attends_in_fp32_on_cpu(q, x.shape[1]):  # before RoPE, which computes in fp32 anyway: no round trip
             q, k, v = q.float(), k.float(), v.float()
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -160,8 +148,7 @@ class MLAttention(_Attention):
 
     Keys and values come from a shared low-rank latent c_kv (kv_lora_rank), normalised, then up-projected per
     head; positions enter through a decoupled rope key of qk_rope_head_dim shared by all heads. The query may be
-    low-rank too (q_lora_rank > 0). Only c_kv and the rope key are cached. Head dims need not be powers of two.
-    """
+    low-rank too (q_lora_rank > 0). Only c_kv and the rope key are cached. Head dims need not be powers of two."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -190,17 +177,14 @@ class MLAttention(_Attention):
                   layout: SlotLayout | None = None) -> LatentCache:
         return LatentCache(batch, max_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype, device, layout)
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, dim] -> q: [B, T, H, qk_head_dim]."""
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
-        return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)
-
     def forward(self, x: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
                 cache: LatentCache | None = None) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
         layout = getattr(cache, "layout", None)  # a static cache's per-row positions and mask
         rope_pos = start_pos if layout is None else layout.positions
-        q_nope, q_rope = self.query(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q = q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)  # [B, T, H, qk_head_dim]
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_rope = self.rotary(q_rope, rope_pos)
         kv_latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_latent = self.kv_norm(kv_latent)  # [B, T, R]
@@ -208,8 +192,7 @@ class MLAttention(_Attention):
         if cache is not None:
             kv_latent, k_rope = cache.update(start_pos, kv_latent, k_rope)  # [B, S, ...]
             if self.absorb:
-                out = self._absorbed(q_nope, q_rope, kv_latent, k_rope, start_pos, key_mask, layout)  # [B, T, H, Dv]
-                return self.wo(out.flatten(2))
+                return self._absorbed(q_nope, q_rope, kv_latent, k_rope, start_pos, key_mask, layout)
         kv = self.wkv_b(kv_latent).unflatten(-1, (self.n_heads, -1))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, S, H, ...]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, Dqk]
@@ -224,8 +207,7 @@ class MLAttention(_Attention):
           o_h = W_UV_h (sum_s p_hs c_s)                                  (W_UV applied after mixing)
         so every head attends over the same [c ; k_rope] keys: multi-query attention with key width
         kv_lora_rank + qk_rope_head_dim and value width kv_lora_rank.
-        q_nope: [B, T, H, Dn], q_rope: [B, T, H, Dr], kv_latent: [B, S, R], k_rope: [B, S, Dr] -> [B, T, H, Dv].
-        """
+        q_nope: [B, T, H, Dn], q_rope: [B, T, H, Dr], kv_latent: [B, S, R], k_rope: [B, S, Dr] -> wo(o) [B, T, dim]."""
         w_kv = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, Dn, R], [H, Dv, R]
         bsz, seq_len, heads, _ = q_nope.shape
@@ -241,7 +223,7 @@ class MLAttention(_Attention):
             mask = mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).flatten(2, 3)  # [B|1, 1, H*T, S]
         # The scale stays that of qk_head_dim: these are the same logits, computed in another order.
         out = attend_masked(q, k, v, self.scale, mask, self.eager).view(bsz, heads, seq_len, -1)  # [B, H, T, R]
-        return torch.einsum("bhtr,hvr->bthv", out, w_uv)
+        return self.wo(torch.einsum("bhtr,hvr->bthv", out, w_uv).flatten(2))  # o: [B, T, H, Dv]
 
     @torch.no_grad()
     def qk_clip_(self, threshold: float) -> None:

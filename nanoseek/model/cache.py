@@ -3,8 +3,7 @@
 A dynamic cache returns the prefix so far, a new shape every token. A static one (given a `SlotLayout`) hands
 attention all `max_len` slots under a mask and writes slot indices held in a tensor, so a decode step has one
 graph at every position and compiles once. Ragged batches are left-padded: row b's prompt starts at slot
-pad[b], slot s sits at RoPE position s - pad[b] (as if decoded alone), and a query in slot t sees pad[b]..t.
-"""
+pad[b], slot s sits at RoPE position s - pad[b] (as if decoded alone), and a query in slot t sees pad[b]..t."""
 
 import torch
 
@@ -85,11 +84,10 @@ class LatentCache(_Cache):
         super().__init__([(batch, max_len, kv_lora_rank), (batch, max_len, qk_rope_head_dim)], dtype, device, layout)
 
 
-def new_static_caches(model, batch: int, max_len: int, pad: torch.Tensor | None = None,
-                      dtype: torch.dtype | None = None) -> tuple[SlotLayout, list]:
+def new_static_caches(model, batch: int, max_len: int, pad: torch.Tensor | None = None) -> tuple[SlotLayout, list]:
     """(layout, caches): a static cache per layer of `model` sharing one SlotLayout; pad: [B] left-padding lengths."""
     if max_len > model.config.max_seq_len:
         raise ValueError(f"a cache of {max_len} slots is longer than the model's context "
                          f"(max_seq_len={model.config.max_seq_len})")
     layout = SlotLayout(batch, max_len, pad, model.embed.weight.device)
-    return layout, model.new_caches(batch, max_len, dtype, layout)
+    return layout, model.new_caches(batch, max_len, layout=layout)

@@ -38,8 +38,7 @@ class _RMSNormFunction(torch.autograd.Function):
     in backward, where the closed form needs 5 full-size passes (bench/RESULTS.md, "CPU kernel choices").
 
     With xhat = x * r, r = 1 / sqrt(mean(x^2) + eps) and y = w * xhat (D features):
-        dL/dx = r * (g w - xhat * mean(g w xhat)),   dL/dw = sum over tokens of g * xhat.
-    """
+        dL/dx = r * (g w - xhat * mean(g w xhat)),   dL/dw = sum over tokens of g * xhat."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -134,8 +133,7 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021) in DeepSeek's interleaved layout: pairs (x[2i], x[2i+1]) rotate
     by frequency i, as DeepSeek-V3's reference code and transformers' `rope_interleave=True`. Frequencies and
     angles are float64 so long contexts and large theta keep their precision; the rotation runs in fp32 (fp64
-    for a float64 model).
-    """
+    for a float64 model)."""
 
     def __init__(self, dim: int, cfg: ModelConfig):
         super().__init__()
@@ -185,8 +183,7 @@ class RotaryEmbedding(nn.Module):
             # Inductor generates no code for complex operators; it fuses this real form into one kernel.
             cos, sin = self.table(real, x.device)[:, positions].unsqueeze(-2)  # [(B,) T, 1, dim/2] each
             even, odd = x[..., 0::2].to(real), x[..., 1::2].to(real)
-            rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
-            return rotated.to(x.dtype)
+            return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
         rotation = self.table(torch.complex128 if real == torch.float64 else torch.complex64, x.device)
         x_real = x.to(real).contiguous()
         if x_real.storage_offset() % 2:  # a slice after an odd-width one (e.g. an odd kv_lora_rank): realign

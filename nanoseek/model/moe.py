@@ -15,8 +15,7 @@ class Gate(nn.Module):
     to the scores for *selection only*; the combine weights are the unbiased scores of the chosen
     experts (normalised to sum 1 for sigmoid), times route_scale. The bias is updated outside
     autograd once per optimizer step: bias += balance_rate * sign(mean_load - load).
-    Optional group-limited routing keeps the n_limited_groups best of n_expert_groups groups.
-    """
+    Optional group-limited routing keeps the n_limited_groups best of n_expert_groups groups."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -52,11 +51,10 @@ class Gate(nn.Module):
         if self.score_func == "sigmoid":
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
-        if self.training and self.count_loads:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.training and self.count_loads:
                 self.load += expert_counts(indices.flatten(), self.n_experts).to(self.load.dtype)
-        if self.track_stats:
-            with torch.no_grad():
+            if self.track_stats:
                 self.logit_stats.copy_(torch.stack([logits.abs().max(), logits.logsumexp(-1).pow(2).mean()]))
         return weights, indices, self._losses(logits, scores, indices, batch)
 
@@ -133,8 +131,7 @@ class Experts(nn.Module):
     """n routed SwiGLU experts stored stacked: w1, w3 [E, inter, dim] and w2 [E, dim, inter].
 
     Tokens are sorted by expert and multiplied group by group with torch._grouped_mm where its alignment
-    rules hold, else with one padded batched matmul; never a loop. An expert with no tokens is fine on both.
-    """
+    rules hold, else with one padded batched matmul; never a loop. An expert with no tokens is fine on both."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -2,8 +2,7 @@
 
 Targets follow the loader's layout: `targets[:, j]` is the token after position j, so `targets[:, k:k+T]` are
 the tokens k+1 ahead of each input position. A [B, T + depth] target tensor gives every depth all T positions;
-a plain [B, T] one loses the last k positions at depth k.
-"""
+a plain [B, T] one loses the last k positions at depth k."""
 
 import torch
 from torch import nn
@@ -16,8 +15,7 @@ class MTPModule(nn.Module):
     """Depth-k module: eh_proj([enorm(embed(t_{i+k})) ; hnorm(h^{k-1}_i)]) -> one Block -> norm.
 
     The embedding comes first, as in DeepSeek-V3's released checkpoint and transformers' MtpLayer (the paper's
-    equation 21 lists h first; the weights are what count). Embedding and output head are the main model's.
-    """
+    equation 21 lists h first; the weights are what count). Embedding and output head are the main model's."""
 
     def __init__(self, cfg: ModelConfig, block: nn.Module):
         super().__init__()

@@ -17,8 +17,7 @@ The adapter (down, gate_shift, gate_scale) is the only trainable part. Lessons o
 - `down` reads a / rms(x) and starts at N(0, 1/dim), so z is O(1) at any width; with a raw `a` and std 0.02 a
   small model's z was ~1e-3 and the zero-initialised gate_scale took thousands of steps to move.
 So the student starts as the base minus the converted layers' attention residuals (up to 0.1 * shift, under
-1e-3 of the output's norm in tests/test_npt.py); teacher-student training (train/objectives.py) puts them back.
-"""
+1e-3 of the output's norm in tests/test_npt.py); teacher-student training (train/objectives.py) puts them back."""
 
 import torch
 from torch import nn
@@ -26,22 +25,12 @@ from torch import nn
 from nanoseek.model.layers import MLP, swiglu
 
 SHIFT_SCALE = 0.1  # the additive path enters at a tenth of its size
-SHIFT_INIT_STD = 0.001
-FACTOR_MIN, FACTOR_MAX = 0.5, 1.5
-
-
-def relative_to(attn_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """attn_out [B, T, dim] in units of the rms of x [B, T, dim] (per token), same dtype: what attention would
-    have added against the stream it would have been added to, the same scale in any model (a small fresh
-    model's stream has rms ~0.1, a large trained one's is orders of magnitude larger)."""
-    scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return (attn_out.float() * scale).to(attn_out.dtype)
 
 
 def gate_factor(logits: torch.Tensor) -> torch.Tensor:
     """logits [..., inter] -> 0.5 + sigmoid(logits) in [0.5, 1.5], in the logits' dtype: computed in fp32, where
     sigmoid saturates cleanly (+inf gives 1.5, -inf 0.5; only NaN gives NaN) and bf16 rounding stays in range."""
-    return (FACTOR_MIN + (FACTOR_MAX - FACTOR_MIN) * torch.sigmoid(logits.float())).to(logits.dtype)
+    return (0.5 + torch.sigmoid(logits.float())).to(logits.dtype)
 
 
 class NPTAdapter(nn.Module):
@@ -56,9 +45,9 @@ class NPTAdapter(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self) -> None:  # the nn.Module convention, e.g. for weights materialised from "meta"
         nn.init.normal_(self.down.weight, std=self.down.in_features ** -0.5)
-        nn.init.normal_(self.gate_shift.weight, std=SHIFT_INIT_STD)
+        nn.init.normal_(self.gate_shift.weight, std=0.001)
         if self.gate_scale is not None:
             nn.init.zeros_(self.gate_scale.weight)
 
@@ -92,7 +81,10 @@ class NPTBlock(nn.Module):
                 cache=None, router_losses: list | None = None) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]; Block's signature (a dense layer has no router losses)."""
         attn_out = self.attn(self.attn_norm(x), start_pos, key_mask, cache)
-        shift, scale_logits = self.adapter(relative_to(attn_out, x))
+        # attn_out over x's per-token rms, the stream it would have been added to: the same scale in any model
+        # (a small fresh model's stream has rms ~0.1, a large trained one's is orders of magnitude larger).
+        rms_inv = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        shift, scale_logits = self.adapter((attn_out.float() * rms_inv).to(attn_out.dtype))
         gate, up = self.ffn.gate_up(self.ffn_norm(x))
         if scale_logits is not None:
             gate = gate * gate_factor(scale_logits)

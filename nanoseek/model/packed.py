@@ -2,8 +2,7 @@
 
 A small-batch decode step is a chain of matrix-vector products, as fast as each weight is read, and oneDNN reads
 a prepacked weight far faster than bf16 `F.linear` (bench/RESULTS.md, "Generation on the real model").
-Inference only: a packed layer has no gradient and does not follow `model.to()`; pack last.
-"""
+Inference only: a packed layer has no gradient and does not follow `model.to()`; pack last."""
 
 import torch
 from torch import nn

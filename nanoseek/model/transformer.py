@@ -84,8 +84,7 @@ class Transformer(nn.Module):
             if param.ndim == 1:
                 param.fill_(1.0)  # RMSNorm weights are the only 1-D parameters
                 continue
-            is_residual_out = name.endswith(("attn.wo.weight", ".w2.weight", "experts.w2"))
-            s = residual_std if is_residual_out else std
+            s = residual_std if name.endswith(("attn.wo.weight", ".w2.weight", "experts.w2")) else std
             nn.init.trunc_normal_(param, mean=0.0, std=s, a=-3 * s, b=3 * s)
 
     def _run_block(self, block: Block, x: torch.Tensor, start_pos: int, key_mask, cache,
@@ -103,8 +102,7 @@ class Transformer(nn.Module):
         """idx: [B, T] token ids; targets: [B, T] or [B, T + mtp_depth] (targets[:, j] follows position j;
         IGNORE_INDEX positions are not scored); attention_mask: [B, start_pos + T], 1 for real tokens and 0 for
         padding; caches: one per layer from `new_caches`. Returns logits [B, T, vocab] and, with targets, the
-        loss and its named parts; with targets and loss_chunk > 0 the logits are never formed (logits is None).
-        """
+        loss and its named parts; with targets and loss_chunk > 0 the logits are never formed (logits is None)."""
         if caches is not None and self.training and self.activation_checkpointing:
             raise ValueError("KV caches cannot be used while training with activation checkpointing; call model.eval()")
         x = self.embed(idx)  # [B, T, dim]
@@ -118,12 +116,12 @@ class Transformer(nn.Module):
         if self.loss_chunk > 0:  # no [B, T, vocab] logits: see chunked_cross_entropy
             ce, lse_sq, logit_max = chunked_cross_entropy(self.head, normed, main_targets, self.loss_chunk,
                                                           logsumexp_sq=z_coef > 0, logit_max=self.track_logit_max)
-            out, scored = ModelOutput(None, logit_max=logit_max), normed
+            logits, scored = None, normed
         else:
             logits = self.head(normed)
             ce = _cross_entropy(logits, main_targets)
             lse_sq = at_least_fp32(logits).logsumexp(-1).pow(2).mean() if z_coef > 0 else None
-            out, scored = ModelOutput(logits), logits
+            logit_max, scored = None, logits
         mtp = self._mtp_losses(x, scored, targets, router)
         losses = {"ce": ce, **mtp}
         if z_coef > 0:  # PaLM (arXiv 2204.02311, section 5): keeps log Z near 0
@@ -131,9 +129,8 @@ class Transformer(nn.Module):
         losses.update(_sum_router_losses(router))
         # DeepSeek-V3 eq. 25: lambda / D * sum_k L_k
         total = ce + self.mtp_weight * torch.stack(list(mtp.values())).mean() if mtp else ce
-        out.loss = sum((losses[k] for k in ("logit_z", "aux", "z") if k in losses), total)  # added in this order
-        out.losses = losses
-        return out
+        loss = sum((losses[k] for k in ("logit_z", "aux", "z") if k in losses), total)  # added in this order
+        return ModelOutput(logits, loss, losses, logit_max=logit_max)
 
     def _mtp_losses(self, x: torch.Tensor, scored: torch.Tensor, targets: torch.Tensor,
                     router: list) -> dict[str, torch.Tensor]:
@@ -154,11 +151,9 @@ class Transformer(nn.Module):
 
     def _head_loss(self, x: torch.Tensor, targets: torch.Tensor, is_hidden: bool) -> torch.Tensor:
         """Mean CE of x, logits [B, L, vocab], or of head(x) when x is the normed hidden [B, L, dim] (is_hidden)."""
-        if not is_hidden:
-            return _cross_entropy(x, targets)
-        if self.loss_chunk > 0:  # shared MTP recomputes the head per depth here: one more matmul, no full logits
+        if is_hidden and self.loss_chunk > 0:  # shared MTP recomputes the head per depth: a matmul, no full logits
             return chunked_cross_entropy(self.head, x, targets, self.loss_chunk)[0]
-        return _cross_entropy(self.head(x), targets)
+        return _cross_entropy(self.head(x) if is_hidden else x, targets)
 
     def new_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                    layout: SlotLayout | None = None) -> list:
@@ -229,9 +224,8 @@ class Transformer(nn.Module):
         stats: dict[str, torch.Tensor] = {}
         if self.config.swiglu_clamp > 0:
             stats["swiglu_clamped"] = sum(m.clamped for m in self.modules() if isinstance(m, (MLP, Experts)))
-        for name, attn in self.attention_layers():
-            if attn.track_max_logit:
-                stats[f"attn_logit_max/{name}"] = attn.max_logit.max()
+        stats.update({f"attn_logit_max/{name}": attn.max_logit.max()
+                      for name, attn in self.attention_layers() if attn.track_max_logit})
         for name, moe in self.moe_layers():
             load = moe.gate.last_load  # all 0 (so max / mean is NaN) before any token was counted
             stats[f"expert_load_imbalance/{name}"] = load.max() / load.mean()
@@ -304,7 +298,6 @@ def _loads_not_counted(block: nn.Module):
             gate.count_loads = True
 
 
-@torch.no_grad()
 def _reduce_together(tensors: list[torch.Tensor], reduce) -> None:
     """Run the in-place collective `reduce` once over all `tensors` (flattened into one), writing back."""
     if reduce is None or not tensors:

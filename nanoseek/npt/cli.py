@@ -2,8 +2,7 @@
 
 The run directory is an ordinary nanoseek run (checkpoints/ hold the student: base weights plus adapters; data/ the
 base's tokenizer), so the guard, resume, metrics, `generate --ckpt RUN` and `eval --ckpt RUN` all apply. In addition
-npt.json holds the adapter layout and distillation settings (what --resume rebuilds), adapters/ the adapters alone.
-"""
+npt.json holds the adapter layout and distillation settings (what --resume rebuilds), adapters/ the adapters alone."""
 
 import json
 from dataclasses import asdict, dataclass
@@ -16,15 +15,13 @@ from nanoseek.config import DataConfig, GuardConfig, RunConfig, TrainConfig, req
 from nanoseek.data import is_prepared_dir, load_prepared
 from nanoseek.interop.source import SourceModel, load_source_model
 from nanoseek.model import Transformer
-from nanoseek.model.npt import NPTBlock
-from nanoseek.npt.config import DEFAULT_RANK, AdapterConfig, parse_layers
-from nanoseek.npt.convert import Teacher, convert_to_npt
+from nanoseek.npt import (AdapterConfig, DistillationObjective, NPTBlock, Teacher, convert_to_npt, parse_layers,
+                          save_adapters)
+from nanoseek.npt.config import DEFAULT_RANK
 from nanoseek.npt.quantize import check_quantization, quantize_base
-from nanoseek.npt.storage import save_adapters
 from nanoseek.rundir import hold, unique_run_dir
 from nanoseek.train.distributed import launched_by_torchrun
 from nanoseek.train.hardware import resolve_device
-from nanoseek.train.objectives import DistillationObjective
 from nanoseek.train.trainer import Trainer
 
 RUN_FILE = "npt.json"

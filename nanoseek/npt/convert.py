@@ -16,9 +16,8 @@ from nanoseek.npt.config import AdapterConfig
 class Teacher:
     """The base model as it was before conversion: embed -> original blocks -> norm -> head.
 
-    Not an nn.Module on purpose: its weights belong to the student (moving the student moves them), and
-    it must never appear in the student's parameters, state dict or optimizer.
-    """
+    Not an nn.Module on purpose: its weights belong to the student (moving the student moves them), and it must
+    never appear in the student's parameters, state dict or optimizer."""
 
     def __init__(self, model: Transformer):
         self.embed, self.norm, self.head, self.blocks = model.embed, model.norm, model.head, list(model.layers)

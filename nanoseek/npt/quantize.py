@@ -4,8 +4,7 @@ Mixed precision over quantised weights has produced NaNs in adapter training, so
 bf16/fp16 and every quantised layer computes in fp32. Only the frozen MLP and GQA attention projections are
 quantised; embeddings, norms, the head and the adapters stay fp32. A quantised layer is held outside the module
 tree, so checkpoints hold only the fp32 parts and the adapters: the base is rebuilt from --base (on --resume too),
-and such a run is generated from with `attach_adapters(base, RUN/adapters)`, not from its checkpoints alone.
-"""
+and such a run is generated from with `attach_adapters(base, RUN/adapters)`, not from its checkpoints alone."""
 
 import importlib.util
 
@@ -45,7 +44,6 @@ class FrozenQuantizedLinear(nn.Module):
 
 def _quantized_copy(linear: nn.Linear, mode: str, device: torch.device) -> nn.Module:
     import bitsandbytes as bnb
-
     weight = linear.weight.detach().float().cpu()
     if mode == "4bit":
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
@@ -64,14 +62,11 @@ def quantize_base(model: nn.Module, mode: str, device: torch.device) -> int:
     check_quantization(mode, device)
     if mode == "none":
         return 0
-    targets = []
-    for block in model.layers:
-        for owner in block.modules():
-            # MLA reads its projection weights directly (absorbed decoding, QK-clip): it stays unquantised.
-            if isinstance(owner, (NPTAdapter, MLAttention)):
-                continue
-            targets += [(owner, name, child) for name, child in owner.named_children()
-                        if isinstance(child, nn.Linear) and not child.weight.requires_grad and child.bias is None]
+    # MLA reads its projection weights directly (absorbed decoding, QK-clip): it stays unquantised.
+    targets = [(owner, name, child) for block in model.layers for owner in block.modules()
+               if not isinstance(owner, (NPTAdapter, MLAttention))
+               for name, child in owner.named_children()
+               if isinstance(child, nn.Linear) and not child.weight.requires_grad and child.bias is None]
     for owner, name, child in targets:
         setattr(owner, name, FrozenQuantizedLinear(_quantized_copy(child, mode, device), child.in_features,
                                                    child.out_features))

@@ -43,7 +43,6 @@ class ReportFigure:
         """The figure as PNG bytes, reduced to a 256-colour palette: lines and flat fills need no more,
         and the file (embedded again, as base64, in report.html) comes out about three times smaller."""
         from PIL import Image  # a dependency of matplotlib itself
-
         drawn, palette = io.BytesIO(), io.BytesIO()
         self.figure.savefig(drawn, format="png", dpi=dpi)
         image = Image.open(drawn).convert("RGB").quantize(colors=256, method=0)  # 0: median cut, in any Pillow
@@ -75,16 +74,16 @@ def build_figure(logs: list[RunLog]) -> ReportFigure:
     report = ReportFigure(figure, axes, lines={name: {} for name in PANELS})
     labels = run_labels(logs)
     runs = [(log, label, f"C{i % 10}") for i, (log, label) in enumerate(zip(logs, labels))]
-    for draw in (_loss_panel, _aux_panel, _lr_panel, _grad_norm_panel, _throughput_panel, _expert_load_panel,
-                 _attn_logit_panel):
-        draw(report, runs, len(logs) > 1)
+    for name, draw in zip(PANELS, (_loss_panel, _aux_panel, _lr_panel, _grad_norm_panel, _throughput_panel,
+                                   _expert_load_panel, _attn_logit_panel)):
+        draw(report, axes[name], runs, len(logs) > 1)
     for name in ("expert_load", "attn_logit"):
         axes[name].set_xlabel("step")
     figure.suptitle("nanoseek run report: " + " vs ".join(labels), fontsize=13)
     return report
 
 
-# ---- panels: each takes the report, [(log, label, colour)] and whether runs are overlaid -------------
+# ---- panels: each takes the report, its axes, [(log, label, colour)] and whether runs are overlaid -------
 
 
 def _plot(report: ReportFigure, panel: str, label: str, x: np.ndarray, y: np.ndarray, ax=None, **style) -> None:
@@ -104,7 +103,6 @@ def _finish(ax, lines: dict, title: str, empty: str, log_span: float = 0.0, lege
     values = np.concatenate([y[np.isfinite(y)] for _, y in lines.values()])
     if log_span and len(values) and values.min() > 0 and values.max() / values.min() > log_span:
         from matplotlib.ticker import FuncFormatter, LogFormatter
-
         ax.set_yscale("log")
         # Plain numbers ("0.5", "2", "1e-04"), not 2 x 10^0, for the labelled major and minor ticks.
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
@@ -113,8 +111,7 @@ def _finish(ax, lines: dict, title: str, empty: str, log_span: float = 0.0, lege
         ax.legend(**{"fontsize": 8, **style})
 
 
-def _loss_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
-    ax = report.axes["loss"]
+def _loss_panel(report: ReportFigure, ax, runs: list, overlay: bool) -> None:
     for log, label, color in runs:
         main, _ = loss_components(log)
         prefix = f"{label} " if overlay else ""
@@ -196,8 +193,7 @@ def _label_events(report: ReportFigure, ax, overlay: bool) -> None:
     ax.set_ylim(y0, y0 + (y1 - y0) / (1 - band))
 
 
-def _aux_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
-    ax = report.axes["aux"]
+def _aux_panel(report: ReportFigure, ax, runs: list, overlay: bool) -> None:
     for log, label, color in runs:
         for index, name in enumerate(loss_components(log)[1]):
             style = {"color": color, "linestyle": LINESTYLES[index % 3]} if overlay else {"color": f"C{index + 3}"}
@@ -219,8 +215,7 @@ def _aux_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
             fontsize=7, ncols=2)
 
 
-def _lr_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
-    ax = report.axes["lr"]
+def _lr_panel(report: ReportFigure, ax, runs: list, overlay: bool) -> None:
     for log, label, color in runs:
         _plot(report, "lr", label, *log.series("lr"), color=color, linewidth=1.2)
     # A schedule spans ~10-30x (warmup start to min_lr); more than 100x is a spike, which log y keeps readable.
@@ -229,8 +224,7 @@ def _lr_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
 
-def _grad_norm_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
-    ax = report.axes["grad_norm"]
+def _grad_norm_panel(report: ReportFigure, ax, runs: list, overlay: bool) -> None:
     thresholds: dict[float, list[str]] = {}
     for log, label, color in runs:
         _plot(report, "grad_norm", label if overlay else "grad norm (before clipping)", *log.series("grad_norm"),
@@ -245,8 +239,8 @@ def _grad_norm_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
             "or unknown)"), "no grad-norm records", log_span=10.0)
 
 
-def _throughput_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
-    ax, mfu_ax = report.axes["throughput"], None
+def _throughput_panel(report: ReportFigure, ax, runs: list, overlay: bool) -> None:
+    mfu_ax = None
     for log, label, color in runs:
         prefix = f"{label} " if overlay else ""
         _plot(report, "throughput", f"{prefix}tokens/s", *log.series("tokens_per_sec"), color=color, marker=".",
@@ -266,9 +260,8 @@ def _throughput_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
             "no throughput records (logged every train.log_every steps)", legend=overlay and mfu_ax is None)
 
 
-def _expert_load_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
+def _expert_load_panel(report: ReportFigure, ax, runs: list, overlay: bool) -> None:
     """Rows: MoE layers (run: layer when overlaid); columns: the steps where load was sampled."""
-    ax = report.axes["expert_load"]
     rows, series = [], []
     for log, label, _ in runs:
         for layer in layer_fields(log, "expert_load_imbalance"):
@@ -290,8 +283,7 @@ def _expert_load_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
     report.figure.colorbar(mesh, ax=ax, pad=0.01, label="max / mean")
 
 
-def _attn_logit_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
-    ax = report.axes["attn_logit"]
+def _attn_logit_panel(report: ReportFigure, ax, runs: list, overlay: bool) -> None:
     for log, label, color in runs:
         layers = layer_fields(log, "attn_logit_max")
         series = [log.series(f"attn_logit_max/{name}") for name in layers]
@@ -299,8 +291,7 @@ def _attn_logit_panel(report: ReportFigure, runs: list, overlay: bool) -> None:
             steps = np.unique(np.concatenate([s for s, _ in series]))
             peak = np.full(len(steps), -math.inf)
             for s, v in series:
-                at = np.searchsorted(steps, s)
-                peak[at] = np.fmax(peak[at], v)
+                np.fmax.at(peak, np.searchsorted(steps, s), v)
             _plot(report, "attn_logit", f"{label} (max over layers)", steps, peak, color=color, linewidth=1.0)
         else:
             for index, (name, (s, v)) in enumerate(zip(layers, series)):

@@ -4,14 +4,12 @@ A run's log is evidence after something went wrong, so a malformed line (a crash
 is skipped and counted, never a crash. A resumed run appends to the same file: a record whose step is
 behind what the log has reached starts a new segment, and the abandoned records from that step on are
 dropped. (Within a segment a step's guard event comes just before its training record, and an eval's or
-the summary's step counts the steps done, so no record is behind.)
-"""
+the summary's step counts the steps done, so no record is behind.)"""
 
 import json
 import math
 import re
 import sys
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,10 +62,6 @@ class RunLog:
         scored = [(r["val_loss"], r["step"]) for r in self.evals
                   if isinstance(r.get("val_loss"), float) and math.isfinite(r["val_loss"])]
         return min(scored, key=lambda item: item[0]) if scored else None
-
-    def event_counts(self) -> dict[str, int]:
-        """{guard action (skip, rollback, ...): how many}, in order of first appearance."""
-        return dict(Counter(event_action(event) for event in self.events))
 
     def setting(self, name: str, default=None):
         """config.toml's `section.key` (or top-level `key`), or `default` when the file or the key is missing."""

@@ -4,8 +4,7 @@ A run's status comes from its own log, so it needs no process table and works on
 - the closing `summary` record says how it ended: finished, early-stopped or aborted;
 - without one, a guard `abort` event still means aborted (the process died during its final save);
 - without either, a log written to recently means the run is still going: running;
-- otherwise it stopped without closing its log (a crash, kill -9, Ctrl-C, a lost machine): interrupted.
-"""
+- otherwise it stopped without closing its log (a crash, kill -9, Ctrl-C, a lost machine): interrupted."""
 
 import math
 import statistics

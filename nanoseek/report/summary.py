@@ -3,6 +3,7 @@ of report.html's summary table. They come from the run directory, so they can be
 TrainResult only adds what the log cannot know yet (the applied-update count of a run that just ended)."""
 
 import math
+from collections import Counter
 from pathlib import Path
 
 from nanoseek.report.records import RunLog, event_action
@@ -43,16 +44,15 @@ def summary_rows(log: RunLog, result=None, world_size: int | None = 1) -> list[t
     rows.append(("best val", f"{best[0]:.4f} at step {best[1]} ({len(log.evals)} evals)" if best
                  else "no evaluation yet (every train.eval_every steps)"))
     rows.append(("checkpoints", _checkpoints(log.run_dir)))
-    counts = ", ".join(f"{n} {action}" for action, n in log.event_counts().items())
+    counts = ", ".join(f"{n} {action}" for action, n in Counter(map(event_action, log.events)).items())
     rows.append(("guard", f"{len(log.events)} event{'s' if len(log.events) > 1 else ''}: {counts}" if counts
                  else "no events"))
     return rows
 
 
-def summary_text(log: RunLog, result=None, report: str | None = None, now: float | None = None,
-                 world_size: int = 1) -> str:
+def summary_text(log: RunLog, result=None, report: str | None = None, world_size: int = 1) -> str:
     """The end-of-run summary: `summary_rows`, the first guard events, and `report` (the report line's text)."""
-    status = result.status if result is not None else run_status(log, now)
+    status = result.status if result is not None else run_status(log)
     lines = [f"run summary: {log.run_dir} ({status})"]
     lines += [_row(name, text) for name, text in summary_rows(log, result, world_size)]
     for event in log.events[:MAX_EVENT_LINES]:

@@ -8,11 +8,9 @@ rename to `step-N` (atomic on POSIX). Readers only see `step-N` holding COMPLETE
 `.tmp-delete-*` first: a plain `torch.save` killed at random leaves a corrupt file. One writer per run
 directory (rank 0); readers may run at any time. trainer_state loads with `torch.load(weights_only=True)` (no
 code runs on load) with numpy arrays and scalars allowed, so `np.random.get_state()` round-trips; saving
-refuses, naming the key, anything that would not load that way.
-"""
+refuses, naming the key, anything that would not load that way."""
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -29,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nanoseek.data.shards import file_sha256
 from nanoseek.rundir import fsync_path, swap_in
 from nanoseek.train.metrics import jsonable
 from nanoseek.train.writes import torch_save
@@ -69,8 +68,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE_FILE).is_file()),
-                  key=step_of)
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE_FILE).is_file()), key=step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -104,8 +102,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
 
     model_state / ema_state: name -> tensor (any device; tied or overlapping tensors are fine).
     trainer_state: nested dicts/lists/tuples of tensors, numpy arrays, numbers, strings, None.
-    Pruning keeps the newest `keep_last`, the `keep_best` with the lowest finite val_loss, and this one.
-    """
+    Pruning keeps the newest `keep_last`, the `keep_best` with the lowest finite val_loss, and this one."""
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r}: must be an int >= 0")
     if keep_last < 1 or keep_best < 0:
@@ -133,7 +130,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         files = {}
         for path in sorted(tmp.iterdir()):
             fsync_path(path)
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         meta = {"step": step, "val_loss": jsonable(val_loss), "time": time.time(), "files": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         fsync_path(tmp / META_FILE)
@@ -258,8 +255,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     """Read a checkpoint dir (RUN/checkpoints/step-N) or a run dir (its latest complete checkpoint).
 
     verify: check every file's size and sha256 against meta.json first (one extra read). An incomplete
-    checkpoint, or a missing or corrupt file, is a one-line ValueError naming the previous checkpoint to use.
-    """
+    checkpoint, or a missing or corrupt file, is a one-line ValueError naming the previous checkpoint to use."""
     path = _resolve(Path(path))
     if not (path / COMPLETE_FILE).is_file():
         raise ValueError(_broken(path, "is incomplete (no COMPLETE marker: its save was interrupted)"))
@@ -274,7 +270,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             file = path / name
             if not file.is_file():
                 raise ValueError(_broken(path, f"is missing {name}"))
-            if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+            if file.stat().st_size != info["bytes"] or file_sha256(file) != info["sha256"]:
                 raise ValueError(_broken(path, f"has a corrupt {name} (size or sha256 differs from {META_FILE})"))
     for name in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE):
         if name not in files or not (path / name).is_file():
@@ -327,11 +323,3 @@ def _read_safetensors(path: Path, name: str, device: str) -> dict[str, torch.Ten
     aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
     order = json.loads(metadata.get(_ORDER_KEY, "null")) or list(stored)
     return {key: stored[aliases.get(key, key)] for key in order}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -4,8 +4,7 @@ clipped value enters the averages, so one spike cannot drag the threshold up. Th
 
 Unlike the published code, a non-finite norm never enters the averages (ZClip's z-test is False for NaN, which
 then poisons them for the rest of the run), and only applied steps move them (`commit()` after the guard's
-verdict), so a skipped step leaves the clipper as if its batch had never been drawn.
-"""
+verdict), so a skipped step leaves the clipper as if its batch had never been drawn."""
 
 import math
 

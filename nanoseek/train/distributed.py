@@ -4,8 +4,7 @@ ddp|fsdp ...`; without torchrun the run is one process (mode "none", world size 
 
 Checkpoints are full state written by rank 0, the optimizer's keyed by parameter index as in one process's
 `optimizer.state_dict()`: any checkpoint resumes under any mode and world size (the data cursor counts windows,
-so it re-strides over the new ranks). Fine for the 1M-1B models nanoseek trains; beyond, sharded DCP checkpoints.
-"""
+so it re-strides over the new ranks). Fine for the 1M-1B models nanoseek trains; beyond, sharded DCP checkpoints."""
 
 import contextlib
 import datetime
@@ -46,7 +45,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 class Distributed:
     """This rank's place in the process group (mode "none", "ddp" or "fsdp") and the collectives the trainer calls:
     the guard's numbers (`reduce_step`), MoE expert loads (`sum_`), QK-clip's max logits (`max_`), fp16 found-inf
-    flags (`sync_scaler`) and eval losses (`mean_`) must agree on every rank."""
+    flags (`sync_scaler`) and eval losses (`mean_`) must agree on every rank. The reductions are no-ops at world
+    size 1 (mode "none", or a group of one)."""
 
     def __init__(self, mode: str, rank: int, world_size: int, device: torch.device, owns_group: bool = False,
                  note: str = ""):
@@ -111,24 +111,19 @@ class Distributed:
             dist.destroy_process_group()
         self.mode, self.rank, self.world_size, self.owns_group, self.cpu_group = "none", 0, 1, False, None
 
-    # ---- wrapping ------------------------------------------------------------------------------
-
     def wrap(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         """The module the forward pass goes through: `model` itself, DDP(model), or `model` sharded in place.
 
         DDP syncs buffers once, not before every forward: MoE expert loads and max logits stay per rank until
         our own reductions combine them. FSDP2 shards each Block and MTP module (the root: embedding, norm,
-        head); bf16 gathers bf16 parameters and reduces in fp32, but MoE routers stay fp32 (DeepSeek-V3).
-        """
+        head); bf16 gathers bf16 parameters and reduces in fp32, but MoE routers stay fp32 (DeepSeek-V3)."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
-
             return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        forward_sync_buffers=False, gradient_as_bucket_view=True)
         if self.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
             self.mesh = init_device_mesh(self.device.type, (self.world_size,))
             param_dtype = torch.bfloat16 if precision == "bf16" else None
             policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -149,8 +144,6 @@ class Distributed:
         if self.mode == "fsdp":
             module.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
-
-    # ---- reductions (no-ops at world size 1: mode "none", or a group of one) -------------------
 
     def all_ok(self, ok: bool) -> bool:
         """True only if `ok` holds on every rank (a host-side flag; no GPU sync)."""
@@ -207,15 +200,12 @@ class Distributed:
         dist.all_gather_object(out, obj, group=self.cpu_group)
         return out
 
-    # ---- full state ----------------------------------------------------------------------------
-
     def full_model_state(self, model: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
         """The unsharded state dict. FSDP (a collective): gathered to CPU on rank 0 and empty elsewhere,
         or with `everywhere` the whole of it on every rank, on the device."""
         if self.mode != "fsdp":
             return model.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
 
     def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -224,7 +214,6 @@ class Distributed:
             model.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
     def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -236,7 +225,6 @@ class Distributed:
             # which advances Adam's step counter and so changes every later update.
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         named = get_optimizer_state_dict(model, optimizer,
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
@@ -252,7 +240,6 @@ class Distributed:
             optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         names = {id(p): name for name, p in model.named_parameters()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         saved_count = sum(len(g["params"]) for g in state["param_groups"])

@@ -1,8 +1,7 @@
 """Fault injection (`--inject KIND@STEP`, parsed by nanoseek/fault_spec.py), to prove a setup survives what
 it claims to survive: wrappers around the part of a step each kind breaks, so the trainer holds no injection
 code. nan-grad and inf-grad wrap the GradScaler's unscale, the first thing after DDP/FSDP's gradient sync, so a
-one-rank fault stays on that rank.
-"""
+one-rank fault stays on that rank."""
 
 import contextlib
 import dataclasses

@@ -2,8 +2,7 @@
 
 The MLA projections (their low-rank latents feed every head's keys and values), the router and the output head
 (DeepSeek-V3, arXiv 2412.19437 section 3.3.1, keeps both in high precision) stay in bf16/fp32, as do layers whose
-dims are not multiples of 16 (an fp8 GEMM requirement). Real fp8 matmuls need CUDA compute capability >= 8.9.
-"""
+dims are not multiples of 16 (an fp8 GEMM requirement). Real fp8 matmuls need CUDA compute capability >= 8.9."""
 
 import torch
 from torch import nn

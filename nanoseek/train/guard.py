@@ -15,8 +15,7 @@
               verified-good snapshot and leaves the data window that led into the trouble behind (PaLM,
               arXiv 2204.02311, section 5.1).
 - abort    -- more than `max_rollbacks` rollbacks: stop with a final checkpoint and a report.
-- overflow -- fp16 only: the GradScaler saw inf gradients and lowers its scale; the scaler working, not a fault.
-"""
+- overflow -- fp16 only: the GradScaler saw inf gradients and lowers its scale; the scaler working, not a fault."""
 
 import math
 from collections import deque

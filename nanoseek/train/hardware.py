@@ -1,13 +1,11 @@
 """The device to run on (`resolve_device`) and `--hardware auto`: the training precision for it.
 
 `choose_precision` is a pure function of what can be read off the device, so it is tested with made-up devices;
-`detect` reads the real one. Each choice carries its reason (Hopper's fp8 tensor cores double its dense peak).
-"""
+`detect` reads the real one. Each choice carries its reason (Hopper's fp8 tensor cores double its dense peak)."""
 
 import dataclasses
 import functools
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +19,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class HardwareChoice:
     precision: str  # "fp32" | "bf16" | "fp16"
     fp8: bool

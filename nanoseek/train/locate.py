@@ -4,8 +4,7 @@ so a skipped step is explained (which step, which batch, which module) without a
 A faulted step's batches and RNG state (batch.safetensors: tensors only, nothing a loader could execute) and,
 for a non-finite fault, the weights go to `RUN_DIR/bad_batches/step-N/`; `nanoseek diagnose RUN_DIR [--step N]`
 replays them later. Replay order: forward (the first module whose output is non-finite, in execution order, so
-a child is named before its parent), the loss, backward, and last the original step's parameter gradients.
-"""
+a child is named before its parent), the loss, backward, and last the original step's parameter gradients."""
 
 import contextlib
 import dataclasses
@@ -13,7 +12,6 @@ import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,12 +27,12 @@ BATCH_FILE = "batch.safetensors"
 LEGACY_BATCH_FILE = "batch.pt"  # written by earlier versions; read with weights_only=True only
 
 
-@dataclass
+@dataclasses.dataclass
 class Finding:
     stage: str  # forward | loss | backward | grad | clean
     module: str | None = None
     tensor: str = ""
-    detail: dict = field(default_factory=dict)
+    detail: dict = dataclasses.field(default_factory=dict)
 
     def line(self) -> str:
         if self.stage == "clean":
@@ -53,7 +51,6 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 def _summary(tensors: list[torch.Tensor]) -> dict:
-    """The range of the finite values and the count of non-finite ones."""
     if not tensors:
         return {}
     flat = torch.cat([t.detach().float().flatten() for t in tensors])

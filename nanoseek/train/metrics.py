@@ -2,8 +2,7 @@
 a log line needs: tokens/s, peak memory, MFU against the GPU's dense peak.
 
 metrics.jsonl is appended and flushed line by line, so a crash loses at most one line. Non-finite floats, which
-JSON lacks, are written as "nan", "inf" and "-inf": `float(value)` reads them back, and NaN stays apart from Inf.
-"""
+JSON lacks, are written as "nan", "inf" and "-inf": `float(value)` reads them back, and NaN stays apart from Inf."""
 
 import json
 import math

@@ -3,8 +3,7 @@
 x [B, T] token ids, y [B, T + lookahead - 1] next-token (and MTP) targets; the returned `losses` are logged and
 `losses["ce"]` (else the total) is the eval metric. `next_token_objective` is the default; `distill_objective`
 (`nanoseek heal`) distils logits end to end after an MLA conversion (X-EcoMLA, arXiv 2503.11132), and
-`DistillationObjective` (`nanoseek npt`) trains NPT adapters to match the frozen base's hidden state per layer.
-"""
+`DistillationObjective` (`nanoseek npt`) trains NPT adapters to match the frozen base's hidden state per layer."""
 
 import contextlib
 from collections.abc import Callable, Iterator

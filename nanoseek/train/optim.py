@@ -1,10 +1,8 @@
 """Optimizers (AdamW, Lion, Muon), each ONE `torch.optim.Optimizer`, their parameter groups, and the LR schedule.
 
-Weight decay goes on 2-D+ weight matrices other than embeddings (anything an `nn.Embedding` owns): decaying a
-norm gain or a bias pulls it towards a value with no special meaning, and decaying embeddings of rare tokens
-shrinks them between their rare gradients
-(nanoGPT `configure_optimizers`; Loshchilov & Hutter 2019 for the decoupled form).
-"""
+Weight decay goes on 2-D+ weight matrices other than embeddings (anything an `nn.Embedding` owns): decaying a norm
+gain or a bias pulls it towards a value with no special meaning, and decaying embeddings of rare tokens shrinks them
+between their rare gradients (nanoGPT `configure_optimizers`; Loshchilov & Hutter 2019 for the decoupled form)."""
 
 import math
 from typing import Iterable
@@ -90,7 +88,6 @@ def _call_closure(closure):
 
 
 def _state(state: dict, p: torch.Tensor, name: str) -> torch.Tensor:
-    """The optimizer state `name` of `p`, zeros like `p` on its first step."""
     if name not in state:
         state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return state[name]
@@ -101,8 +98,7 @@ class Lion(torch.optim.Optimizer):
 
     update = sign(beta1 * m + (1 - beta1) * g); p <- p * (1 - lr * wd) - lr * update; m <- beta2 * m + (1 - beta2) * g.
     Every coordinate moves by exactly lr, so the paper uses an LR 3-10x smaller than AdamW's and a weight
-    decay 3-10x larger (keeping lr * wd). One state tensor (`exp_avg`) per parameter instead of AdamW's two.
-    """
+    decay 3-10x larger (keeping lr * wd). One state tensor (`exp_avg`) per parameter instead of AdamW's two."""
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0):
@@ -139,8 +135,7 @@ def newton_schulz(grad: torch.Tensor, steps: int = NS_STEPS, work_dtype: torch.d
     grad: [..., rows, cols], leading dims a batch (e.g. stacked experts [E, out, in]); same shape and dtype out.
     The quintic iteration X <- aX + (bA + cA^2)X, A = XX^T (the smaller Gram matrix: X is made wide), pushes
     every singular value towards ~1 without an SVD (Jordan et al. 2024). In bf16 as in the paper where bf16
-    matmuls are fast, else in fp32; `work_dtype` overrides that choice.
-    """
+    matmuls are fast, else in fp32; `work_dtype` overrides that choice."""
     a, b, c = NS_COEFFICIENTS
     if work_dtype is None:
         work_dtype = torch.bfloat16 if _fast_bf16(grad) else torch.float32
@@ -182,8 +177,7 @@ class Muon(torch.optim.Optimizer):
     update = NS(g + momentum * (m - g)) with Nesterov, else NS(m); p <- p * (1 - lr * wd) - lr * s * update,
     s = sqrt(max(1, rows / cols)) so tall matrices get the same per-entry RMS step as wide ones. For
     [..., rows, cols] parameters (stacked experts) every matrix is orthogonalised on its own.
-    AdamW groups need `betas` and `eps`; they keep `exp_avg`, `exp_avg_sq` and `step` (an int) per parameter.
-    """
+    AdamW groups need `betas` and `eps`; they keep `exp_avg`, `exp_avg_sq` and `step` (an int) per parameter."""
 
     def __init__(self, params: Iterable, lr: float = 0.02, weight_decay: float = 0.0,
                  momentum: float = MUON_MOMENTUM, nesterov: bool = True, ns_steps: int = NS_STEPS,
@@ -245,8 +239,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
       wsd:      1, then linear to m over the last decay_fraction * T steps (MiniCPM, Hu et al. 2024, 2404.06395)
       constant: 1
       cyclic:   cosine cycles of cycle_steps steps, 1 -> m -> 1: smooth like Smith 2017's triangular cycles,
-                without SGDR's jump from m back to 1 (an LR jump is a classic trigger of loss spikes)
-    """
+                without SGDR's jump from m back to 1 (an LR jump is a classic trigger of loss spikes)"""
     warmup, floor = cfg.warmup_steps, cfg.min_lr_ratio
     if step < warmup:
         return (step + 1) / warmup

@@ -5,8 +5,7 @@ its loss settles at H(unigram) = -sum_v p(v) log p(v), the best a context-free p
 lost although nothing non-finite shows. The faster failure of the same cause, a loss climbing `DIVERGED_NATS`
 above the first, is divergence (Wortsman et al. 2023, arXiv 2309.14322, count such a run at its initial loss);
 it shows within a few steps, long before a plateau can be told from slow progress. The loss EMA sees only
-finite losses of applied steps, so no NaN enters it and a skipped step stays as if its batch was never drawn.
-"""
+finite losses of applied steps, so no NaN enters it and a skipped step stays as if its batch was never drawn."""
 
 import math
 from collections import deque
@@ -24,8 +23,7 @@ UNIGRAM_SAMPLE_TOKENS = 1 << 22  # 4M tokens pin the unigram entropy to well und
 def unigram_entropy(shards: Iterable[str | Path], vocab_size: int,
                     max_tokens: int | None = UNIGRAM_SAMPLE_TOKENS) -> float:
     """Entropy in nats of the token frequencies in (the first `max_tokens` of) the training shards."""
-    tokens = read_tokens(shards, max_tokens)
-    counts = np.bincount(tokens, minlength=vocab_size)
+    counts = np.bincount(read_tokens(shards, max_tokens), minlength=vocab_size)
     p = counts[counts > 0] / max(int(counts.sum()), 1)
     return float(-(p * np.log(p)).sum())
 

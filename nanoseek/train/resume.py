@@ -2,8 +2,7 @@
 
 On `--resume` the checkpoint's own config is the base and the flags given now apply on top (listed), as in
 OLMo-core and the HF Trainer; what cannot continue the run (the model's shape, the tokenizer, the data or its
-order, the optimizer kind) is refused in one line. Checkpoints after a `--resume-from` are moved aside, never deleted.
-"""
+order, the optimizer kind) is refused in one line. Checkpoints after a `--resume-from` are moved aside, not deleted."""
 
 import json
 import os

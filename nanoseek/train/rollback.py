@@ -2,8 +2,7 @@
 
 A snapshot becomes "good" only after surviving `snapshot_every` healthy steps (and, with plateau detection on,
 once the loss is below the unigram level), so a bad update that looked fine when applied is never what a run
-rolls back to (PaLM, arXiv 2204.02311, section 5.1). It holds the adaptive clipper's averages too.
-"""
+rolls back to (PaLM, arXiv 2204.02311, section 5.1). It holds the adaptive clipper's averages too."""
 
 import copy
 
@@ -49,12 +48,11 @@ class RollbackKeeper:
 
     def restore_weights(self, progress) -> dict:
         """Only the weights, the optimizer and opt_step, for an aborted run's final checkpoint (None: no snapshot)."""
-        snap = self.good
-        if snap is not None:
-            self.model.load_state_dict(restore(snap["model"]))
-            self.optimizer.load_state_dict(restore(snap["optimizer"]))
-            progress.opt_step = snap["opt_step"]
-        return snap
+        if self.good is not None:
+            self.model.load_state_dict(restore(self.good["model"]))
+            self.optimizer.load_state_dict(restore(self.good["optimizer"]))
+            progress.opt_step = self.good["opt_step"]
+        return self.good
 
 
 def offload(obj):
@@ -92,6 +90,5 @@ class _ShardCopy:
 
     def rebuild(self):
         from torch.distributed.tensor import DTensor
-
         return DTensor.from_local(self.local.to(self.device), self.mesh, self.placements, run_check=False,
                                   shape=self.shape, stride=self.stride)

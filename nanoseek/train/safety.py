@@ -1,8 +1,7 @@
 """The last line of defence before a checkpoint: weights that are not finite are never saved as a good one.
 
 An update from finite inputs can still overflow (an Adam `eps` of 0 over a zero gradient is 0/0). Checking every
-step would cost a pass over the model and a host sync; a checkpoint is rare, so the check runs there.
-"""
+step would cost a pass over the model and a host sync; a checkpoint is rare, so the check runs there."""
 
 import math
 

@@ -4,8 +4,7 @@ Ctrl-C (SIGINT): the first finishes the step, saves and stops; a second interrup
 under torchrun every rank would see it at a different step.
 SIGTERM (what SLURM, Kubernetes, spot instances and torchrun send before a kill) and SIGUSR1 (a scheduler's early
 warning, `sbatch --signal=USR1@120`): finish the step and save. The exit code is 128 + the signal's number.
-Under torchrun the ranks OR their flags each step in one tiny host all-reduce, so all save the same step.
-"""
+Under torchrun the ranks OR their flags each step in one tiny host all-reduce, so all save the same step."""
 
 import signal
 import threading

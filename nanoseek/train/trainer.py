@@ -12,8 +12,7 @@ The loop (`_train`) then reacts to the verdict (roll back via train/rollback.py,
 step boundary evaluates, saves and honours a stop request. `step` counts data batches consumed (always
 advances, so data moves on past a bad batch); `opt_step` counts applied updates (it drives the LR schedule
 and MTP ramp, so a skip leaves them be). Every rank judges the same all-reduced numbers, so all apply or
-drop a step together; rank 0 logs and saves.
-"""
+drop a step together; rank 0 logs and saves."""
 
 import contextlib
 import copy
@@ -77,8 +76,7 @@ class Trainer:
 
     `model` (converted, imported, or carrying adapters) replaces the one built from `cfg.model`; only its
     parameters with requires_grad train. `objective(model, x, y) -> ModelOutput` replaces the next-token loss
-    (distillation, say). `resume_from` (step-N, N or a checkpoint directory) resumes an earlier checkpoint.
-    """
+    (distillation, say). `resume_from` (step-N, N or a checkpoint directory) resumes an earlier checkpoint."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
                  model: Transformer | None = None, objective: Objective = next_token_objective,
@@ -220,11 +218,6 @@ class Trainer:
             if verdict.ok:
                 last_values = values
                 self.rollback.after_good_step(self.step, self.opt_step, guard.worth_keeping)
-            elif verdict.action == "abort":
-                self.log.event(self.step - 1, verdict)
-                self.rollback.restore_weights(self.progress)  # the final checkpoint holds the last good ones
-                status = "aborted"
-                break
             elif verdict.action == "rollback":
                 to_step = self.rollback.roll_back(self.progress)
                 guard.rolled_back()
@@ -232,6 +225,10 @@ class Trainer:
                                restored_step=to_step, lr_scale=guard.lr_scale)
             else:
                 self.log.event(self.step - 1, verdict)
+                if verdict.action == "abort":
+                    self.rollback.restore_weights(self.progress)  # the final checkpoint holds the last good ones
+                    status = "aborted"
+                    break
             self._log_step(values, verdict)
             status = self._step_boundary(verdict)
         status = status or "finished"
@@ -242,7 +239,12 @@ class Trainer:
         self.logger.log({"kind": "summary", "step": self.step, "status": status, "loss": result.train_loss,
                          "val_loss": result.val_loss, "skips": guard.n_skips, "rollbacks": guard.n_rollbacks})
         self.logger.close()
-        self._leave_process_group()
+        # Become a one-process trainer: under FSDP the final weights are gathered into a plain Transformer (a model
+        # passed in stays sharded), so sampling or evaluating after training needs no other rank.
+        if self.dist.mode == "fsdp" and self.built_model:
+            self.model = self._whole_copy(self.dist.full_model_state(self.model, everywhere=True))
+            self.forward_model = self.model
+        self.dist.close()
         return result
 
     def train_step(self) -> tuple[Verdict, dict[str, float], list[Batch]]:
@@ -350,7 +352,17 @@ class Trainer:
             self.train_loader.skip(skip * tc.grad_accum)
             self.step += skip
         if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
-            if self._eval_and_maybe_stop():
+            losses = self.evaluate()
+            val = headline(losses)
+            record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
+            if self.ema is not None:
+                record["val_loss_ema"] = headline(self.evaluate(self.ema))
+            self.logger.log(record)
+            ema_note = f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""
+            self.logger.write(f"step {self.step}: val loss {val:.4f}{ema_note}")
+            self.progress.validated(val)
+            self.save(val)
+            if 0 < tc.early_stop_patience <= self.progress.evals_since_best:
                 return "early-stopped"
         elif self.step % tc.save_every == 0:
             self.save(None)
@@ -362,19 +374,6 @@ class Trainer:
         """Mean loss components over the first eval_batches validation batches (always the same ones)."""
         return validation_losses(model or self.model, self.objective, self.cfg, self.data, self.lookahead,
                                  self.dist, self._autocast)
-
-    def _eval_and_maybe_stop(self) -> bool:
-        losses = self.evaluate()
-        val = headline(losses)
-        record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
-        if self.ema is not None:
-            record["val_loss_ema"] = headline(self.evaluate(self.ema))
-        self.logger.log(record)
-        ema_note = f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""
-        self.logger.write(f"step {self.step}: val loss {val:.4f}{ema_note}")
-        self.progress.validated(val)
-        self.save(val)
-        return 0 < self.cfg.train.early_stop_patience <= self.progress.evals_since_best
 
     def trainer_state(self) -> dict:
         """Everything but the weights that exact resume needs (under FSDP a collective: call on every rank)."""
@@ -396,14 +395,6 @@ class Trainer:
                                    val_loss=val_loss, ema_state=ema, keep_last=tc.keep_last, keep_best=tc.keep_best)
         self.dist.barrier()  # every rank returns once the checkpoint is complete on disk
         return path if self.dist.is_main else latest_checkpoint(self.run_dir)
-
-    def _leave_process_group(self) -> None:
-        """Become a one-process trainer: under FSDP the final weights are gathered into a plain Transformer (a
-        model passed in stays sharded), so sampling or evaluating after training needs no other rank."""
-        if self.dist.mode == "fsdp" and self.built_model:
-            self.model = self._whole_copy(self.dist.full_model_state(self.model, everywhere=True))
-            self.forward_model = self.model
-        self.dist.close()
 
 
 def headline(losses: dict[str, float]) -> float:

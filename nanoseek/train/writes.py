@@ -1,8 +1,7 @@
 """torch.save that fails as the OSError the disk reported.
 
 torch's zip writer turns a failed write (a full disk, a quota, an I/O error) into a RuntimeError saying only
-"unexpected pos N vs M"; the OSError, with the path, is what nanoseek/errors.py turns into one clear line.
-"""
+"unexpected pos N vs M"; the OSError, with the path, is what nanoseek/errors.py turns into one clear line."""
 
 from pathlib import Path
 from typing import Any
