@@ -64,10 +64,8 @@ def prepare_for_generation(model: Transformer, dtype: torch.dtype | None = None,
     model.eval()
     if dtype is not None:
         model.to(dtype)
-    if not pack:
-        return 0
-    n_fused = fuse_linears(model)  # first: the parts it stacks are plain nn.Linear until pack_linears runs
-    return n_fused + pack_linears(model)
+    # fuse first: the parts it stacks are plain nn.Linear until pack_linears runs
+    return fuse_linears(model) + pack_linears(model) if pack else 0
 
 
 def check_prompt(model: Transformer, prompt: torch.Tensor, truncate: bool = False) -> torch.Tensor:

@@ -310,11 +310,10 @@ def test_a_rollback_restores_the_clipper_of_the_snapshot_it_returns_to(tmp_path)
 def test_snapshots_are_promoted_only_while_the_weights_are_worth_keeping():
     import torch
 
-    from nanoseek.train.distributed import Distributed
     from nanoseek.train.rollback import RollbackKeeper
 
     model = torch.nn.Linear(2, 2)
-    keeper = RollbackKeeper(GuardConfig(snapshot_every=1), Distributed.setup("none", torch.device("cpu")), model,
+    keeper = RollbackKeeper(GuardConfig(snapshot_every=1), model,
                             torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False),
                             None, AdaptiveClip())
     keeper.after_good_step(0, 0)

@@ -10,11 +10,11 @@ import torch
 
 from nanoseek.config import GuardConfig
 from nanoseek.train.clipping import AdaptiveClip
-from nanoseek.train.distributed import Distributed, is_dtensor
+from nanoseek.train.distributed import is_dtensor
 
 
 class RollbackKeeper:
-    def __init__(self, cfg: GuardConfig, dist: Distributed, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, cfg: GuardConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, ema: torch.nn.Module | None, clipper: AdaptiveClip | None = None):
         self.cfg = cfg
         self.model, self.optimizer, self.scaler, self.ema, self.clipper = model, optimizer, scaler, ema, clipper

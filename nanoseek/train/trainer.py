@@ -139,8 +139,7 @@ class Trainer:
         unigram = (functools.partial(unigram_entropy, self.data.train_shards, self.data.vocab_size)
                    if objective is next_token_objective else None)
         self.guard.watch_plateau(unigram, start=tc.warmup_steps + cfg.guard.plateau_patience)
-        self.rollback = RollbackKeeper(cfg.guard, self.dist, self.model, self.optimizer, self.scaler, self.ema,
-                                       self.clipper)
+        self.rollback = RollbackKeeper(cfg.guard, self.model, self.optimizer, self.scaler, self.ema, self.clipper)
 
     def _build_model(self, model: Transformer) -> None:
         tc = self.cfg.train
@@ -352,16 +351,7 @@ class Trainer:
             self.train_loader.skip(skip * tc.grad_accum)
             self.step += skip
         if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
-            losses = self.evaluate()
-            val = headline(losses)
-            record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
-            if self.ema is not None:
-                record["val_loss_ema"] = headline(self.evaluate(self.ema))
-            self.logger.log(record)
-            ema_note = f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""
-            self.logger.write(f"step {self.step}: val loss {val:.4f}{ema_note}")
-            self.progress.validated(val)
-            self.save(val)
+            self.save(self._validate())
             if 0 < tc.early_stop_patience <= self.progress.evals_since_best:
                 return "early-stopped"
         elif self.step % tc.save_every == 0:
@@ -374,6 +364,19 @@ class Trainer:
         """Mean loss components over the first eval_batches validation batches (always the same ones)."""
         return validation_losses(model or self.model, self.objective, self.cfg, self.data, self.lookahead,
                                  self.dist, self._autocast)
+
+    def _validate(self) -> float:
+        """Evaluate (the EMA weights too, if kept), log the record and the console line; the headline val loss."""
+        losses = self.evaluate()
+        val = headline(losses)
+        record = {"kind": "eval", "step": self.step, **{f"val_{k}": v for k, v in losses.items()}, "val_loss": val}
+        if self.ema is not None:
+            record["val_loss_ema"] = headline(self.evaluate(self.ema))
+        self.logger.log(record)
+        ema_note = f" (ema {record['val_loss_ema']:.4f})" if self.ema is not None else ""
+        self.logger.write(f"step {self.step}: val loss {val:.4f}{ema_note}")
+        self.progress.validated(val)
+        return val
 
     def trainer_state(self) -> dict:
         """Everything but the weights that exact resume needs (under FSDP a collective: call on every rank)."""
